@@ -1,0 +1,220 @@
+"""The RWKV-4 language model in Flax NNX.
+
+    logits_BTV, state = model(tokens_BT, state=None)   # parallel ("GPT") mode over a sequence
+    logits_BV, state = model.step(tokens_B, state)      # RNN mode, one token
+    state = model.init_state(batch_size)
+
+Module and parameter names mirror the official RWKV-LM checkpoint (`blocks.0.att.time_decay`, ...), so the
+weight mapping in `rwkv_jax/weights.py` is mechanical. Parameters carry `logical_axes` metadata that
+`rwkv_jax/sharding.py` maps onto a device mesh.
+"""
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rwkv_jax import initializers as init
+from rwkv_jax.ops import wkv as wkv_ops
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of an RWKV-4 model. `d_att`/`d_ffn` default to D and 4D as in the paper."""
+    vocab_size: int = 50277
+    d_model: int = 768
+    n_layer: int = 12
+    d_att: int | None = None
+    d_ffn: int | None = None
+    layer_norm_eps: float = 1e-5
+    dtype: str = "float32"        # compute dtype of matmuls and activations ('bfloat16' on GPU/TPU)
+    param_dtype: str = "float32"  # master weights
+    wkv_form: str = "auto"        # 'sequential' | 'parallel' | 'chunked' | 'auto' (per backend)
+    wkv_chunk_len: int = 32
+    emb_init_scale: float = 1e-4
+
+    @property
+    def att_width(self) -> int:
+        return self.d_att or self.d_model
+
+    @property
+    def ffn_width(self) -> int:
+        return self.d_ffn or 4 * self.d_model
+
+    @classmethod
+    def from_dict(cls, values) -> "ModelConfig":
+        """Build from a dict/ConfigDict, naming any unknown key."""
+        values = dict(values)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model config key(s) {unknown}; valid keys are {sorted(known)}")
+        return cls(**values)
+
+
+class RWKVState(NamedTuple):
+    """Recurrent state of all layers, each [n_layer, B, width], fp32. The previous inputs are the
+    LayerNorm'd values the token shift needs; (wkv_a, wkv_b, wkv_p) are the WKV sums."""
+    att_x: jax.Array
+    wkv_a: jax.Array
+    wkv_b: jax.Array
+    wkv_p: jax.Array
+    ffn_x: jax.Array
+
+
+class LayerState(NamedTuple):
+    att_x: jax.Array  # [B, D]
+    wkv: wkv_ops.WKVState  # each [B, A]
+    ffn_x: jax.Array  # [B, D]
+
+
+def init_state(config: ModelConfig, batch_size: int) -> RWKVState:
+    """The empty state: zero previous inputs and sums, exponent at the finite EMPTY_EXPONENT."""
+    L, B, D, A = config.n_layer, batch_size, config.d_model, config.att_width
+    zeros_D = jnp.zeros((L, B, D), jnp.float32)
+    zeros_A = jnp.zeros((L, B, A), jnp.float32)
+    return RWKVState(zeros_D, zeros_A, zeros_A, jnp.full((L, B, A), wkv_ops.EMPTY_EXPONENT, jnp.float32),
+                     zeros_D)
+
+
+def _param(value, axes: tuple[str, ...]) -> nnx.Param:
+    return nnx.Param(jnp.asarray(value), logical_axes=axes)
+
+
+def _linear(fan_in, fan_out, axes, kernel_init, config: ModelConfig, rngs) -> nnx.Linear:
+    return nnx.Linear(fan_in, fan_out, use_bias=False, kernel_init=kernel_init, dtype=config.dtype,
+                      param_dtype=config.param_dtype, kernel_metadata={"logical_axes": axes}, rngs=rngs)
+
+
+def _layer_norm(width, config: ModelConfig, rngs) -> nnx.LayerNorm:
+    # Statistics in fp32 whatever the compute dtype; the output is cast by the caller.
+    return nnx.LayerNorm(width, epsilon=config.layer_norm_eps, dtype=jnp.float32,
+                         param_dtype=config.param_dtype, scale_metadata={"logical_axes": ("embed",)},
+                         bias_metadata={"logical_axes": ("embed",)}, rngs=rngs)
+
+
+def _token_shift(x_BTC, prev_BC):
+    """x shifted one step right along T, with the previous call's last input in front."""
+    return jnp.concatenate([prev_BC[:, None].astype(x_BTC.dtype), x_BTC[:, :-1]], axis=1)
+
+
+def _mix(x, shifted, mix_C):
+    mix_C = mix_C.astype(x.dtype)
+    return x * mix_C + shifted * (1 - mix_C)
+
+
+class TimeMix(nnx.Module):
+    """The attention-like sublayer: token shift, k/v/r projections, WKV, receptance gate."""
+
+    def __init__(self, config: ModelConfig, layer_id: int, *, rngs: nnx.Rngs):
+        D, A, L = config.d_model, config.att_width, config.n_layer
+        self.config = config
+        self.time_decay = _param(init.time_decay(layer_id, L, A), ("attn",))
+        self.time_first = _param(init.time_first(A), ("attn",))
+        mixes = init.time_mix_att(layer_id, L, D)
+        self.time_mix_k = _param(mixes["k"], ("embed",))
+        self.time_mix_v = _param(mixes["v"], ("embed",))
+        self.time_mix_r = _param(mixes["r"], ("embed",))
+        zeros = nnx.initializers.zeros_init()
+        self.key = _linear(D, A, ("embed", "attn"), zeros, config, rngs)
+        self.value = _linear(D, A, ("embed", "attn"), init.orthogonal(), config, rngs)
+        self.receptance = _linear(D, A, ("embed", "attn"), zeros, config, rngs)
+        self.output = _linear(A, D, ("attn", "embed"), zeros, config, rngs)
+
+    def __call__(self, x_BTD, prev_x_BD, wkv_state: wkv_ops.WKVState):
+        shifted = _token_shift(x_BTD, prev_x_BD)
+        k = self.key(_mix(x_BTD, shifted, self.time_mix_k[...]))
+        v = self.value(_mix(x_BTD, shifted, self.time_mix_v[...]))
+        r = jax.nn.sigmoid(self.receptance(_mix(x_BTD, shifted, self.time_mix_r[...])))
+        if x_BTD.shape[1] == 1:  # RNN mode: the one-token recurrence
+            y, wkv_state = wkv_ops.wkv_step(self.time_decay[...], self.time_first[...], k[:, 0], v[:, 0],
+                                            wkv_state)
+            y = y[:, None]
+        else:
+            y, wkv_state = wkv_ops.wkv(self.time_decay[...], self.time_first[...], k, v, wkv_state,
+                                       form=self.config.wkv_form, chunk_len=self.config.wkv_chunk_len)
+        return self.output(r * y), x_BTD[:, -1].astype(jnp.float32), wkv_state
+
+
+class ChannelMix(nnx.Module):
+    """The feed-forward sublayer: token shift, squared-ReLU key, receptance gate."""
+
+    def __init__(self, config: ModelConfig, layer_id: int, *, rngs: nnx.Rngs):
+        D, F = config.d_model, config.ffn_width
+        mixes = init.time_mix_ffn(layer_id, config.n_layer, D)
+        self.time_mix_k = _param(mixes["k"], ("embed",))
+        self.time_mix_r = _param(mixes["r"], ("embed",))
+        zeros = nnx.initializers.zeros_init()
+        self.key = _linear(D, F, ("embed", "mlp"), init.orthogonal(), config, rngs)
+        self.receptance = _linear(D, D, ("embed", "embed_out"), zeros, config, rngs)
+        self.value = _linear(F, D, ("mlp", "embed"), zeros, config, rngs)
+
+    def __call__(self, x_BTD, prev_x_BD):
+        shifted = _token_shift(x_BTD, prev_x_BD)
+        k = jnp.square(jax.nn.relu(self.key(_mix(x_BTD, shifted, self.time_mix_k[...]))))
+        r = jax.nn.sigmoid(self.receptance(_mix(x_BTD, shifted, self.time_mix_r[...])))
+        return r * self.value(k), x_BTD[:, -1].astype(jnp.float32)
+
+
+class Block(nnx.Module):
+    """Pre-LayerNorm residual block: x + att(ln1(x)), then + ffn(ln2(x))."""
+
+    def __init__(self, config: ModelConfig, layer_id: int, *, rngs: nnx.Rngs):
+        self.dtype = jnp.dtype(config.dtype)
+        self.ln1 = _layer_norm(config.d_model, config, rngs)
+        self.att = TimeMix(config, layer_id, rngs=rngs)
+        self.ln2 = _layer_norm(config.d_model, config, rngs)
+        self.ffn = ChannelMix(config, layer_id, rngs=rngs)
+
+    def __call__(self, x_BTD, state: LayerState):
+        att_out, att_x, wkv_state = self.att(self.ln1(x_BTD).astype(self.dtype), state.att_x, state.wkv)
+        x_BTD = x_BTD + att_out.astype(x_BTD.dtype)
+        ffn_out, ffn_x = self.ffn(self.ln2(x_BTD).astype(self.dtype), state.ffn_x)
+        x_BTD = x_BTD + ffn_out.astype(x_BTD.dtype)
+        return x_BTD, LayerState(att_x, wkv_state, ffn_x)
+
+
+class RWKV(nnx.Module):
+    """RWKV-4 language model: embedding, ln0, blocks, ln_out, untied head."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        D, V = config.d_model, config.vocab_size
+        self.emb = nnx.Embed(V, D, embedding_init=init.symmetric_uniform(config.emb_init_scale),
+                             param_dtype=config.param_dtype,
+                             embedding_metadata={"logical_axes": ("vocab", "embed")}, rngs=rngs)
+        self.ln0 = _layer_norm(D, config, rngs)
+        self.blocks = nnx.List([Block(config, i, rngs=rngs) for i in range(config.n_layer)])
+        self.ln_out = _layer_norm(D, config, rngs)
+        self.head = _linear(D, V, ("embed", "vocab"), init.orthogonal(scale=0.5), config, rngs)
+
+    def init_state(self, batch_size: int) -> RWKVState:
+        return init_state(self.config, batch_size)
+
+    def __call__(self, tokens_BT, state: RWKVState | None = None):
+        """Logits [B, T, V] (fp32) for every position, and the state after the last token."""
+        if tokens_BT.ndim != 2:
+            raise ValueError(f"tokens must be [batch, time], got shape {tokens_BT.shape}; "
+                             "use model.step(tokens_B, state) for one token per sequence")
+        if state is None:
+            state = self.init_state(tokens_BT.shape[0])
+        # The residual stream stays in fp32; sublayers compute in config.dtype.
+        x = self.ln0(self.emb(tokens_BT).astype(jnp.float32))
+        layer_states = []
+        for i, block in enumerate(self.blocks):
+            layer_in = LayerState(state.att_x[i], wkv_ops.WKVState(state.wkv_a[i], state.wkv_b[i],
+                                                                   state.wkv_p[i]), state.ffn_x[i])
+            x, layer_out = block(x, layer_in)
+            layer_states.append(layer_out)
+        logits = self.head(self.ln_out(x).astype(self.config.dtype)).astype(jnp.float32)
+        stack = lambda get: jnp.stack([get(s) for s in layer_states])
+        new_state = RWKVState(stack(lambda s: s.att_x), stack(lambda s: s.wkv.a), stack(lambda s: s.wkv.b),
+                              stack(lambda s: s.wkv.p), stack(lambda s: s.ffn_x))
+        return logits, new_state
+
+    def step(self, tokens_B, state: RWKVState):
+        """RNN mode: one token per sequence. Returns logits [B, V] and the next state."""
+        logits, state = self(tokens_B[:, None], state)
+        return logits[:, 0], state

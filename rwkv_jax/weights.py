@@ -1,0 +1,331 @@
+"""Reading and writing RWKV-4 weights in three formats, all through the official tensor names.
+
+  * 'pth':      an official RWKV-LM checkpoint, a torch state dict with names like
+                `blocks.0.att.time_decay` (reading or writing it needs torch).
+  * 'hf':       a HuggingFace transformers directory (`config.json` + safetensors), loadable by
+                `transformers.RwkvForCausalLM.from_pretrained`; names like `rwkv.blocks.0.attention.time_decay`.
+  * 'rwkv_jax': our own directory: `rwkv_config.json` + an orbax checkpoint of the parameters.
+
+The hub of every conversion is a dict of numpy arrays under official names and shapes. The model's
+dimensions are inferred from the tensors; unknown, missing or mis-shaped tensors raise one
+`WeightsMismatchError` that lists them all. Writers build in a temporary sibling and rename at the end,
+so a failed write leaves nothing behind.
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rwkv_jax.model import RWKV, ModelConfig
+
+FORMATS = ("pth", "hf", "rwkv_jax")
+CONFIG_FILE = "rwkv_config.json"
+PARAMS_DIR = "params"
+
+
+class WeightsMismatchError(ValueError):
+    """The tensors do not form an RWKV-4 model of the inferred shape."""
+
+
+# --- The name table: official name -> (our parameter path, how the array is stored) ---------------
+
+def _layout(config: ModelConfig) -> dict[str, tuple[tuple, str, tuple[int, ...]]]:
+    """Official name -> (path in our pure param dict, kind, official shape). Kinds: 'linear' (torch
+    [out, in] vs our kernel [in, out]), 'mix' (official [1, 1, D] vs our [D]), 'plain' (same array)."""
+    V, D, A, F = config.vocab_size, config.d_model, config.att_width, config.ffn_width
+    table = {
+        "emb.weight": (("emb", "embedding"), "plain", (V, D)),
+        "blocks.0.ln0.weight": (("ln0", "scale"), "plain", (D,)),
+        "blocks.0.ln0.bias": (("ln0", "bias"), "plain", (D,)),
+        "ln_out.weight": (("ln_out", "scale"), "plain", (D,)),
+        "ln_out.bias": (("ln_out", "bias"), "plain", (D,)),
+        "head.weight": (("head", "kernel"), "linear", (V, D)),
+    }
+    for i in range(config.n_layer):
+        b = f"blocks.{i}."
+        for ln in ("ln1", "ln2"):
+            table[b + ln + ".weight"] = (("blocks", i, ln, "scale"), "plain", (D,))
+            table[b + ln + ".bias"] = (("blocks", i, ln, "bias"), "plain", (D,))
+        for name in ("time_decay", "time_first"):
+            table[b + "att." + name] = (("blocks", i, "att", name), "plain", (A,))
+        for name in ("time_mix_k", "time_mix_v", "time_mix_r"):
+            table[b + "att." + name] = (("blocks", i, "att", name), "mix", (1, 1, D))
+        for name in ("time_mix_k", "time_mix_r"):
+            table[b + "ffn." + name] = (("blocks", i, "ffn", name), "mix", (1, 1, D))
+        linears = {"att.key": (A, D), "att.value": (A, D), "att.receptance": (A, D), "att.output": (D, A),
+                   "ffn.key": (F, D), "ffn.receptance": (D, D), "ffn.value": (D, F)}
+        for name, shape in linears.items():
+            sub, proj = name.split(".")
+            table[b + name + ".weight"] = (("blocks", i, sub, proj, "kernel"), "linear", shape)
+    return table
+
+
+def infer_config(tensors: dict[str, np.ndarray], **overrides) -> ModelConfig:
+    """Model dimensions from official-named tensors (emb, att.key, ffn.key and the block count)."""
+    needed = ["emb.weight", "blocks.0.att.key.weight", "blocks.0.ffn.key.weight"]
+    missing = [n for n in needed if n not in tensors]
+    if missing:
+        raise WeightsMismatchError(f"not an RWKV-4 checkpoint: missing {missing} (found e.g. "
+                                   f"{sorted(tensors)[:5]})")
+    vocab_size, d_model = tensors["emb.weight"].shape
+    blocks = {int(n.split(".")[1]) for n in tensors if n.startswith("blocks.")}
+    dims = dict(vocab_size=int(vocab_size), d_model=int(d_model), n_layer=max(blocks) + 1,
+                d_att=int(tensors["blocks.0.att.key.weight"].shape[0]),
+                d_ffn=int(tensors["blocks.0.ffn.key.weight"].shape[0]))
+    return ModelConfig.from_dict({**dims, **overrides})
+
+
+def check_tensors(tensors: dict[str, np.ndarray], config: ModelConfig) -> None:
+    """Raise one WeightsMismatchError listing every unknown, missing and mis-shaped tensor."""
+    layout = _layout(config)
+    unknown = sorted(set(tensors) - set(layout))
+    missing = sorted(set(layout) - set(tensors))
+    misshaped = [f"{n}: {tuple(tensors[n].shape)} (expected {shape})"
+                 for n, (_, _, shape) in layout.items() if n in tensors and tuple(tensors[n].shape) != shape]
+    if unknown or missing or misshaped:
+        parts = [f"{label} ({len(items)}): {', '.join(items)}" for label, items in
+                 (("unknown", unknown), ("missing", missing), ("mis-shaped", misshaped)) if items]
+        raise WeightsMismatchError(
+            f"tensors do not match an RWKV-4 model with {config.n_layer} layers, d_model={config.d_model}, "
+            f"vocab={config.vocab_size}:\n  " + "\n  ".join(parts))
+
+
+# --- Model <-> official tensors ------------------------------------------------------------------
+
+def _abstract_model(config: ModelConfig):
+    return nnx.split(nnx.eval_shape(lambda: RWKV(config, rngs=nnx.Rngs(0))))
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree, path, value):
+    for key in path[:-1]:
+        tree = tree[key]
+    tree[path[-1]] = value
+
+
+def model_from_official(tensors: dict[str, np.ndarray], **overrides) -> RWKV:
+    """An RWKV model holding the given official-named tensors (dimensions inferred)."""
+    config = infer_config(tensors, **overrides)
+    check_tensors(tensors, config)
+    graphdef, state = _abstract_model(config)
+    params = nnx.to_pure_dict(state)
+    for name, (path, kind, _) in _layout(config).items():
+        array = np.asarray(tensors[name], dtype=np.float32)
+        if kind == "linear":
+            array = array.T
+        elif kind == "mix":
+            array = array.reshape(-1)
+        _set(params, path, jnp.asarray(array, dtype=_get(params, path).dtype))
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def model_to_official(model: RWKV) -> dict[str, np.ndarray]:
+    """The model's parameters as fp32 numpy arrays under official names and shapes."""
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    tensors = {}
+    for name, (path, kind, shape) in _layout(model.config).items():
+        array = np.asarray(jax.device_get(_get(params, path)), dtype=np.float32)
+        tensors[name] = np.ascontiguousarray(array.T if kind == "linear" else array.reshape(shape))
+    return tensors
+
+
+# --- HF names --------------------------------------------------------------------------------------
+
+_HF_RENAMES = [  # applied in order to an official name
+    ("emb.weight", "rwkv.embeddings.weight"), ("blocks.0.ln0.", "blocks.0.pre_ln."),
+    (".att.time_mix_k", ".attention.time_mix_key"), (".att.time_mix_v", ".attention.time_mix_value"),
+    (".att.time_mix_r", ".attention.time_mix_receptance"), (".att.", ".attention."),
+    (".ffn.time_mix_k", ".feed_forward.time_mix_key"), (".ffn.time_mix_r", ".feed_forward.time_mix_receptance"),
+    (".ffn.", ".feed_forward."),
+]
+
+
+def official_to_hf_name(name: str) -> str:
+    if name == "head.weight":
+        return name
+    for old, new in _HF_RENAMES:
+        name = name.replace(old, new)
+    return name if name.startswith("rwkv.") else "rwkv." + name
+
+
+def hf_to_official_name(name: str) -> str:
+    if name == "head.weight":
+        return name
+    name = name.removeprefix("rwkv.")
+    for old, new in _HF_RENAMES:  # specific renames come first in both directions
+        name = name.replace(new.removeprefix("rwkv."), old)
+    return name
+
+
+# --- Files -----------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _atomic_output(dst: Path, overwrite: bool, is_dir: bool):
+    """Yield a temporary sibling path; move it onto `dst` only if the block succeeds."""
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists; remove it or pass overwrite=True (--overwrite)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    target = tmp if is_dir else tmp / dst.name
+    try:
+        yield target
+        if dst.exists():
+            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+        os.replace(target, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError("reading or writing official .pth files needs torch: "
+                          "pip install torch (the CPU build is enough)") from e
+    return torch
+
+
+def read_pth(path) -> dict[str, np.ndarray]:
+    torch = _import_torch()
+    state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return {name: t.float().numpy() for name, t in state_dict.items()}
+
+
+def write_pth(tensors: dict[str, np.ndarray], path, *, overwrite: bool = False) -> None:
+    torch = _import_torch()
+    with _atomic_output(Path(path), overwrite, is_dir=False) as tmp:
+        torch.save({name: torch.from_numpy(np.array(a, dtype=a.dtype, copy=True)) for name, a in tensors.items()}, tmp)
+
+
+def read_hf_dir(path) -> tuple[dict[str, np.ndarray], dict]:
+    """Official-named tensors and the HF config of a transformers RWKV directory."""
+    path = Path(path)
+    hf_config = json.loads((path / "config.json").read_text())
+    if hf_config.get("model_type") != "rwkv":
+        raise WeightsMismatchError(f"{path}/config.json has model_type={hf_config.get('model_type')!r}, "
+                                   "not 'rwkv' (this project reads RWKV-4 models only)")
+    files = sorted(path.glob("*.safetensors"))
+    tensors = {}
+    if files:
+        from safetensors.numpy import load_file
+        for f in files:
+            tensors.update(load_file(f))
+    elif (path / "pytorch_model.bin").exists():
+        torch = _import_torch()
+        sd = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        tensors = {n: t.float().numpy() for n, t in sd.items()}
+    else:
+        raise FileNotFoundError(f"{path} has config.json but no *.safetensors or pytorch_model.bin weights")
+    return {hf_to_official_name(n): np.asarray(a, np.float32) for n, a in tensors.items()}, hf_config
+
+
+def write_hf_dir(tensors: dict[str, np.ndarray], path, *, layer_norm_eps: float = 1e-5,
+                 context_length: int = 1024, overwrite: bool = False) -> None:
+    """A directory `transformers.RwkvForCausalLM.from_pretrained` loads. `rescale_every` is written as 0:
+    HF's fp16 rescaling would change the numerics relative to the official model."""
+    from safetensors.numpy import save_file
+    config = infer_config(tensors)
+    hf_config = {
+        "architectures": ["RwkvForCausalLM"], "model_type": "rwkv", "vocab_size": config.vocab_size,
+        "context_length": context_length, "hidden_size": config.d_model,
+        "num_hidden_layers": config.n_layer, "attention_hidden_size": config.att_width,
+        "intermediate_size": config.ffn_width, "layer_norm_epsilon": layer_norm_eps,
+        "bos_token_id": 0, "eos_token_id": 0, "rescale_every": 0, "tie_word_embeddings": False,
+        "use_cache": True, "dtype": "float32",
+    }
+    with _atomic_output(Path(path), overwrite, is_dir=True) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        save_file({official_to_hf_name(n): np.ascontiguousarray(a) for n, a in tensors.items()},
+                  tmp / "model.safetensors", metadata={"format": "pt"})
+
+
+def save_model(model: RWKV, path, *, overwrite: bool = False) -> None:
+    """Our own format: rwkv_config.json + an orbax checkpoint of the parameters."""
+    import orbax.checkpoint as ocp
+    with _atomic_output(Path(path), overwrite, is_dir=True) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model.config), indent=2))
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp.absolute() / PARAMS_DIR, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        checkpointer.wait_until_finished()
+
+
+def _load_own(path: Path, **overrides) -> RWKV:
+    import orbax.checkpoint as ocp
+    config = ModelConfig.from_dict({**json.loads((path / CONFIG_FILE).read_text()), **overrides})
+    graphdef, state = _abstract_model(config)
+    target = nnx.to_pure_dict(state)
+    params = ocp.StandardCheckpointer().restore(path.absolute() / PARAMS_DIR, target)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+# --- Entry points ----------------------------------------------------------------------------------
+
+def detect_format(path) -> str:
+    """'pth', 'hf' or 'rwkv_jax' from what is at `path`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.is_file():
+        if path.suffix in (".pth", ".pt"):
+            return "pth"
+        raise ValueError(f"{path}: a file that is not an official .pth checkpoint; expected a .pth file, "
+                         f"an HF directory (config.json) or an rwkv_jax directory ({CONFIG_FILE})")
+    if (path / CONFIG_FILE).exists():
+        return "rwkv_jax"
+    if (path / "config.json").exists():
+        return "hf"
+    raise ValueError(f"{path}: directory with neither {CONFIG_FILE} (rwkv_jax) nor config.json (HF)")
+
+
+def read_official(path) -> dict[str, np.ndarray]:
+    """Official-named fp32 tensors from a checkpoint in any of the three formats."""
+    fmt = detect_format(path)
+    if fmt == "pth":
+        return read_pth(path)
+    if fmt == "hf":
+        return read_hf_dir(path)[0]
+    return model_to_official(_load_own(Path(path)))
+
+
+def load_model(path, **config_overrides) -> RWKV:
+    """A ready model from an official .pth, an HF RWKV directory or an rwkv_jax directory.
+
+    `config_overrides` set numerics such as dtype='bfloat16' or wkv_form='chunked'.
+    """
+    fmt = detect_format(path)
+    if fmt == "rwkv_jax":
+        return _load_own(Path(path), **config_overrides)
+    if fmt == "hf":
+        tensors, hf_config = read_hf_dir(path)
+        config_overrides.setdefault("layer_norm_eps", float(hf_config.get("layer_norm_epsilon", 1e-5)))
+        return model_from_official(tensors, **config_overrides)
+    return model_from_official(read_pth(path), **config_overrides)
+
+
+def write_model(model: RWKV, path, fmt: str, *, overwrite: bool = False) -> None:
+    """Write `model` to `path` in format `fmt` (one of FORMATS)."""
+    if fmt == "rwkv_jax":
+        save_model(model, path, overwrite=overwrite)
+    elif fmt == "pth":
+        write_pth(model_to_official(model), path, overwrite=overwrite)
+    elif fmt == "hf":
+        write_hf_dir(model_to_official(model), path, layer_norm_eps=model.config.layer_norm_eps,
+                     overwrite=overwrite)
+    else:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")

@@ -1,0 +1,186 @@
+"""Model structure: v4neo initialisation, Table 2 parameter counts, causality, state splitting, bf16."""
+
+import dataclasses
+import importlib.util
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rwkv_jax.model import RWKV, ModelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+PAPER_PARAMS = {"169m": 169_342_464, "430m": 430_397_440, "1b5": 1_515_106_304, "3b": 2_984_627_200,
+                "7b": 7_392_649_216, "14b": 14_148_597_760}
+
+
+# Jitted forward: eager NNX calls would recompile each scan on every call.
+forward = nnx.jit(lambda model, tokens, state=None: model(tokens, state))
+
+
+def load_config_file(name):
+    spec = importlib.util.spec_from_file_location(f"config_{name}", CONFIG_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def count_params(model) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
+def test_paper_config_has_paper_parameter_count(name):
+    config = ModelConfig.from_dict(load_config_file(name).model)
+    V, D, L = config.vocab_size, config.d_model, config.n_layer
+    abstract = nnx.eval_shape(lambda: RWKV(config, rngs=nnx.Rngs(0)))  # no weights allocated
+    assert count_params(abstract) == 2 * V * D + 13 * D * D * L + D * (11 * L + 4) == PAPER_PARAMS[name]
+    assert (V, config.ffn_width, load_config_file(name).train.seq_len) == (50277, 4 * D, 1024)
+
+
+def test_tiny_config_builds_a_model():
+    config = ModelConfig.from_dict(load_config_file("tiny").model)
+    model = RWKV(config, rngs=nnx.Rngs(0))
+    logits, _ = forward(model, jnp.zeros((1, 5), jnp.int32))
+    assert logits.shape == (1, 5, config.vocab_size)
+
+
+def test_unknown_model_config_key_is_named():
+    with pytest.raises(ValueError, match=r"unknown model config key\(s\) \['n_layers'\]"):
+        ModelConfig.from_dict({"n_layers": 3})
+
+
+# --- Initialisation (official RWKV-LM v4neo) -------------------------------------------------------
+
+def _v4neo_reference(layer_id, n_layer, C):
+    """The v4neo init formulas written out as that code's loops, independently of rwkv_jax.initializers."""
+    r01 = layer_id / (n_layer - 1)
+    r10 = 1.0 - layer_id / n_layer
+    ddd = np.array([i / C for i in range(C)])
+    decay = np.array([-5 + 8 * (h / (C - 1)) ** (0.7 + 1.3 * r01) for h in range(C)])
+    zigzag = np.array([(i + 1) % 3 - 1 for i in range(C)]) * 0.5
+    return {
+        "att.time_decay": decay, "att.time_first": np.ones(C) * math.log(0.3) + zigzag,
+        "att.time_mix_k": ddd ** r10, "att.time_mix_v": ddd ** r10 + 0.3 * r01,
+        "att.time_mix_r": ddd ** (0.5 * r10), "ffn.time_mix_k": ddd ** r10, "ffn.time_mix_r": ddd ** r10,
+    }
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return RWKV(ModelConfig(vocab_size=300, d_model=24, n_layer=3), rngs=nnx.Rngs(7))
+
+
+@pytest.mark.parametrize("layer_id", [0, 1, 2])
+def test_time_parameters_follow_v4neo(small_model, layer_id):
+    block = small_model.blocks[layer_id]
+    for name, expected in _v4neo_reference(layer_id, 3, 24).items():
+        sub, param = name.split(".")
+        np.testing.assert_allclose(getattr(getattr(block, sub), param)[...], expected, rtol=1e-6, atol=1e-6,
+                                   err_msg=name)
+
+
+def test_matrices_follow_v4neo(small_model):
+    D, V = 24, 300
+    for block in small_model.blocks:
+        for linear in (block.att.key, block.att.receptance, block.att.output, block.ffn.value,
+                       block.ffn.receptance):
+            assert not np.any(linear.kernel[...]), "v4neo zero-initialises this matrix"
+        value = np.asarray(block.att.value.kernel[...])  # square, gain 1
+        np.testing.assert_allclose(value.T @ value, np.eye(D), atol=1e-5)
+        ffn_key = np.asarray(block.ffn.key.kernel[...])  # torch [4D, D]: gain sqrt(4D / D) = 2
+        np.testing.assert_allclose(ffn_key @ ffn_key.T, 4 * np.eye(D), atol=1e-4)
+    head = np.asarray(small_model.head.kernel[...])  # torch [V, D]: gain 0.5 * sqrt(V / D)
+    np.testing.assert_allclose(head @ head.T, 0.25 * V / D * np.eye(D), atol=1e-4)
+    emb = np.asarray(small_model.emb.embedding[...])
+    assert np.abs(emb).max() <= 1e-4 and emb.std() == pytest.approx(1e-4 / math.sqrt(3), rel=0.05)
+    for ln in [small_model.ln0, small_model.ln_out] + [b.ln1 for b in small_model.blocks]:
+        assert np.all(ln.scale[...] == 1) and not np.any(ln.bias[...])
+
+
+# --- Behaviour --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def random_model():
+    """A model with every parameter random (the v4neo init zeroes most matrices)."""
+    model = RWKV(ModelConfig(vocab_size=64, d_model=16, n_layer=2), rngs=nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [
+        x + 0.5 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+    return model
+
+
+def rebuild(model, **config_changes):
+    """The same parameters in a model built with a changed config."""
+    new = RWKV(dataclasses.replace(model.config, **config_changes), rngs=nnx.Rngs(0))
+    nnx.update(new, nnx.state(model, nnx.Param))
+    return new
+
+
+@pytest.mark.parametrize("form", ["sequential", "parallel", "chunked"])
+def test_logits_have_zero_gradient_wrt_future_tokens(random_model, form):
+    model = rebuild(random_model, wkv_form=form, wkv_chunk_len=4)
+    T, t = 11, 5
+    tokens = jnp.asarray(np.random.default_rng(0).permutation(64)[:T][None])  # distinct ids
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def logits_at_t(params):
+        logits, _ = nnx.merge(graphdef, params, rest)(tokens)
+        return logits[0, t].sum()
+
+    emb_grad = np.asarray(jax.jit(jax.grad(logits_at_t))(params)["emb"]["embedding"][...])
+    row_norms = np.abs(emb_grad[np.asarray(tokens[0])]).sum(axis=1)
+    assert np.all(row_norms[t + 1:] == 0), "logits depend on future tokens"
+    assert np.all(row_norms[:t + 1] > 0), "logits should depend on every past token"
+
+
+@pytest.mark.parametrize("split", [1, 7, 19])
+def test_split_sequence_with_carried_state_equals_whole(random_model, split):
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 20)))
+    whole, whole_state = forward(random_model, tokens)
+    first, state = forward(random_model, tokens[:, :split])
+    second, split_state = forward(random_model, tokens[:, split:], state)
+    np.testing.assert_allclose(np.concatenate([first, second], axis=1), whole, atol=2e-5, rtol=1e-5)
+    for a, b in zip(split_state, whole_state):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_step_equals_parallel_mode(random_model):
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 64, (3, 9)))
+    whole, whole_state = forward(random_model, tokens)
+    state = random_model.init_state(3)
+    step = nnx.jit(lambda model, token, state: model.step(token, state))
+    for t in range(9):
+        logits, state = step(random_model, tokens[:, t], state)
+        np.testing.assert_allclose(logits, whole[:, t], atol=2e-5, rtol=1e-5)
+    for a, b in zip(state, whole_state):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_empty_state_exponent_is_finite(random_model):
+    state = random_model.init_state(2)
+    assert np.all(np.isfinite(state.wkv_p)) and np.all(state.wkv_p < -1e29)
+    assert {x.dtype for x in state} == {jnp.dtype(jnp.float32)}
+
+
+def test_bf16_compute_keeps_fp32_state_and_tracks_fp32(random_model):
+    bf16_model = rebuild(random_model, dtype="bfloat16")
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 64, (2, 33)))
+    ref, _ = forward(random_model, tokens)
+    logits, state = forward(bf16_model, tokens)
+    assert logits.dtype == jnp.float32 and {x.dtype for x in state} == {jnp.dtype(jnp.float32)}
+    assert np.all(np.isfinite(logits))
+    # bf16 has 8 mantissa bits: logits of O(1) agree to a few 1e-2.
+    assert np.abs(np.asarray(logits) - np.asarray(ref)).max() < 0.1 * max(1.0, np.abs(ref).max())
+
+
+def test_wrong_token_rank_is_a_clear_error(random_model):
+    with pytest.raises(ValueError, match="model.step"):
+        random_model(jnp.zeros((3,), jnp.int32))
