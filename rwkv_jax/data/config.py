@@ -1,0 +1,35 @@
+"""Default data section (`config.data`) embedded by every config file."""
+
+import os
+
+import ml_collections
+
+
+def default_data_dir() -> str:
+    """Where datasets, tokenizers and token caches live: $RWKV_JAX_DATA_DIR or ~/.cache."""
+    return os.environ.get("RWKV_JAX_DATA_DIR") or os.path.expanduser("~/.cache/rwkv_jax/data")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """Data options. Batch size and sequence length live in `config.train`."""
+    c = ml_collections.ConfigDict()
+    # 'stdlib' (embedded corpus), 'text' (local files), 'tfds' (catalog by name), 'binidx'.
+    c.source = "stdlib"
+    c.stdlib_root = ""  # source='stdlib': '' = the running interpreter's standard library.
+    c.text_files = ""  # source='text': comma-separated files, directories or globs.
+    c.text_split = "hash"  # 'hash': train/validation by a hash of the relative path; 'all': train only.
+    c.validation_fraction = 0.05
+    c.tfds_name = "tiny_shakespeare"  # source='tfds', e.g. 'lm1b', 'pg19', 'c4/en'.
+    c.tfds_text_key = ""  # Feature holding the text; '' picks 'text' or the only text feature.
+    c.train_split = "train"
+    c.eval_split = "validation"  # For TFDS catalog datasets often 'test'; '' disables evaluation.
+    c.binidx_prefix = ""  # source='binidx': path without .bin/.idx.
+    c.data_dir = default_data_dir()
+    c.tokenizer = "sentencepiece"  # 'sentencepiece' | 'hf_json'.
+    c.tokenizer_path = ""  # hf_json: the .json file; sentencepiece: '' = inside data_dir, keyed.
+    c.sp_vocab_size = 4096
+    c.sp_model_type = "bpe"  # 'bpe' | 'unigram'.
+    c.sp_input_sentence_size = 300_000  # Lines sampled for sentencepiece training.
+    c.sp_wait_timeout_s = 1800.0  # Multi-host: how long other processes wait for process 0.
+    c.seed = 0
+    return c

@@ -1,0 +1,154 @@
+"""Token cache and batches.
+
+The token cache is one flat file of token ids (uint16, or uint32 for vocabularies over 65536)
+holding every document followed by the end-of-text id, memory-mapped for reading. Training
+and eval batches are cut from such a flat stream (a cache, or a binidx `.bin`).
+"""
+
+import itertools
+import json
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator
+
+from absl import logging
+import grain
+import numpy as np
+
+from rwkv_jax.data.tokenizer import Tokenizer
+
+
+def split_texts(builder, split: str, key: str = "text") -> Iterable[str]:
+    """Documents of a TFDS array_record split, in stored order, read through grain."""
+    ds = grain.MapDataset.source(builder.as_data_source(split)).map(lambda r: r[key].decode("utf-8"))
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=256))
+
+
+def token_cache(texts: Iterable[str], tokenizer: Tokenizer, path: str, *,
+                num_docs: int | None = None, chunk: int = 256) -> np.ndarray:
+    """Tokenizes `texts` once into `path` (doc, eot, doc, eot, ...) and memory-maps it.
+
+    A cache whose metadata file exists is complete and reused; it is written under a temp
+    name and renamed, metadata last, so an interrupted build leaves nothing half-written.
+    """
+    if os.path.isfile(path + ".json"):
+        logging.info("Reusing token cache %s.", path)
+        return open_token_cache(path)
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+    start, last_log, docs, tokens = time.time(), time.time(), 0, 0
+    with open(tmp, "wb") as f:
+        it = iter(texts)
+        while batch := list(itertools.islice(it, chunk)):
+            for ids in tokenizer.encode_batch(batch):
+                f.write(np.asarray(ids + [tokenizer.eot_id], dtype).tobytes())
+                tokens += len(ids) + 1
+            docs += len(batch)
+            if time.time() - last_log > 5:
+                last_log = time.time()
+                logging.info("Tokenizing into %s: %d/%s documents, %d tokens.", path, docs, num_docs or "?", tokens)
+    os.replace(tmp, path)
+    meta = {"dtype": dtype.name, "num_tokens": tokens, "num_docs": docs, "tokenizer": tokenizer.path}
+    with open(tmp + ".json", "w") as f:
+        json.dump(meta, f)
+    os.replace(tmp + ".json", path + ".json")
+    logging.info("Token cache %s: %d documents, %d tokens in %.1fs.", path, docs, tokens, time.time() - start)
+    return open_token_cache(path)
+
+
+def open_token_cache(path: str) -> np.ndarray:
+    """The memory-mapped token stream of a complete cache."""
+    with open(path + ".json") as f:
+        meta = json.load(f)
+    if not meta["num_tokens"]:
+        return np.zeros(0, meta["dtype"])
+    return np.memmap(path, meta["dtype"], mode="r", shape=(meta["num_tokens"],))
+
+
+def _check_length(tokens_N: np.ndarray, seq_len: int, name: str) -> None:
+    if len(tokens_N) < seq_len + 1:
+        raise ValueError(
+            f"The {name} split has {len(tokens_N)} tokens but a window needs seq_len + 1 = {seq_len + 1}: "
+            "lower config.train.seq_len or use a larger corpus (or a larger validation_fraction).")
+
+
+def _process_rows(batch_size: int, process_index: int, process_count: int) -> slice:
+    if batch_size % process_count or not 0 <= process_index < process_count:
+        raise ValueError(f"The global batch size {batch_size} must split evenly over {process_count} "
+                         f"processes (process_index {process_index}).")
+    rows = batch_size // process_count
+    return slice(process_index * rows, (process_index + 1) * rows)
+
+
+class Batches:
+    """Training batches; batch `step` is a pure function of (seed, step, process_index, process_count).
+
+    Sampling: row r of global batch `step` is the window tokens[o : o + seq_len + 1] at an
+    offset o drawn uniformly from [0, N - seq_len - 1] by a generator seeded with (seed, step),
+    as in RWKV-LM (windows cross document boundaries, documents are joined by eot). Nothing
+    depends on earlier batches, so a run resumed at step n sees exactly the batches an
+    uninterrupted run sees. Each process builds only its own rows of the global batch.
+    """
+
+    def __init__(self, tokens_N: np.ndarray, *, seq_len: int, batch_size: int, seed: int = 0,
+                 process_index: int = 0, process_count: int = 1):
+        _check_length(tokens_N, seq_len, "training")
+        self.tokens_N = tokens_N
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.seed = seed
+        self._rows = _process_rows(batch_size, process_index, process_count)
+
+    def batch_at(self, step: int) -> dict[str, np.ndarray]:
+        """{'inputs', 'targets'}: int32 [batch_size // process_count, seq_len], targets shifted by one."""
+        rng = np.random.default_rng((int(self.seed), int(step)))
+        offsets_B = rng.integers(0, len(self.tokens_N) - self.seq_len, size=self.batch_size)[self._rows]
+        window_BT1 = np.stack([self.tokens_N[o:o + self.seq_len + 1] for o in offsets_B]).astype(np.int32)
+        return {"inputs": np.ascontiguousarray(window_BT1[:, :-1]),
+                "targets": np.ascontiguousarray(window_BT1[:, 1:])}
+
+    def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Batches start_step, start_step + 1, ... (resume by passing the checkpoint's step)."""
+        return map(self.batch_at, itertools.count(start_step))
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self.iterate(0)
+
+
+class EvalBatches:
+    """The eval split in order, each target token exactly once; iterate it again for a new pass.
+
+    Window i holds inputs tokens[i*T : i*T+T] and targets tokens[i*T+1 : i*T+T+1]; global batch
+    k holds windows k*B .. k*B+B-1. 'mask' (int32, 1 = real target) zeroes the padding of the
+    last window and of missing windows in the last batch, so shapes never change.
+    """
+
+    def __init__(self, tokens_N: np.ndarray, *, seq_len: int, batch_size: int,
+                 process_index: int = 0, process_count: int = 1):
+        _check_length(tokens_N, seq_len, "eval")
+        self.tokens_N = tokens_N
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self._rows = _process_rows(batch_size, process_index, process_count)
+        self.num_windows = -(-(len(tokens_N) - 1) // seq_len)
+
+    def __len__(self) -> int:
+        return -(-self.num_windows // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        T, n = self.seq_len, len(self.tokens_N)
+        rows = range(self.batch_size)[self._rows]
+        for k in range(len(self)):
+            inputs_BT = np.zeros((len(rows), T), np.int32)
+            targets_BT = np.zeros((len(rows), T), np.int32)
+            mask_BT = np.zeros((len(rows), T), np.int32)
+            for r, row in enumerate(rows):
+                start = (k * self.batch_size + row) * T
+                valid = min(T, n - 1 - start)
+                if valid > 0:
+                    inputs_BT[r, :valid] = self.tokens_N[start:start + valid]
+                    targets_BT[r, :valid] = self.tokens_N[start + 1:start + 1 + valid]
+                    mask_BT[r, :valid] = 1
+            yield {"inputs": inputs_BT, "targets": targets_BT, "mask": mask_BT}

@@ -1,0 +1,165 @@
+"""Tokenizers behind one interface: sentencepiece (trained here) and HF `tokenizers` JSON."""
+
+import abc
+import hashlib
+import os
+import time
+from collections.abc import Iterable
+
+from absl import logging
+import sentencepiece as spm
+import tokenizers
+
+_EOT_TOKENS = ("<|endoftext|>", "</s>", "<eos>")
+
+
+class Tokenizer(abc.ABC):
+    """Text <-> token ids. `eot_id` separates documents in the token stream."""
+
+    path: str
+    vocab_size: int
+    eot_id: int
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without special tokens."""
+
+    @abc.abstractmethod
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids`."""
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of several texts (implementations encode them in parallel)."""
+        return [self.encode(t) for t in texts]
+
+    @property
+    def fingerprint(self) -> str:
+        """Short hash of the tokenizer file: keys token caches to the exact tokenizer."""
+        with open(self.path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:12]
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece model; `eot_id` is its `</s>` (id 0 for models trained here)."""
+
+    def __init__(self, path: str):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"SentencePiece model {path!r} not found (config.data.tokenizer_path).")
+        self.path = path
+        self._sp = spm.SentencePieceProcessor(model_file=path)
+        self.vocab_size = self._sp.get_piece_size()
+        self.eot_id = self._sp.eos_id()
+        if self.eot_id < 0:
+            raise ValueError(f"SentencePiece model {path!r} has no end-of-text (eos) piece.")
+        self._threads = os.cpu_count() or 1
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._sp.decode(list(ids))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._sp.encode(texts, num_threads=self._threads)
+
+
+class HFJsonTokenizer(Tokenizer):
+    """A HF `tokenizers` JSON file, e.g. GPT-NeoX-20B (`<|endoftext|>` = 0, 50277 tokens)."""
+
+    def __init__(self, path: str):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Tokenizer JSON {path!r} not found (config.data.tokenizer_path).")
+        self.path = path
+        self._tok = tokenizers.Tokenizer.from_file(path)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        ids = [self._tok.token_to_id(t) for t in _EOT_TOKENS]
+        ids = [i for i in ids if i is not None]
+        if not ids:
+            raise ValueError(f"Tokenizer {path!r} has none of the end-of-text tokens {_EOT_TOKENS}.")
+        self.eot_id = ids[0]
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+
+def train_sentencepiece(texts: Iterable[str], path: str, *, vocab_size: int, model_type: str = "bpe",
+                        input_sentence_size: int = 300_000, process_index: int = 0,
+                        wait_timeout_s: float = 1800.0) -> SentencePieceTokenizer:
+    """Trains a sentencepiece model on the lines of `texts` into `path`, or reuses `path`.
+
+    Lossless for any text: identity normalization, whitespace kept (runs of spaces become
+    pieces, '\\n' is one piece) and unknown characters fall back to bytes. `vocab_size` is an
+    upper bound on small corpora. Multi-host: process 0 trains and renames the file into
+    place atomically; the other processes wait for it (`path` must be on a shared filesystem).
+    """
+    if os.path.isfile(path):
+        logging.info("Reusing sentencepiece model %s.", path)
+        return SentencePieceTokenizer(path)
+    if process_index != 0:
+        return _wait_for(path, process_index, wait_timeout_s)
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"config.data.sp_model_type must be 'bpe' or 'unigram', not {model_type!r}.")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp_prefix = f"{path}.tmp-{os.getpid()}"
+    logging.info("Training a %s sentencepiece model (vocab %d) into %s.", model_type, vocab_size, path)
+    start = time.time()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_lines(texts, cap=10 * input_sentence_size),
+        model_prefix=tmp_prefix, vocab_size=vocab_size, model_type=model_type, hard_vocab_limit=False,
+        input_sentence_size=input_sentence_size, shuffle_input_sentence=True, character_coverage=0.9995,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True, split_digits=True, byte_fallback=True,
+        user_defined_symbols=["\n"], eos_id=0, unk_id=1, bos_id=-1, pad_id=-1,
+        num_threads=os.cpu_count() or 1, minloglevel=1)
+    os.replace(f"{tmp_prefix}.model", path)
+    os.remove(f"{tmp_prefix}.vocab")
+    logging.info("Trained sentencepiece in %.1fs.", time.time() - start)
+    return SentencePieceTokenizer(path)
+
+
+def load_tokenizer(kind: str, path: str) -> Tokenizer:
+    """An existing tokenizer file of `kind` ('sentencepiece' or 'hf_json')."""
+    if kind == "sentencepiece":
+        return SentencePieceTokenizer(path)
+    if kind == "hf_json":
+        return HFJsonTokenizer(path)
+    raise ValueError(f"config.data.tokenizer must be 'sentencepiece' or 'hf_json', not {kind!r}.")
+
+
+def check_fits(tokenizer: Tokenizer, model_vocab_size: int) -> None:
+    """Raises before training when token ids could exceed the model's embedding table."""
+    if tokenizer.vocab_size > model_vocab_size:
+        raise ValueError(
+            f"Tokenizer {tokenizer.path!r} has {tokenizer.vocab_size} tokens but the model vocab size is "
+            f"{model_vocab_size}: set config.model.vocab_size >= {tokenizer.vocab_size}, or use a smaller "
+            f"tokenizer (config.data.sp_vocab_size <= {model_vocab_size} for sentencepiece).")
+
+
+def _lines(texts: Iterable[str], cap: int):
+    n = 0
+    for text in texts:
+        for line in text.splitlines():
+            if line.strip():
+                yield line
+                n += 1
+                if n >= cap:
+                    return
+
+
+def _wait_for(path: str, process_index: int, timeout_s: float) -> SentencePieceTokenizer:
+    logging.info("Process %d waits for process 0 to train %s.", process_index, path)
+    deadline = time.monotonic() + timeout_s
+    while not os.path.isfile(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"Process {process_index} waited {timeout_s:.0f}s for process 0 to write the sentencepiece "
+                f"model {path!r}. Put config.data.data_dir on a filesystem shared by all hosts, or copy "
+                "a trained model there (config.data.tokenizer_path).")
+        time.sleep(0.5)
+    return SentencePieceTokenizer(path)
