@@ -16,8 +16,11 @@ import contextlib
 import dataclasses
 import json
 import os
+import pickle
+import re
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
 import jax
@@ -76,8 +79,12 @@ def infer_config(tensors: dict[str, np.ndarray], **overrides) -> ModelConfig:
     if missing:
         raise WeightsMismatchError(f"not an RWKV-4 checkpoint: missing {missing} (found e.g. "
                                    f"{sorted(tensors)[:5]})")
+    bad_rank = [f"{n}: {tuple(np.shape(tensors[n]))} (expected 2 dims)" for n in needed if np.ndim(tensors[n]) != 2]
+    if bad_rank:
+        raise WeightsMismatchError(f"not an RWKV-4 checkpoint: mis-shaped {bad_rank}")
     vocab_size, d_model = tensors["emb.weight"].shape
-    blocks = {int(n.split(".")[1]) for n in tensors if n.startswith("blocks.")}
+    # Count layers by their key matrix only, so one stray tensor does not invent extra layers.
+    blocks = {int(m.group(1)) for n in tensors if (m := re.fullmatch(r"blocks\.(\d+)\.att\.key\.weight", n))}
     dims = dict(vocab_size=int(vocab_size), d_model=int(d_model), n_layer=max(blocks) + 1,
                 d_att=int(tensors["blocks.0.att.key.weight"].shape[0]),
                 d_ffn=int(tensors["blocks.0.ffn.key.weight"].shape[0]))
@@ -176,19 +183,22 @@ def hf_to_official_name(name: str) -> str:
 
 @contextlib.contextmanager
 def _atomic_output(dst: Path, overwrite: bool, is_dir: bool):
-    """Yield a temporary sibling path; move it onto `dst` only if the block succeeds."""
+    """Yield a temporary path beside `dst`; move it onto `dst` only if the block succeeds. An old `dst`
+    is set aside first and removed last, so no crash leaves neither the old nor the new one."""
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists; remove it or pass overwrite=True (--overwrite)")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    target = tmp if is_dir else tmp / dst.name
+    holder = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    target = holder / dst.name
+    if is_dir:
+        target.mkdir()
     try:
         yield target
         if dst.exists():
-            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+            os.replace(dst, holder / "previous")
         os.replace(target, dst)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(holder, ignore_errors=True)
 
 
 def _import_torch():
@@ -202,7 +212,12 @@ def _import_torch():
 
 def read_pth(path) -> dict[str, np.ndarray]:
     torch = _import_torch()
-    state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:  # mmap needs the zipfile format (torch >= 1.6); legacy files are read whole
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(state_dict, dict) or not all(isinstance(t, torch.Tensor) for t in state_dict.values()):
+        raise WeightsMismatchError(f"{path}: not a flat state dict of tensors (name -> tensor)")
     return {name: t.float().numpy() for name, t in state_dict.items()}
 
 
