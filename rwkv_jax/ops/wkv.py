@@ -19,7 +19,8 @@ gradients flow into the state):
                       state carried across blocks by a scan; fused elementwise work for accelerators.
   * `wkv_step`:       one token, for RNN-mode decoding.
 
-All inputs may be bf16; the arithmetic and the state are fp32 and `y` comes back in v's dtype.
+All inputs may be bf16; the arithmetic and the state are fp32 (float64 for float64 inputs under
+jax_enable_x64) and `y` comes back in v's dtype.
 """
 
 from typing import Literal, NamedTuple
@@ -33,9 +34,11 @@ EMPTY_EXPONENT = -1e30
 WKVForm = Literal["sequential", "parallel", "chunked"]
 FORMS: tuple[str, ...] = ("sequential", "parallel", "chunked")
 
-# Default form per backend. CPU: the recurrence does the least work and was fastest in
-# benchmarks/wkv.py. GPU/TPU: the parallel scan exposes O(log T) depth to the wide machine.
-DEFAULT_FORM_BY_BACKEND: dict[str, str] = {"cpu": "sequential", "gpu": "parallel", "cuda": "parallel",
+# Default form per backend. Measured by benchmarks/wkv.py on a 2-core CPU at B=8, T=1024, C=768: the
+# parallel scan ran forward+backward in 0.45x the time of the recurrence (chunked L=16: 1.25x), and a
+# training step of configs/tiny.py in 0.52x. GPU/TPU: the parallel scan's O(log T) depth suits wide
+# machines (not yet measured here; benchmarks/wkv.py prints the comparison on any backend).
+DEFAULT_FORM_BY_BACKEND: dict[str, str] = {"cpu": "parallel", "gpu": "parallel", "cuda": "parallel",
                                            "rocm": "parallel", "tpu": "parallel"}
 
 
@@ -46,9 +49,9 @@ class WKVState(NamedTuple):
     p: jax.Array
 
 
-def empty_state(batch_size: int, channels: int) -> WKVState:
-    zeros = jnp.zeros((batch_size, channels), jnp.float32)
-    return WKVState(zeros, zeros, jnp.full((batch_size, channels), EMPTY_EXPONENT, jnp.float32))
+def empty_state(batch_size: int, channels: int, dtype=jnp.float32) -> WKVState:
+    zeros = jnp.zeros((batch_size, channels), dtype)
+    return WKVState(zeros, zeros, jnp.full((batch_size, channels), EMPTY_EXPONENT, dtype))
 
 
 def default_form(backend: str | None = None) -> str:
@@ -58,14 +61,15 @@ def default_form(backend: str | None = None) -> str:
 
 
 def _prepare(time_decay, time_first, k_BTC, v_BTC, state):
-    """fp32 copies of the inputs, w = -exp(time_decay), and an empty state where none was given."""
-    f32 = jnp.float32
-    w_C = -jnp.exp(time_decay.astype(f32))
-    u_C = time_first.astype(f32)
+    """Copies of the inputs in the compute dtype (fp32, or float64 for float64 inputs), w = -exp(time_decay),
+    and an empty state where none was given."""
+    dtype = jnp.promote_types(jnp.float32, v_BTC.dtype)
+    w_C = -jnp.exp(time_decay.astype(dtype))
+    u_C = time_first.astype(dtype)
     if state is None:
-        state = empty_state(k_BTC.shape[0], k_BTC.shape[-1])
-    state = WKVState(*(s.astype(f32) for s in state))
-    return w_C, u_C, k_BTC.astype(f32), v_BTC.astype(f32), state
+        state = empty_state(k_BTC.shape[0], k_BTC.shape[-1], dtype)
+    state = WKVState(*(s.astype(dtype) for s in state))
+    return w_C, u_C, k_BTC.astype(dtype), v_BTC.astype(dtype), state
 
 
 def _mix(p1, a1, b1, p2, a2, b2):
@@ -95,16 +99,29 @@ def wkv_step(time_decay, time_first, k_BC, v_BC, state: WKVState):
 
 
 def wkv_sequential(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = None, *, unroll: int = 8):
-    """`lax.scan` recurrence over T. Returns y [B, T, C] and the final state."""
+    """`lax.scan` recurrence over T. Returns y [B, T, C] and the final state.
+
+    The exponent is carried as an anchor plus a count of decay steps since it was set (p = anchor + n w),
+    so it is rounded once per read instead of accumulating one rounding of `p + w` per token; with a tiny
+    |w| over thousands of tokens that accumulation is visible in fp32 (the official kernel has it).
+    """
     w_C, u_C, k, v, state = _prepare(time_decay, time_first, k_BTC, v_BTC, state)
+    if k.shape[1] == 0:
+        return v_BTC, state
 
     def body(carry, kv_t):
-        y_BC, carry = _step_fp32(w_C, u_C, kv_t[0], kv_t[1], carry)
-        return carry, y_BC
+        a, b, anchor, n = carry
+        k_BC, v_BC = kv_t
+        y_BC = _output(WKVState(a, b, anchor + n * w_C), u_C + k_BC, v_BC)
+        decayed = anchor + (n + 1) * w_C
+        p, a, b = _mix(decayed, a, b, k_BC, v_BC, jnp.ones_like(v_BC))
+        k_is_max = k_BC >= decayed
+        return (a, b, jnp.where(k_is_max, k_BC, anchor), jnp.where(k_is_max, 0, n + 1)), y_BC
 
     kv_TBC = (jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1))
-    state, y_TBC = jax.lax.scan(body, state, kv_TBC, unroll=min(unroll, k.shape[1]))
-    return jnp.swapaxes(y_TBC, 0, 1).astype(v_BTC.dtype), state
+    carry = (state.a, state.b, state.p, jnp.zeros_like(state.p))
+    (a, b, anchor, n), y_TBC = jax.lax.scan(body, carry, kv_TBC, unroll=min(unroll, k.shape[1]))
+    return jnp.swapaxes(y_TBC, 0, 1).astype(v_BTC.dtype), WKVState(a, b, anchor + n * w_C)
 
 
 def wkv_parallel(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = None):
@@ -116,15 +133,17 @@ def wkv_parallel(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = 
     """
     w_C, u_C, k, v, state = _prepare(time_decay, time_first, k_BTC, v_BTC, state)
     T = k.shape[1]
+    if T == 0:
+        return v_BTC, state
 
     def join(left, right):
         (a1, b1, p1, n1), (a2, b2, p2, n2) = left, right
         p, a, b = _mix(p1 + n2 * w_C, a1, b1, p2, a2, b2)
         return a, b, p, n1 + n2
 
-    ones_1T1 = jnp.ones((1, T, 1), jnp.float32)
+    ones_1T1 = jnp.ones((1, T, 1), k.dtype)
     a, b, p, n = jax.lax.associative_scan(join, (v, jnp.ones_like(v), k, ones_1T1), axis=1)
-    initial = (state.a[:, None], state.b[:, None], state.p[:, None], jnp.zeros((1, 1, 1), jnp.float32))
+    initial = (state.a[:, None], state.b[:, None], state.p[:, None], jnp.zeros((1, 1, 1), k.dtype))
     a, b, p, _ = join(initial, (a, b, p, n))  # S_t including the initial state, t = 1..T
 
     # The state *before* token t: the initial state, then S_1 .. S_{T-1}.
@@ -139,7 +158,7 @@ def wkv_parallel(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = 
 def _chunk(w_C, u_C, k_BLC, v_BLC, state: WKVState):
     """One block of L tokens, all pairs at once. Returns y [B, L, C] and the state after the block."""
     L = k_BLC.shape[1]
-    j = jnp.arange(L, dtype=jnp.float32)
+    j = jnp.arange(L, dtype=k_BLC.dtype)
     # Exponent of token i's term in the output at position j (i < j: decayed j-1-i steps; i == j: bonus).
     lag_LL = j[:, None] - 1.0 - j[None, :]
     lower_LL = lag_LL >= 0
@@ -177,6 +196,8 @@ def wkv_chunked(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = N
         raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
     w_C, u_C, k, v, state = _prepare(time_decay, time_first, k_BTC, v_BTC, state)
     B, T, C = k.shape
+    if T == 0:
+        return v_BTC, state
     n_full = T // chunk_len
     ys = []
     if n_full:

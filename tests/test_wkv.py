@@ -1,0 +1,471 @@
+"""Tests of the WKV operator (rwkv_jax/ops/wkv.py).
+
+Every form (sequential, parallel, chunked, and token-by-token `wkv_step`) is checked against an independent
+float64 numpy reference written from the unscaled definition, against each other (values, final state and
+gradients, including gradients into the initial state), against float64 finite differences, for splitting
+a sequence anywhere, for extreme inputs and bf16, and for the empty state and the dispatcher.
+
+XLA compiles take most of the time on CPU, so the tests share a few shapes (B=2, C=8, T in 1, 16, 17, 31,
+32, 50; B=1, T=4096) and a few cached jitted functions; the rest is under @pytest.mark.slow.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rwkv_jax.ops.wkv import (EMPTY_EXPONENT, FORMS, WKVState, default_form, empty_state, wkv, wkv_chunked,
+                              wkv_step)
+
+B, C = 2, 8
+CHUNK_LEN = 16
+RUNNERS = FORMS + ("step",)  # the three sequence forms and a Python loop over `wkv_step`
+GRAD_NAMES = ("time_decay", "time_first", "k", "v", "state.a", "state.b", "state.p")
+
+
+# ------------------------------------------------------------------------------------------------ runners
+
+@functools.partial(jax.jit, static_argnames=("form", "chunk_len"))
+def _run_form(time_decay, time_first, k, v, state, *, form, chunk_len):
+    return wkv(time_decay, time_first, k, v, state, form=form, chunk_len=chunk_len)
+
+
+_jit_step = jax.jit(wkv_step)
+
+
+def _run_steps(time_decay, time_first, k, v, state):
+    """Token by token with `wkv_step` (RNN mode)."""
+    ys = []
+    for t in range(k.shape[1]):
+        y, state = _jit_step(time_decay, time_first, k[:, t], v[:, t], state)
+        ys.append(y)
+    return jnp.stack(ys, axis=1), state
+
+
+def run(runner, time_decay, time_first, k, v, state=None, chunk_len=CHUNK_LEN):
+    """y [B, T, C] and the final state of one runner (a form name or 'step'), jitted."""
+    if state is None:
+        state = empty_state(k.shape[0], k.shape[2])
+    if runner == "step":
+        return _run_steps(time_decay, time_first, k, v, state)
+    return _run_form(time_decay, time_first, k, v, state, form=runner, chunk_len=chunk_len)
+
+
+@functools.lru_cache(maxsize=None)
+def value_and_grads(runner, chunk_len=CHUNK_LEN):
+    """f(time_decay, time_first, k, v, a0, b0, p0, r) -> ((loss, (y, final state)), gradients of loss wrt the
+    first 7 arguments), where loss = sum(y r_y) + sum(a r_a) + sum(b r_b) + sum(p r_p) uses y and every part
+    of the final state. a and b are scaled by e^-p, so comparing them across forms relies on every form
+    keeping the same running maximum p (checked)."""
+    def loss(time_decay, time_first, k, v, a0, b0, p0, r):
+        y, state = run(runner, time_decay, time_first, k, v, WKVState(a0, b0, p0), chunk_len=chunk_len)
+        value = (jnp.sum(y.astype(jnp.float32) * r["y"]) + jnp.sum(state.a * r["a"])
+                 + jnp.sum(state.b * r["b"]) + jnp.sum(state.p * r["p"]))
+        return value, (y, state)
+    fn = jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True)
+    return fn if runner == "step" else jax.jit(fn)
+
+
+def grad_args(x, seed):
+    """Positional arguments of `value_and_grads` for inputs x (empty state if x has none) and random weights."""
+    rng = np.random.default_rng(seed)
+    batch, T, channels = x["k"].shape
+    r = {"y": rng.normal(size=(batch, T, channels)), "a": rng.normal(size=(batch, channels)),
+         "b": rng.normal(size=(batch, channels)), "p": rng.normal(size=(batch, channels))}
+    r = {name: jnp.asarray(value, jnp.float32) for name, value in r.items()}
+    state = x.get("state") or empty_state(batch, channels)
+    return (x["time_decay"], x["time_first"], x["k"], x["v"], *state, r)
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+
+def make_inputs(seed, T, *, batch=B, channels=C, with_state=True):
+    """Moderate fp32 inputs: raw time_decay in [-3, 0.5] (w in [-1.65, -0.05]) so that an initial state
+    still matters after tens of tokens, time_first, k, v ~ N(0, 1); a random initial state with b > 0 (it is
+    a denominator) and p ~ N(0, 1)."""
+    rng = np.random.default_rng(seed)
+    x = dict(time_decay=rng.uniform(-3.0, 0.5, channels), time_first=rng.normal(size=channels),
+             k=rng.normal(size=(batch, T, channels)), v=rng.normal(size=(batch, T, channels)))
+    if with_state:
+        x["state"] = WKVState(rng.normal(size=(batch, channels)), rng.uniform(0.5, 2.0, (batch, channels)),
+                              rng.normal(size=(batch, channels)))
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), x)
+
+
+def extreme_inputs(seed, T, *, batch=B, channels=C, dtype=jnp.float32):
+    """k, v uniform in [-60, 60], raw time_decay in [-8, 6] (w from -3e-4 to -403), time_first in [-10, 10]."""
+    rng = np.random.default_rng(seed)
+    return dict(time_decay=jnp.asarray(rng.uniform(-8, 6, channels), dtype),
+                time_first=jnp.asarray(rng.uniform(-10, 10, channels), dtype),
+                k=jnp.asarray(rng.uniform(-60, 60, (batch, T, channels)), dtype),
+                v=jnp.asarray(rng.uniform(-60, 60, (batch, T, channels)), dtype))
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+def reference_wkv(time_decay, time_first, k, v, state=None):
+    """float64 WKV straight from the definition, without any rescaling:
+
+        y_t = (sum_{i<t} e^{(t-1-i) w + k_i} v_i + e^{p0 + t w} a0 + e^{u + k_t} v_t)
+            / (sum_{i<t} e^{(t-1-i) w + k_i}     + e^{p0 + t w} b0 + e^{u + k_t}),   w = -exp(time_decay).
+
+    Returns y, the unscaled final numerator and denominator (a*e^p and b*e^p of the final state), and the
+    final running-maximum exponent p = max(p0 + T w, max_i k_i + (T-1-i) w) that every form keeps.
+    O(T^2) and without overflow guard: for moderate inputs and T.
+    """
+    w, u = -np.exp(np.asarray(time_decay, np.float64)), np.asarray(time_first, np.float64)
+    k, v = np.asarray(k, np.float64), np.asarray(v, np.float64)
+    batch, T, channels = k.shape
+    if state is None:
+        a0 = b0 = np.zeros((batch, channels))
+        p0 = np.full((batch, channels), -np.inf)
+    else:
+        a0, b0, p0 = (np.asarray(s, np.float64) for s in state)
+
+    def sums(t):  # everything before token t: tokens 0..t-1 decayed, and the initial state decayed t steps
+        lag = (t - 1 - np.arange(t))[:, None]  # [t, 1]
+        weight = np.exp(lag * w + k[:, :t])    # [B, t, C]
+        initial = np.exp(p0 + t * w)           # [B, C]; 0 for an empty state
+        return (weight * v[:, :t]).sum(1) + initial * a0, weight.sum(1) + initial * b0
+
+    y = np.empty((batch, T, channels))
+    for t in range(T):
+        num, den = sums(t)
+        bonus = np.exp(u + k[:, t])
+        y[:, t] = (num + bonus * v[:, t]) / (den + bonus)
+    num, den = sums(T)
+    p = np.maximum(p0 + T * w, (k + (T - 1 - np.arange(T))[:, None] * w).max(axis=1))
+    return y, num, den, p
+
+
+def reference_recurrence(time_decay, time_first, k, v):
+    """float64 WKV from an empty state by the unscaled recurrence (num <- e^w num + e^k v): O(T), for long
+    sequences. float64 holds every term for |k| <= 60, |u| <= 10 (e^70 ~ 3e30, e^-70 ~ 4e-31)."""
+    w, u = -np.exp(np.asarray(time_decay, np.float64)), np.asarray(time_first, np.float64)
+    k, v = np.asarray(k, np.float64), np.asarray(v, np.float64)
+    num = den = np.zeros((k.shape[0], k.shape[2]))
+    y = np.empty(k.shape)
+    for t in range(k.shape[1]):
+        bonus = np.exp(u + k[:, t])
+        y[:, t] = (num + bonus * v[:, t]) / (den + bonus)
+        num, den = np.exp(w) * num + np.exp(k[:, t]) * v[:, t], np.exp(w) * den + np.exp(k[:, t])
+    return y
+
+
+def assert_close(actual, desired, rtol, atol=0.0, err_msg=""):
+    np.testing.assert_allclose(np.asarray(actual, np.float64), np.asarray(desired, np.float64),
+                               rtol=rtol, atol=atol, err_msg=err_msg)
+
+
+def assert_state_close(actual: WKVState, desired: WKVState, rtol, atol, err_msg=""):
+    for name, x, y in zip(WKVState._fields, actual, desired):
+        assert x.dtype == jnp.float32, f"state.{name} is {x.dtype}"
+        assert_close(x, y, rtol, atol, err_msg=f"{err_msg} state.{name}")
+
+
+def assert_all_finite(tree, what):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        assert np.all(np.isfinite(np.asarray(leaf, np.float32))), f"{what}{jax.tree_util.keystr(path)}"
+
+
+# ---------------------------------------------------------------------------- agreement with the reference
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["empty_state", "initial_state"])
+@pytest.mark.parametrize("T", [1, 17, 50])
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_matches_float64_reference(runner, T, with_state):
+    x = make_inputs(seed=T, T=T, with_state=with_state)
+    (_, (y, state)), grads = value_and_grads(runner)(*grad_args(x, seed=0))
+    y_ref, num_ref, den_ref, p_ref = reference_wkv(**x)
+
+    assert y.dtype == jnp.float32 and y.shape == (B, T, C)
+    assert_close(y, y_ref, rtol=1e-5, atol=1e-6, err_msg="y")
+    # All forms keep the same running maximum p, so it is compared directly, and a, b as a*e^p, b*e^p.
+    assert_close(state.p, p_ref, rtol=1e-6, atol=1e-6, err_msg="p")
+    scale = np.exp(np.asarray(state.p, np.float64))
+    assert_close(state.a * scale, num_ref, rtol=1e-5, atol=1e-6, err_msg="a * e^p")
+    assert_close(state.b * scale, den_ref, rtol=1e-5, err_msg="b * e^p")
+    assert_all_finite(grads, "gradient ")
+
+
+# ------------------------------------------------------------------------ agreement between forms, grads
+
+@pytest.mark.parametrize("T", [1, pytest.param(15, marks=pytest.mark.slow),
+                               pytest.param(16, marks=pytest.mark.slow), 17, 50])
+def test_forms_agree_on_values_state_and_gradients(T):
+    """chunk_len 16: T below, at and just past one chunk edge, and across three edges with a tail of 2.
+    (T = 16 and 15 only add compiles: exact multiples are covered in the default run by the split tests.)"""
+    args = grad_args(make_inputs(seed=100 + T, T=T), seed=T)
+    (loss_seq, (y_seq, state_seq)), grads_seq = value_and_grads("sequential")(*args)
+    for form in ("parallel", "chunked"):
+        (loss, (y, state)), grads = value_and_grads(form)(*args)
+        assert_close(y, y_seq, rtol=1e-5, atol=1e-6, err_msg=form)
+        assert_close(state.p, state_seq.p, rtol=0, atol=1e-6, err_msg=f"{form} p")  # the same p ...
+        assert_state_close(state, state_seq, rtol=1e-5, atol=1e-6, err_msg=form)   # ... so a, b compare
+        assert_close(loss, loss_seq, rtol=1e-5, err_msg=f"{form} loss")
+        for name, g, g_seq in zip(GRAD_NAMES, grads, grads_seq):
+            assert np.all(np.isfinite(g)), f"{form} d loss / d {name}"
+            # Gradients are sums over up to B*T terms: absolute tolerance relative to the largest entry.
+            assert_close(g, g_seq, rtol=1e-5, atol=2e-6 * float(np.abs(g_seq).max()),
+                         err_msg=f"{form} d loss / d {name}")
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_gradients_match_float64_finite_differences(runner):
+    """jax.grad of the fp32 code against central differences of the float64 reference, at chosen entries
+    of every input (first, last and chunk-edge tokens, and random ones). The ops compute in fp32 whatever
+    the input dtype, even under jax_enable_x64, so differencing the code itself would only resolve ~1e-3;
+    float64 differences with h = 1e-6 are accurate to ~1e-9, so the tolerance is that of fp32 gradients.
+    T = 17 with chunk_len 16: one full chunk and a tail."""
+    T = 17
+    x = make_inputs(seed=7, T=T)
+    args = grad_args(x, seed=8)
+    _, grads = value_and_grads(runner)(*args)
+    r = {name: np.asarray(value, np.float64) for name, value in args[-1].items()}
+
+    def reference_loss(time_decay, time_first, k, v, a0, b0, p0):
+        y, num, den, p = reference_wkv(time_decay, time_first, k, v, (a0, b0, p0))
+        return (np.sum(y * r["y"]) + np.sum(num * np.exp(-p) * r["a"]) + np.sum(den * np.exp(-p) * r["b"])
+                + np.sum(p * r["p"]))
+
+    primals = [np.asarray(a, np.float64) for a in args[:-1]]
+    rng = np.random.default_rng(9)
+    h = 1e-6
+    for index, (name, g) in enumerate(zip(GRAD_NAMES, grads)):
+        shape = primals[index].shape
+        positions = [tuple(rng.integers(0, n) for n in shape) for _ in range(4)]
+        if len(shape) == 3:  # k, v: tokens 0, 15, 16 (either side of the chunk edge) and T-1
+            positions += [(0, 0, 0), (1, 15, 3), (0, 16, 5), (1, T - 1, 7)]
+        else:
+            positions += [(0,) * len(shape), tuple(n - 1 for n in shape)]
+        g = np.asarray(g, np.float64)
+        scale = float(np.abs(g).max())
+        assert scale > 1e-3, f"degenerate check: d loss / d {name} is ~0"
+        for position in positions:
+            plus = [p.copy() for p in primals]
+            minus = [p.copy() for p in primals]
+            plus[index][position] += h
+            minus[index][position] -= h
+            fd = (reference_loss(*plus) - reference_loss(*minus)) / (2 * h)
+            assert abs(g[position] - fd) <= 1e-4 * abs(fd) + 1e-5 * scale, \
+                f"{runner} d loss / d {name}{list(position)}: jax {g[position]:.8g}, float64 FD {fd:.8g}"
+
+
+# ------------------------------------------------------------------------------------------------ splitting
+
+SPLIT_T = 32  # chunk_len 16: two full chunks; pieces of 1, 16 and 31 (a chunk and a tail of 15) tokens
+
+
+@pytest.mark.parametrize("split", [1, 16, SPLIT_T - 1])
+@pytest.mark.parametrize("form", FORMS)
+def test_split_sequence_equals_whole(form, split):
+    x = make_inputs(seed=3, T=SPLIT_T)
+    y_whole, state_whole = run(form, **x)
+    y1, state1 = run(form, **dict(x, k=x["k"][:, :split], v=x["v"][:, :split]))
+    y2, state2 = run(form, **dict(x, k=x["k"][:, split:], v=x["v"][:, split:], state=state1))
+    assert_close(jnp.concatenate([y1, y2], axis=1), y_whole, rtol=1e-5, atol=1e-6, err_msg="y")
+    assert_state_close(state2, state_whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("second_form", FORMS)
+@pytest.mark.parametrize("first_form", FORMS)
+def test_state_carries_across_forms(first_form, second_form):
+    """The state is one representation: a prefix run in one form continues in any other."""
+    x = make_inputs(seed=4, T=SPLIT_T)
+    y_whole, state_whole = run("sequential", **x)
+    y1, state1 = run(first_form, **dict(x, k=x["k"][:, :31], v=x["v"][:, :31]))
+    y2, state2 = run(second_form, **dict(x, k=x["k"][:, 31:], v=x["v"][:, 31:], state=state1))
+    assert_close(jnp.concatenate([y1, y2], axis=1), y_whole, rtol=1e-5, atol=1e-6)
+    assert_state_close(state2, state_whole, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- robustness
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_extreme_inputs_give_finite_values_and_gradients(runner):
+    x = extreme_inputs(seed=1, T=50)
+    (_, (y, state)), grads = value_and_grads(runner)(*grad_args(x, seed=1))
+    assert_all_finite((y, state), "output ")
+    assert_all_finite(grads, "gradient ")
+    assert float(jnp.max(jnp.abs(y))) <= 60.0  # y is a weighted mean of v
+    assert_close(y, reference_recurrence(**x), rtol=0, atol=60 * 1e-5, err_msg="y against float64")
+
+
+@functools.lru_cache(maxsize=None)
+def _long_grad(form):
+    def loss(time_decay, time_first, k, v, r):
+        y, state = wkv(time_decay, time_first, k, v, form=form, chunk_len=32)
+        return jnp.sum(y * r) + jnp.sum(state.a) + jnp.sum(state.b) + jnp.sum(state.p)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+
+
+LONG_T = 4096
+
+
+def _long_case(form, with_grads):
+    x = extreme_inputs(seed=2, T=LONG_T, batch=1)
+    y, state = run(form, **x, chunk_len=32)
+    assert_all_finite((y, state), f"{form} output ")
+    assert float(jnp.max(jnp.abs(y))) <= 60.0
+    if with_grads:
+        r = jnp.asarray(np.random.default_rng(2).normal(size=y.shape), jnp.float32)
+        assert_all_finite(_long_grad(form)(*x.values(), r), f"{form} gradient ")
+    return x, y
+
+
+@pytest.mark.parametrize("form", ["sequential", "chunked"])
+def test_long_extreme_sequence_is_finite_with_gradients(form):
+    _long_case(form, with_grads=True)
+
+
+def test_long_extreme_sequence_is_finite_parallel():
+    _long_case("parallel", with_grads=False)
+
+
+@pytest.mark.slow
+def test_long_extreme_sequence_parallel_gradients_are_finite():
+    _long_case("parallel", with_grads=True)  # the gradient compile alone takes ~20 s on 2 CPU cores
+
+
+@pytest.mark.parametrize("form", ["sequential", "parallel", "chunked"])
+def test_long_extreme_sequence_accuracy_against_float64(form):
+    """|y - y_float64| <= 1e-5 of v's range (60) after 4096 tokens of extreme inputs. Catches an exponent
+    updated as p += w per token: with |w| << ulp(p) (time_decay ~ -8, p ~ 60) its rounding accumulates to
+    ~5e-3 in y over 4096 tokens."""
+    x, y = _long_case(form, with_grads=False)
+    assert_close(y, reference_recurrence(**x), rtol=0, atol=60 * 1e-5)
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_bf16_inputs(runner):
+    x32 = make_inputs(seed=11, T=16, with_state=False)
+    x16 = {name: value.astype(jnp.bfloat16) for name, value in x32.items()}
+    y16, state16 = run(runner, **x16)
+    assert y16.dtype == jnp.bfloat16
+    assert all(s.dtype == jnp.float32 for s in state16)
+    assert_all_finite((y16, state16), "output ")
+    # The arithmetic is fp32: identical to an fp32 run on the bf16-rounded inputs, up to y's final rounding.
+    y_rounded, state_rounded = run(runner, **{name: value.astype(jnp.float32) for name, value in x16.items()})
+    assert_close(y16, y_rounded.astype(jnp.bfloat16), rtol=0, atol=0)
+    assert_state_close(state16, state_rounded, rtol=1e-6, atol=1e-7)
+    # And close to the fp32 run on the unrounded inputs: rounding k, u, time_decay to 8-bit mantissas moves
+    # the log-weights by up to ~2^-9 * |x| (~1e-2 for |x| < 4) and y is rounded to bf16 once (2^-9 relative).
+    y32, _ = run(runner, **x32)
+    assert_close(y16, y32, rtol=1e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_bf16_extreme_inputs_are_finite(runner):
+    x = extreme_inputs(seed=5, T=16, dtype=jnp.bfloat16)
+    y, state = run(runner, **x)
+    assert y.dtype == jnp.bfloat16 and all(s.dtype == jnp.float32 for s in state)
+    assert_all_finite((y, state), "output ")
+
+
+# --------------------------------------------------------------------------------------------- empty state
+
+def test_empty_state_is_zero_and_finite():
+    state = empty_state(3, 5)
+    assert all(s.shape == (3, 5) and s.dtype == jnp.float32 for s in state)
+    assert np.all(np.asarray(state.a) == 0) and np.all(np.asarray(state.b) == 0)
+    assert np.isfinite(EMPTY_EXPONENT) and np.all(np.asarray(state.p) == np.float32(EMPTY_EXPONENT))
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_first_output_from_empty_state_is_v0(runner):
+    """Only the bonus term e^{u+k_0} v_0 exists at t = 0, so y_0 = v_0 for any k and u; p stays finite."""
+    x = extreme_inputs(seed=9, T=16)
+    y, state = run(runner, **x)
+    assert_close(y[:, 0], x["v"][:, 0], rtol=1e-6)
+    assert np.all(np.isfinite(state.p)) and np.all(np.asarray(state.p) >= -60 - 15 * 403.5)
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_one_token_from_empty_state_gives_exact_state(runner):
+    """After one token the state is (v_0, 1, k_0): the empty part carries zero weight."""
+    x = extreme_inputs(seed=10, T=1)
+    _, state = run(runner, **x)
+    assert_close(state.a, x["v"][:, 0], rtol=1e-6)
+    assert_close(state.b, np.ones((B, C)), rtol=1e-6)
+    assert_close(state.p, x["k"][:, 0], rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------- dispatcher
+
+def _jaxpr(fn, x):
+    return str(jax.make_jaxpr(fn)(x["time_decay"], x["time_first"], x["k"], x["v"]))
+
+
+def test_default_forms():
+    assert default_form("cpu") == "parallel"  # measured faster on CPU, see DEFAULT_FORM_BY_BACKEND
+    assert default_form("gpu") == "parallel"
+    assert default_form("tpu") == "parallel"
+
+
+def test_auto_form_is_the_backend_default():
+    x = make_inputs(seed=12, T=9, with_state=False)
+    auto = _jaxpr(lambda *a: wkv(*a, form="auto"), x)
+    assert auto == _jaxpr(lambda *a: wkv(*a, form=default_form()), x)
+    assert auto != _jaxpr(lambda *a: wkv(*a, form="chunked" if default_form() != "chunked" else "parallel"), x)
+
+
+def test_dispatcher_passes_chunk_len():
+    x = make_inputs(seed=13, T=9, with_state=False)
+    for chunk_len in (1, 2, 4):  # T = 9: 9, 4 and 2 full chunks, each differing from chunk_len + 1
+        via_wkv = _jaxpr(lambda *a: wkv(*a, form="chunked", chunk_len=chunk_len), x)
+        assert via_wkv == _jaxpr(lambda *a: wkv_chunked(*a, chunk_len=chunk_len), x)
+        assert via_wkv != _jaxpr(lambda *a: wkv_chunked(*a, chunk_len=chunk_len + 1), x)
+
+
+@pytest.mark.parametrize("chunk_len", [1, 64])
+def test_chunked_at_extreme_chunk_lengths_matches_reference(chunk_len):
+    """chunk_len 1 (a scan of one-token blocks) and chunk_len > T (only the tail block)."""
+    x = make_inputs(seed=14, T=16)
+    y, state = run("chunked", **x, chunk_len=chunk_len)
+    y_ref, num_ref, den_ref, p_ref = reference_wkv(**x)
+    assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    assert_close(state.p, p_ref, rtol=1e-6, atol=1e-6)
+    assert_close(state.b * np.exp(np.asarray(state.p, np.float64)), den_ref, rtol=1e-5)
+
+
+def test_unknown_form_raises_naming_the_choices():
+    x = make_inputs(seed=15, T=2, with_state=False)
+    with pytest.raises(ValueError) as error:
+        wkv(x["time_decay"], x["time_first"], x["k"], x["v"], form="recurrent")
+    message = str(error.value)
+    assert "recurrent" in message
+    for choice in FORMS + ("auto",):
+        assert repr(choice) in message
+
+
+@pytest.mark.parametrize("chunk_len", [0, -1])
+def test_chunk_len_below_one_raises(chunk_len):
+    x = make_inputs(seed=16, T=4, with_state=False)
+    args = (x["time_decay"], x["time_first"], x["k"], x["v"])
+    with pytest.raises(ValueError, match="chunk_len"):
+        wkv_chunked(*args, chunk_len=chunk_len)
+    with pytest.raises(ValueError, match="chunk_len"):
+        wkv(*args, form="chunked", chunk_len=chunk_len)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_float64_inputs_compute_in_float64(form):
+    with jax.enable_x64(True):
+        zeros_C = jnp.zeros(3, jnp.float64)
+        k = jnp.zeros((1, 4, 3), jnp.float64)
+        v = jnp.full((1, 4, 3), 1 + 1e-12, jnp.float64)
+        y, state = wkv(zeros_C, zeros_C, k, v, form=form, chunk_len=2)
+        assert y.dtype == jnp.float64 and all(s.dtype == jnp.float64 for s in state)
+        np.testing.assert_allclose(np.asarray(y) - 1, 1e-12, rtol=0, atol=1e-15)  # fp32 would give 0
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_empty_sequence_returns_the_state_unchanged(form):
+    x = make_inputs(seed=3, T=1, with_state=True)
+    empty = {**x, "k": x["k"][:, :0], "v": x["v"][:, :0]}
+    y, state = wkv(empty["time_decay"], empty["time_first"], empty["k"], empty["v"], empty["state"], form=form)
+    assert y.shape == (x["k"].shape[0], 0, x["k"].shape[2])
+    for got, want in zip(state, x["state"]):
+        np.testing.assert_array_equal(got, want)
