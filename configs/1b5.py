@@ -1,7 +1,14 @@
-"""RWKV-4 1B5: the paper's Table 2 size, 24 layers x 2048, 1,515,106,304 parameters.
+"""RWKV-4 1B5: the paper's Table 2 size, 24 layers x 2048, 1,515,106,304 parameters, context 1024.
 
-Learning rate 3e-4 -> 1e-5 (paper, Appendix G). Load it with ml_collections' config_flags, e.g. as
-`--config=configs/1b5.py`, and override fields as `--config.model.dtype=bfloat16`.
+Learning rate 3e-4 -> 1e-5 (paper, Appendix G). On the embedded corpus:
+
+    python train.py --config=configs/1b5.py --workdir=/tmp/rwkv-1b5
+
+The paper's run, on a Pile binidx with the GPT-NeoX tokenizer:
+
+    python train.py --config=configs/1b5.py --workdir=/tmp/rwkv-1b5 --config.data.source=binidx \\
+        --config.data.binidx_prefix=/data/pile_text_document --config.data.tokenizer=hf_json \\
+        --config.data.tokenizer_path=/data/gpt-neox-20b.json
 """
 
 from rwkv_jax.config import paper_config

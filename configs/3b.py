@@ -1,7 +1,14 @@
-"""RWKV-4 3B: the paper's Table 2 size, 32 layers x 2560, 2,984,627,200 parameters.
+"""RWKV-4 3B: the paper's Table 2 size, 32 layers x 2560, 2,984,627,200 parameters, context 1024.
 
-Learning rate 1.5e-4 -> 1e-5 (paper, Appendix G). Load it with ml_collections' config_flags, e.g. as
-`--config=configs/3b.py`, and override fields as `--config.model.dtype=bfloat16`.
+Learning rate 1.5e-4 -> 1e-5 (paper, Appendix G). On the embedded corpus:
+
+    python train.py --config=configs/3b.py --workdir=/tmp/rwkv-3b
+
+The paper's run, on a Pile binidx with the GPT-NeoX tokenizer:
+
+    python train.py --config=configs/3b.py --workdir=/tmp/rwkv-3b --config.data.source=binidx \\
+        --config.data.binidx_prefix=/data/pile_text_document --config.data.tokenizer=hf_json \\
+        --config.data.tokenizer_path=/data/gpt-neox-20b.json
 """
 
 from rwkv_jax.config import paper_config

@@ -1,17 +1,18 @@
-"""A tiny RWKV-4 (4 layers x 128, vocab 4096) for CPU runs and tests.
+"""A tiny RWKV-4 (4 layers x 128, sentencepiece vocab 4096) trained on the embedded corpus (the Python
+standard library's source); the CPU config of the README and the tests.
 
-Load it with ml_collections' config_flags as `--config=configs/tiny.py`; override fields as
-`--config.model.n_layer=2`.
+    python train.py --config=configs/tiny.py --workdir=/tmp/rwkv-tiny
 """
 
-import ml_collections
-
-from rwkv_jax.config import model_config
+from rwkv_jax.config import base_config, model_config
 
 
 def get_config():
-    config = ml_collections.ConfigDict()
-    config.model = model_config(vocab_size=4096, n_layer=4, d_model=128)
-    config.train = ml_collections.ConfigDict({"seq_len": 256})
-    config.optim = ml_collections.ConfigDict({"lr_init": 1e-3, "lr_final": 1e-4})
+    config = base_config(model=model_config(vocab_size=4096, n_layer=4, d_model=128), batch_size=16,
+                         seq_len=128, num_steps=600, lr_init=2e-3, lr_final=2e-4)
+    config.model.emb_init_scale = 2e-3  # U(-lr_init, lr_init), as v4neo
+    config.data.sp_vocab_size = 4096
+    config.train.eval_every = 200
+    config.train.eval_batches = 20
+    config.checkpoint.every_steps = 200
     return config

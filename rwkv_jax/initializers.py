@@ -3,9 +3,9 @@
 Where the paper (Appendix E) and the v4neo code disagree we follow the code, since the released models
 were trained with it:
   * receptance mix: the paper writes mu_r = 0.5 * (i/D)^(1 - l/L); the code uses (i/D)^(0.5 * (1 - l/L)).
-  * the paper's text says small uniform values for the embedding; v4neo draws them from
-    U(-lr_init, lr_init) and later RWKV versions fixed U(-1e-4, 1e-4). We use a configurable scale,
-    default 1e-4 (`ModelConfig.emb_init_scale`).
+  * embedding: small uniform values. v4neo draws them from U(-lr_init, lr_init), later RWKV versions
+    from U(-1e-4, 1e-4). `ModelConfig.emb_init_scale` defaults to 1e-4; the paper-size configs set it
+    to their lr_init, as v4neo does.
   * matrices: orthogonal with gain sqrt(out/in) when out > in; att.key, att.receptance, att.output,
     ffn.receptance and ffn.value start at zero; the head has gain 0.5 * sqrt(V/D).
 LayerNorms start at weight 1 and bias 0.

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rwkv_jax import initializers as init
+from rwkv_jax import sharding
 from rwkv_jax.ops import wkv as wkv_ops
 
 
@@ -29,11 +30,12 @@ class ModelConfig:
     d_att: int | None = None
     d_ffn: int | None = None
     layer_norm_eps: float = 1e-5
-    dtype: str = "float32"        # compute dtype of matmuls and activations ('bfloat16' on GPU/TPU)
+    dtype: str = "float32"        # compute dtype: 'float32', 'bfloat16', or 'auto' (bf16 on GPU/TPU, fp32 on CPU)
     param_dtype: str = "float32"  # master weights
     wkv_form: str = "auto"        # 'sequential' | 'parallel' | 'chunked' | 'auto' (per backend)
     wkv_chunk_len: int = 32
     emb_init_scale: float = 1e-4
+    remat: bool = False           # recompute each block in the backward pass: activation memory O(1 block)
 
     @property
     def att_width(self) -> int:
@@ -45,12 +47,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values) -> "ModelConfig":
-        """Build from a dict/ConfigDict, naming any unknown key."""
+        """Build from a dict/ConfigDict, naming any unknown key and resolving dtype='auto'."""
         values = dict(values)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown model config key(s) {unknown}; valid keys are {sorted(known)}")
+        if values.get("dtype") == "auto":
+            values["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
         return cls(**values)
 
 
@@ -176,6 +180,10 @@ class Block(nnx.Module):
         return x_BTD, LayerState(att_x, wkv_state, ffn_x)
 
 
+def _apply_block(block: Block, x_BTD, state: LayerState):
+    return block(x_BTD, state)
+
+
 class RWKV(nnx.Module):
     """RWKV-4 language model: embedding, ln0, blocks, ln_out, untied head."""
 
@@ -203,10 +211,12 @@ class RWKV(nnx.Module):
         # The residual stream stays in fp32; sublayers compute in config.dtype.
         x = self.ln0(self.emb(tokens_BT).astype(jnp.float32))
         layer_states = []
+        apply_block = nnx.remat(_apply_block) if self.config.remat else _apply_block
         for i, block in enumerate(self.blocks):
             layer_in = LayerState(state.att_x[i], wkv_ops.WKVState(state.wkv_a[i], state.wkv_b[i],
                                                                    state.wkv_p[i]), state.ffn_x[i])
-            x, layer_out = block(x, layer_in)
+            x, layer_out = apply_block(block, x, layer_in)
+            x = sharding.constrain(x, ("batch", "seq", "embed_out"))
             layer_states.append(layer_out)
         logits = self.head(self.ln_out(x).astype(self.config.dtype)).astype(jnp.float32)
         stack = lambda get: jnp.stack([get(s) for s in layer_states])

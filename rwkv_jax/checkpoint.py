@@ -1,0 +1,296 @@
+"""Training checkpoints: the whole train state (params, optimizer state, step) plus a small JSON dict,
+saved asynchronously with orbax into one directory (e.g. WORKDIR/checkpoints), the last `keep` kept.
+
+    ckpt = Checkpointer(workdir / "checkpoints")
+    restored = ckpt.restore_latest(state, shardings)   # None on a fresh run
+    ...
+    ckpt.save(step, state, {"data_position": ..., "seed": ...})
+    ckpt.close()
+
+What this adds to a plain orbax CheckpointManager:
+  * No NaN/Inf reaches a checkpoint: `save` refuses a state with a non-finite floating-point value.
+  * Restores are bit exact or fail. Orbax's data files carry no checksums (a flipped bit restores
+    silently), so every array's 64-bit digest is stored beside it and checked after reading.
+  * A corrupt or unreadable checkpoint is skipped with a warning and the next older one is tried; once
+    a good one is found, the bad newer ones are renamed `<step>.corrupt` (kept for inspection, no longer
+    a step) so the resumed run can save those steps again. Uncommitted saves are ignored by orbax.
+  * The restored pytree has exactly the structure of the target (nnx.State, Variable metadata, optax
+    NamedTuples): orbax stores a plain nested dict of arrays, and the tree is rebuilt from the target's
+    treedef, onto the target's shardings on any mesh (written on 8 devices, read on 1, and back).
+"""
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+_FORMAT = 1
+_LIST_LIMIT = 8  # how many offending array names an error message spells out
+
+
+class IncompatibleCheckpointError(ValueError):
+    """The checkpoint holds other arrays (paths, shapes or dtypes) than the restore target."""
+
+
+class CorruptCheckpointError(RuntimeError):
+    """Arrays read back from a checkpoint differ from those that were saved."""
+
+
+class Checkpointer:
+    """Async train-state checkpoints in `directory`, keeping the newest `keep` steps."""
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+                                               enable_async_checkpointing=async_save)
+        self._manager = ocp.CheckpointManager(os.fspath(directory), options=options)
+
+    @property
+    def directory(self):
+        return self._manager.directory
+
+    @property
+    def steps(self) -> list[int]:
+        """Committed (or being written) checkpoint steps, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state, extra: dict, *, force: bool = False) -> bool:
+        """Start an async save of `state` and `extra` (JSON) as checkpoint `step`; returns whether one was
+        started: False when `step` is already saved, or (unless `force`) not newer than the latest.
+        The device arrays are copied before this returns, so `state` may be donated right after.
+        Raises ValueError, writing nothing, if the state holds a NaN or Inf."""
+        step = int(step)
+        if step in self._manager.all_steps() or not (force or self._manager.should_save(step)):
+            return False
+        try:
+            json.dumps(extra)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"checkpoint `extra` must be JSON-serialisable: {e}") from None
+        names, leaves, _ = _flatten(state)
+        finite, digests = _inspect(leaves)
+        bad = [name for name, ok in zip(names, finite) if not ok]
+        if bad:
+            raise ValueError(f"refusing to save checkpoint step {step}: NaN/Inf in {len(bad)} array(s): "
+                             f"{_listing(bad)}")
+        meta = {"format": _FORMAT, "extra": extra,
+                "arrays": {name: {"shape": list(x.shape), "dtype": _dtype_name(x), "digest": _hex(d)}
+                           for name, x, d in zip(names, leaves, digests)}}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(_nest(names, leaves)), meta=ocp.args.JsonSave(meta))
+        return bool(self._manager.save(step, args=args, force=force))
+
+    def restore_latest(self, abstract_state, shardings) -> tuple[Any, dict, int] | None:
+        """(state, extra, step) of the newest readable checkpoint, placed on `shardings` (a pytree of
+        jax.sharding.Sharding matching `abstract_state`, or a prefix of it); None when there is none.
+
+        `abstract_state` gives the structure, shapes and dtypes (arrays or jax.ShapeDtypeStruct). Raises
+        IncompatibleCheckpointError if the newest checkpoint holds other arrays, RuntimeError if
+        checkpoints exist but none can be read (rather than silently starting from scratch)."""
+        self.wait()
+        names, abstract_leaves, treedef = _flatten(abstract_state)
+        targets = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in
+                   zip(abstract_leaves, _expand_shardings(shardings, abstract_state, len(abstract_leaves)))]
+        failed = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                leaves, extra = self._restore(step, names, targets)
+            except IncompatibleCheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure to read a step means: try the older one
+                logging.warning("checkpoint step %d in %s is corrupt or unreadable, trying an older one: %s",
+                                step, self.directory, _short(e))
+                failed.append((step, e))
+                continue
+            if failed:
+                self._set_aside([s for s, _ in failed])
+            logging.info("restored checkpoint step %d from %s", step, self.directory)
+            return jax.tree.unflatten(treedef, leaves), extra, step
+        if failed:
+            raise RuntimeError(f"none of the checkpoints in {self.directory} can be restored: "
+                               + "; ".join(f"step {s}: {_short(e)}" for s, e in failed)) from failed[0][1]
+        return None
+
+    def wait(self) -> None:
+        """Block until the async saves are written and committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for pending saves, then release orbax's resources."""
+        self._manager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _restore(self, step: int, names: list[str], targets: list[jax.ShapeDtypeStruct]):
+        """(arrays in the order of `names`, extra) of one step, each array checked against its digest."""
+        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        saved = meta["arrays"]
+        expected = {name: (list(x.shape), _dtype_name(x)) for name, x in zip(names, targets)}
+        found = {name: (a["shape"], a["dtype"]) for name, a in saved.items()}
+        if expected != found:
+            raise IncompatibleCheckpointError(
+                f"checkpoint step {step} in {self.directory} does not match the state to restore: "
+                f"{_layout_diff(expected, found)}")
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(_nest(names, targets)))
+        restored = self._manager.restore(step, args=args).state
+        leaves = [_lookup(restored, name) for name in names]
+        _, digests = _inspect(leaves)
+        bad = [name for name, d in zip(names, digests) if _hex(d) != saved[name]["digest"]]
+        if bad:
+            raise CorruptCheckpointError(f"{len(bad)} array(s) read back differ from those saved "
+                                         f"(digest mismatch): {_listing(bad)}")
+        return leaves, meta["extra"]
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Rename unreadable step directories to `<step>.corrupt[N]`: orbax no longer sees them as steps,
+        so the resumed run can save those steps again, and the files stay for inspection."""
+        if jax.process_index() == 0:
+            for step in steps:
+                path = self.directory / str(step)
+                if not path.exists():
+                    continue
+                dest, n = path.parent / f"{step}.corrupt", 1
+                while dest.exists():
+                    dest, n = path.parent / f"{step}.corrupt{n}", n + 1
+                path.rename(dest)
+                logging.warning("moved unreadable checkpoint %s aside to %s", path, dest)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("rwkv_jax.checkpoint: set aside corrupt steps")
+        self._manager.reload()
+
+
+# --- The state as a flat list of named arrays ------------------------------------------------------
+
+def _key_name(key) -> str:
+    for attr in ("name", "key", "idx"):  # GetAttrKey, DictKey / FlattenedIndexKey, SequenceKey
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _flatten(tree):
+    """(names, leaves, treedef); a leaf's name is its path joined by '/', e.g. 'params/emb/embedding/value'."""
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    names = ["/".join(_key_name(k) for k in path) for path, _ in path_leaves]
+    if len(set(names)) != len(names):
+        raise ValueError("state paths collide once written as strings: "
+                         f"{sorted(n for n in set(names) if names.count(n) > 1)}")
+    return names, [leaf for _, leaf in path_leaves], treedef
+
+
+def _nest(names, values) -> dict:
+    """The nested dict orbax stores: {'params': {'emb': {'embedding': {'value': x}}}, ...}."""
+    out: dict = {}
+    for name, value in zip(names, values):
+        *parents, last = name.split("/")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
+
+
+def _lookup(nested, name: str):
+    for part in name.split("/"):
+        nested = nested[part]
+    return nested
+
+
+def _expand_shardings(shardings, abstract_state, count: int) -> list:
+    """One Sharding per leaf of `abstract_state`; `shardings` may be a prefix tree (as for jit) and may
+    hold a Sharding where the state holds a node such as an nnx.Variable."""
+    is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
+    expanded = jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), shardings, abstract_state,
+                            is_leaf=is_sharding)
+    leaves = jax.tree.leaves(expanded, is_leaf=is_sharding)
+    if len(leaves) != count or not all(map(is_sharding, leaves)):
+        raise ValueError(f"`shardings` does not match the state: {len(leaves)} shardings for {count} arrays")
+    return leaves
+
+
+def _dtype_name(x) -> str:
+    return jnp.dtype(x.dtype).name
+
+
+def _layout_diff(expected: dict, found: dict) -> str:
+    """Which arrays are missing, unexpected or of another shape/dtype, in state order."""
+    show = lambda layout: f"{layout[1]}{layout[0]}"  # noqa: E731 - e.g. float32[64, 32]
+    missing = [n for n in expected if n not in found]
+    unexpected = [n for n in found if n not in expected]
+    changed = [f"{n} (checkpoint {show(found[n])}, state {show(expected[n])})" for n in expected
+               if n in found and expected[n] != found[n]]
+    parts = [f"{label}: {_listing(items)}" for label, items in
+             (("not in checkpoint", missing), ("not in state", unexpected), ("shape/dtype differ", changed))
+             if items]
+    return "; ".join(parts)
+
+
+def _listing(items) -> str:
+    return ", ".join(items[:_LIST_LIMIT]) + (f", ... ({len(items)} in all)" if len(items) > _LIST_LIMIT else "")
+
+
+def _short(e: Exception, limit: int = 500) -> str:
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+# --- Finiteness and digests, computed on device (sharded, no host copy of the state) ----------------
+
+_SEEDS = (0x9E3779B9, 0x7F4A7C15)
+
+
+def _fmix32(h):
+    """MurmurHash3's finaliser: a bijection on uint32 that mixes every input bit into every output bit."""
+    h = h ^ (h >> 16)
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _words(x):
+    """The array's bits as uint32 (64-bit dtypes gain a trailing axis of 2)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    bits = jnp.dtype(x.dtype).itemsize * 8
+    if bits < 32:
+        return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{bits}")).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+
+
+def _digest(x):
+    """Two uint32 sums of hash(element bits, flat position). Integer sums wrap exactly, so the digest
+    does not depend on how the array is sharded or in which order the reduction runs."""
+    words = _words(x)
+    position, stride = jnp.zeros(words.shape, jnp.uint32), 1
+    for axis in reversed(range(words.ndim)):
+        position = position + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * np.uint32(stride % 2**32)
+        stride *= words.shape[axis]
+    return jnp.stack([jnp.sum(_fmix32(words ^ _fmix32(position ^ np.uint32(seed))), dtype=jnp.uint32)
+                      for seed in _SEEDS])
+
+
+@jax.jit
+def _check_leaf(x):
+    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(True)
+    return finite, _digest(x)
+
+
+def _inspect(leaves) -> tuple[list[bool], list[np.ndarray]]:
+    """(all-finite flag, uint32[2] digest) of every leaf. One small jit per leaf rather than one over the
+    whole state: it compiles once per distinct shape/dtype/sharding, so the cost does not grow with depth.
+    Each result is fetched before the next leaf is dispatched: XLA:CPU deadlocks when many programs with
+    collectives are in flight at once (seen with 8 host devices on 2 cores)."""
+    results = [jax.device_get(_check_leaf(x)) for x in leaves]
+    return [bool(f) for f, _ in results], [d for _, d in results]
+
+
+def _hex(digest) -> str:
+    return "".join(f"{int(d):08x}" for d in digest)

@@ -1,0 +1,124 @@
+"""The jitted training and evaluation steps over a pure train state (the Flax NNX gemma pattern:
+`jax.jit` over `nnx.split` state, not `nnx.jit` in the hot loop).
+
+Parameters and optimizer state are created already sharded: the model is built abstractly, shardings
+come from its logical axes, and a jitted initialiser with those out_shardings materialises each shard
+on its own device.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from rwkv_jax import optim, sharding
+from rwkv_jax.model import RWKV, ModelConfig
+
+
+class TrainState(NamedTuple):
+    step: jax.Array      # int32 scalar: optimizer steps taken (bad steps included)
+    params: Any          # nnx.State of the model's Params
+    opt_state: Any
+
+
+def train_state_factory(model_config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
+                        seed: int):
+    """(graphdef, init, abstract state, shardings). `init()` materialises the state shard by shard on
+    the mesh; a resumed run restores onto `abstract state` and `shardings` without calling it."""
+    abstract_model = nnx.eval_shape(lambda: RWKV(model_config, rngs=nnx.Rngs(seed)))
+    graphdef, abstract_params = nnx.split(abstract_model)
+    param_shardings = sharding.state_shardings(abstract_params, mesh)
+
+    def init():
+        params = nnx.state(RWKV(model_config, rngs=nnx.Rngs(seed)))
+        params = jax.lax.with_sharding_constraint(params, param_shardings)
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+    abstract_state = jax.eval_shape(init)
+    # Optimizer moments mirror the parameters they belong to; counters are replicated.
+    opt_shardings = _mirror_param_shardings(abstract_state.opt_state, abstract_params, param_shardings, mesh)
+    shardings = TrainState(sharding.replicated(mesh), param_shardings, opt_shardings)
+    return graphdef, jax.jit(init, out_shardings=shardings), abstract_state, shardings
+
+
+def create_train_state(model_config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
+                       seed: int):
+    """(graphdef, train state, its shardings), the state materialised on the mesh."""
+    graphdef, init, _, shardings = train_state_factory(model_config, optimizer, mesh, seed)
+    return graphdef, init(), shardings
+
+
+def _mirror_param_shardings(opt_state, abstract_params, param_shardings, mesh):
+    """Shardings for an optax state: any subtree shaped like the params gets the params' shardings."""
+    params_def = jax.tree.structure(abstract_params)
+    params_shapes = [x.shape for x in jax.tree.leaves(abstract_params)]
+
+    def is_params_like(node):
+        try:
+            return (jax.tree.structure(node) == params_def
+                    and [x.shape for x in jax.tree.leaves(node)] == params_shapes)
+        except Exception:  # noqa: BLE001 - nodes of other types are simply not params-like
+            return False
+
+    return jax.tree.map(lambda node: param_shardings if is_params_like(node) else sharding.replicated(mesh),
+                        opt_state, is_leaf=lambda n: is_params_like(n) or not isinstance(n, (tuple, list, dict)))
+
+
+def _loss(graphdef, params, inputs_BT, targets_BT, l2wrap_factor):
+    logits, _ = nnx.merge(graphdef, params)(inputs_BT)
+    return optim.cross_entropy(logits, targets_BT, l2wrap_factor)
+
+
+def make_train_step(graphdef, optimizer, schedule, shardings: TrainState, mesh: Mesh, *,
+                    microbatches: int = 1, l2wrap_factor: float = 1e-4):
+    """jit(step)(state, batch) -> (state, metrics). `batch` has 'inputs' and 'targets' [B, T] int32;
+    with microbatches > 1 the gradient is accumulated over B/microbatches rows at a time."""
+
+    def grads_of(params, inputs, targets):
+        return jax.value_and_grad(lambda p: _loss(graphdef, p, inputs, targets, l2wrap_factor))(params)
+
+    def step(state: TrainState, batch):
+        with sharding.activation_sharding(mesh):
+            inputs, targets = batch["inputs"], batch["targets"]
+            if microbatches == 1:
+                loss, grads = grads_of(state.params, inputs, targets)
+            else:
+                split = lambda x: x.reshape(microbatches, -1, *x.shape[1:])
+
+                def accumulate(carry, micro):
+                    loss, grads = grads_of(state.params, *micro)
+                    return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+                zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+                (loss, grads), _ = jax.lax.scan(accumulate, zeros, (split(inputs), split(targets)))
+                loss, grads = jax.tree.map(lambda x: x / microbatches, (loss, grads))
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite loss poisons the gradient so that apply_if_finite skips the whole step.
+        grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan), grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite,
+                   "bad_steps": optim.bad_step_count(opt_state)}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def make_eval_step(graphdef, param_shardings, mesh: Mesh):
+    """jit(step)(params, batch) -> (sum of token losses in nats, token count); batch['mask'] (1 = real
+    target) leaves out padding."""
+
+    def step(params, batch):
+        with sharding.activation_sharding(mesh):
+            logits, _ = nnx.merge(graphdef, params)(batch["inputs"])
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
+        mask = batch["mask"].astype(jnp.float32)
+        return (losses * mask).sum(), mask.sum()
+
+    return jax.jit(step, in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=sharding.replicated(mesh))

@@ -1,0 +1,218 @@
+"""The training run behind `python train.py`: a linear story in sections.
+
+  1. Setup: config check, the device mesh, the workdir.
+  2. Data: dataset, tokenizer and batches (rwkv_jax.data).
+  3. State: parameters and optimizer state created sharded, or restored from the latest good checkpoint.
+  4. Steps: the jitted train step, periodic logging, evaluation and async checkpoints; SIGTERM
+     (preemption) saves and returns; too many non-finite steps in a row stop the run with an error.
+  5. End: a final checkpoint and evaluation, and the loss curves as a PNG.
+
+Batch n is a pure function of (data seed, n), so a run resumed from the checkpoint of step n sees
+exactly the batches an uninterrupted run sees: the checkpointed step is the whole data position.
+"""
+
+import dataclasses
+import json
+import math
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from rwkv_jax import metrics as metrics_lib
+from rwkv_jax import optim, sharding, train_step
+from rwkv_jax.checkpoint import Checkpointer
+from rwkv_jax.data import make_datasets
+from rwkv_jax.model import ModelConfig
+
+
+class BadStepsError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def check_config(config: ml_collections.ConfigDict, mesh) -> None:
+    t = config.train
+    batch_axes = math.prod(mesh.shape[a] for a in sharding.RULES["batch"])
+    problems = []
+    if t.batch_size % t.microbatches:
+        problems.append(f"train.batch_size={t.batch_size} is not a multiple of train.microbatches={t.microbatches}")
+    elif (t.batch_size // t.microbatches) % batch_axes:
+        problems.append(f"a microbatch of {t.batch_size // t.microbatches} rows does not split over the "
+                        f"{batch_axes} devices of the mesh's data x fsdp axes")
+    if t.batch_size % jax.process_count():
+        problems.append(f"train.batch_size={t.batch_size} does not split over {jax.process_count()} processes")
+    if t.num_steps < 1:
+        problems.append(f"train.num_steps must be >= 1, got {t.num_steps}")
+    if problems:
+        raise ValueError("config: " + "; ".join(problems))
+
+
+class _Preemption:
+    """Remembers a SIGTERM so the loop can checkpoint and return at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and stopping after this step.")
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config: ml_collections.ConfigDict, workdir) -> dict:
+    """Train as `config` says, in `workdir` (resuming whatever it holds). Returns the last metrics."""
+    # --- 1. Setup ---------------------------------------------------------------------------------
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    model_config = ModelConfig.from_dict(config.model)
+    mesh = sharding.make_mesh(config.mesh)
+    check_config(config, mesh)
+    t = config.train
+    if is_main:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} in {jax.process_count()} "
+              f"process(es); mesh {dict(mesh.shape)}; model {model_config.n_layer} x {model_config.d_model}, "
+              f"compute {model_config.dtype}, WKV form {model_config.wkv_form}", flush=True)
+
+    # --- 2. Data ----------------------------------------------------------------------------------
+    tokenizer, train_batches, eval_batches = make_datasets(
+        config.data, seq_len=t.seq_len, batch_size=t.batch_size, model_vocab_size=model_config.vocab_size,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    if is_main:  # the workdir describes itself: eval.py and load_model need only its path
+        (workdir / "rwkv_config.json").write_text(json.dumps(dataclasses.asdict(model_config), indent=2))
+        shutil.copyfile(tokenizer.path, workdir / ("tokenizer" + Path(tokenizer.path).suffix))
+        sample = train_batches.tokens_N[:10_000_000]  # a prefix is enough for the yardstick
+        print(f"unigram entropy of the training tokens: {unigram_entropy(sample, tokenizer.vocab_size):.4f} "
+              "nats/token (the loss of the best context-free model)", flush=True)
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    def global_batch(local):
+        return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
+
+    # --- 3. State ---------------------------------------------------------------------------------
+    optimizer = optim.make_optimizer(config.optim, t.num_steps)
+    schedule = optim.learning_rate(config.optim, t.num_steps)
+    graphdef, init, abstract_state, shardings = train_step.train_state_factory(model_config, optimizer, mesh,
+                                                                               t.seed)
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
+                                async_save=config.checkpoint.async_save)
+    restored = checkpointer.restore_latest(abstract_state, shardings)
+    if restored is None:
+        state = init()
+        start_step = 0
+    else:
+        state, _, start_step = restored
+        if is_main:
+            print(f"resumed from the checkpoint of step {start_step}", flush=True)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
+    if is_main:
+        print(f"{n_params:,} parameters; {t.num_steps} steps of {t.batch_size} x {t.seq_len} tokens", flush=True)
+
+    # --- 4. Steps ---------------------------------------------------------------------------------
+    step_fn = train_step.make_train_step(graphdef, optimizer, schedule, shardings, mesh,
+                                         microbatches=t.microbatches, l2wrap_factor=config.optim.l2wrap_factor)
+    eval_fn = train_step.make_eval_step(graphdef, shardings.params, mesh)
+    writer = metrics_lib.MetricsWriter(
+        workdir, total_steps=t.num_steps, tokens_per_step=t.batch_size * t.seq_len,
+        flops_per_token=metrics_lib.flops_per_token(model_config.vocab_size, model_config.d_model,
+                                                    model_config.n_layer),
+        peak_flops=metrics_lib.peak_flops_per_device(t.peak_flops_per_device), num_devices=jax.device_count(),
+        is_main=is_main)
+
+    def evaluate(step):
+        if eval_batches is None:
+            return None
+        loss, bpb, tokens = evaluate_loss(eval_fn, state.params, eval_batches, tokenizer, global_batch,
+                                          max_batches=t.eval_batches)
+        return writer.eval(step, loss, bpb, tokens)
+
+    def save(step):
+        checkpointer.save(step, state, {"step": step, "data_seed": config.data.seed})
+
+    preemption = _Preemption()
+    last, pending, step = {}, [], start_step
+    if is_main and start_step < t.num_steps:
+        print(f"compiling the train step (first step {start_step + 1})...", flush=True)
+    try:
+        while step < t.num_steps:
+            state, step_metrics = step_fn(state, global_batch(train_batches.batch_at(step)))
+            step += 1
+            pending.append((step, step_metrics))
+            stop = preemption.requested
+            if jax.process_count() > 1 and (step % t.log_every == 0):
+                stop = bool(multihost_utils.process_allgather(np.array(stop)).any())
+            if step % t.log_every == 0 or step == t.num_steps or step == start_step + 1 or stop:
+                last = _log_pending(writer, pending, config.optim.max_consecutive_bad_steps)
+                pending = []
+            if t.eval_every and step % t.eval_every == 0 and step < t.num_steps:
+                evaluate(step)
+            if step % config.checkpoint.every_steps == 0 or stop:
+                save(step)
+            if stop:
+                logging.warning("Stopped by SIGTERM after step %d; the checkpoint is saved.", step)
+                break
+        else:
+            if start_step < t.num_steps:
+                save(step)
+            final_eval = evaluate(step)
+            if final_eval:
+                last.update(final_eval)
+    finally:
+        preemption.restore()
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+    return last
+
+
+def _log_pending(writer, pending, max_bad_steps: int) -> dict:
+    """Write the metrics of the steps since the last log; raise after too many bad steps in a row."""
+    fetched = jax.device_get([m for _, m in pending])
+    for (step, _), values in zip(pending, fetched):
+        if not values["finite"]:
+            logging.warning("step %d: non-finite loss (%s) or gradient norm (%s); the update was skipped.",
+                            step, values["loss"], values["grad_norm"])
+    step, values = pending[-1][0], fetched[-1]
+    record = writer.train(step, {k: v for k, v in values.items() if k in ("loss", "lr", "grad_norm")}
+                          | {"bad_steps": values["bad_steps"]})
+    if values["bad_steps"] >= max_bad_steps:
+        raise BadStepsError(
+            f"{int(values['bad_steps'])} consecutive steps up to step {step} had a non-finite loss or gradient; "
+            "none of them was applied and the checkpoints hold finite parameters. Lower optim.lr_init, check "
+            "the data, or raise optim.max_consecutive_bad_steps.")
+    return record
+
+
+def evaluate_loss(eval_fn, params, eval_batches, tokenizer, global_batch, max_batches: int = 0):
+    """(mean loss in nats/token, bits per UTF-8 byte of the targets, token count) over the eval split."""
+    total_loss, total_tokens, total_bytes = 0.0, 0.0, 0
+    for i, local in enumerate(eval_batches):
+        if max_batches and i >= max_batches:
+            break
+        loss_sum, count = eval_fn(params, global_batch(local))
+        total_loss += float(loss_sum)
+        total_tokens += float(count)
+        for targets, mask in zip(local["targets"], local["mask"]):
+            total_bytes += len(tokenizer.decode(targets[mask == 1].tolist()).encode("utf-8"))
+    if jax.process_count() > 1:
+        total_bytes = int(multihost_utils.process_allgather(np.array(total_bytes)).sum())
+    mean = total_loss / max(total_tokens, 1.0)
+    bits_per_byte = total_loss / math.log(2) / total_bytes if total_bytes else None
+    return mean, bits_per_byte, int(total_tokens)
+
+
+def unigram_entropy(tokens_N: np.ndarray, vocab_size: int) -> float:
+    """Entropy in nats of the corpus's token frequencies: the loss of the best context-free model."""
+    counts = np.bincount(np.asarray(tokens_N, np.int64), minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())

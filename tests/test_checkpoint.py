@@ -1,0 +1,356 @@
+"""Training checkpoints (`rwkv_jax.checkpoint`): bit-exact round trips of the whole train state with the
+exact pytree structure, keep-last-K, async saves safe against donation, fallback past corrupt checkpoints
+with a logged warning, partial (killed) saves ignored, NaN refused, and 8 devices -> 1 -> 8."""
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from rwkv_jax import optim, sharding, train_step
+from rwkv_jax.checkpoint import Checkpointer, IncompatibleCheckpointError
+from rwkv_jax.model import ModelConfig
+
+MC = ModelConfig(vocab_size=64, d_model=32, n_layer=2)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_state(mesh, model_config=MC):
+    """(train state, shardings) of the tiny model on `mesh`."""
+    tx = optim.make_optimizer(optim.default_optim_config(), total_steps=100)
+    _, state, shardings = train_step.create_train_state(model_config, tx, mesh, seed=0)
+    return state, shardings
+
+
+def mesh_of(devices, **axes):
+    return sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1, **axes}), devices)
+
+
+def randomized(state, seed: int):
+    """`state` with every array refilled with seeded random values (all mantissa bits in use), same
+    dtype and sharding, so Adam moments and apply_if_finite counters are all distinctive."""
+    rng = np.random.default_rng(seed)
+
+    def fill(x):
+        if x.dtype == jnp.bool_:
+            value = rng.integers(0, 2, x.shape).astype(bool)
+        elif jnp.issubdtype(x.dtype, jnp.integer):
+            value = rng.integers(1, 1000, x.shape).astype(x.dtype)
+        else:
+            value = rng.standard_normal(x.shape).astype(x.dtype)
+        return jax.device_put(value, x.sharding)
+
+    return jax.tree.map(fill, state)
+
+
+def abstract(state):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+
+
+def snapshot(state) -> list[np.ndarray]:
+    return [np.array(x) for x in jax.tree.leaves(state)]
+
+
+def assert_bit_identical(restored, expected_structure, expected_arrays: list[np.ndarray]):
+    assert jax.tree.structure(restored) == jax.tree.structure(expected_structure)
+    path_leaves = jax.tree_util.tree_flatten_with_path(restored)[0]
+    assert len(path_leaves) == len(expected_arrays)
+    for (path, got), want in zip(path_leaves, expected_arrays):
+        got = np.asarray(got)
+        name = jax.tree_util.keystr(path)
+        assert (got.dtype, got.shape) == (want.dtype, want.shape), name
+        assert got.tobytes() == want.tobytes(), f"{name} differs"
+
+
+def assert_on_shardings(state, shardings):
+    expanded = jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), shardings, state,
+                            is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    targets = jax.tree.leaves(expanded, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    for x, target in zip(jax.tree.leaves(state), targets, strict=True):
+        assert x.sharding == target, (x.sharding, target)
+
+
+@pytest.fixture(scope="module")
+def base():
+    mesh = sharding.make_mesh(sharding.default_mesh_config())
+    return make_state(mesh)
+
+
+def test_round_trip_is_bit_exact_with_the_same_structure_and_keeps_last_k(tmp_path, base):
+    state0, shardings = base
+    ckpt_dir = tmp_path / "checkpoints"
+    states, extras = {}, {}
+    with Checkpointer(ckpt_dir, keep=2) as ckpt:
+        for step in (10, 20, 30):
+            states[step] = randomized(state0, seed=step)
+            extras[step] = {"data_position": [step, 3 * step], "seed": 1234, "lr": 3e-4, "name": f"run {step}",
+                            "config": {"model": {"d_model": 32}, "flags": [True, None]}}
+            assert ckpt.save(step, states[step], extras[step])
+        assert not ckpt.save(30, states[30], {})  # already saved
+        assert not ckpt.save(25, states[30], {})  # older than the latest
+        ckpt.wait()
+        assert ckpt.steps == [20, 30]
+    assert sorted(os.listdir(ckpt_dir)) == ["20", "30"]
+
+    expected = {step: snapshot(states[step]) for step in (20, 30)}
+    ckpt = Checkpointer(ckpt_dir, keep=2)  # a fresh process resuming
+    restored, extra, step = ckpt.restore_latest(abstract(state0), shardings)
+    assert step == 30 and extra == extras[30]
+    assert_bit_identical(restored, state0, expected[30])
+    assert_on_shardings(restored, shardings)
+    # The exact types: TrainState, nnx.State of Params with their metadata, optax's NamedTuples.
+    assert type(restored) is train_step.TrainState
+    assert isinstance(restored.params, nnx.State)
+    assert type(restored.opt_state) is type(state0.opt_state)
+    adam = restored.opt_state.inner_state[1]
+    assert isinstance(adam, optax.ScaleByAdamState) and isinstance(adam.mu, nnx.State)
+    want = states[30]
+    want_adam = want.opt_state.inner_state[1]
+    for got_tree, want_tree in ((adam.mu, want_adam.mu), (adam.nu, want_adam.nu)):
+        for got, ref in zip(jax.tree.leaves(got_tree), jax.tree.leaves(want_tree), strict=True):
+            np.testing.assert_array_equal(got, ref)
+    for field in ("notfinite_count", "last_finite", "total_notfinite"):
+        assert int(getattr(restored.opt_state, field)) == int(getattr(want.opt_state, field)), field
+    assert int(restored.step) == int(want.step) and int(restored.step) != int(state0.step)
+    ckpt.close()
+
+
+def test_no_checkpoint_gives_none(tmp_path, base):
+    state0, shardings = base
+    with Checkpointer(tmp_path / "empty") as ckpt:
+        assert ckpt.steps == []
+        assert ckpt.restore_latest(abstract(state0), shardings) is None
+
+
+def test_async_save_returns_before_the_write_and_survives_donation(tmp_path, base):
+    """save() returns while orbax is still writing; the caller may then donate (delete) the arrays."""
+    state0, _ = base
+    big = jax.device_put(np.random.default_rng(0).standard_normal((4096, 8192), np.float32))  # 128 MiB
+    state = train_step.TrainState(state0.step + 5, {"big": big, "emb": randomized(state0.params, 1)},
+                                  randomized(state0.opt_state, 2))
+    expected, target = snapshot(state), abstract(state)
+    ckpt_dir = tmp_path / "checkpoints"
+    with Checkpointer(ckpt_dir) as ckpt:
+        assert ckpt.save(5, state, {"k": 1})
+        committed_on_return = (ckpt_dir / "5").exists()
+        for x in jax.tree.leaves(state):  # what donate_argnums does to the buffers
+            x.delete()
+        ckpt.wait()
+        assert not committed_on_return, "save() blocked until the checkpoint was written"
+        assert (ckpt_dir / "5").is_dir() and ckpt.steps == [5]
+        replicated = sharding.replicated(sharding.make_mesh(sharding.default_mesh_config()))
+        restored, extra, step = ckpt.restore_latest(target, replicated)  # a single sharding: a prefix tree
+    assert (step, extra) == (5, {"k": 1})
+    assert_bit_identical(restored, target, expected)
+
+
+def corrupt_flip_bit(step_dir: Path):
+    """Flip one bit in the middle of the largest array data file: only the digests notice."""
+    data = max((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
+               key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    data.write_bytes(bytes(raw))
+
+
+def corrupt_truncate(step_dir: Path):
+    for data in (step_dir / "state").rglob("*"):
+        if data.is_file() and data.parent.name == "d":
+            os.truncate(data, data.stat().st_size // 3)
+
+
+def corrupt_delete_metadata(step_dir: Path):
+    """Delete a file inside the step: the JSON of `extra` and the array digests."""
+    files = [p for p in (step_dir / "meta").rglob("*") if p.is_file() and "commit" not in p.name]
+    assert files
+    for p in files:
+        p.unlink()
+
+
+@pytest.mark.parametrize("corrupt", [corrupt_flip_bit, corrupt_truncate, corrupt_delete_metadata])
+def test_corrupt_latest_falls_back_to_the_previous_good_one(tmp_path, base, caplog, corrupt):
+    state0, shardings = base
+    ckpt_dir = tmp_path / "checkpoints"
+    states = {step: randomized(state0, seed=step) for step in (10, 20, 30)}
+    with Checkpointer(ckpt_dir) as ckpt:
+        for step, state in states.items():
+            ckpt.save(step, state, {"step": step})
+    corrupt(ckpt_dir / "30")
+
+    caplog.set_level(logging.WARNING, logger="absl")
+    ckpt = Checkpointer(ckpt_dir)
+    restored, extra, step = ckpt.restore_latest(abstract(state0), shardings)
+    assert (step, extra) == (20, {"step": 20})
+    assert_bit_identical(restored, state0, snapshot(states[20]))
+    warnings = [r.getMessage() for r in caplog.records if r.name == "absl" and r.levelno == logging.WARNING]
+    assert any("step 30" in w and "corrupt or unreadable" in w for w in warnings), warnings
+    assert not any("step 20" in w for w in warnings), warnings
+    # The bad step is set aside, so the resumed run can write step 30 again.
+    assert ckpt.steps == [10, 20] and (ckpt_dir / "30.corrupt").is_dir()
+    redo = randomized(state0, seed=31)
+    assert ckpt.save(30, redo, {"step": 30})
+    restored, extra, step = ckpt.restore_latest(abstract(state0), shardings)
+    assert (step, extra) == (30, {"step": 30})
+    assert_bit_identical(restored, state0, snapshot(redo))
+    ckpt.close()
+
+
+def test_falls_back_past_several_and_raises_when_none_is_readable(tmp_path, base, caplog):
+    state0, shardings = base
+    ckpt_dir = tmp_path / "checkpoints"
+    with Checkpointer(ckpt_dir) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, randomized(state0, seed=step), {"step": step})
+    corrupt_flip_bit(ckpt_dir / "3")
+    corrupt_truncate(ckpt_dir / "2")
+    caplog.set_level(logging.WARNING, logger="absl")
+    with Checkpointer(ckpt_dir) as ckpt:
+        restored, extra, step = ckpt.restore_latest(abstract(state0), shardings)
+        assert (step, extra) == (1, {"step": 1})
+        assert_bit_identical(restored, state0, snapshot(randomized(state0, seed=1)))
+    warnings = " | ".join(r.getMessage() for r in caplog.records if r.name == "absl")
+    assert "step 3 " in warnings and "step 2 " in warnings
+
+    corrupt_delete_metadata(ckpt_dir / "1")
+    with Checkpointer(ckpt_dir) as ckpt:
+        with pytest.raises(RuntimeError, match="none of the checkpoints"):
+            ckpt.restore_latest(abstract(state0), shardings)
+        assert ckpt.steps == [1]  # nothing is set aside when there is nothing to resume from
+
+
+def test_partial_checkpoints_are_ignored(tmp_path, base, caplog):
+    """Leftovers of killed saves (orbax's uncommitted temp directories) are not steps and not warned about."""
+    state0, shardings = base
+    ckpt_dir = tmp_path / "checkpoints"
+    with Checkpointer(ckpt_dir) as ckpt:
+        ckpt.save(20, randomized(state0, seed=20), {"step": 20})
+    for leftover in ("30.orbax-checkpoint-tmp", "40.orbax-checkpoint-tmp-1700000000"):
+        shutil.copytree(ckpt_dir / "20", ckpt_dir / leftover)
+        corrupt_truncate(ckpt_dir / leftover)
+    caplog.set_level(logging.WARNING, logger="absl")
+    with Checkpointer(ckpt_dir) as ckpt:
+        assert ckpt.steps == [20]
+        restored, extra, step = ckpt.restore_latest(abstract(state0), shardings)
+        assert (step, extra) == (20, {"step": 20})
+        assert_bit_identical(restored, state0, snapshot(randomized(state0, seed=20)))
+        assert ckpt.save(30, randomized(state0, seed=30), {"step": 30})
+        ckpt.wait()
+        assert ckpt.steps == [20, 30]
+        assert ckpt.restore_latest(abstract(state0), shardings)[1:] == ({"step": 30}, 30)
+    assert not [r for r in caplog.records if r.name == "absl" and "corrupt" in r.getMessage()]
+
+
+def test_non_finite_state_is_refused(tmp_path, base):
+    state0, _ = base
+    state = randomized(state0, seed=3)
+    poisoned = jax.tree_util.tree_map_with_path(
+        lambda path, x: x.at[0, 1].set(jnp.nan) if "head" in jax.tree_util.keystr(path) and x.ndim == 2 else x,
+        state)
+    ckpt_dir = tmp_path / "checkpoints"
+    with Checkpointer(ckpt_dir) as ckpt:
+        with pytest.raises(ValueError, match=r"refusing to save checkpoint step 7: NaN/Inf in 3 array\(s\): "
+                                             r"params/head/kernel/value"):
+            ckpt.save(7, poisoned, {})
+        inf_param = state._replace(params=jax.tree.map(lambda x: x.at[..., 0].set(jnp.inf), state.params))
+        with pytest.raises(ValueError, match="NaN/Inf"):
+            ckpt.save(8, inf_param, {})
+        ckpt.wait()
+        assert ckpt.steps == []
+        assert ckpt.save(9, state, {})  # the finite state saves fine
+    assert sorted(os.listdir(ckpt_dir)) == ["9"]
+
+
+def test_incompatible_state_raises_without_touching_the_checkpoint(tmp_path, base):
+    state0, _ = base
+    ckpt_dir = tmp_path / "checkpoints"
+    with Checkpointer(ckpt_dir) as ckpt:
+        ckpt.save(1, state0, {})
+    other, other_shardings = make_state(sharding.make_mesh(sharding.default_mesh_config()),
+                                        ModelConfig(vocab_size=64, d_model=16, n_layer=2))
+    expected = (r"shape/dtype differ: params/blocks/0/att/key/kernel/value "
+                r"\(checkpoint float32\[32, 32\], state float32\[16, 16\]\)")
+    with Checkpointer(ckpt_dir) as ckpt:
+        with pytest.raises(IncompatibleCheckpointError, match=expected):
+            ckpt.restore_latest(abstract(other), other_shardings)
+        assert ckpt.steps == [1]
+
+
+# --- 8 devices -> 1 -> 8 ----------------------------------------------------------------------------
+# A forced host device count only takes effect before jax starts, hence the child processes.
+
+EIGHT_DEVICE_MESH = {"fsdp": 4, "tensor": 2}
+
+
+def distinct_shards(x) -> int:
+    return len({tuple((i.start, i.stop) for i in shard.index) for shard in x.addressable_shards})
+
+
+def child_main(mode: str, ckpt_dir: str, arrays: str) -> None:
+    """Runs in a process with 8 CPU devices. 'save': save step 7 of a random state sharded over the
+    mesh (arrays to `arrays`), then start a save of step 9 and die mid-write. 'restore': restore the
+    latest onto the mesh and compare with `arrays`."""
+    assert jax.device_count() == 8
+    state0, shardings = make_state(mesh_of(jax.devices(), **EIGHT_DEVICE_MESH))
+    emb = state0.params["emb"]["embedding"].value
+    assert distinct_shards(emb) == 8  # truly split 4 x 2 over the devices
+    if mode == "save":
+        state = randomized(state0, seed=7)
+        ckpt = Checkpointer(ckpt_dir)
+        ckpt.save(7, state, {"devices": 8})
+        ckpt.wait()
+        np.savez(arrays, *snapshot(state))
+        ckpt.save(9, randomized(state0, seed=9), {"devices": 8})
+        os._exit(0)  # killed while step 9 is being written
+    ckpt = Checkpointer(ckpt_dir)
+    restored, extra, step = ckpt.restore_latest(abstract(state0), shardings)
+    assert (step, extra) == (8, {"devices": 1}), (step, extra)
+    with np.load(arrays) as saved:
+        assert_bit_identical(restored, state0, [saved[f"arr_{i}"] for i in range(len(saved.files))])
+    assert_on_shardings(restored, shardings)
+    emb = restored.params["emb"]["embedding"].value
+    assert distinct_shards(emb) == 8
+    ckpt.close()
+    print("CHILD OK")
+
+
+def run_child(mode: str, ckpt_dir: Path, arrays: Path) -> None:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    code = "import sys; from tests.test_checkpoint import child_main; child_main(*sys.argv[1:])"
+    proc = subprocess.run([sys.executable, "-c", code, mode, str(ckpt_dir), str(arrays)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    if mode == "restore":
+        assert "CHILD OK" in proc.stdout
+
+
+def test_eight_devices_to_one_and_back(tmp_path):
+    ckpt_dir = tmp_path / "checkpoints"
+    run_child("save", ckpt_dir, tmp_path / "saved_on_8.npz")
+    assert any(p.name.startswith("9.") for p in ckpt_dir.iterdir()), "the killed save left nothing behind"
+
+    # One device, whatever this process has.
+    state1, shardings1 = make_state(mesh_of(jax.devices()[:1]))
+    ckpt = Checkpointer(ckpt_dir)
+    assert ckpt.steps == [7]  # the killed save of step 9 is not a step
+    restored, extra, step = ckpt.restore_latest(abstract(state1), shardings1)
+    assert (step, extra) == (7, {"devices": 8})
+    with np.load(tmp_path / "saved_on_8.npz") as saved:
+        assert_bit_identical(restored, state1, [saved[f"arr_{i}"] for i in range(len(saved.files))])
+    assert_on_shardings(restored, shardings1)
+    assert {d for x in jax.tree.leaves(restored) for d in x.devices()} == {jax.devices()[0]}
+
+    state = randomized(restored, seed=8)
+    np.savez(tmp_path / "saved_on_1.npz", *snapshot(state))
+    assert ckpt.save(8, state, {"devices": 1})
+    ckpt.close()
+    run_child("restore", ckpt_dir, tmp_path / "saved_on_1.npz")

@@ -1,0 +1,115 @@
+"""The training recipe: v4neo learning-rate schedule, L2Wrap against the official torch formulation,
+layer-wise multipliers, decay on matrices only, and non-finite steps skipped."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+from rwkv_jax import optim
+
+
+def v4neo_lr(step, lr_init, lr_final, warmup, decay_start, total):
+    """The v4neo trainer's schedule (exp decay, warmup from 0.2), written out in plain Python."""
+    progress = min(1.0, max(0.0, (step - decay_start) / (total - 1 - decay_start)))
+    lr = lr_init * math.exp(math.log(lr_final / lr_init) * progress)
+    return lr * (0.2 + 0.8 * step / warmup) if step < warmup else lr
+
+
+def test_schedule_warmup_constant_then_exponential_decay():
+    config = optim.default_optim_config()
+    config.lr_init, config.lr_final, config.warmup_steps, config.decay_start = 6e-4, 1e-5, 10, 30
+    schedule = optim.learning_rate(config, total_steps=101)
+    for step in [0, 5, 9, 10, 20, 30, 31, 60, 99, 100, 150]:
+        expected = v4neo_lr(step, 6e-4, 1e-5, 10, 30, 101)
+        assert float(schedule(step)) == pytest.approx(expected, rel=1e-5), step
+    assert float(schedule(0)) == pytest.approx(0.2 * 6e-4, rel=1e-6)
+    assert float(schedule(100)) == pytest.approx(1e-5, rel=1e-5)
+
+
+class OfficialL2Wrap(torch.autograd.Function):
+    """RWKV-LM v4neo's L2Wrap, the peer for our JAX version."""
+
+    @staticmethod
+    def forward(ctx, loss, y):
+        ctx.save_for_backward(y)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        y = ctx.saved_tensors[0]
+        factor = 1e-4 / (y.shape[0] * y.shape[1])
+        maxx, ids = torch.max(y, -1, keepdim=True)
+        gy = torch.zeros_like(y)
+        gy.scatter_(-1, ids, maxx * factor)
+        return grad_output, gy
+
+
+def test_l2wrap_matches_official_gradient():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 7, 11)).astype(np.float32) * 3
+    targets = rng.integers(0, 11, (2, 7))
+
+    y = torch.tensor(logits, requires_grad=True)
+    loss = torch.nn.functional.cross_entropy(y.view(-1, 11), torch.tensor(targets).view(-1))
+    OfficialL2Wrap.apply(loss, y).backward()
+
+    ours_loss, ours_grad = jax.value_and_grad(optim.cross_entropy)(jnp.asarray(logits), jnp.asarray(targets))
+    assert float(ours_loss) == pytest.approx(float(loss.detach()), rel=1e-6)
+    np.testing.assert_allclose(np.asarray(ours_grad), y.grad.numpy(), rtol=1e-5, atol=1e-8)
+    plain = jax.grad(lambda x: optim.cross_entropy(x, jnp.asarray(targets), l2wrap_factor=0))(jnp.asarray(logits))
+    assert np.abs(np.asarray(ours_grad - plain)).max() > 1e-7, "L2Wrap must change the gradient"
+
+
+def _params():
+    return {"blocks": {0: {"att": {"time_decay": jnp.ones(4), "time_first": jnp.ones(4),
+                                   "key": {"kernel": jnp.ones((4, 4))}}}}, "ln0": {"scale": jnp.ones(4)}}
+
+
+def _one_update(config, grads):
+    tx = optim.make_optimizer(config, total_steps=10)
+    params = _params()
+    updates, state = tx.update(grads, tx.init(params), params)
+    return updates, state
+
+
+def test_layerwise_multipliers_scale_time_decay_2x_and_time_first_3x():
+    config = optim.default_optim_config()
+    config.warmup_steps = 0
+    grads = jax.tree.map(jnp.ones_like, _params())
+    base, _ = _one_update(config, grads)
+    config.layerwise_lr = True
+    scaled, _ = _one_update(config, grads)
+    att, att_base = scaled["blocks"][0]["att"], base["blocks"][0]["att"]
+    np.testing.assert_allclose(att["time_decay"], 2 * att_base["time_decay"], rtol=1e-6)
+    np.testing.assert_allclose(att["time_first"], 3 * att_base["time_first"], rtol=1e-6)
+    np.testing.assert_allclose(att["key"]["kernel"], att_base["key"]["kernel"], rtol=1e-6)
+
+
+def test_weight_decay_touches_matrices_only():
+    config = optim.default_optim_config()
+    config.warmup_steps, config.weight_decay = 0, 0.1
+    zero_grads = jax.tree.map(jnp.zeros_like, _params())
+    updates, _ = _one_update(config, zero_grads)
+    assert np.all(np.asarray(updates["blocks"][0]["att"]["key"]["kernel"]) < 0)  # decayed towards 0
+    for vector in (updates["ln0"]["scale"], updates["blocks"][0]["att"]["time_decay"]):
+        assert not np.any(np.asarray(vector))
+
+
+def test_non_finite_gradient_is_not_applied_and_counted():
+    config = optim.default_optim_config()
+    tx = optim.make_optimizer(config, total_steps=10)
+    params = _params()
+    state = tx.init(params)
+    bad = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params)
+    for expected_count in (1, 2, 3):
+        updates, state = tx.update(bad, state, params)
+        assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(updates))
+        assert int(optim.bad_step_count(state)) == expected_count
+    good = jax.tree.map(jnp.ones_like, params)
+    updates, state = tx.update(good, state, params)
+    assert int(optim.bad_step_count(state)) == 0 and np.all(np.isfinite(optax.global_norm(updates)))
