@@ -25,9 +25,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def parse_flags(argv):
-    """absl parsing, with ml_collections' unknown-field AttributeError turned into a one-line error."""
+    """absl parsing, with every flag error (ml_collections' unknown field included) as one line."""
     try:
         return flags.FLAGS(argv)
+    except flags.Error as e:  # a wrong type, a missing required flag, ...
+        sys.exit(f"FATAL Flags parsing error: {e}")
     except (AttributeError, KeyError) as e:
         # ml_collections nests a KeyError repr in the message: strip its quotes and escaped newline.
         message = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\", "").replace("'", "")

@@ -185,6 +185,9 @@ def _log_pending(writer, pending, max_bad_steps: int) -> dict:
     step, values = pending[-1][0], fetched[-1]
     record = writer.train(step, {k: v for k, v in values.items() if k in ("loss", "lr", "grad_norm")}
                           | {"bad_steps": values["bad_steps"]})
+    # The streak may peak inside the window (bad steps, then a good one): check every step's count.
+    worst = max(range(len(fetched)), key=lambda i: fetched[i]["bad_steps"])
+    step, values = pending[worst][0], fetched[worst]
     if values["bad_steps"] >= max_bad_steps:
         raise BadStepsError(
             f"{int(values['bad_steps'])} consecutive steps up to step {step} had a non-finite loss or gradient; "

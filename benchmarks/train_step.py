@@ -1,0 +1,225 @@
+"""Benchmark the training step (forward + backward + clipped Adam update): rwkv_jax against Hugging Face
+transformers' RwkvForCausalLM (PyTorch), same shapes, side by side in one process.
+
+    python benchmarks/train_step.py                                  # tiny (16 x 128) and 169m (1 x 128)
+    python benchmarks/train_step.py --shapes=169m --big-batch=2 --big-seq=256 --steps=5
+    python benchmarks/train_step.py --peak-flops=2e12 --hf=off      # on a GPU: jax only, MFU vs given peak
+
+Shapes: 'tiny' is configs/tiny.py's model (4 x 128, vocab 4096) at --tiny-batch x --tiny-seq; '169m' is the
+paper's 12 x 768, vocab 50277 at --big-batch x --big-seq.
+
+Each step is timed on its own (ended with block_until_ready / a synchronous torch step) after --warmup
+steps (the first jax one compiles); the table shows the median. tokens/s = B * T / median step time.
+MFU = tokens/s * 6 (V D + 13 D^2 L) / (peak FLOP/s x devices), the paper's training cost per token, the
+same count for both implementations. The peak is --peak-flops, else the table in rwkv_jax/metrics.py for
+GPUs/TPUs, else (CPU) a probe: the best time of a large fp32 jnp.dot on this machine.
+
+Fairness on CPU: torch gets as many intra-op threads as XLA:CPU uses (the schedulable CPUs), both fp32.
+HF on CPU runs its Python-loop WKV (its CUDA kernel needs a GPU); in train mode HF does not rescale
+(rescale_every only applies in eval mode). On a GPU/TPU jax backend HF is skipped unless --hf=on (the
+installed torch runs on CPU, so the ratio would compare different hardware).
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rwkv_jax import metrics, optim, sharding, train_step
+from rwkv_jax.model import ModelConfig
+from rwkv_jax.ops import wkv as wkv_ops
+
+SHAPES = {"tiny": dict(vocab_size=4096, n_layer=4, d_model=128), "169m": dict(vocab_size=50277, n_layer=12, d_model=768)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="tiny,169m", help="comma-separated subset of tiny,169m")
+    p.add_argument("--tiny-batch", type=int, default=16)
+    p.add_argument("--tiny-seq", type=int, default=128)
+    p.add_argument("--big-batch", type=int, default=1, help="169m batch (raise it on a GPU, e.g. 16)")
+    p.add_argument("--big-seq", type=int, default=128, help="169m sequence length (e.g. 1024 on a GPU)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first jax one compiles)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"),
+                   help="rwkv_jax compute dtype (master weights are fp32); HF always runs fp32")
+    p.add_argument("--wkv-form", default="auto", help="rwkv_jax WKV form: auto|sequential|parallel|chunked")
+    p.add_argument("--peak-flops", type=float, default=0.0,
+                   help="peak FLOP/s per device for MFU; 0: device table, or a matmul probe on CPU")
+    p.add_argument("--probe-size", type=int, default=2048, help="n of the n x n fp32 matmul probe")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads; 0: the CPUs XLA:CPU uses (schedulable CPUs)")
+    p.add_argument("--hf", default="auto", choices=("auto", "on", "off"),
+                   help="run the HF transformers peer; auto: only when jax runs on CPU")
+    return p.parse_args(argv)
+
+
+def schedulable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def median_step_time(step, warmup: int, steps: int) -> tuple[float, float]:
+    """(seconds of the first call, median seconds of `steps` calls after `warmup` calls); `step()` blocks."""
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    for _ in range(max(warmup - 1, 0)):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times)
+
+
+def probe_peak_flops(n: int, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` n x n fp32 jnp.dot calls on the default device."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+    b = jnp.asarray(np.random.default_rng(1).standard_normal((n, n)), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dot(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def random_tokens(vocab: int, batch: int, seq: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, size=(batch, seq + 1), dtype=np.int32)
+
+
+def bench_jax(shape: dict, batch: int, seq: int, args) -> dict:
+    model_config = ModelConfig.from_dict(dict(shape, dtype=args.dtype, wkv_form=args.wkv_form))
+    form = wkv_ops.default_form() if model_config.wkv_form == "auto" else model_config.wkv_form
+    mesh = sharding.make_mesh(sharding.default_mesh_config())
+    optim_config = optim.default_optim_config()
+    optimizer = optim.make_optimizer(optim_config, 1000)
+    graphdef, init, _, shardings = train_step.train_state_factory(model_config, optimizer, mesh, seed=0)
+    step_fn = train_step.make_train_step(graphdef, optimizer, optim.learning_rate(optim_config, 1000), shardings,
+                                         mesh, l2wrap_factor=optim_config.l2wrap_factor)
+    tokens = random_tokens(shape["vocab_size"], batch, seq)
+    batch_sharding = sharding.batch_sharding(mesh)
+    data = {"inputs": jax.device_put(tokens[:, :-1], batch_sharding),
+            "targets": jax.device_put(tokens[:, 1:], batch_sharding)}
+    holder = {"state": init()}
+    losses = []
+
+    def step():
+        holder["state"], m = step_fn(holder["state"], data)
+        jax.block_until_ready((holder["state"], m))
+        losses.append(float(m["loss"]))
+
+    first, median = median_step_time(step, args.warmup, args.steps)
+    assert all(np.isfinite(losses)), losses
+    del holder["state"]
+    return {"first_s": first, "step_s": median, "loss0": losses[0],
+            "note": f"{model_config.dtype} compute, WKV {form}"}
+
+
+def bench_hf(shape: dict, batch: int, seq: int, args) -> dict:
+    import torch
+    from transformers import RwkvConfig, RwkvForCausalLM
+
+    torch.manual_seed(0)
+    D = shape["d_model"]
+    config = RwkvConfig(vocab_size=shape["vocab_size"], context_length=max(seq, 1024), hidden_size=D,
+                        num_hidden_layers=shape["n_layer"], attention_hidden_size=D, intermediate_size=4 * D,
+                        tie_word_embeddings=False, use_cache=False)
+    model = RwkvForCausalLM(config).float()
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=6e-4, betas=(0.9, 0.99), eps=1e-8)
+    tokens = torch.from_numpy(random_tokens(shape["vocab_size"], batch, seq).astype(np.int64))
+    inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    losses = []
+
+    def step():
+        logits = model(input_ids=inputs, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+
+    first, median = median_step_time(step, args.warmup, args.steps)
+    assert all(np.isfinite(losses)), losses
+    return {"first_s": first, "step_s": median, "loss0": losses[0], "note": "fp32, Python-loop WKV (CPU)"}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    backend = jax.default_backend()
+    device = jax.devices()[0]
+    n_devices = jax.device_count()
+    run_hf = args.hf == "on" or (args.hf == "auto" and backend == "cpu")
+    jax_threads = schedulable_cpus() if backend == "cpu" else None
+    torch_threads = None
+    if run_hf:
+        import torch
+        torch.set_num_threads(args.threads or schedulable_cpus())
+        torch_threads = torch.get_num_threads()
+        import transformers
+        hf_version = f"torch {torch.__version__}, transformers {transformers.__version__}"
+
+    if args.peak_flops > 0:
+        peak, peak_source = args.peak_flops, "--peak-flops"
+    elif metrics.peak_flops_per_device() is not None:
+        peak, peak_source = metrics.peak_flops_per_device(), f"table entry for {device.device_kind} (dense bf16)"
+    else:
+        peak, peak_source = probe_peak_flops(args.probe_size), f"probe: best {args.probe_size}^3 fp32 jnp.dot"
+
+    load = ", load average %.1f %.1f %.1f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
+    print(f"host: {platform.node()} {platform.processor() or platform.machine()}, {schedulable_cpus()} schedulable CPUs"
+          f"{load}")
+    print(f"jax {jax.__version__}: backend {backend}, {n_devices} x {device.device_kind}"
+          + (f", XLA:CPU threads {jax_threads}" if jax_threads else ""))
+    if run_hf:
+        print(f"HF peer: {hf_version}, torch threads {torch_threads}")
+    print(f"peak FLOP/s per device for MFU: {peak:.3e} ({peak_source})")
+    print(f"timing: {args.warmup} warmup step(s), median of {args.steps}; optimizer Adam(0.9, 0.99) + clip 1.0")
+    print(flush=True)
+
+    rows = []
+    for name in [s.strip() for s in args.shapes.split(",") if s.strip()]:
+        shape = SHAPES[name]
+        batch, seq = (args.tiny_batch, args.tiny_seq) if name == "tiny" else (args.big_batch, args.big_seq)
+        label = f"{name} {shape['n_layer']}x{shape['d_model']} V{shape['vocab_size']} B{batch} T{seq}"
+        fpt = metrics.flops_per_token(shape["vocab_size"], shape["d_model"], shape["n_layer"])
+        results = {"rwkv_jax": bench_jax(shape, batch, seq, args)}
+        if run_hf:
+            results["HF transformers"] = bench_hf(shape, batch, seq, args)
+        for impl, r in results.items():
+            tps = batch * seq / r["step_s"]
+            devices = n_devices if impl == "rwkv_jax" else 1
+            rows.append({"impl": impl, "shape": label, "tps": tps, "mfu": tps * fpt / (peak * devices),
+                         "step_ms": r["step_s"] * 1e3, "first_s": r["first_s"], "loss0": r["loss0"],
+                         "note": r["note"], "ratio": None})
+        if run_hf:
+            jax_row, hf_row = rows[-2], rows[-1]
+            jax_row["ratio"] = jax_row["tps"] / hf_row["tps"]
+        print(f"done: {label}", flush=True)
+
+    header = f"{'impl':<16} | {'shape':<34} | {'tokens/s':>10} | {'MFU':>7} | {'step ms':>9} | {'1st step s':>10} | " \
+             f"{'rwkv_jax/HF':>11} | {'loss@1':>6} | notes"
+    print()
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else ""
+        print(f"{r['impl']:<16} | {r['shape']:<34} | {r['tps']:>10,.0f} | {r['mfu']:>7.2%} | {r['step_ms']:>9.1f} | "
+              f"{r['first_s']:>10.1f} | {ratio:>11} | {r['loss0']:>6.3f} | {r['note']}")
+
+
+if __name__ == "__main__":
+    main()
