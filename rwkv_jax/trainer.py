@@ -44,7 +44,8 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
         problems.append(f"train.batch_size={t.batch_size} is not a multiple of train.microbatches={t.microbatches}")
     elif (t.batch_size // t.microbatches) % batch_axes:
         problems.append(f"a microbatch of {t.batch_size // t.microbatches} rows does not split over the "
-                        f"{batch_axes} devices of the mesh's data x fsdp axes")
+                        f"{batch_axes} devices of the mesh's data x fsdp axes: raise train.batch_size or lower "
+                        "train.microbatches")
     if t.batch_size % jax.process_count():
         problems.append(f"train.batch_size={t.batch_size} does not split over {jax.process_count()} processes")
     if t.num_steps < 1:

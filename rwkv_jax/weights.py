@@ -5,6 +5,8 @@
   * 'hf':       a HuggingFace transformers directory (`config.json` + safetensors), loadable by
                 `transformers.RwkvForCausalLM.from_pretrained`; names like `rwkv.blocks.0.attention.time_decay`.
   * 'rwkv_jax': our own directory: `rwkv_config.json` + an orbax checkpoint of the parameters.
+  * 'workdir':  a training workdir of `train.py` (`rwkv_config.json`, `config.json`, `checkpoints/`): read
+                only; the parameters of its latest good checkpoint.
 
 The hub of every conversion is a dict of numpy arrays under official names and shapes. The model's
 dimensions are inferred from the tensors; unknown, missing or mis-shaped tensors raise one
@@ -33,6 +35,8 @@ from rwkv_jax.model import RWKV, ModelConfig
 FORMATS = ("pth", "hf", "rwkv_jax")
 CONFIG_FILE = "rwkv_config.json"
 PARAMS_DIR = "params"
+CHECKPOINTS_DIR = "checkpoints"
+TRAIN_CONFIG_FILE = "config.json"
 
 
 class WeightsMismatchError(ValueError):
@@ -289,10 +293,52 @@ def _load_own(path: Path, **overrides) -> RWKV:
     return nnx.merge(graphdef, state)
 
 
+def _load_workdir(path: Path, **overrides) -> RWKV:
+    """The parameters of the latest good checkpoint of a training workdir, on one device.
+
+    The checkpoints hold the whole train state (params, optimizer state, step) and are restored only as
+    a whole, so the abstract train state is rebuilt from the run's `config.json` (the optimizer decides
+    its layout) and everything but the parameters is dropped after the restore."""
+    import ml_collections
+    from rwkv_jax import optim, sharding, train_step
+    from rwkv_jax.checkpoint import Checkpointer
+    run_config = ml_collections.ConfigDict(json.loads((path / TRAIN_CONFIG_FILE).read_text())) \
+        if (path / TRAIN_CONFIG_FILE).exists() else None
+    if run_config is None:
+        raise FileNotFoundError(f"{path}: training workdir without {TRAIN_CONFIG_FILE} (the run's config, "
+                                "needed to rebuild the optimizer state the checkpoints hold)")
+    saved = (json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).exists()
+             else dataclasses.asdict(ModelConfig.from_dict(run_config.model.to_dict())))
+    config = ModelConfig.from_dict({**saved, **overrides})
+    restore_config = ModelConfig.from_dict(saved)  # the checkpoint's dtypes, whatever the overrides say
+    optimizer = optim.make_optimizer(run_config.optim, int(run_config.train.num_steps))
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    graphdef, _, abstract_state, shardings = train_step.train_state_factory(
+        restore_config, optimizer, mesh, int(run_config.train.get("seed", 0)))
+    checkpointer = Checkpointer(path / CHECKPOINTS_DIR, keep=10**6, async_save=False)
+    try:
+        restored = checkpointer.restore_latest(abstract_state, shardings)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise FileNotFoundError(f"{path / CHECKPOINTS_DIR}: no checkpoint yet (the run saves every "
+                                "checkpoint.every_steps steps and at its end)")
+    state, _, step = restored
+    model = nnx.merge(graphdef, state.params)
+    if config != restore_config:  # other numerics (dtype, WKV form): same parameters, new module
+        new_graphdef, new_state = _abstract_model(config)
+        params = jax.tree.map(lambda like, x: jnp.asarray(x, like.dtype), nnx.to_pure_dict(new_state),
+                              nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        nnx.replace_by_pure_dict(new_state, params)
+        model = nnx.merge(new_graphdef, new_state)
+    model.checkpoint_step = step
+    return model
+
+
 # --- Entry points ----------------------------------------------------------------------------------
 
 def detect_format(path) -> str:
-    """'pth', 'hf' or 'rwkv_jax' from what is at `path`."""
+    """'pth', 'hf', 'rwkv_jax' or 'workdir' (a training workdir, read only) from what is at `path`."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -302,7 +348,11 @@ def detect_format(path) -> str:
         raise ValueError(f"{path}: a file that is not an official .pth checkpoint; expected a .pth file, "
                          f"an HF directory (config.json) or an rwkv_jax directory ({CONFIG_FILE})")
     if (path / CONFIG_FILE).exists():
+        if not (path / PARAMS_DIR).exists() and (path / CHECKPOINTS_DIR).is_dir():
+            return "workdir"
         return "rwkv_jax"
+    if (path / CHECKPOINTS_DIR).is_dir() and (path / TRAIN_CONFIG_FILE).exists():
+        return "workdir"  # from before rwkv_config.json was written: the model section of config.json
     if (path / "config.json").exists():
         return "hf"
     raise ValueError(f"{path}: directory with neither {CONFIG_FILE} (rwkv_jax) nor config.json (HF)")
@@ -315,15 +365,20 @@ def read_official(path) -> dict[str, np.ndarray]:
         return read_pth(path)
     if fmt == "hf":
         return read_hf_dir(path)[0]
+    if fmt == "workdir":
+        return model_to_official(_load_workdir(Path(path)))
     return model_to_official(_load_own(Path(path)))
 
 
 def load_model(path, **config_overrides) -> RWKV:
-    """A ready model from an official .pth, an HF RWKV directory or an rwkv_jax directory.
+    """A ready model from an official .pth, an HF RWKV directory, an rwkv_jax directory or a training
+    workdir (its latest good checkpoint, on the default device).
 
     `config_overrides` set numerics such as dtype='bfloat16' or wkv_form='chunked'.
     """
     fmt = detect_format(path)
+    if fmt == "workdir":
+        return _load_workdir(Path(path), **config_overrides)
     if fmt == "rwkv_jax":
         return _load_own(Path(path), **config_overrides)
     if fmt == "hf":

@@ -40,7 +40,7 @@ def make_datasets(data_config: ml_collections.ConfigDict, *, seq_len: int, batch
         check_fits(tok, model_vocab_size)
         train_N, eval_N = _binidx_splits(c)
     elif c.source in ("stdlib", "text", "tfds"):
-        builder, key, eval_split = _text_source(c)
+        builder, key, eval_split = text_source(c)
         tok = _text_tokenizer(c, builder, key, process_index)
         check_fits(tok, model_vocab_size)
         train_N = _cache(c, builder, c.train_split, key, tok)
@@ -57,7 +57,7 @@ def make_datasets(data_config: ml_collections.ConfigDict, *, seq_len: int, batch
     return tok, train, evals
 
 
-def _text_source(c):
+def text_source(c):
     """(prepared TFDS builder, text feature, eval split or '')."""
     tfds_dir = os.path.join(os.path.expanduser(c.data_dir), "tfds")
     if c.source == "stdlib":

@@ -1,0 +1,502 @@
+"""Evaluation of a language model on documents: loss, perplexity, bits per byte, loss by token position,
+LAMBADA-style last-word accuracy, and the parallel-vs-RNN mode check. `eval.py` is the command line.
+
+Scoring. A document is a list of tokens t_0 .. t_{n-1}; the model reads the end-of-text token and then
+the document, and position p (0-based) is the prediction of t_p from eot, t_0 .. t_{p-1}: every token of
+the document is scored, the first one from the document boundary alone, as documents follow an
+end-of-text token in training.
+
+Memory stays bounded whatever the document length: documents are cut into windows of `window` tokens
+and the recurrent state is carried from window to window, so a 16k-token document costs what a
+`window`-token one does, per window. One jitted function of fixed shape [batch_size, window] scores a
+window of every row; a row whose document ends is refilled with the next document (its state reset to
+the empty state inside the function) and the tail of a document is padded and masked, so it compiles
+once. In 'rnn' mode the same window is scored one token at a time with `model.step` (a `lax.scan`); in
+'both' mode the two run side by side on the same windows, each carrying its own state, and the largest
+differences in per-token loss and in logits are reported.
+
+Bits per byte = total nats / ln 2 / UTF-8 bytes of the evaluated text (the decoded scored tokens).
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+MODES = ("parallel", "rnn", "both")
+
+
+# --- Documents ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Document:
+    """Tokens to score, after an implicit start token. `score_from` > 0 marks the first tokens as
+    context only (LAMBADA); `num_bytes` is the UTF-8 size of the scored text (for bits per byte)."""
+    tokens: np.ndarray
+    num_bytes: int = 0
+    score_from: int = 0
+
+
+def documents_from_texts(texts: Iterable[str], tokenizer, *, eval_len: int = 0, max_docs: int = 0
+                         ) -> Iterator[Document]:
+    """Tokenized documents (the first `eval_len` tokens of each when > 0); empty ones are skipped."""
+    n = 0
+    for text in texts:
+        if max_docs and n >= max_docs:
+            return
+        ids = tokenizer.encode(text)
+        if eval_len:
+            ids = ids[:eval_len]
+        if not ids:
+            continue
+        n += 1
+        yield Document(np.asarray(ids, np.int32), len(tokenizer.decode(ids).encode("utf-8")))
+
+
+def documents_from_tokens(seqs: Iterable[np.ndarray], tokenizer=None, *, eval_len: int = 0, max_docs: int = 0
+                          ) -> Iterator[Document]:
+    """Documents from token sequences (binidx); bytes from the tokenizer's decoding when given."""
+    n = 0
+    for seq in seqs:
+        if max_docs and n >= max_docs:
+            return
+        ids = np.asarray(seq[:eval_len] if eval_len else seq, np.int32)
+        if not len(ids):
+            continue
+        n += 1
+        num_bytes = len(tokenizer.decode(ids.tolist()).encode("utf-8")) if tokenizer is not None else 0
+        yield Document(ids, num_bytes)
+
+
+def lambada_examples(path) -> list[tuple[str, str]]:
+    """(context, ' ' + last word) of each `{"text": ...}` line: the split of the RWKV LAMBADA evaluation."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LAMBADA file {path} not found (a jsonl file of {{\"text\": ...}} lines)")
+    examples = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str) or " " not in text.strip():
+            raise ValueError(f'{path}:{lineno}: expected an object with a "text" string of at least two words')
+        context, last = text.strip().rsplit(" ", 1)
+        examples.append((context, " " + last))
+    if not examples:
+        raise ValueError(f"{path}: no examples (the file is empty)")
+    return examples
+
+
+def lambada_documents(examples, tokenizer) -> Iterator[Document]:
+    for context, target in examples:
+        ctx, tgt = tokenizer.encode(context), tokenizer.encode(target)
+        if not tgt:
+            raise ValueError(f"LAMBADA target {target!r} encodes to no tokens")
+        yield Document(np.asarray(ctx + tgt, np.int32), len(target.encode("utf-8")), score_from=len(ctx))
+
+
+# --- The jitted window --------------------------------------------------------------------------
+
+def _reset(state, reset_B, empty):
+    return jax.tree.map(lambda s, e: jnp.where(reset_B[None, :, None], e, s), state, empty)
+
+
+def _token_scores(logits, targets):
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    loss = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return loss, jnp.argmax(logits, axis=-1) == targets
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _score_window(graphdef, modes, params, states, inputs_BW, targets_BW, mask_BW, reset_B):
+    """Per-token loss and argmax hit [B, W] per mode, the new states, and (both modes) the largest
+    |logit difference| between them over unmasked positions."""
+    model = nnx.merge(graphdef, params)
+    empty = model.init_state(inputs_BW.shape[0])
+    out, new_states, parallel_logits = {}, {}, None
+    if "parallel" in modes:
+        state = _reset(states["parallel"], reset_B, empty)
+        parallel_logits, new_states["parallel"] = model(inputs_BW, state)
+        out["parallel"] = _token_scores(parallel_logits, targets_BW)
+    max_diff = jnp.zeros((), jnp.float32)
+    if "rnn" in modes:
+        state = _reset(states["rnn"], reset_B, empty)
+        xs = (inputs_BW.T, targets_BW.T, mask_BW.T)
+        if parallel_logits is not None:
+            xs = xs + (jnp.swapaxes(parallel_logits, 0, 1),)
+
+        def body(carry, x):
+            state, max_diff = carry
+            logits, state = model.step(x[0], state)
+            if len(x) == 4:
+                diff = jnp.where(x[2][:, None], jnp.abs(logits - x[3]), 0.0)
+                max_diff = jnp.maximum(max_diff, diff.max())
+            loss, hit = _token_scores(logits, x[1])
+            return (state, max_diff), (loss, hit)
+
+        (new_states["rnn"], max_diff), (loss_WB, hit_WB) = jax.lax.scan(body, (state, max_diff), xs)
+        out["rnn"] = (loss_WB.T, hit_WB.T)
+    return out, new_states, max_diff
+
+
+@dataclasses.dataclass
+class ScoredDocument:
+    index: int                 # order in the input
+    document: Document
+    loss: dict                 # mode -> float32 [n] per-token loss in nats
+    hit: dict                  # mode -> bool [n]: the argmax was the token
+    max_logit_diff: float = 0.0  # both modes: largest |parallel - rnn| logit over the windows it was in
+
+
+def score_documents(model, documents: Iterable[Document], *, modes=("parallel",), batch_size: int = 4,
+                    window: int = 512, start_token: int = 0, max_tokens: int = 0,
+                    progress: Callable[[int, int], None] | None = None) -> Iterator[ScoredDocument]:
+    """Per-token losses of each document, yielded as documents finish (not in input order).
+
+    `max_tokens` > 0 stops taking new documents once that many tokens were taken. `progress(docs, tokens)`
+    is called after every window."""
+    modes = tuple(m for m in ("parallel", "rnn") if m in modes)
+    if not modes:
+        raise ValueError(f"modes must name 'parallel' and/or 'rnn', got {modes}")
+    if batch_size < 1 or window < 1:
+        raise ValueError(f"batch_size and window must be >= 1, got {batch_size} and {window}")
+    graphdef, params = nnx.split(model)
+    vocab = model.config.vocab_size
+    states = {m: model.init_state(batch_size) for m in modes}
+    B, W = batch_size, window
+    docs = iter(documents)
+    slots: list = [None] * B        # (index, document, inputs, offset, losses, hits) per row
+    taken_docs = taken_tokens = done_docs = 0
+    exhausted = False
+    pending = None                  # outputs of the dispatched window, read after the next dispatch
+
+    def take():
+        nonlocal taken_docs, taken_tokens, exhausted
+        if exhausted or (max_tokens and taken_tokens >= max_tokens):
+            return None
+        doc = next(docs, None)
+        if doc is None:
+            exhausted = True
+            return None
+        tokens = np.asarray(doc.tokens, np.int64)
+        if tokens.ndim != 1 or not len(tokens):
+            raise ValueError(f"document {taken_docs} has no tokens")
+        if tokens.min() < 0 or tokens.max() >= vocab:
+            raise ValueError(f"document {taken_docs} has token id {int(tokens.max())} outside the model's "
+                             f"vocabulary of {vocab}: the tokenizer does not fit this model")
+        inputs = np.concatenate([[start_token], tokens[:-1]]).astype(np.int32)
+        slot = [taken_docs, doc, inputs, 0, {m: [] for m in modes}, {m: [] for m in modes}, 0.0]
+        taken_docs += 1
+        taken_tokens += len(tokens)
+        return slot
+
+    def collect(result):
+        nonlocal done_docs
+        out, diff, rows = jax.device_get(result[:2]) + (result[2],)
+        finished = []
+        for r, (slot, start, valid) in enumerate(rows):
+            if slot is None:
+                continue
+            slot[6] = max(slot[6], float(diff))
+            for m in modes:
+                slot[4][m].append(out[m][0][r, :valid])
+                slot[5][m].append(out[m][1][r, :valid])
+            if start + valid == len(slot[2]):
+                done_docs += 1
+                finished.append(ScoredDocument(slot[0], slot[1], {m: np.concatenate(slot[4][m]) for m in modes},
+                                               {m: np.concatenate(slot[5][m]) for m in modes}, slot[6]))
+        return finished
+
+    while True:
+        reset = np.zeros(B, bool)
+        for r in range(B):
+            if slots[r] is None or slots[r][3] >= len(slots[r][2]):
+                slots[r] = take()
+                reset[r] = True
+        if all(s is None for s in slots):
+            break
+        inputs = np.zeros((B, W), np.int32)
+        targets = np.zeros((B, W), np.int32)
+        mask = np.zeros((B, W), bool)
+        rows = []
+        for r, slot in enumerate(slots):
+            if slot is None:
+                rows.append((None, 0, 0))
+                continue
+            start = slot[3]
+            valid = min(W, len(slot[2]) - start)
+            inputs[r, :valid] = slot[2][start:start + valid]
+            targets[r, :valid] = slot[1].tokens[start:start + valid]
+            mask[r, :valid] = True
+            slot[3] = start + valid
+            rows.append((slot, start, valid))
+        out, states, diff = _score_window(graphdef, modes, params, states, inputs, targets, mask, reset)
+        if pending is not None:
+            yield from collect(pending)
+        pending = (out, diff, rows)
+        if progress is not None:
+            progress(done_docs, taken_tokens)
+    if pending is not None:
+        yield from collect(pending)
+
+
+# --- Accumulating a report --------------------------------------------------------------------------
+
+class LossStats:
+    """Token losses of one mode: totals and the per-position sums (arrays grown as needed)."""
+
+    def __init__(self):
+        self.total = 0.0
+        self.tokens = 0
+        self.bytes = 0
+        self.docs = 0
+        self.sum_by_pos = np.zeros(0, np.float64)
+        self.count_by_pos = np.zeros(0, np.int64)
+
+    def add(self, losses: np.ndarray, num_bytes: int) -> None:
+        n = len(losses)
+        if n > len(self.sum_by_pos):
+            grow = max(n, 2 * len(self.sum_by_pos))
+            self.sum_by_pos = np.pad(self.sum_by_pos, (0, grow - len(self.sum_by_pos)))
+            self.count_by_pos = np.pad(self.count_by_pos, (0, grow - len(self.count_by_pos)))
+        self.sum_by_pos[:n] += losses
+        self.count_by_pos[:n] += 1
+        self.total += float(np.sum(losses, dtype=np.float64))
+        self.tokens += n
+        self.bytes += num_bytes
+        self.docs += 1
+
+    def summary(self) -> dict:
+        if not self.tokens:
+            raise ValueError("no tokens were evaluated: the documents are empty")
+        loss = self.total / self.tokens
+        used = int(np.max(np.nonzero(self.count_by_pos)[0])) + 1
+        counts, sums = self.count_by_pos[:used], self.sum_by_pos[:used]
+        return {
+            "documents": self.docs, "tokens": self.tokens, "bytes": self.bytes,
+            "loss": loss, "perplexity": math.exp(loss),
+            "bits_per_byte": self.total / math.log(2) / self.bytes if self.bytes else None,
+            "loss_by_position": position_buckets(sums, counts),
+            "loss_per_position": [round(float(x), 6) for x in sums / np.maximum(counts, 1)],
+            "tokens_per_position": counts.tolist(),
+        }
+
+
+def position_buckets(sums: np.ndarray, counts: np.ndarray) -> list[dict]:
+    """Log-spaced buckets of 0-based positions: 0, 1, 2-3, 4-7, 8-15, ..."""
+    buckets, start, end = [], 0, 0
+    while start < len(counts):
+        stop = min(end, len(counts) - 1)
+        n = int(counts[start:stop + 1].sum())
+        if n:
+            buckets.append({"positions": f"{start}" if start == end else f"{start}-{end}", "first": start,
+                            "last": end, "tokens": n, "loss": float(sums[start:stop + 1].sum() / n)})
+        start, end = end + 1, max(1, 2 * end + 1)
+    return buckets
+
+
+def evaluate_documents(model, documents: Iterable[Document], *, mode: str = "parallel", batch_size: int = 4,
+                       window: int = 512, start_token: int = 0, max_tokens: int = 0,
+                       progress=None) -> dict:
+    """The perplexity report (a JSON-ready dict) of `documents` in `mode` ('parallel', 'rnn', 'both')."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    modes = ("parallel", "rnn") if mode == "both" else (mode,)
+    stats = {m: LossStats() for m in modes}
+    max_loss_diff = max_logit_diff = 0.0
+    start = time.time()
+    for scored in score_documents(model, documents, modes=modes, batch_size=batch_size, window=window,
+                                  start_token=start_token, max_tokens=max_tokens, progress=progress):
+        for m in modes:
+            stats[m].add(scored.loss[m], scored.document.num_bytes)
+        if mode == "both":
+            max_loss_diff = max(max_loss_diff, float(np.max(np.abs(scored.loss["parallel"] - scored.loss["rnn"]))))
+            max_logit_diff = max(max_logit_diff, scored.max_logit_diff)
+    if not stats[modes[0]].tokens:
+        raise ValueError("no tokens to evaluate: every document is empty (check the text files, the split "
+                         "or --max_docs)")
+    report = {"mode": mode, "window": window, "batch_size": batch_size, **stats[modes[0]].summary()}
+    if mode == "both":
+        rnn = stats["rnn"].summary()
+        report["mode_check"] = {
+            "parallel_loss": report["loss"], "rnn_loss": rnn["loss"],
+            "max_abs_token_loss_diff": max_loss_diff,
+            "max_abs_logit_diff": max_logit_diff,
+            "abs_mean_loss_diff": abs(report["loss"] - rnn["loss"]),
+        }
+    report["seconds"] = round(time.time() - start, 3)
+    report["tokens_per_second"] = round(report["tokens"] / max(time.time() - start, 1e-9), 1)  # all modes
+    return report
+
+
+def evaluate_lambada(model, examples, tokenizer, *, mode: str = "parallel", batch_size: int = 16,
+                     window: int = 256, start_token: int | None = None) -> dict:
+    """Last-word accuracy (every target token the argmax) and perplexity exp(-mean log p(last word)), as
+    the RWKV LAMBADA evaluation computes them; the context follows an end-of-text token."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    modes = ("parallel", "rnn") if mode == "both" else (mode,)
+    start_token = tokenizer.eot_id if start_token is None else start_token
+    logp_sum = {m: 0.0 for m in modes}
+    correct = {m: 0 for m in modes}
+    n = target_tokens = 0
+    max_diff = max_logit_diff = 0.0
+    start = time.time()
+    for scored in score_documents(model, lambada_documents(examples, tokenizer), modes=modes,
+                                  batch_size=batch_size, window=window, start_token=start_token):
+        k = scored.document.score_from
+        for m in modes:
+            logp_sum[m] -= float(np.sum(scored.loss[m][k:], dtype=np.float64))
+            correct[m] += bool(np.all(scored.hit[m][k:]))
+        if mode == "both":
+            max_diff = max(max_diff, float(np.max(np.abs(scored.loss["parallel"][k:] - scored.loss["rnn"][k:]))))
+            max_logit_diff = max(max_logit_diff, scored.max_logit_diff)
+        n += 1
+        target_tokens += len(scored.document.tokens) - k
+    m0 = modes[0]
+    report = {"mode": mode, "examples": n, "accuracy": correct[m0] / n,
+              "perplexity": math.exp(-logp_sum[m0] / n), "mean_target_tokens": target_tokens / n,
+              "seconds": round(time.time() - start, 3)}
+    if mode == "both":
+        report["mode_check"] = {"rnn_accuracy": correct["rnn"] / n,
+                                "rnn_perplexity": math.exp(-logp_sum["rnn"] / n),
+                                "max_abs_token_loss_diff": max_diff,
+                                "max_abs_logit_diff": max_logit_diff}
+    return report
+
+
+# --- Output -----------------------------------------------------------------------------------------
+
+def _fmt(x, digits=4):
+    return "-" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
+
+
+def _summary_rows(report: dict) -> list[tuple[str, str]]:
+    if "accuracy" in report:  # LAMBADA
+        rows = [("examples", _fmt(report["examples"])), ("accuracy", _fmt(report["accuracy"])),
+                ("perplexity", _fmt(report["perplexity"])),
+                ("mean target tokens", _fmt(report["mean_target_tokens"], 2))]
+    else:
+        rows = [("documents", _fmt(report["documents"])), ("tokens", _fmt(report["tokens"])),
+                ("loss (nats/token)", _fmt(report["loss"])), ("perplexity", _fmt(report["perplexity"])),
+                ("bits per byte", _fmt(report["bits_per_byte"]))]
+    for key, value in report.get("mode_check", {}).items():
+        rows.append((f"mode check: {key.replace('_', ' ')}", f"{value:.3g}" if "diff" in key else _fmt(value)))
+    return rows
+
+
+def format_table(report: dict) -> str:
+    """The report as plain text: the summary, then the loss by position bucket."""
+    head = [f"checkpoint: {report.get('checkpoint', '-')}", f"data: {report.get('data', '-')}",
+            f"mode: {report['mode']}"]
+    rows = _summary_rows(report)
+    width = max(len(k) for k, _ in rows)
+    lines = head + [f"  {k:<{width}}  {v}" for k, v in rows]
+    if report.get("loss_by_position"):
+        lines += ["", f"  {'positions':>13}  {'tokens':>10}  {'loss':>8}"]
+        lines += [f"  {b['positions']:>13}  {b['tokens']:>10}  {b['loss']:>8.4f}" for b in report["loss_by_position"]]
+    return "\n".join(lines)
+
+
+def to_markdown(report: dict, plot_name: str | None = None) -> str:
+    lines = ["# Evaluation report", "", f"- checkpoint: `{report.get('checkpoint', '-')}`",
+             f"- data: {report.get('data', '-')}", f"- mode: {report['mode']}", "",
+             "| metric | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in _summary_rows(report)]
+    if report.get("loss_by_position"):
+        lines += ["", "## Loss by token position (0-based, log-spaced buckets)", "",
+                  "| positions | tokens | loss (nats) |", "| --- | ---: | ---: |"]
+        lines += [f"| {b['positions']} | {b['tokens']} | {b['loss']:.4f} |" for b in report["loss_by_position"]]
+    if plot_name:
+        lines += ["", f"![loss by position]({plot_name})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_loss_by_position(report: dict, path) -> None:
+    """Loss against token position, log x axis (the paper's long-context figure): the per-position mean,
+    lightly smoothed, and the bucket means."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    per_pos = np.asarray(report["loss_per_position"], np.float64)
+    counts = np.asarray(report["tokens_per_position"], np.float64)
+    x = np.arange(1, len(per_pos) + 1)  # position + 1, so that position 0 shows on a log axis
+    # smoothed over +-10% of the position (a window of constant width on the log axis), token-weighted
+    sums_cum = np.concatenate([[0.0], np.cumsum(per_pos * counts)])
+    counts_cum = np.concatenate([[0.0], np.cumsum(counts)])
+    half = (np.arange(len(per_pos)) * 0.1).astype(np.int64)
+    lo, hi = np.arange(len(per_pos)) - half, np.minimum(np.arange(len(per_pos)) + half + 1, len(per_pos))
+    smooth = (sums_cum[hi] - sums_cum[lo]) / np.maximum(counts_cum[hi] - counts_cum[lo], 1)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(x, per_pos, lw=0.5, alpha=0.2, label="per position")
+    ax.plot(x, smooth, lw=1.2, label="per position, smoothed (+-10%)")
+    buckets = report["loss_by_position"]
+    ax.plot([(b["first"] + min(b["last"], len(per_pos) - 1)) / 2 + 1 for b in buckets],
+            [b["loss"] for b in buckets], "o-", lw=1.5, label="log-spaced buckets")
+    ax.set_xscale("log")
+    ax.set_xlabel("token position + 1 (within the document)")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"{Path(str(report.get('checkpoint', ''))).name}: loss by position ({report['tokens']:,} tokens)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(report: dict, prefix) -> list[str]:
+    """PREFIX.json, PREFIX.md and (with positions) PREFIX.png; returns the paths written."""
+    prefix = str(prefix)
+    for suffix in (".json", ".md", ".png"):
+        prefix = prefix.removesuffix(suffix)
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    paths = [prefix + ".json", prefix + ".md"]
+    plot = None
+    if report.get("loss_per_position"):
+        plot = prefix + ".png"
+        plot_loss_by_position(report, plot)
+        paths.append(plot)
+    Path(prefix + ".json").write_text(json.dumps(report, indent=1))
+    Path(prefix + ".md").write_text(to_markdown(report, os.path.basename(plot) if plot else None))
+    return paths
+
+
+# --- Checkpoints and tokenizers -------------------------------------------------------------------------
+
+def find_tokenizer(checkpoint, tokenizer_path: str = ""):
+    """The tokenizer: `tokenizer_path` (.model = sentencepiece, .json = HF tokenizers), else the copy in a
+    training workdir or the tokenizer.json of an HF directory."""
+    from rwkv_jax.data import tokenizer as tokenizer_lib
+    if not tokenizer_path:
+        checkpoint = Path(checkpoint)
+        candidates = ([checkpoint / "tokenizer.model", checkpoint / "tokenizer.json"] if checkpoint.is_dir() else [])
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            raise ValueError(f"no tokenizer found with {checkpoint}: pass --tokenizer=PATH (a sentencepiece "
+                             ".model or an HF tokenizers .json such as the GPT-NeoX-20B tokenizer of the "
+                             "official Pile models)")
+        tokenizer_path = str(found[0])
+    if not os.path.isfile(tokenizer_path):
+        raise FileNotFoundError(f"tokenizer {tokenizer_path} not found")
+    kind = "hf_json" if tokenizer_path.endswith(".json") else "sentencepiece"
+    return tokenizer_lib.load_tokenizer(kind, tokenizer_path)
+
+
+def check_tokenizer_fits(tokenizer, model) -> None:
+    vocab = model.config.vocab_size
+    if tokenizer.vocab_size > vocab:
+        raise ValueError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's "
+                         f"vocabulary has {vocab}: it is not this model's tokenizer (pass --tokenizer)")

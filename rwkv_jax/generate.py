@@ -1,0 +1,450 @@
+"""Text generation: the prompt is prefilled in parallel mode, then tokens are decoded as an RNN.
+
+    python -m rwkv_jax.generate --checkpoint=WORKDIR --prompt="def main(" --max_new_tokens=200
+    python -m rwkv_jax.generate --checkpoint=RWKV-4-Pile-169M.pth --tokenizer=20B_tokenizer.json \\
+        --prompt="The quick" --prompt="Once upon a time" --temperature=0.8 --top_p=0.9 --stop="\\n\\n"
+    python -m rwkv_jax.generate --checkpoint=X --prompt="..." --save_state=s.npz    # then continue:
+    python -m rwkv_jax.generate --checkpoint=X --load_state=s.npz --prompt=" and then"
+
+Python:
+
+    gen = generate(model, tokenizer, ["The quick", "Once"], max_new_tokens=50, temperature=0.8, top_p=0.9)
+    gen[0].text, gen.state          # completions, and the state after prompt + generated tokens
+
+How it runs:
+  * Prefill: each prompt is run separately (batch 1) in parallel mode, in chunks of `prefill_chunk`
+    tokens carrying the state; the remainder is split into power-of-two pieces, so at most
+    log2(prefill_chunk) + 1 shapes are ever compiled whatever the prompt lengths. The prompts' states and
+    last logits are then stacked into one batch: prompts of different lengths need no padding.
+  * Decode: one jitted `lax.while_loop` samples a token from the logits, feeds it with `model.step` and
+    repeats, for all rows at once, until `max_new_tokens` or every row is done (end-of-text, or a stop
+    string). Streaming and stop strings use an ordered `io_callback` per step: the host receives the new
+    tokens as they are made, decodes and prints them, checks the stop strings on the decoded text and
+    answers which rows are done, so the loop stays one compiled program and stops early. Without
+    `on_token` and stop strings the loop has no callback at all.
+  * Sampling: temperature 0 is greedy (argmax); otherwise logits / temperature, then top-k (k > 0), then
+    top-p (nucleus, p < 1), then a categorical draw keyed by (seed, step).
+  * State: the returned state has read the prompt and every generated token (a stop string's tokens
+    included; a row that is done stays frozen), and `logits` are the next-token logits there: save both
+    (`save_state`, an .npz of the RWKVState fields) and pass them back to continue, even with an empty
+    prompt.
+"""
+
+import dataclasses
+import functools
+import re
+import sys
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import io_callback
+
+from rwkv_jax.model import RWKV, RWKVState
+
+
+@dataclasses.dataclass
+class Completion:
+    prompt: str | None
+    text: str | None          # generated text (without end-of-text), cut before the first stop string
+    tokens: list[int]         # generated tokens (up to and including a stop string's or end-of-text)
+    stop_reason: str          # 'stop' (a stop string), 'eot' (end-of-text) or 'length' (max_new_tokens)
+
+
+@dataclasses.dataclass
+class Generation:
+    """The completions (indexable like a list) and the state and next-token logits after them."""
+    completions: list[Completion]
+    state: RWKVState
+    logits: jax.Array
+
+    def __getitem__(self, i):
+        return self.completions[i]
+
+    def __len__(self):
+        return len(self.completions)
+
+    def __iter__(self):
+        return iter(self.completions)
+
+
+# --- State files ----------------------------------------------------------------------------------------
+
+def save_state(path, state: RWKVState, logits=None) -> None:
+    """An .npz with the five RWKVState fields ([L, B, *] fp32) and, if given, the next-token logits [B, V]."""
+    arrays = {k: np.asarray(jax.device_get(v)) for k, v in state._asdict().items()}
+    if logits is not None:
+        arrays["logits"] = np.asarray(jax.device_get(logits), np.float32)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_state(path) -> tuple[RWKVState, jax.Array | None]:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path}: not an RWKV state file (an .npz written by save_state / --save_state): "
+                         f"{type(e).__name__}: {e}") from e
+    if not hasattr(data, "files"):  # np.load gave one array: not an .npz
+        raise ValueError(f"{path}: not an RWKV state file (a single array, not an .npz of the state fields)")
+    with data:
+        missing = [k for k in RWKVState._fields if k not in data]
+        if missing:
+            raise ValueError(f"{path}: not an RWKV state file (missing {missing}; has {sorted(data.files)})")
+        state = RWKVState(*(jnp.asarray(data[k], jnp.float32) for k in RWKVState._fields))
+        logits = jnp.asarray(data["logits"]) if "logits" in data else None
+    return state, logits
+
+
+def check_state(model: RWKV, state: RWKVState, batch_size: int | None = None) -> None:
+    expected = jax.eval_shape(lambda: model.init_state(batch_size or state.att_x.shape[1]))
+    got = {k: tuple(v.shape) for k, v in state._asdict().items()}
+    want = {k: tuple(v.shape) for k, v in expected._asdict().items()}
+    if got != want:
+        raise ValueError(f"the state does not fit this model (or batch): shapes {got}, expected {want}")
+
+
+# --- Prefill ------------------------------------------------------------------------------------------
+
+class _Identity(nnx.Module):
+    def __call__(self, x):
+        return x
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, params, tokens_BT, state):
+    """Last-position logits and the state: the head (V x D per token, a fifth of a 169M model's work) is
+    applied to the last position only, by swapping it out of this traced copy of the model."""
+    model = nnx.merge(graphdef, params)
+    head, model.head = model.head, _Identity()
+    hidden, state = model(tokens_BT, state)
+    return head(hidden[:, -1].astype(model.config.dtype)).astype(jnp.float32), state
+
+
+def _pieces(n: int, chunk: int) -> list[int]:
+    """Lengths covering n: full chunks, then the remainder's binary digits, largest first."""
+    out = [chunk] * (n // chunk)
+    rest = n % chunk
+    bit = 1 << max(rest.bit_length() - 1, 0)
+    while rest:
+        if rest >= bit:
+            out.append(bit)
+            rest -= bit
+        bit >>= 1
+    return out
+
+
+def prefill(model: RWKV, prompts: list[list[int]], state: RWKVState | None = None, logits=None, *,
+            chunk: int = 256) -> tuple[RWKVState, jax.Array]:
+    """State [L, B, *] and next-token logits [B, V] after each prompt (row b: prompt b read from row b of
+    `state`, or from the empty state). An empty prompt keeps its row of `state` and `logits`."""
+    graphdef, params = nnx.split(model)
+    B = len(prompts)
+    if state is not None:
+        if state.att_x.shape[1] == 1 and B > 1:  # one saved state for every prompt
+            state = jax.tree.map(lambda x: jnp.repeat(x, B, axis=1), state)
+            logits = None if logits is None else jnp.repeat(logits, B, axis=0)
+        check_state(model, state, B)
+    rows_state, rows_logits = [], []
+    for b, tokens in enumerate(prompts):
+        row = (model.init_state(1) if state is None else jax.tree.map(lambda x: x[:, b:b + 1], state))
+        if not len(tokens):
+            if logits is None:
+                raise ValueError(f"prompt {b} is empty and there are no saved logits to continue from: give a "
+                                 "prompt, or a state saved with its logits")
+            rows_state.append(row)
+            rows_logits.append(logits[b:b + 1])
+            continue
+        tokens = np.asarray(tokens, np.int32)
+        if tokens.min() < 0 or tokens.max() >= model.config.vocab_size:
+            raise ValueError(f"prompt {b} has a token id outside the model's vocabulary of "
+                             f"{model.config.vocab_size}: the tokenizer does not fit this model")
+        start, last = 0, None
+        for n in _pieces(len(tokens), chunk):
+            last, row = _forward(graphdef, params, jnp.asarray(tokens[None, start:start + n]), row)
+            start += n
+        rows_state.append(row)
+        rows_logits.append(last)
+    stacked = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *rows_state)
+    return RWKVState(*stacked), jnp.concatenate(rows_logits, axis=0)
+
+
+# --- Sampling and the decode loop ----------------------------------------------------------------------
+
+def sample_logits(key, logits_BV, *, temperature=1.0, top_k: int = 0, top_p=1.0, greedy: bool = False,
+                  use_top_p: bool = True):
+    """One token per row: argmax if `greedy`, else top-k (k > 0) then top-p filtering of
+    softmax(logits / temperature) and a categorical draw."""
+    if greedy:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits = logits_BV.astype(jnp.float32) / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if use_top_p:
+        sorted_desc = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
+        keep = before < top_p                        # the smallest set whose mass reaches top_p
+        threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+_SINK_LOCK = threading.Lock()
+_SINK = [None]  # the host side of the running decode loop (one at a time)
+
+
+def _host_tokens(tokens_B, done_B):
+    return np.asarray(_SINK[0](np.asarray(tokens_B), np.asarray(done_B)), bool)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "use_top_p",
+                                             "stream", "stop_at_eot"))
+def _decode(graphdef, params, state, logits, key, temperature, top_p, eot_id, *, max_new_tokens: int,
+            greedy: bool, top_k: int, use_top_p: bool, stream: bool, stop_at_eot: bool):
+    model = nnx.merge(graphdef, params)
+    B = logits.shape[0]
+
+    def cond(carry):
+        i, _, _, _, done, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, state, logits, tokens, done, lengths = carry
+        token = sample_logits(jax.random.fold_in(key, i), logits, temperature=temperature, top_k=top_k,
+                              top_p=top_p, greedy=greedy, use_top_p=use_top_p)
+        token = jnp.where(done, 0, token)
+        tokens = tokens.at[:, i].set(token)
+        lengths = lengths + (~done).astype(jnp.int32)
+        now_done = done | ((token == eot_id) & stop_at_eot)
+        if stream:
+            now_done = now_done | io_callback(_host_tokens, jax.ShapeDtypeStruct((B,), jnp.bool_), token, done,
+                                              ordered=True)
+        new_logits, new_state = model.step(token, state)
+        keep = lambda old, new: jnp.where(done.reshape((1, B) + (1,) * (old.ndim - 2)), old, new)  # noqa: E731
+        state = RWKVState(*(keep(o, n) for o, n in zip(state, new_state)))
+        logits = jnp.where(done[:, None], logits, new_logits)
+        return i + 1, state, logits, tokens, now_done, lengths
+
+    carry = (jnp.zeros((), jnp.int32), state, logits, jnp.zeros((B, max_new_tokens), jnp.int32),
+             jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32))
+    _, state, logits, tokens, _, lengths = jax.lax.while_loop(cond, body, carry)
+    return tokens, lengths, state, logits
+
+
+class _Stream:
+    """Host side of the decode loop: keeps each row's tokens, decodes them, finds stop strings and hands
+    new text to `on_token(row, token, text)`. Text that may still become a stop string or ends in an
+    incomplete character is held back until it is decided; `flush` sends what is left at the end."""
+
+    def __init__(self, batch_size, decode, stop, on_token, eot_id, stop_at_eot):
+        self.tokens = [[] for _ in range(batch_size)]
+        self.sent = [0] * batch_size
+        self.decode, self.stop, self.on_token = decode, tuple(s for s in stop if s), on_token
+        self.eot_id, self.stop_at_eot = eot_id, stop_at_eot
+        self.finished = [False] * batch_size
+
+    def __call__(self, tokens_B, done_B):
+        out = np.array(done_B, bool)
+        for b, (token, done) in enumerate(zip(tokens_B.tolist(), done_B.tolist())):
+            if done or self.finished[b]:
+                continue
+            if self.stop_at_eot and token == self.eot_id:
+                self.finished[b] = True
+                self._send(b, token, self._text(b), final=True)
+                continue
+            self.tokens[b].append(token)
+            text = self._text(b)
+            cut = _first_stop(text, self.stop) if text is not None else None
+            if cut is not None:
+                self.finished[b] = out[b] = True
+                self._send(b, token, text[:cut], final=True)
+            else:
+                self._send(b, token, text, final=False)
+        return out
+
+    def _text(self, b):
+        return None if self.decode is None else self.decode(self.tokens[b])
+
+    def _send(self, b, token, text, final):
+        if text is None:
+            if self.on_token is not None and token is not None:
+                self.on_token(b, token, None)
+            return
+        safe = len(text)
+        if not final:
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its other bytes
+                safe = len(text.rstrip("\ufffd"))
+            for s in self.stop:  # hold back a suffix that could still become a stop string
+                for k in range(min(len(s) - 1, safe), 0, -1):
+                    if text[:safe].endswith(s[:k]):
+                        safe -= k
+                        break
+        piece = text[self.sent[b]:safe] if safe > self.sent[b] else ""
+        self.sent[b] = max(self.sent[b], safe)
+        if self.on_token is not None and (piece or token is not None):
+            self.on_token(b, token, piece)
+
+    def flush(self):
+        for b in range(len(self.tokens)):
+            if not self.finished[b] and self.decode is not None:
+                self.finished[b] = True
+                self._send(b, None, self._text(b), final=True)
+
+
+def _first_stop(text: str, stop) -> int | None:
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(found) if found else None
+
+
+def generate_tokens(model: RWKV, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
+                    top_p: float = 1.0, top_k: int = 0, seed: int = 0, eot_id: int = 0, stop_at_eot: bool = True,
+                    stop=(), decode=None, on_token=None, state: RWKVState | None = None, logits=None,
+                    prefill_chunk: int = 256, prompt_texts=None) -> Generation:
+    """`generate` on token ids; `decode` (tokens -> text) is needed for stop strings and text output."""
+    if not prompts:
+        raise ValueError("no prompts")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got {temperature}, {top_p}, {top_k}")
+    stop = tuple(s for s in stop if s)
+    if stop and decode is None:
+        raise ValueError("stop strings need a tokenizer to decode the tokens")
+    state, logits = prefill(model, prompts, state, logits, chunk=prefill_chunk)
+    B = len(prompts)
+    graphdef, params = nnx.split(model)
+    stream = bool(stop) or on_token is not None
+    sink = _Stream(B, decode, stop, on_token, eot_id, stop_at_eot) if stream else None
+    tokens = np.zeros((B, 0), np.int32)
+    lengths = np.zeros(B, np.int64)
+    if max_new_tokens:
+        with _SINK_LOCK:
+            _SINK[0] = sink
+            try:
+                out = _decode(graphdef, params, state, logits, jax.random.key(seed),
+                              jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.int32(eot_id), max_new_tokens=max_new_tokens,
+                              greedy=temperature == 0, top_k=int(top_k), use_top_p=top_p < 1, stream=stream,
+                              stop_at_eot=stop_at_eot)
+                tokens, lengths, state, logits = jax.block_until_ready(out)
+            finally:
+                _SINK[0] = None
+        tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    if sink is not None:
+        sink.flush()
+    completions = []
+    for b in range(B):
+        toks = tokens[b, :lengths[b]].tolist()
+        reason = "length"
+        body = toks
+        if stop_at_eot and toks and toks[-1] == eot_id:
+            reason, body = "eot", toks[:-1]
+        text = decode(body) if decode is not None else None
+        if text is not None:
+            cut = _first_stop(text, stop)
+            if cut is not None:
+                reason, text = "stop", text[:cut]
+        completions.append(Completion(prompt_texts[b] if prompt_texts else None, text, toks, reason))
+    return Generation(completions, state, logits)
+
+
+def generate(model: RWKV, tokenizer, prompts: list[str] | str, *, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop=(), state: RWKVState | None = None,
+             logits=None, on_token=None, stop_at_eot: bool = True, prefill_chunk: int = 256) -> Generation:
+    """Complete each prompt (a batch); see the module docstring. `on_token(row, token, text)` is called as
+    tokens come (text: the newly decided text, possibly ''; token None for the final flush). `state`
+    (with B = 1 or len(prompts) rows) and `logits` continue a saved generation. An empty prompt without
+    a state starts from the end-of-text token, as documents start in training."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's "
+                         f"vocabulary has {model.config.vocab_size}: it is not this model's tokenizer")
+    ids = [tokenizer.encode(p) if p else ([] if state is not None else [tokenizer.eot_id]) for p in prompts]
+    return generate_tokens(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                           top_k=top_k, seed=seed, eot_id=tokenizer.eot_id, stop_at_eot=stop_at_eot, stop=stop,
+                           decode=tokenizer.decode, on_token=on_token, state=state, logits=logits,
+                           prefill_chunk=prefill_chunk, prompt_texts=list(prompts))
+
+
+# --- Command line ---------------------------------------------------------------------------------------
+
+def _define_flags():
+    from absl import flags
+    flags.DEFINE_string("checkpoint", None, "Training workdir, official .pth, HF or rwkv_jax directory.")
+    flags.DEFINE_string("tokenizer", "", "Tokenizer file (default: the workdir's copy / HF tokenizer.json).")
+    flags.DEFINE_multi_string("prompt", [], "A prompt; repeat for a batch.")
+    flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per prompt.")
+    flags.DEFINE_float("temperature", 1.0, "0: greedy.")
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
+    flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: off).")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_multi_string("stop", [], "Stop string (repeatable), checked on the decoded text.")
+    flags.DEFINE_bool("stop_at_eot", True, "Stop a row at the end-of-text token.")
+    flags.DEFINE_string("save_state", "", "Write the final state and logits to this .npz.")
+    flags.DEFINE_string("load_state", "", "Continue from a state .npz written by --save_state.")
+    flags.DEFINE_integer("prefill_chunk", 256, "Tokens per parallel-mode prefill call.")
+    flags.DEFINE_string("dtype", "", "Compute dtype override (float32 / bfloat16).")
+    flags.mark_flags_as_required(["checkpoint"])
+
+
+def _generate_or_exit(*args, **kwargs):
+    try:
+        return generate(*args, **kwargs)
+    except ValueError as e:
+        sys.exit(f"\ngenerate: error: {e}")
+
+
+def _unescape(text: str) -> str:
+    """Backslash escapes \\n, \\t and \\\\ typed on the command line (other text, non-ASCII included, as is)."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
+def main(argv):
+    from absl import app, flags
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from rwkv_jax import evaluation, weights
+    try:
+        weights.detect_format(FLAGS.checkpoint)
+        tokenizer = evaluation.find_tokenizer(FLAGS.checkpoint, FLAGS.tokenizer)
+        model = weights.load_model(FLAGS.checkpoint, **({"dtype": FLAGS.dtype} if FLAGS.dtype else {}))
+        evaluation.check_tokenizer_fits(tokenizer, model)
+        state = logits = None
+        if FLAGS.load_state:
+            state, logits = load_state(FLAGS.load_state)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"generate: error: {e}")
+    prompts = [_unescape(p) for p in FLAGS.prompt] or [""]
+    stops = [_unescape(s) for s in FLAGS.stop]
+    single = len(prompts) == 1
+    if single:
+        sys.stdout.write(prompts[0])
+        sys.stdout.flush()
+
+    def on_token(row, token, text):
+        if text:
+            sys.stdout.write(text if single else f"[{row}] {text!r}\n")
+            sys.stdout.flush()
+
+    gen = _generate_or_exit(model, tokenizer, prompts, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                   top_p=FLAGS.top_p, top_k=FLAGS.top_k, seed=FLAGS.seed, stop=stops, state=state, logits=logits,
+                   on_token=on_token, stop_at_eot=FLAGS.stop_at_eot, prefill_chunk=FLAGS.prefill_chunk)
+    if single:
+        sys.stdout.write(f"\n[{gen[0].stop_reason}: {len(gen[0].tokens)} tokens]\n")
+    else:
+        for b, c in enumerate(gen):
+            print(f"\n--- [{b}] ({c.stop_reason}, {len(c.tokens)} tokens)\n{c.prompt}{c.text}")
+    if FLAGS.save_state:
+        save_state(FLAGS.save_state, gen.state, gen.logits)
+        print(f"state saved to {FLAGS.save_state}")
+
+
+if __name__ == "__main__":
+    from absl import app
+    _define_flags()
+    app.run(main)
