@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rwkv_jax.data.text_files import jsonl_records
+
 MODES = ("parallel", "rnn", "both")
 
 
@@ -83,13 +85,7 @@ def lambada_examples(path) -> list[tuple[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"LAMBADA file {path} not found (a jsonl file of {{\"text\": ...}} lines)")
     examples = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
+    for lineno, record in jsonl_records(path, path.read_text(encoding="utf-8")):
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str) or " " not in text.strip():
             raise ValueError(f'{path}:{lineno}: expected an object with a "text" string of at least two words')

@@ -124,15 +124,20 @@ def fingerprint(files: list[SourceFile], *extra) -> str:
     return h.hexdigest()[:12]
 
 
-def _jsonl_documents(f: SourceFile, text: str) -> list[tuple[str, str]]:
-    docs = []
+def jsonl_records(name, text: str) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON) of each non-blank line; a ValueError naming `name`:line otherwise."""
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{f.path}:{lineno}: not valid JSON ({e}).") from e
+            raise ValueError(f"{name}:{lineno}: not valid JSON ({e}).") from e
+
+
+def _jsonl_documents(f: SourceFile, text: str) -> list[tuple[str, str]]:
+    docs = []
+    for lineno, record in jsonl_records(f.path, text):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise ValueError(f'{f.path}:{lineno}: a .jsonl line must be an object with a string "text" field.')
         docs.append((f"{f.rel}#{lineno}", record["text"]))
