@@ -34,6 +34,7 @@ def base_config(*, model: ml_collections.ConfigDict, batch_size: int, seq_len: i
         "batch_size": batch_size,      # global batch, in sequences
         "seq_len": seq_len,
         "microbatches": 1,             # gradient accumulation: batch_size / microbatches rows at a time
+        "loss_chunk_tokens": 2048,     # the head and cross entropy run over this many positions at a time
         "seed": 0,                     # parameter init
         "log_every": 10,
         "eval_every": 500,             # 0: only at the end
@@ -57,7 +58,7 @@ def paper_config(*, n_layer: int, d_model: int, lr_init: float, lr_final: float)
     raise `train.batch_size` with the mesh and lower `train.microbatches` (the official runs used far
     larger global batches)."""
     model = model_config(vocab_size=50277, n_layer=n_layer, d_model=d_model, emb_init_scale=lr_init,
-                         dtype="auto", remat=True)
+                         dtype="auto", remat=True, scan_layers=True)
     config = base_config(model=model, batch_size=8, seq_len=1024, num_steps=100_000, lr_init=lr_init,
                          lr_final=lr_final)
     config.train.microbatches = 8

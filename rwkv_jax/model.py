@@ -36,6 +36,8 @@ class ModelConfig:
     wkv_chunk_len: int = 32
     emb_init_scale: float = 1e-4
     remat: bool = False           # recompute each block in the backward pass: activation memory O(1 block)
+    scan_layers: bool = False     # blocks' parameters stacked on a leading layer axis and applied by lax.scan:
+                                  # compile time independent of depth (the paper configs turn it on)
 
     @property
     def att_width(self) -> int:
@@ -184,6 +186,57 @@ def _apply_block(block: Block, x_BTD, state: LayerState):
     return block(x_BTD, state)
 
 
+# --- Layers stacked for lax.scan -------------------------------------------------------------------
+# With `scan_layers`, `RWKV.blocks` is one Block whose every parameter carries a leading [n_layer] axis
+# (logical axis 'layers', sharded over no mesh axis). Checkpoint, .pth and HF formats keep one entry per
+# layer: `stack_layers` / `unstack_layers` convert at those boundaries.
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _stack_variables(*variables):
+    out = variables[0].replace(jnp.stack([v.get_value() for v in variables]))
+    axes = variables[0].get_metadata().get("logical_axes")
+    if axes is not None:
+        out.set_metadata(logical_axes=("layers", *axes))
+    return out
+
+
+def _take_layer(variable, i: int):
+    out = variable.replace(variable.get_value()[i])
+    axes = variable.get_metadata().get("logical_axes")
+    if axes is not None:
+        out.set_metadata(logical_axes=tuple(axes[1:]))
+    return out
+
+
+def stack_layers(layer_states: list) -> nnx.State:
+    """One state with a leading layer axis from the states of n_layer Blocks."""
+    return jax.tree.map(_stack_variables, *layer_states, is_leaf=_is_variable)
+
+
+def unstack_layers(stacked: nnx.State, n_layer: int) -> list:
+    """The states of n_layer Blocks from one stacked state."""
+    return [jax.tree.map(lambda v: _take_layer(v, i), stacked, is_leaf=_is_variable) for i in range(n_layer)]
+
+
+def with_scan_layers(model: "RWKV", scan: bool) -> "RWKV":
+    """The same model and parameters with the blocks stacked (scan=True) or as a list (scan=False)."""
+    if model.config.scan_layers == scan:
+        return model
+    config = dataclasses.replace(model.config, scan_layers=scan)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: RWKV(config, rngs=nnx.Rngs(0))))
+    params = nnx.state(model)
+    blocks = params["blocks"]
+    if scan:
+        params["blocks"] = stack_layers([blocks[i] for i in range(config.n_layer)])
+    else:
+        layers = unstack_layers(blocks, config.n_layer)
+        params["blocks"] = nnx.State({i: layer for i, layer in enumerate(layers)})
+    return nnx.merge(graphdef, params)
+
+
 class RWKV(nnx.Module):
     """RWKV-4 language model: embedding, ln0, blocks, ln_out, untied head."""
 
@@ -194,7 +247,12 @@ class RWKV(nnx.Module):
                              param_dtype=config.param_dtype,
                              embedding_metadata={"logical_axes": ("vocab", "embed")}, rngs=rngs)
         self.ln0 = _layer_norm(D, config, rngs)
-        self.blocks = nnx.List([Block(config, i, rngs=rngs) for i in range(config.n_layer)])
+        blocks = [Block(config, i, rngs=rngs) for i in range(config.n_layer)]
+        if config.scan_layers:
+            graphdef = nnx.graphdef(blocks[0])
+            self.blocks = nnx.merge(graphdef, stack_layers([nnx.state(b) for b in blocks]))
+        else:
+            self.blocks = nnx.List(blocks)
         self.ln_out = _layer_norm(D, config, rngs)
         self.head = _linear(D, V, ("embed", "vocab"), init.orthogonal(scale=0.5), config, rngs)
 
@@ -203,6 +261,16 @@ class RWKV(nnx.Module):
 
     def __call__(self, tokens_BT, state: RWKVState | None = None):
         """Logits [B, T, V] (fp32) for every position, and the state after the last token."""
+        hidden_BTD, state = self.hidden(tokens_BT, state)
+        return self.logits(hidden_BTD), state
+
+    def logits(self, hidden_BTD):
+        """The head: fp32 logits from `hidden` states."""
+        return self.head(hidden_BTD).astype(jnp.float32)
+
+    def hidden(self, tokens_BT, state: RWKVState | None = None):
+        """The final hidden states (after ln_out, in the compute dtype) [B, T, D] without the head, and
+        the state after the last token. `logits(hidden(...)[0])` is `__call__`."""
         if tokens_BT.ndim != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tokens_BT.shape}; "
                              "use model.step(tokens_B, state) for one token per sequence")
@@ -210,6 +278,11 @@ class RWKV(nnx.Module):
             state = self.init_state(tokens_BT.shape[0])
         # The residual stream stays in fp32; sublayers compute in config.dtype.
         x = self.ln0(self.emb(tokens_BT).astype(jnp.float32))
+        run = self._scan_blocks if self.config.scan_layers else self._loop_blocks
+        x, new_state = run(x, state)
+        return self.ln_out(x).astype(self.config.dtype), new_state
+
+    def _loop_blocks(self, x, state: RWKVState):
         layer_states = []
         apply_block = nnx.remat(_apply_block) if self.config.remat else _apply_block
         for i, block in enumerate(self.blocks):
@@ -218,11 +291,22 @@ class RWKV(nnx.Module):
             x, layer_out = apply_block(block, x, layer_in)
             x = sharding.constrain(x, ("batch", "seq", "embed_out"))
             layer_states.append(layer_out)
-        logits = self.head(self.ln_out(x).astype(self.config.dtype)).astype(jnp.float32)
         stack = lambda get: jnp.stack([get(s) for s in layer_states])
-        new_state = RWKVState(stack(lambda s: s.att_x), stack(lambda s: s.wkv.a), stack(lambda s: s.wkv.b),
-                              stack(lambda s: s.wkv.p), stack(lambda s: s.ffn_x))
-        return logits, new_state
+        return x, RWKVState(stack(lambda s: s.att_x), stack(lambda s: s.wkv.a), stack(lambda s: s.wkv.b),
+                            stack(lambda s: s.wkv.p), stack(lambda s: s.ffn_x))
+
+    def _scan_blocks(self, x, state: RWKVState):
+        graphdef, params = nnx.split(self.blocks)
+
+        def body(x, layer):
+            params_l, (att_x, a, b, p, ffn_x) = layer
+            x, out = nnx.merge(graphdef, params_l)(x, LayerState(att_x, wkv_ops.WKVState(a, b, p), ffn_x))
+            x = sharding.constrain(x, ("batch", "seq", "embed_out"))
+            return x, RWKVState(out.att_x, out.wkv.a, out.wkv.b, out.wkv.p, out.ffn_x)
+
+        if self.config.remat:  # keep only each block's input (the scan carry); recompute the rest
+            body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+        return jax.lax.scan(body, x, (params, tuple(state)))
 
     def step(self, tokens_B, state: RWKVState):
         """RNN mode: one token per sequence. Returns logits [B, V] and the next state."""

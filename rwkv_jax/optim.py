@@ -51,11 +51,12 @@ def _param_group(path, leaf) -> str:
         return "time_decay"
     if "time_first" in names:
         return "time_first"
-    return "matrix" if jnp.ndim(leaf) == 2 else "vector"
+    # Matrices by name, not rank: with scan_layers a block's matrices are [L, in, out] and its vectors [L, C].
+    return "matrix" if ("kernel" in names or "embedding" in names) else "vector"
 
 
 def param_groups(params):
-    """Label every parameter: 'time_decay', 'time_first', 'matrix' (2-D) or 'vector'."""
+    """Label every parameter: 'time_decay', 'time_first', 'matrix' (projections, embedding) or 'vector'."""
     return jax.tree_util.tree_map_with_path(_param_group, params)
 
 
@@ -81,20 +82,21 @@ def bad_step_count(opt_state) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def l2wrap(loss, logits_BTV, factor: float):
-    """Returns `loss`; in the backward pass adds factor/(B*T) * max logit at each argmax (v4neo L2Wrap)."""
+def l2wrap(loss, logits, scale: float):
+    """Returns `loss`; in the backward pass adds scale * max logit at each position's argmax (v4neo
+    L2Wrap, whose scale is 1e-4 / (B * T) for a mean loss over B x T positions)."""
     return loss
 
 
-def _l2wrap_fwd(loss, logits_BTV, factor):
-    return loss, logits_BTV
+def _l2wrap_fwd(loss, logits, scale):
+    return loss, logits
 
 
-def _l2wrap_bwd(factor, logits_BTV, g):
-    B, T, V = logits_BTV.shape
-    max_BT = logits_BTV.max(-1)
-    # g is 1 for a plain loss; scaling by it keeps the term consistent under gradient accumulation.
-    g_logits = jax.nn.one_hot(logits_BTV.argmax(-1), V, dtype=logits_BTV.dtype) * (max_BT * factor / (B * T) * g)[..., None]
+def _l2wrap_bwd(scale, logits, g):
+    # g is 1 for a plain loss; scaling by it keeps the term consistent under gradient accumulation and
+    # when the loss is a chunk's sum inside a mean (chunked_cross_entropy).
+    max_logit = logits.max(-1)
+    g_logits = jax.nn.one_hot(logits.argmax(-1), logits.shape[-1], dtype=logits.dtype) * (max_logit * scale * g)[..., None]
     return g, g_logits
 
 
@@ -106,5 +108,43 @@ def cross_entropy(logits_BTV, targets_BT, l2wrap_factor: float = 1e-4):
     logits_BTV = logits_BTV.astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT).mean()
     if l2wrap_factor > 0:
-        loss = l2wrap(loss, logits_BTV, float(l2wrap_factor))
+        B, T = targets_BT.shape
+        loss = l2wrap(loss, logits_BTV, float(l2wrap_factor) / (B * T))
     return loss
+
+
+def chunked_token_losses(head, hidden_BTD, targets_BT, weights_BT=None, *, chunk_tokens: int = 2048,
+                         l2wrap_factor: float = 0.0):
+    """(sum of weighted token cross entropies in nats, sum of weights) with the head applied to
+    `chunk_tokens` positions at a time, so no [B, T, V] logits exist: each chunk's logits are made,
+    reduced and dropped, and made again in the backward pass (jax.checkpoint). `head` maps [N, D]
+    hidden states to [N, V] logits. With l2wrap_factor > 0, each chunk's logits get v4neo's L2Wrap
+    gradient; divided by the token count, the sum's gradient equals `cross_entropy`'s."""
+    B, T, D = hidden_BTD.shape
+    n_tokens = B * T
+    weights = jnp.ones((B, T), jnp.float32) if weights_BT is None else weights_BT.astype(jnp.float32)
+    chunk = max(1, min(chunk_tokens, n_tokens))
+    n_chunks = -(-n_tokens // chunk)
+    pad = n_chunks * chunk - n_tokens
+    h = jnp.pad(hidden_BTD.reshape(n_tokens, D), ((0, pad), (0, 0))).reshape(n_chunks, chunk, D)
+    t = jnp.pad(targets_BT.reshape(n_tokens), (0, pad)).reshape(n_chunks, chunk)
+    w = jnp.pad(weights.reshape(n_tokens), (0, pad)).reshape(n_chunks, chunk)
+    # L2Wrap's gradient is scale * g per position, g the upstream gradient of the chunk's sum: 1 / (B * T)
+    # once the caller divides the sum by the token count, which gives `cross_entropy`'s factor / (B * T).
+    scale = float(l2wrap_factor)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def chunk_loss(h_ND, t_N, w_N):
+        logits_NV = head(h_ND).astype(jnp.float32)
+        loss = (optax.softmax_cross_entropy_with_integer_labels(logits_NV, t_N) * w_N).sum()
+        if scale > 0:
+            # Padded rows have zero hidden states, so zero logits and no L2Wrap gradient; rows of zero
+            # weight are masked explicitly.
+            loss = l2wrap(loss, logits_NV if weights_BT is None else logits_NV * (w_N[:, None] > 0), scale)
+        return loss
+
+    def body(total, xs):
+        return total + chunk_loss(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, t, w))
+    return total, weights.sum()

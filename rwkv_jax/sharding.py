@@ -30,6 +30,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "attn": ("tensor",),
     "mlp": ("tensor",),
     "vocab": ("tensor",),
+    "layers": (),  # the stacked-layer axis of scan_layers: every device holds its shard of every layer
 }
 
 

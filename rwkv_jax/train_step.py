@@ -67,18 +67,23 @@ def _mirror_param_shardings(opt_state, abstract_params, param_shardings, mesh):
                         opt_state, is_leaf=lambda n: is_params_like(n) or not isinstance(n, (tuple, list, dict)))
 
 
-def _loss(graphdef, params, inputs_BT, targets_BT, l2wrap_factor):
-    logits, _ = nnx.merge(graphdef, params)(inputs_BT)
-    return optim.cross_entropy(logits, targets_BT, l2wrap_factor)
+def _loss(graphdef, params, inputs_BT, targets_BT, l2wrap_factor, chunk_tokens):
+    """Mean token cross entropy (with L2Wrap), the head applied chunk by chunk: no [B, T, V] logits."""
+    model = nnx.merge(graphdef, params)
+    hidden, _ = model.hidden(inputs_BT)
+    total, count = optim.chunked_token_losses(model.logits, hidden, targets_BT, chunk_tokens=chunk_tokens,
+                                              l2wrap_factor=l2wrap_factor)
+    return total / count
 
 
 def make_train_step(graphdef, optimizer, schedule, shardings: TrainState, mesh: Mesh, *,
-                    microbatches: int = 1, l2wrap_factor: float = 1e-4):
+                    microbatches: int = 1, l2wrap_factor: float = 1e-4, loss_chunk_tokens: int = 2048):
     """jit(step)(state, batch) -> (state, metrics). `batch` has 'inputs' and 'targets' [B, T] int32;
     with microbatches > 1 the gradient is accumulated over B/microbatches rows at a time."""
 
     def grads_of(params, inputs, targets):
-        return jax.value_and_grad(lambda p: _loss(graphdef, p, inputs, targets, l2wrap_factor))(params)
+        return jax.value_and_grad(
+            lambda p: _loss(graphdef, p, inputs, targets, l2wrap_factor, loss_chunk_tokens))(params)
 
     def step(state: TrainState, batch):
         with sharding.activation_sharding(mesh):
@@ -109,16 +114,16 @@ def make_train_step(graphdef, optimizer, schedule, shardings: TrainState, mesh: 
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
-def make_eval_step(graphdef, param_shardings, mesh: Mesh):
+def make_eval_step(graphdef, param_shardings, mesh: Mesh, *, loss_chunk_tokens: int = 2048):
     """jit(step)(params, batch) -> (sum of token losses in nats, token count); batch['mask'] (1 = real
     target) leaves out padding."""
 
     def step(params, batch):
         with sharding.activation_sharding(mesh):
-            logits, _ = nnx.merge(graphdef, params)(batch["inputs"])
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
-        mask = batch["mask"].astype(jnp.float32)
-        return (losses * mask).sum(), mask.sum()
+            model = nnx.merge(graphdef, params)
+            hidden, _ = model.hidden(batch["inputs"])
+            return optim.chunked_token_losses(model.logits, hidden, batch["targets"], batch["mask"],
+                                              chunk_tokens=loss_chunk_tokens)
 
     return jax.jit(step, in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
                    out_shardings=sharding.replicated(mesh))

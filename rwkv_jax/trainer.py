@@ -121,8 +121,9 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
 
     # --- 4. Steps ---------------------------------------------------------------------------------
     step_fn = train_step.make_train_step(graphdef, optimizer, schedule, shardings, mesh,
-                                         microbatches=t.microbatches, l2wrap_factor=config.optim.l2wrap_factor)
-    eval_fn = train_step.make_eval_step(graphdef, shardings.params, mesh)
+                                         microbatches=t.microbatches, l2wrap_factor=config.optim.l2wrap_factor,
+                                         loss_chunk_tokens=t.loss_chunk_tokens)
+    eval_fn = train_step.make_eval_step(graphdef, shardings.params, mesh, loss_chunk_tokens=t.loss_chunk_tokens)
     writer = metrics_lib.MetricsWriter(
         workdir, total_steps=t.num_steps, tokens_per_step=t.batch_size * t.seq_len,
         flops_per_token=metrics_lib.flops_per_token(model_config.vocab_size, model_config.d_model,

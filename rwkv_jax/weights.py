@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rwkv_jax.model import RWKV, ModelConfig
+from rwkv_jax.model import RWKV, ModelConfig, with_scan_layers
 
 FORMATS = ("pth", "hf", "rwkv_jax")
 CONFIG_FILE = "rwkv_config.json"
@@ -132,6 +132,8 @@ def model_from_official(tensors: dict[str, np.ndarray], **overrides) -> RWKV:
     """An RWKV model holding the given official-named tensors (dimensions inferred)."""
     config = infer_config(tensors, **overrides)
     check_tensors(tensors, config)
+    if config.scan_layers:  # the tensor layout is per layer: fill a list of blocks, then stack them
+        return with_scan_layers(model_from_official(tensors, **{**overrides, "scan_layers": False}), True)
     graphdef, state = _abstract_model(config)
     params = nnx.to_pure_dict(state)
     for name, (path, kind, _) in _layout(config).items():
@@ -147,6 +149,7 @@ def model_from_official(tensors: dict[str, np.ndarray], **overrides) -> RWKV:
 
 def model_to_official(model: RWKV) -> dict[str, np.ndarray]:
     """The model's parameters as fp32 numpy arrays under official names and shapes."""
+    model = with_scan_layers(model, False)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tensors = {}
     for name, (path, kind, shape) in _layout(model.config).items():
@@ -276,8 +279,10 @@ def write_hf_dir(tensors: dict[str, np.ndarray], path, *, layer_norm_eps: float 
 def save_model(model: RWKV, path, *, overwrite: bool = False) -> None:
     """Our own format: rwkv_config.json + an orbax checkpoint of the parameters."""
     import orbax.checkpoint as ocp
+    config = model.config  # kept as it is: scan_layers says how the model computes when loaded
+    model = with_scan_layers(model, False)  # the stored layout is one entry per layer, scanned or not
     with _atomic_output(Path(path), overwrite, is_dir=True) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model.config), indent=2))
+        (tmp / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2))
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp.absolute() / PARAMS_DIR, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         checkpointer.wait_until_finished()
@@ -286,11 +291,11 @@ def save_model(model: RWKV, path, *, overwrite: bool = False) -> None:
 def _load_own(path: Path, **overrides) -> RWKV:
     import orbax.checkpoint as ocp
     config = ModelConfig.from_dict({**json.loads((path / CONFIG_FILE).read_text()), **overrides})
-    graphdef, state = _abstract_model(config)
+    graphdef, state = _abstract_model(dataclasses.replace(config, scan_layers=False))
     target = nnx.to_pure_dict(state)
     params = ocp.StandardCheckpointer().restore(path.absolute() / PARAMS_DIR, target)
     nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+    return with_scan_layers(nnx.merge(graphdef, state), config.scan_layers)
 
 
 def _load_workdir(path: Path, **overrides) -> RWKV:
@@ -324,7 +329,7 @@ def _load_workdir(path: Path, **overrides) -> RWKV:
         raise FileNotFoundError(f"{path / CHECKPOINTS_DIR}: no checkpoint yet (the run saves every "
                                 "checkpoint.every_steps steps and at its end)")
     state, _, step = restored
-    model = nnx.merge(graphdef, state.params)
+    model = with_scan_layers(nnx.merge(graphdef, state.params), config.scan_layers)
     if config != restore_config:  # other numerics (dtype, WKV form): same parameters, new module
         new_graphdef, new_state = _abstract_model(config)
         params = jax.tree.map(lambda like, x: jnp.asarray(x, like.dtype), nnx.to_pure_dict(new_state),
