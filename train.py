@@ -2,6 +2,7 @@
 
     python train.py --config=configs/tiny.py --workdir=/tmp/rwkv-tiny
     python train.py --config=configs/430m.py --workdir=DIR --config.train.batch_size=8
+    python train.py --config=configs/14b.py --compile_only --topology=v5p:4x4x4 --config.mesh.fsdp=-1
 
 Config fields are overridden as --config.section.field=value; an unknown field or a wrong type is an
 error. Running the same command again resumes from the latest checkpoint in the workdir. Multi-host:
@@ -21,7 +22,11 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-host: this process's
 _AUTO_DISTRIBUTED = flags.DEFINE_bool("auto_distributed", True,
                                       "Detect a multi-host launch (SLURM, Open MPI, Cloud TPU) from the environment.")
 _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer("distributed_timeout_s", 300, "How long to wait for the other processes.")
-flags.mark_flags_as_required(["config", "workdir"])
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile the train and eval steps for --topology ahead of "
+                                  "time and report memory, FLOPs and a roofline step time; no workdir, no data. "
+                                  "Exit code 1 when the step does not fit. Needs libtpu (pip install -e .[tpu-aot]).")
+_TOPOLOGY = flags.DEFINE_string("topology", "", "TPU topology for --compile_only, e.g. v5e:2x2, v5p:4x4x4.")
+flags.mark_flags_as_required(["config"])
 
 
 def parse_flags(argv):
@@ -39,6 +44,14 @@ def parse_flags(argv):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _COMPILE_ONLY.value:
+        if not _TOPOLOGY.value:
+            raise app.UsageError("--compile_only needs --topology, e.g. --topology=v5e:2x2", exitcode=2)
+        from rwkv_jax import aot
+        report = aot.compile_only(_CONFIG.value, _TOPOLOGY.value)
+        return 0 if report["fits"] else 1
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required (or --compile_only with --topology)", exitcode=2)
     from rwkv_jax import distributed, trainer  # after flag parsing: jax starts here
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            timeout_s=_DISTRIBUTED_TIMEOUT.value, auto=_AUTO_DISTRIBUTED.value)

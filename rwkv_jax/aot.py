@@ -1,0 +1,168 @@
+"""Plan a pod run from any machine: compile the real train and eval steps for a TPU topology ahead of
+time (no TPU needed, only libtpu installed) and report whether they fit, in the manner of MaxText's
+`train_compile.py`.
+
+    python train.py --config=configs/14b.py --compile_only --topology=v5p:4x4x4 --config.mesh.fsdp=-1
+
+The report gives, per device: argument, output, temporary and peak memory against the chip's HBM;
+FLOPs and bytes accessed per step (XLA's cost analysis of the partitioned program); a roofline step
+time, max(FLOPs / peak, bytes / bandwidth), and the model FLOPs utilisation it implies (the paper's
+6(VD + 13D^2L) FLOPs per token); and the compile time. `compile_only` returns the report; the caller
+exits non-zero when the step does not fit.
+
+libtpu is an optional extra (`pip install -e .[tpu-aot]`), needed only here.
+"""
+
+import dataclasses
+import math
+import os
+import time
+
+import jax
+import ml_collections
+
+from rwkv_jax import metrics as metrics_lib
+from rwkv_jax import optim, sharding, train_step
+from rwkv_jax.model import ModelConfig
+from rwkv_jax.ops import wkv as wkv_ops
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    hbm_bytes: float       # per chip
+    peak_flops: float      # dense bf16 FLOP/s per chip
+    hbm_bandwidth: float   # bytes/s per chip
+
+
+# Per-chip figures from Google Cloud's TPU system-architecture pages (docs.cloud.google.com/tpu/docs/
+# v4, v5e, v5p, v6e), keyed by the device_kind libtpu reports.
+CHIPS: dict[str, Chip] = {
+    "TPU v4": Chip(32 * GIB, 275e12, 1228e9),        # v4: 32 GiB HBM2, 275 TFLOP/s bf16, 1,228 GB/s
+    "TPU v5 lite": Chip(16e9, 197e12, 819e9),         # v5e: 16 GB HBM2, 197 TFLOP/s bf16, 819 GB/s
+    "TPU v5": Chip(95e9, 459e12, 2765e9),             # v5p: 95 GB HBM2e, 459 TFLOP/s bf16, 2,765 GB/s
+    "TPU v6 lite": Chip(32e9, 918e12, 1640e9),        # v6e: 32 GB HBM, 918 TFLOP/s bf16, 1,640 GB/s
+}
+
+
+def topology_devices(topology: str):
+    """Compile-only TPU devices of a topology such as 'v5e:2x2' or 'v5p:4x4x4' (needs libtpu)."""
+    # libtpu allows one process per machine unless told otherwise; compile-only use touches no TPU.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise ImportError("--compile_only needs libtpu: pip install -e .[tpu-aot] "
+                          "(or pip install -r requirements-dev.txt)") from None
+    from jax.experimental import topologies
+    try:
+        return topologies.get_topology_desc(topology, "tpu").devices
+    except Exception as e:  # noqa: BLE001 - libtpu's errors for a bad name are generic runtime errors
+        raise ValueError(f"--topology={topology!r} is not a TPU topology libtpu knows ({e}); use names such as "
+                         "v5e:2x2, v5e:4x4, v5p:2x2x2, v5p:4x4x4, v6e:2x4, v4:2x2x2") from None
+
+
+def _chip_of(devices, topology: str) -> tuple[Chip, int]:
+    """(the chip's figures, devices per chip) for the topology's devices."""
+    kind = devices[0].device_kind
+    if kind not in CHIPS:
+        raise ValueError(f"no HBM/FLOP figures for device kind {kind!r}; known: {sorted(CHIPS)}")
+    dims = topology.split(":")[-1].split("x")
+    chips = math.prod(int(d) for d in dims)
+    return CHIPS[kind], max(1, len(devices) // chips)
+
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax returns one dict per program
+        cost = cost[0]
+    return dict(cost or {})
+
+
+def _analyse(compiled, per_device: Chip) -> dict:
+    mem = compiled.memory_analysis()
+    cost = _cost(compiled)
+    argument, output = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
+    flops, bytes_accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    return {
+        "argument_gib": argument / GIB, "output_gib": output / GIB, "temp_gib": temp / GIB,
+        "alias_gib": alias / GIB, "peak_gib": (argument + output - alias + temp) / GIB,
+        "flops": flops, "bytes": bytes_accessed,
+        "roofline_s": max(flops / per_device.peak_flops, bytes_accessed / per_device.hbm_bandwidth),
+    }
+
+
+def compile_only(config: ml_collections.ConfigDict, topology: str, *, log=print) -> dict:
+    """Compile the train and eval steps `config` describes for `topology`; returns the report."""
+    devices = topology_devices(topology)
+    chip, per_chip = _chip_of(devices, topology)
+    per_device = Chip(chip.hbm_bytes / per_chip, chip.peak_flops / per_chip, chip.hbm_bandwidth / per_chip)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    model_values = dict(config.model)
+    # 'auto' choices are resolved for the target, not for the CPU this compiles on.
+    if model_values.get("dtype") == "auto":
+        model_values["dtype"] = "bfloat16"
+    if model_values.get("wkv_form") == "auto":
+        model_values["wkv_form"] = wkv_ops.default_form("tpu")
+    model_config = ModelConfig.from_dict(model_values)
+    t = config.train
+    log(f"compile-only for {topology}: {len(devices)} x {devices[0].device_kind}, mesh {dict(mesh.shape)}; "
+        f"model {model_config.n_layer} x {model_config.d_model} ({model_config.dtype}, scan_layers="
+        f"{model_config.scan_layers}, remat={model_config.remat}, WKV {model_config.wkv_form}); batch "
+        f"{t.batch_size} x {t.seq_len} as {t.microbatches} microbatch(es)")
+
+    optimizer = optim.make_optimizer(config.optim, t.num_steps)
+    schedule = optim.learning_rate(config.optim, t.num_steps)
+    graphdef, _, abstract_state, shardings = train_step.train_state_factory(model_config, optimizer, mesh, t.seed)
+    batch_sharding = sharding.batch_sharding(mesh)
+    tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jax.numpy.int32, sharding=batch_sharding)
+    step_fn = train_step.make_train_step(graphdef, optimizer, schedule, shardings, mesh, microbatches=t.microbatches,
+                                         l2wrap_factor=config.optim.l2wrap_factor,
+                                         loss_chunk_tokens=t.loss_chunk_tokens)
+    eval_fn = train_step.make_eval_step(graphdef, shardings.params, mesh, loss_chunk_tokens=t.loss_chunk_tokens)
+
+    report = {"topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
+              "mesh": dict(mesh.shape), "batch_size": t.batch_size, "seq_len": t.seq_len,
+              "microbatches": t.microbatches, "hbm_gib_per_device": per_device.hbm_bytes / GIB,
+              "n_params": sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))}
+    for name, fn, args in (("train", step_fn, (abstract_state, {"inputs": tokens, "targets": tokens})),
+                           ("eval", eval_fn, (abstract_state.params,
+                                              {"inputs": tokens, "targets": tokens, "mask": tokens}))):
+        start = time.perf_counter()
+        compiled = fn.lower(*args).compile()
+        seconds = time.perf_counter() - start
+        report[name] = _analyse(compiled, per_device) | {"compile_s": seconds}
+        log(f"  {name} step compiled in {seconds:.1f}s")
+
+    tokens_per_device = t.batch_size * t.seq_len / len(devices)
+    model_flops = metrics_lib.flops_per_token(model_config.vocab_size, model_config.d_model,
+                                              model_config.n_layer) * tokens_per_device
+    train = report["train"]
+    train["model_flops"] = model_flops
+    train["roofline_mfu"] = model_flops / per_device.peak_flops / train["roofline_s"] if train["roofline_s"] else 0.0
+    report["fits"] = train["peak_gib"] <= report["hbm_gib_per_device"] and report["eval"]["peak_gib"] <= \
+        report["hbm_gib_per_device"]
+    log(format_report(report))
+    return report
+
+
+def format_report(r: dict) -> str:
+    hbm = r["hbm_gib_per_device"]
+    lines = [f"per device ({r['device_kind']}, {hbm:.1f} GiB HBM):",
+             "  step   argument GiB  output GiB  temp GiB  peak GiB    FLOPs      bytes     roofline s  compile s"]
+    for name in ("train", "eval"):
+        s = r[name]
+        lines.append(f"  {name:<5} {s['argument_gib']:>12.2f} {s['output_gib']:>11.2f} {s['temp_gib']:>9.2f} "
+                     f"{s['peak_gib']:>9.2f} {s['flops']:>10.3g} {s['bytes']:>10.3g} {s['roofline_s']:>12.4f} "
+                     f"{s['compile_s']:>10.1f}")
+    t = r["train"]
+    lines.append(f"train step: roofline MFU {100 * t['roofline_mfu']:.1f}% ({t['model_flops']:.3g} model FLOPs per "
+                 f"device per step); {'FITS' if r['fits'] else 'DOES NOT FIT'}")
+    if not r["fits"]:
+        worst = max(r["train"]["peak_gib"], r["eval"]["peak_gib"])
+        lines.append(f"short by {worst - hbm:.2f} GiB per device: shard parameters and optimizer state wider "
+                     "(--config.mesh.fsdp=-1), raise --config.train.microbatches, turn on "
+                     "--config.model.remat=True, or pick a topology with more chips")
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""Compile-only planning for TPU topologies on this CPU (needs libtpu, installed by requirements-dev.txt)."""
+
+import re
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+try:
+    import libtpu  # noqa: F401
+    HAVE_LIBTPU = True
+except ImportError:
+    HAVE_LIBTPU = False
+
+needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu is not installed (pip install -e .[tpu-aot])")
+
+
+def compile_only(*args, timeout=1500):
+    env = {**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    return subprocess.run([sys.executable, "train.py", "--compile_only", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@needs_libtpu
+def test_tiny_config_compiles_for_a_v5e_2x2_and_reports_its_plan():
+    result = compile_only("--config=configs/tiny.py", "--topology=v5e:2x2", "--config.mesh.fsdp=4",
+                          "--config.mesh.data=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "4 x TPU v5 lite" in out and "mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in out
+    assert "FITS" in out and "roofline MFU" in out
+    train_row = next(line for line in out.splitlines() if re.match(r"\s+train\s+[0-9.]+\s", line))
+    argument, output, temp, peak, flops, bytes_, roofline, compile_s = map(float, train_row.split()[1:])
+    # tiny: 4 x 128, vocab 4096: about 2.9M parameters, fp32 + two Adam moments, sharded 4 ways.
+    assert 0 < argument < 0.05 and peak >= argument and flops > 1e9 and bytes_ > 1e7 and compile_s > 0
+
+
+def test_compile_only_needs_a_topology():
+    result = compile_only("--config=configs/tiny.py", timeout=120)
+    assert result.returncode == 2 and "--compile_only needs --topology" in result.stderr
+
+
+@needs_libtpu
+def test_a_bad_topology_name_is_one_clear_error():
+    result = compile_only("--config=configs/tiny.py", "--topology=v5e:banana", timeout=300)
+    assert result.returncode != 0 and "is not a TPU topology" in result.stderr + result.stdout
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_169m_plans_on_v5e_2x4_and_an_oversized_plan_fails_naming_the_shortfall():
+    result = compile_only("--config=configs/169m.py", "--topology=v5e:2x4", "--config.mesh.fsdp=-1",
+                          "--config.mesh.data=1", "--config.train.batch_size=16", "--config.train.microbatches=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FITS" in result.stdout
+    # 1.5B replicated on every chip (pure data parallelism): fp32 params + Adam + grads do not fit 16 GB.
+    result = compile_only("--config=configs/1b5.py", "--topology=v5e:2x2", "--config.mesh.data=-1",
+                          "--config.train.batch_size=4", "--config.train.microbatches=1")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "DOES NOT FIT" in result.stdout and "short by" in result.stdout and "fsdp" in result.stdout
