@@ -100,10 +100,15 @@ def make_train_step(graphdef, optimizer, schedule, shardings: TrainState, mesh: 
                 zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
                 (loss, grads), _ = jax.lax.scan(accumulate, zeros, (split(inputs), split(targets)))
                 loss, grads = jax.tree.map(lambda x: x / microbatches, (loss, grads))
+        # A non-finite loss must skip the step as a non-finite gradient does: poisoning one gradient leaf
+        # makes the global norm NaN, which the optimizer (optim.skip_if_not_finite) acts on. One leaf, not
+        # all: a select over every gradient would cost a pass over them, and the norm below is the same
+        # reduction the optimizer's clip and skip compute, so XLA computes it once.
+        leaves, treedef = jax.tree.flatten(grads)
+        leaves[0] = jnp.where(jnp.isfinite(loss), leaves[0], jnp.nan)
+        grads = jax.tree.unflatten(treedef, leaves)
         grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # A non-finite loss poisons the gradient so that apply_if_finite skips the whole step.
-        grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan), grads)
+        finite = jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite,
