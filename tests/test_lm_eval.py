@@ -28,6 +28,8 @@ from tests.peers import hf_logits, random_hf_model  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = SHARED_DIR / "tokenizers" / "gpt-neox-20b.json"
 VOCAB = 50277
+# Every test reads contexts 4 at a time in chunks of at most 8 tokens: few shapes to compile.
+MODEL_ARGS = {"batch_size": 4, "window": 16, "prefill_chunk": 8}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,7 @@ def setup(tmp_path_factory):
     tensors = {weights.hf_to_official_name(k): v.numpy() for k, v in hf.state_dict().items()}
     pth = tmp_path_factory.mktemp("ckpt") / "model.pth"
     weights.write_pth(tensors, pth)
-    lm = RWKVLM(checkpoint=str(pth), tokenizer=str(TOKENIZER), batch_size=4, window=16)
+    lm = RWKVLM(checkpoint=str(pth), tokenizer=str(TOKENIZER), **MODEL_ARGS)
     return hf, lm.model, lm.tokenizer, pth, lm
 
 
@@ -106,10 +108,11 @@ def test_loglikelihood_equals_hf(setup):
 
 
 def test_state_branching_equals_scoring_from_scratch(setup):
-    """Groups of 1 to 4 continuations of contexts of many lengths, read 3 at a time in chunks of at most 4
-    tokens and scored 8 positions per call: the same as each pair scored alone by eval.py's scorer."""
+    """Groups of 1 to 4 continuations of contexts of many lengths (rows of one batch ending at different
+    chunks, a last batch with empty rows), scored 8 positions per call: the same as each pair scored alone
+    by eval.py's scorer."""
     _, model, tok, pth, _ = setup
-    lm = RWKVLM(checkpoint=model, tokenizer=tok, batch_size=3, prefill_chunk=4, max_positions=8)
+    lm = RWKVLM(checkpoint=model, tokenizer=tok, **MODEL_ARGS, max_positions=8)
     rng = np.random.default_rng(0)
     words = "the a river stone house light quiet green old runs falls sings over under near far".split()
     pairs = []
@@ -150,7 +153,8 @@ def test_lambada_task_equals_eval_lambada(setup, tmp_path, monkeypatch):
                                                                               str(greedy_file)))
     monkeypatch.chdir(REPO)  # the shipped task reads its data relative to the repository root
     out = lm_eval.simple_evaluate(model=lm, tasks=["lambada_local", "lambada_greedy"], bootstrap_iters=0,
-                                  task_manager=TaskManager(include_path=[str(REPO / "tasks"), str(tmp_path)]))
+                                  task_manager=TaskManager(include_path=[str(REPO / "tasks"), str(tmp_path)],
+                                                           include_defaults=False))
     for task, path in (("lambada_local", shipped), ("lambada_greedy", greedy_file)):
         examples = ev.lambada_examples(path)
         for context, target in examples:  # the harness's one-string split is eval.py's separate encoding
@@ -208,13 +212,21 @@ def test_generate_until_stops_and_equals_greedy_generate(setup):
     assert got[0] == gen_lib.generate(model, tok, prompts[0], max_new_tokens=12, temperature=0, stop=[stop, eot])[0].text
 
 
-def test_command_line_multiple_choice(setup, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def no_catalog(monkeypatch):
+    """Task managers that index only --include_path, not the harness's catalog of ~14k YAML files (10 s)."""
+    init = lm_eval.tasks.TaskManager.__init__
+    monkeypatch.setattr(lm_eval.tasks.TaskManager, "__init__",
+                        lambda self, *args, **kwargs: init(self, *args, **{**kwargs, "include_defaults": False}))
+
+
+def test_command_line_multiple_choice(setup, tmp_path, monkeypatch, capsys, no_catalog):
     """python -m rwkv_jax.lm_eval on the shipped multiple-choice task: its accuracy is the argmax over each
     question's endings of the adapter's log-probabilities; a missing checkpoint is one error line."""
     from rwkv_jax import lm_eval as entry
     _, _, _, pth, lm = setup
     monkeypatch.chdir(REPO)
-    entry.main(["--model_args", f"checkpoint={pth},tokenizer={TOKENIZER}", "--tasks", "choice_local",
+    entry.main(["--model_args", f"checkpoint={pth},tokenizer={TOKENIZER},prefill_chunk=8", "--tasks", "choice_local",
                 "--include_path", "tasks/", "--batch_size", "4", "--output_path",
                 str(tmp_path / "out")])
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["choice_local"]
