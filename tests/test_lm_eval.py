@@ -81,19 +81,26 @@ PAIRS = [("The cat sat on the", " mat."), ("The cat sat on the", " chair by the 
 
 def test_loglikelihood_equals_hf(setup):
     """Each (context, continuation) against HF transformers' log-probability: read after end-of-text (the
-    default), and from the empty state (context_prefix='none') against the harness's own `hf` model."""
+    default) or '\\n', and from the empty state (context_prefix='none') against the harness's own `hf` model."""
     from lm_eval.models.huggingface import HFLM
     from transformers import PreTrainedTokenizerFast
     hf, _, tok, _, lm = setup
     greedy_word = hf_argmax_word(hf, tok, [tok.eot_id], PAIRS[0][0])
     assert greedy_word is not None  # so that a True greedy flag is checked too
     pairs = PAIRS + [(PAIRS[0][0], greedy_word)]
-    got = lm.loglikelihood(requests("loglikelihood", pairs), disable_tqdm=True)
-    for (context, continuation), (logp, greedy) in zip(pairs, got):
-        ctx, cont = harness_split(tok, context, continuation) if context else ([], tok.encode(continuation))
-        want, want_greedy = hf_continuation(hf, [tok.eot_id], ctx, cont)
-        assert abs(logp - want) < 1e-4 and greedy == want_greedy, (context, continuation)
-    assert got[-1][1] and not got[0][1]
+    for prefix, prefix_ids in (("eot", [tok.eot_id]), ("newline", tok.encode("\n"))):
+        lm.context_prefix = prefix
+        try:
+            got = lm.loglikelihood(requests("loglikelihood", pairs), disable_tqdm=True)
+        finally:
+            lm.context_prefix = "eot"
+        for (context, continuation), (logp, greedy) in zip(pairs, got):
+            # an empty context is the end-of-text token whatever the prefix, as in the harness
+            ctx, cont = harness_split(tok, context, continuation) if context else ([], tok.encode(continuation))
+            want, want_greedy = hf_continuation(hf, prefix_ids if context else [tok.eot_id], ctx, cont)
+            assert abs(logp - want) < 1e-4 and greedy == want_greedy, (prefix, context, continuation)
+        if prefix == "eot":
+            assert got[-1][1] and not got[0][1]
 
     hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER), eos_token="<|endoftext|>")
     hflm = HFLM(pretrained=hf, tokenizer=hf_tok, batch_size=4, device="cpu")
