@@ -7,10 +7,11 @@ and their ratio.
     python benchmarks/lm_eval.py --small         # 4 x 128: a quick check that it runs
 
 Both models get the same request list, built by the harness from tasks/choice_local (each question's 2 to 4
-endings after its context), repeated --copies times. The adapter reads contexts from the empty state
+endings after its context), repeated --copies times with distinct contexts ("Question k. ..."). The adapter reads contexts from the empty state
 (context_prefix=none) as HFLM does, so the log-probabilities must agree: the largest difference is printed.
 rwkv_jax is timed after a warm-up run of the same requests (compilation excluded; the first, compiling run
-is printed too); HFLM after a warm-up on a few requests. Both at --batch_size.
+is printed too); HFLM after a warm-up on a few requests. --batch_size is HFLM's requests per forward call
+and the adapter's contexts per batch (each with all its endings).
 """
 
 import argparse
@@ -37,17 +38,21 @@ def parse_args(argv=None):
                    help="the GPT-NeoX-20B tokenizer JSON")
     p.add_argument("--d_model", type=int, default=768)
     p.add_argument("--n_layer", type=int, default=12)
-    p.add_argument("--copies", type=int, default=4, help="times the task's requests are repeated")
+    p.add_argument("--copies", type=int, default=None, help="times the task's requests are repeated (default 4; "
+                   "1 with --small)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--small", action="store_true", help="4 x 128 model, one copy (a check that it runs)")
     args = p.parse_args(argv)
     if args.small:
-        args.d_model, args.n_layer, args.copies = 128, 4, 1
+        args.d_model, args.n_layer = 128, 4
+    if args.copies is None:
+        args.copies = 1 if args.small else 4
     return args
 
 
 def task_requests(copies):
     """The harness's loglikelihood requests of tasks/choice_local, `copies` times."""
+    from lm_eval.api.instance import Instance
     from lm_eval.tasks import TaskManager
     cwd = os.getcwd()
     os.chdir(REPO)  # the task's data path is relative to the repository root
@@ -57,7 +62,9 @@ def task_requests(copies):
         task.build_all_requests(rank=0, world_size=1)
     finally:
         os.chdir(cwd)
-    return [inst for _ in range(copies) for inst in task.instances]
+    # Each copy's contexts are made distinct, so that no context is shared across copies.
+    return [Instance(inst.request_type, inst.doc, (f"Question {k + 1}. {inst.args[0]}", inst.args[1]), inst.idx)
+            for k in range(copies) for inst in task.instances]
 
 
 def random_tensors(d_model, n_layer):

@@ -243,11 +243,10 @@ class RWKVLM(TemplateLM):
         continuation ids): contexts read once per group, the state branched per continuation."""
         groups = collections.defaultdict(list)  # context ids -> request indices
         for i, ((context, _), ctx, _) in enumerate(requests):
-            # An empty context arrives as [prefix_token_id] (the end-of-text token) already.
+            # An empty context arrives as [prefix_token_id] (the end-of-text token) already; one of only
+            # spaces arrives with no tokens (its spaces moved to the continuation) and is treated alike.
             ids = tuple(ctx) if context == "" else tuple(self._prefix) + tuple(ctx)
-            if not ids:  # context_prefix='none' and the harness's empty-context form cannot both be empty
-                raise ValueError("a context with no tokens: use context_prefix='eot'")
-            groups[ids].append(i)
+            groups[ids or (self.prefix_token_id,)].append(i)
         order = sorted(groups, key=len, reverse=True)  # longest first: memory errors show at once
         results = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="rwkv_jax loglikelihood")

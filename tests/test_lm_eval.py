@@ -4,12 +4,17 @@ harness's own `hf` model), eval.py's LAMBADA and perplexity scoring, and rwkv_ja
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+# The tasks read local files: never reach for the HF hub (set before `datasets` is imported).
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (requirements-dev.txt pins it: "
                               "pip install -r requirements-dev.txt)")
