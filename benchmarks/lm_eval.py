@@ -7,8 +7,9 @@ and their ratio.
     python benchmarks/lm_eval.py --small         # 4 x 128: a quick check that it runs
 
 Both models get the same request list, built by the harness from tasks/choice_local (each question's 2 to 4
-endings after its context), repeated --copies times with distinct contexts ("Question k. ..."). The adapter reads contexts from the empty state
-(context_prefix=none) as HFLM does, so the log-probabilities must agree: the largest difference is printed.
+endings after its context), repeated --copies times with distinct contexts ("Question k. ..."). The adapter
+reads contexts from the empty state (context_prefix=none) as HFLM does, so the log-probabilities must agree:
+the largest difference is printed.
 rwkv_jax is timed after a warm-up run of the same requests (compilation excluded; the first, compiling run
 is printed too); HFLM after a warm-up on a few requests. --batch_size is HFLM's requests per forward call
 and the adapter's contexts per batch (each with all its endings).
@@ -28,8 +29,6 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import numpy as np  # noqa: E402
 
 
 def parse_args(argv=None):

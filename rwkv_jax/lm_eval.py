@@ -35,9 +35,12 @@ def main(args: list[str] | None = None) -> None:
         except ImportError as e:
             raise ImportError(f"{e}: install the harness with `pip install lm-eval[hf]==0.4.13` (pinned in "
                               "requirements-dev.txt)") from e
-        import rwkv_jax.lm_eval_adapter  # noqa: F401  (registers the model `rwkv_jax`)
-        sys.argv = harness_argv(args)
-        cli_evaluate()
+        from rwkv_jax import lm_eval_adapter  # noqa: F401  (registers the model `rwkv_jax`)
+        saved, sys.argv = sys.argv, harness_argv(args)  # the harness parses sys.argv
+        try:
+            cli_evaluate()
+        finally:
+            sys.argv = saved
     except cli.EXPECTED_ERRORS as e:
         if traceback or cli.want_traceback():
             raise

@@ -25,7 +25,6 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from rwkv_jax import evaluation as ev  # noqa: E402
 from rwkv_jax import generate as gen_lib  # noqa: E402
 from rwkv_jax import weights  # noqa: E402
-from rwkv_jax.data.tokenizer import HFJsonTokenizer  # noqa: E402
 from rwkv_jax.lm_eval_adapter import RWKVLM  # noqa: E402
 from tests.conftest import SHARED_DIR  # noqa: E402
 from tests.peers import hf_logits, random_hf_model  # noqa: E402
@@ -183,7 +182,8 @@ def test_loglikelihood_rolling_equals_eval_documents(setup):
     each one against HF transformers in one call."""
     hf, model, tok, _, lm = setup
     texts = ["Short one.", "The river runs past the old mill, under the stone bridge, and on through the "
-             "fields where the farmers grow wheat and barley every summer. " * 2, "", "Zwölf Boxkämpfer jagen Viktor."]
+             "fields where the farmers grow wheat and barley every summer. " * 2, "",
+             "Zwölf Boxkämpfer jagen Viktor."]
     got = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(t,) for t in texts]), disable_tqdm=True)
     assert got[2] == 0.0
     report = ev.evaluate_documents(model, ev.documents_from_texts(texts, tok), start_token=tok.eot_id, window=64)
@@ -221,7 +221,8 @@ def test_generate_until_stops_and_equals_greedy_generate(setup):
                                 disable_tqdm=True)
     finally:
         lm.context_prefix = "eot"
-    assert got[0] == gen_lib.generate(model, tok, prompts[0], max_new_tokens=12, temperature=0, stop=[stop, eot])[0].text
+    want = gen_lib.generate(model, tok, prompts[0], max_new_tokens=12, temperature=0, stop=[stop, eot])[0]
+    assert got[0] == want.text
 
 
 @pytest.fixture
