@@ -4,10 +4,10 @@
         --tasks lambada_local,choice_local --include_path tasks/ --batch_size 8
 
     import lm_eval
+    from lm_eval.tasks import TaskManager
     from rwkv_jax.lm_eval_adapter import RWKVLM
     lm = RWKVLM(checkpoint="RWKV-4-Pile-169M.pth", tokenizer="20B_tokenizer.json", batch_size=8)
-    lm_eval.simple_evaluate(model=lm, tasks=["lambada_local"], task_manager=lm_eval.tasks.TaskManager(
-        include_path="tasks"))
+    lm_eval.simple_evaluate(model=lm, tasks=["lambada_local"], task_manager=TaskManager(include_path="tasks"))
 
 The checkpoint is anything `rwkv_jax.weights.load_model` loads (a training workdir, an official .pth, an
 HF RWKV directory, an rwkv_jax directory) or an `RWKV` module; the tokenizer a file (.json HF tokenizers,
@@ -35,8 +35,8 @@ Context prefix (`context_prefix`): RWKV reads documents after an end-of-text tok
 `eval.py` scores after one, so by default ('eot') every non-empty context of `loglikelihood` and every
 prompt of `generate_until` is read after the end-of-text token; this makes the harness's LAMBADA numbers
 equal `eval.py --lambada`. 'none' reads the context from the empty state, exactly as the harness's `hf`
-model scores an RWKV model; 'newline' reads it after the tokens of '\\n' (ChatRWKV's lm-eval script pads
-with '\\n' for the RWKV-4 model cards' numbers).
+model scores an RWKV model; 'newline' reads it after the tokens of '\\n' (the pad of ChatRWKV's lm-eval
+scripts).
 """
 
 import collections
