@@ -41,6 +41,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--batch_size", type=int, default=12)
     p.add_argument("--seq_len", type=int, default=1024)
+    p.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = p.parse_args()
     logging.set_verbosity(logging.INFO)  # Show build progress on a first run.
 
@@ -63,6 +64,10 @@ def main() -> None:
     print(f"169M training step: {need} tokens ({source})")
     print(f"ratio: data feeds {rate / need:.0f} training steps/s; target > 1M tokens/s: "
           f'{"met" if rate > 1e6 else "NOT met"}')
+    if args.json:
+        import json
+        with open(args.json, "w") as f:
+            json.dump({"tokens_per_s": rate, "step_tokens_169m": need, "batch": [args.batch_size, args.seq_len]}, f)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--torch_threads", type=int, default=0,
                    help="torch threads for the peers (0: the faster of 1 and all cores, measured)")
     p.add_argument("--quick", action="store_true", help="tiny model and lengths (smoke test)")
+    p.add_argument("--json", default="", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     if args.quick:
         args.vocab, args.d_model, args.n_layer = 300, 64, 2
@@ -255,6 +256,11 @@ def main(argv=None):
           f"ratio {lat[args.long_pos] / lat[args.short_pos]:.3f}")
     print(f"torch threads (peers): {results.get('torch_threads', {})}; jax: XLA's CPU thread pool")
     print(f"(total {time.time() - start:.0f}s)")
+    results["n_params"] = int(n_params)
+    if args.json:
+        import json
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=str)
     return results
 
 

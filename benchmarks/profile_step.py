@@ -18,7 +18,7 @@ parameters and both Adam moments, write the last three) over the probed memory b
 
 import argparse
 import os
-import statistics
+import json
 import time
 
 import jax
@@ -26,32 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import probes
 from rwkv_jax import optim, sharding, train_step
 from rwkv_jax.model import ModelConfig
 from rwkv_jax.ops import wkv as wkv_ops
 
 
 def timed(fn, *args, steps=5):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def probe_matmul_flops(n=2048):
-    a = jnp.ones((n, n), jnp.float32) * 0.5
-    dot = jax.jit(jnp.dot)
-    return 2 * n ** 3 / min(timed(dot, a, a, steps=5) for _ in range(2))
-
-
-def probe_bandwidth(n_bytes=512 * 2**20):
-    """Bytes/s of an elementwise pass (read one fp32 array, write another), counting both."""
-    x = jnp.ones((n_bytes // 4,), jnp.float32)
-    f = jax.jit(lambda x: x * 1.000001)
-    return 2 * n_bytes / min(timed(f, x, steps=5) for _ in range(2))
+    return probes.median_time(fn, *args, repeats=steps)
 
 
 def main(argv=None):
@@ -65,6 +47,7 @@ def main(argv=None):
     p.add_argument("--wkv_form", default="auto")
     p.add_argument("--scan_layers", action="store_true")
     p.add_argument("--trace", default="", help="directory for a jax.profiler trace of 3 full steps")
+    p.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
 
     B, T, D, L, V = args.batch, args.seq, args.d_model, args.n_layer, args.vocab
@@ -81,7 +64,7 @@ def main(argv=None):
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
 
     load = "load average %.1f %.1f %.1f" % os.getloadavg()
-    peak, bandwidth = probe_matmul_flops(), probe_bandwidth()
+    peak, bandwidth = probes.matmul_flops(), probes.memory_bandwidth()
     print(f"{L} x {D}, vocab {V}, B={B} T={T}, {n_params:,} parameters; {load}")
     print(f"probed: matmul {peak / 1e9:.1f} GFLOP/s (2048^3 fp32 dot), memory {bandwidth / 1e9:.1f} GB/s "
           "(elementwise pass, read + write)", flush=True)
@@ -150,12 +133,19 @@ def main(argv=None):
         lim = f"{1e3 * limit:>9.1f} {seconds / limit:>7.2f}x" if limit else ""
         print(f"{name:<22} {1e3 * seconds:>9.1f} {share:>10} {lim}")
     print(f"tokens/s {B * T / rows['step']:.1f}; MFU {(matmul_flops + head_flops) / rows['step'] / peak:.1%}")
+    result = {"shape": f"{L}x{D} V{V} B{B} T{T}", "seconds": rows, "limits_s": limits, "peak_flops": peak,
+              "bandwidth": bandwidth, "n_params": n_params, "update_bytes": update_bytes,
+              "load": os.getloadavg()}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
 
     if args.trace:
         with jax.profiler.trace(args.trace):
             for _ in range(3):
                 jax.block_until_ready(full_step())
         print(f"trace written to {args.trace} (open with TensorBoard's profile plugin or Perfetto)")
+    return result
 
 
 if __name__ == "__main__":

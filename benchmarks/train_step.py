@@ -34,7 +34,9 @@ from rwkv_jax import metrics, optim, sharding, train_step
 from rwkv_jax.model import ModelConfig
 from rwkv_jax.ops import wkv as wkv_ops
 
-SHAPES = {"tiny": dict(vocab_size=4096, n_layer=4, d_model=128), "169m": dict(vocab_size=50277, n_layer=12, d_model=768)}
+# The model shapes of configs/tiny.py and configs/169m.py, with their scan_layers settings.
+SHAPES = {"tiny": dict(vocab_size=4096, n_layer=4, d_model=128),
+          "169m": dict(vocab_size=50277, n_layer=12, d_model=768, scan_layers=True)}
 
 
 def parse_args(argv=None):
@@ -54,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--probe-size", type=int, default=2048, help="n of the n x n fp32 matmul probe")
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads; 0: the CPUs XLA:CPU uses (schedulable CPUs)")
+    p.add_argument("--json", default="", help="also write the rows to this JSON file")
     p.add_argument("--hf", default="auto", choices=("auto", "on", "off"),
                    help="run the HF transformers peer; auto: only when jax runs on CPU")
     return p.parse_args(argv)
@@ -101,6 +104,7 @@ def random_tokens(vocab: int, batch: int, seq: int, seed: int = 0) -> np.ndarray
 
 def bench_jax(shape: dict, batch: int, seq: int, args) -> dict:
     model_config = ModelConfig.from_dict(dict(shape, dtype=args.dtype, wkv_form=args.wkv_form))
+    shape = {k: v for k, v in shape.items() if k in ("vocab_size", "n_layer", "d_model")}
     form = wkv_ops.default_form() if model_config.wkv_form == "auto" else model_config.wkv_form
     mesh = sharding.make_mesh(sharding.default_mesh_config())
     optim_config = optim.default_optim_config()
@@ -129,6 +133,7 @@ def bench_jax(shape: dict, batch: int, seq: int, args) -> dict:
 
 def bench_hf(shape: dict, batch: int, seq: int, args) -> dict:
     import torch
+    shape = {k: v for k, v in shape.items() if k in ("vocab_size", "n_layer", "d_model")}
     from transformers import RwkvConfig, RwkvForCausalLM
 
     torch.manual_seed(0)
@@ -219,6 +224,11 @@ def main(argv=None):
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else ""
         print(f"{r['impl']:<16} | {r['shape']:<34} | {r['tps']:>10,.0f} | {r['mfu']:>7.2%} | {r['step_ms']:>9.1f} | "
               f"{r['first_s']:>10.1f} | {ratio:>11} | {r['loss0']:>6.3f} | {r['note']}")
+    if args.json:
+        import json
+        with open(args.json, "w") as f:
+            json.dump({"peak_flops": peak, "peak_source": peak_source, "rows": rows}, f, indent=2)
+    return rows
 
 
 if __name__ == "__main__":

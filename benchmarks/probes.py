@@ -1,0 +1,43 @@
+"""This machine's two ceilings, probed in the calling process: the matmul rate (FLOP/s) and the memory
+bandwidth (bytes/s), the limits every benchmark here reports its figures against."""
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def best_time(fn, *args, repeats: int = 5) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def median_time(fn, *args, repeats: int = 5) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_flops(n: int = 2048) -> float:
+    """FLOP/s of the best of five n x n fp32 jnp.dot calls on the default device."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+    b = jnp.asarray(np.random.default_rng(1).standard_normal((n, n)), jnp.float32)
+    return 2 * n ** 3 / best_time(jax.jit(jnp.dot), a, b)
+
+
+def memory_bandwidth(n_bytes: int = 512 * 2**20) -> float:
+    """Bytes/s of the best of five elementwise passes over an fp32 array far larger than the caches,
+    counting the bytes read and the bytes written."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(n_bytes // 4), jnp.float32)
+    return 2 * n_bytes / best_time(jax.jit(lambda x: x * 1.000001 + 1e-7), x)

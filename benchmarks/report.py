@@ -1,0 +1,170 @@
+"""One performance table for this machine: every benchmark in benchmarks/, each figure beside its peer's,
+the ratio, and the limit it is measured against (FLOPs over the probed matmul peak, bytes over the
+probed memory bandwidth; both probed here, in this process).
+
+    python benchmarks/report.py                 # the full table (about 20 minutes on 2 CPU cores)
+    python benchmarks/report.py --quick         # small shapes, a smoke run
+
+Each benchmark runs in its own process (`python benchmarks/X.py ... --json FILE`) so that one's memory
+and threads do not disturb the next. Writes benchmarks/results/<host>.json (every figure) and
+benchmarks/results/<host>.png (each figure as a fraction of its limit), and prints the table as Markdown.
+Run it on a quiet machine: the load average is recorded beside the figures.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def run(script: str, *flags: str) -> dict:
+    """Run benchmarks/<script> with --json and return what it wrote."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.json"
+        cmd = [sys.executable, str(HERE / script), *flags, f"--json={out}"]
+        print(f"$ {' '.join(cmd[1:])}", flush=True)
+        start = time.time()
+        result = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True)
+        if result.returncode != 0 or not out.exists():
+            print(result.stdout[-2000:], result.stderr[-3000:], sep="\n")
+            raise RuntimeError(f"{script} failed (exit {result.returncode})")
+        print(f"  done in {time.time() - start:.0f}s", flush=True)
+        return json.loads(out.read_text())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small shapes: check that everything runs")
+    p.add_argument("--out", default=str(HERE / "results"), help="directory for <host>.json and <host>.png")
+    args = p.parse_args(argv)
+
+    sys.path.insert(0, str(HERE))
+    import jax
+    import probes
+    load_before = os.getloadavg()
+    peak, bandwidth = probes.matmul_flops(), probes.memory_bandwidth()
+    print(f"probed: matmul {peak / 1e9:.1f} GFLOP/s, memory {bandwidth / 1e9:.1f} GB/s; load {load_before}", flush=True)
+
+    rows = []  # (group, figure, ours, peer, peer name, unit, limit, limit basis)
+
+    def add(group, figure, ours, unit, peer=None, peer_name="", limit=None, basis=""):
+        rows.append({"group": group, "figure": figure, "ours": ours, "unit": unit, "peer": peer,
+                     "peer_name": peer_name, "limit": limit, "basis": basis})
+
+    # --- WKV ---------------------------------------------------------------------------------------
+    B, T, C = (2, 256, 128) if args.quick else (8, 1024, 768)
+    wkv = run("wkv.py", f"--batch={B}", f"--seq={T}", f"--channels={C}", *(["--quick"] if args.quick else []))
+    wkv_bytes_fwd = 3 * B * T * C * 4           # read k, v; write y
+    wkv_bytes_bwd = wkv_bytes_fwd + 5 * B * T * C * 4  # and read k, v, dy; write dk, dv
+    best = wkv["default"]
+    add("WKV", f"forward, {best['label']} (CPU default), B={B} T={T} C={C}", best["fwd_ms"], "ms",
+        peer=wkv["baseline"]["fwd_ms"], peer_name=wkv["baseline"]["label"],
+        limit=1e3 * wkv_bytes_fwd / bandwidth, basis="bytes (k, v in; y out) / bandwidth")
+    add("WKV", f"forward+backward, {best['label']}", best["fwdbwd_ms"], "ms",
+        peer=wkv["baseline"]["fwdbwd_ms"], peer_name=wkv["baseline"]["label"],
+        limit=1e3 * wkv_bytes_bwd / bandwidth, basis="bytes (k, v, dy in; y, dk, dv out) / bandwidth")
+
+    # --- Training step -------------------------------------------------------------------------------
+    shapes = [("tiny", "16", "128")] if args.quick else [("tiny", "16", "128"), ("169m", "1", "128"),
+                                                          ("169m", "2", "512"), ("169m", "1", "1024")]
+    for name, batch, seq in shapes:
+        flags = [f"--shapes={name}", f"--peak-flops={peak}"]
+        flags += [f"--tiny-batch={batch}", f"--tiny-seq={seq}"] if name == "tiny" else \
+            [f"--big-batch={batch}", f"--big-seq={seq}"]
+        if args.quick:
+            flags += ["--steps=2", "--warmup=1"]
+        r = run("train_step.py", *flags)["rows"]
+        ours = next(x for x in r if x["impl"] == "rwkv_jax")
+        hf = next((x for x in r if x["impl"] != "rwkv_jax"), None)
+        add("train step", f"{name} B={batch} T={seq}: tokens/s (MFU {ours['mfu']:.0%})", ours["tps"], "tokens/s",
+            peer=hf["tps"] if hf else None, peer_name="HF transformers",
+            limit=ours["tps"] / ours["mfu"] if ours["mfu"] else None, basis="6(VD+13D^2L) FLOPs / matmul peak")
+        add("train step", f"{name} B={batch} T={seq}: first step (compile) s", ours["first_s"], "s",
+            peer=hf["first_s"] if hf else None, peer_name="HF transformers")
+
+    # --- Where a 169M step goes ----------------------------------------------------------------------
+    prof = run("profile_step.py", *(["--vocab=4096", "--d_model=128", "--n_layer=4", "--steps=2"] if args.quick else []))
+    sec, lim = prof["seconds"], prof["limits_s"]
+    add("169M step parts", "optimizer update (clip, Adam, apply) ms", 1e3 * sec["update"], "ms",
+        limit=1e3 * prof["update_bytes"] / bandwidth, basis="7 x 4 bytes x params / bandwidth")
+    for part in ("fwd+bwd", "head+CE", "WKV", "matmuls"):
+        add("169M step parts", f"{part} ms ({100 * sec[part] / sec['step']:.0f}% of the step)", 1e3 * sec[part], "ms",
+            limit=1e3 * lim[part] if part in lim else None, basis="FLOPs / matmul peak" if part in lim else "")
+
+    # --- Data and generation -------------------------------------------------------------------------
+    data = run("data.py", "--seconds=1" if args.quick else "--seconds=3")
+    add("data", "batch production, tokens/s (one thread)", data["tokens_per_s"], "tokens/s",
+        peer=data["step_tokens_169m"], peer_name="tokens one 169M step needs")
+    gen = run("generate.py", *(["--quick"] if args.quick else []))
+    n_params = gen["n_params"]
+    decode_b1 = gen["decode_b1"]
+    add("generate", "decode tokens/s, batch 1", decode_b1["rwkv_jax"], "tokens/s", peer=decode_b1.get("official"),
+        peer_name="official rwkv", limit=bandwidth / (4 * n_params), basis="read every fp32 weight once / bandwidth")
+    batch_key = next(k for k in gen if k.startswith("decode_b") and k != "decode_b1")
+    add("generate", f"decode tokens/s, batch {batch_key[8:]}", gen[batch_key]["rwkv_jax"], "tokens/s",
+        peer=gen[batch_key].get("hf"), peer_name="HF transformers")
+    add("generate", "prefill tokens/s", gen["prefill"]["rwkv_jax"], "tokens/s", peer=gen["prefill"].get("official"),
+        peer_name="official rwkv", limit=peak / (2 * n_params), basis="2 x params FLOPs / matmul peak")
+
+    # --- Output ----------------------------------------------------------------------------------------
+    host = platform.node() or "host"
+    meta = {"host": host, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
+            "jax": jax.__version__, "backend": jax.default_backend(), "peak_flops": peak, "bandwidth": bandwidth,
+            "load_before": load_before, "load_after": os.getloadavg(), "quick": args.quick}
+    lines = [f"{meta['date']}, {host}: {meta['cpus']} CPUs, jax {meta['jax']} ({meta['backend']}); probed matmul "
+             f"{peak / 1e9:.1f} GFLOP/s, memory {bandwidth / 1e9:.1f} GB/s; load average {load_before[0]:.1f} before, "
+             f"{meta['load_after'][0]:.1f} after", "",
+             "| group | figure | rwkv_jax | peer | ratio | limit | of limit | limit from |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        higher_is_better = r["unit"] in ("tokens/s",)
+        ratio = None
+        if r["peer"]:
+            ratio = r["ours"] / r["peer"] if higher_is_better else r["peer"] / r["ours"]
+        frac = None
+        if r["limit"]:
+            frac = r["ours"] / r["limit"] if higher_is_better else r["limit"] / r["ours"]
+        r["ratio"], r["fraction_of_limit"] = ratio, frac
+        peer = f"{r['peer']:,.1f} ({r['peer_name']})" if r["peer"] else ""
+        ratio_s = f"{ratio:.2f}x" if ratio else ""
+        limit_s = f"{r['limit']:,.1f}" if r["limit"] else ""
+        frac_s = f"{frac:.0%}" if frac else ""
+        lines.append(f"| {r['group']} | {r['figure']} | {r['ours']:,.1f} {r['unit']} | {peer} | {ratio_s} | "
+                     f"{limit_s} | {frac_s} | {r['basis']} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{host}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out / f"{host}.md").write_text(table + "\n")
+    _plot(rows, out / f"{host}.png", meta)
+    print(f"\nwritten: {out / (host + '.json')}, {out / (host + '.md')}, {out / (host + '.png')}")
+
+
+def _plot(rows, path, meta):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    shown = [r for r in rows if r.get("fraction_of_limit")]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(shown) + 1.5))
+    labels = [f"{r['group']}: {r['figure']}" for r in shown]
+    ax.barh(range(len(shown)), [r["fraction_of_limit"] for r in shown], color="tab:blue")
+    ax.set_yticks(range(len(shown)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("fraction of the limit (1 = at the FLOP or bandwidth ceiling)")
+    ax.set_title(f"rwkv_jax on {meta['host']} ({meta['date']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
