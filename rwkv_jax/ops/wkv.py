@@ -119,48 +119,82 @@ def _put(x_BTC, t, value_BC):
     return jax.lax.dynamic_update_index_in_dim(x_BTC, value_BC, t, axis=1)
 
 
-def _recurrence(w_C, u_C, k_BTC, v_BTC, a0, b0, p0, unroll, keep_states):
-    """The forward loop. Returns y [B, T, C], the states (a, b, p) before every token ([B, T, C] each) when
-    `keep_states` (else ()), and the final (a, b, anchor, n).
+def _loop(start, length, body, carry, unroll):
+    """`body(t, carry)` for t = start .. start + length - 1 (start may be traced, length is static)."""
+    return jax.lax.fori_loop(0, length, lambda j, carry: body(start + j, carry), carry,
+                             unroll=max(1, min(unroll, length)))
+
+
+def _spans(T, span):
+    """The loop over T in spans of `span` tokens: (number of full spans, length of the last partial one)."""
+    return divmod(T, span)
+
+
+def _recurrence(w_C, u_C, k_BTC, v_BTC, state, unroll, checkpoint_every=None):
+    """The forward loop from state (a, b, anchor, n). Returns y [B, T, C], the final (a, b, anchor, n) and,
+    given `checkpoint_every` = L, the state before tokens 0, L, 2L, ... stacked ([ceil(T/L), B, C] each).
 
     The loop reads token t out of [B, T, C] in place (B rows of C contiguous values): on CPU this measured
     faster than a `lax.scan` over time-major copies, whose transposes in and out cost as much as the loop.
     """
-    def body(t, carry):
-        (a, b, anchor, n), y, kept = carry
-        y_t, p, state = _step(w_C, u_C, _at(k_BTC, t), _at(v_BTC, t), a, b, anchor, n)
-        kept = tuple(_put(x, t, value) for x, value in zip(kept, (a, b, p)))
-        return state, _put(y, t, y_t), kept
+    T = k_BTC.shape[1]
+    span = checkpoint_every or T
+    n_full, tail = _spans(T, span)
 
-    kept = tuple(jnp.zeros_like(k_BTC) for _ in range(3)) if keep_states else ()
-    init = ((a0, b0, p0, jnp.zeros_like(p0)), jnp.zeros_like(k_BTC), kept)
-    state, y, kept = jax.lax.fori_loop(0, k_BTC.shape[1], body, init, unroll=unroll)
-    return y, kept, state
+    def token(t, carry):
+        state, y = carry
+        y_t, _, state = _step(w_C, u_C, _at(k_BTC, t), _at(v_BTC, t), *state)
+        return state, _put(y, t, y_t)
+
+    def run_span(index, length, carry):
+        state, y, kept = carry
+        if checkpoint_every:
+            kept = tuple(jax.lax.dynamic_update_index_in_dim(x, s, index, 0) for x, s in zip(kept, state))
+        state, y = _loop(index * span, length, token, (state, y), unroll)
+        return state, y, kept
+
+    kept = tuple(jnp.zeros((n_full + (tail > 0),) + s.shape, s.dtype) for s in state) if checkpoint_every else ()
+    carry = (state, jnp.zeros_like(k_BTC), kept)
+    carry = jax.lax.fori_loop(0, n_full, lambda i, carry: run_span(i, span, carry), carry)
+    if tail:
+        carry = run_span(n_full, tail, carry)
+    state, y, kept = carry
+    return y, state, kept
+
+
+# Tokens between the states the forward keeps for the backward, which recomputes the states in between,
+# a span at a time, into buffers that stay in cache. Keeping every state instead costs three arrays the
+# size of k written and read back: measured slower on CPU (memory traffic, page faults of fresh buffers).
+CHECKPOINT_EVERY = 32
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _sequential(w_C, u_C, k_BTC, v_BTC, a0, b0, p0, unroll):
-    y, _, (a, b, anchor, n) = _recurrence(w_C, u_C, k_BTC, v_BTC, a0, b0, p0, unroll, keep_states=False)
+    y, (a, b, anchor, n), _ = _recurrence(w_C, u_C, k_BTC, v_BTC, (a0, b0, p0, jnp.zeros_like(p0)), unroll)
     return y, (a, b, anchor + n * w_C)
 
 
 def _sequential_fwd(w_C, u_C, k_BTC, v_BTC, a0, b0, p0, unroll):
-    y, kept, (a, b, anchor, n) = _recurrence(w_C, u_C, k_BTC, v_BTC, a0, b0, p0, unroll, keep_states=True)
+    y, (a, b, anchor, n), kept = _recurrence(w_C, u_C, k_BTC, v_BTC, (a0, b0, p0, jnp.zeros_like(p0)), unroll,
+                                             checkpoint_every=CHECKPOINT_EVERY)
     return (y, (a, b, anchor + n * w_C)), (w_C, u_C, k_BTC, v_BTC, kept, (a0, b0), (a, b, n))
 
 
 def _sequential_bwd(unroll, residuals, cotangents):
-    """The reverse recurrence of `wkv_sequential`'s docstring, token T-1 down to 0."""
-    w_C, u_C, k_BTC, v_BTC, (a_BTC, b_BTC, p_BTC), (a0, b0), (a_end, b_end, n_end) = residuals
+    """The reverse recurrence of `wkv_sequential`'s docstring, token T-1 down to 0, one span of
+    CHECKPOINT_EVERY tokens at a time: recompute the span's states from its checkpoint, then go back."""
+    w_C, u_C, k_BTC, v_BTC, kept, (a0, b0), (a_end, b_end, n_end) = residuals
     g_BTC, (g_a, g_b, g_p) = cotangents
-    T = k_BTC.shape[1]
+    B, T, C = k_BTC.shape
+    span = CHECKPOINT_EVERY
+    n_full, tail = _spans(T, span)
     # The final exponent's cotangent net of its effect on a_T = N_T e^-p_T and b_T = D_T e^-p_T.
     g_p_end = g_p - g_a * a_end - g_b * b_end
 
-    def body(i, carry):
+    def back(t, state_t, carry):
         alpha, beta, g_w, g_u, g_k, g_v = carry
-        t = T - 1 - i
-        k, v, g, a, b, p = (_at(x, t) for x in (k_BTC, v_BTC, g_BTC, a_BTC, b_BTC, p_BTC))
+        a, b, p = state_t
+        k, v, g = _at(k_BTC, t), _at(v_BTC, t), _at(g_BTC, t)
         bonus = u_C + k - p                     # the forward's output weights, recomputed
         e = jnp.exp(-jnp.abs(bonus))
         bonus_is_max = bonus > 0
@@ -175,15 +209,39 @@ def _sequential_bwd(unroll, residuals, cotangents):
         f = jnp.exp(-jnp.abs(k - decayed))
         f_state, f_token = jnp.where(k_is_max, f, 1), jnp.where(k_is_max, 1, f)
         # p_T's cotangent into its anchor when that is k_t (n_T = T-1-t).
-        g_k_t = g_k_t + f_token * (alpha * v + beta) + jnp.where(n_end == i, g_p_end, 0)
+        anchors_here = n_end == (T - 1 - t).astype(n_end.dtype)
+        g_k_t = g_k_t + f_token * (alpha * v + beta) + jnp.where(anchors_here, g_p_end, 0)
         g_v_t = q * e_token + f_token * alpha
         g_w = g_w + f_state * (alpha * a + beta * b)
         alpha, beta = q * e_state + f_state * alpha, f_state * beta - q * e_state * y
         return alpha, beta, g_w, g_u, _put(g_k, t, g_k_t), _put(g_v, t, g_v_t)
 
+    def back_span(index, length, carry):
+        start = index * span
+        state = tuple(jax.lax.dynamic_index_in_dim(x, index, 0, keepdims=False) for x in kept)
+
+        def forward(t, forward_carry):          # the states before each token of the span, [length, B, C]
+            state, states = forward_carry
+            _, p, next_state = _step(w_C, u_C, _at(k_BTC, t), _at(v_BTC, t), *state)
+            states = tuple(jax.lax.dynamic_update_index_in_dim(x, s, t - start, 0)
+                           for x, s in zip(states, (state[0], state[1], p)))
+            return next_state, states
+
+        states = tuple(jnp.zeros((length, B, C), k_BTC.dtype) for _ in range(3))
+        _, states = _loop(start, length, forward, (state, states), unroll)
+
+        def backward(i, carry):
+            j = length - 1 - i
+            return back(start + j, tuple(jax.lax.dynamic_index_in_dim(x, j, 0, keepdims=False) for x in states),
+                        carry)
+        return _loop(0, length, backward, carry, unroll)
+
     zeros_BC = jnp.zeros_like(g_a)
-    init = (g_a, g_b, zeros_BC, zeros_BC, jnp.zeros_like(k_BTC), jnp.zeros_like(v_BTC))
-    alpha, beta, g_w, g_u, g_k, g_v = jax.lax.fori_loop(0, T, body, init, unroll=unroll)
+    carry = (g_a, g_b, zeros_BC, zeros_BC, jnp.zeros_like(k_BTC), jnp.zeros_like(v_BTC))
+    if tail:
+        carry = back_span(n_full, tail, carry)
+    carry = jax.lax.fori_loop(0, n_full, lambda i, carry: back_span(n_full - 1 - i, span, carry), carry)
+    alpha, beta, g_w, g_u, g_k, g_v = carry
     g_p0 = alpha * a0 + beta * b0 + jnp.where(n_end == T, g_p_end, 0)  # p_T = p_0 + T w: anchor p_0
     g_w = g_w + n_end * g_p_end                                          # p_T = anchor + n w
     return g_w.sum(0), g_u.sum(0), g_k, g_v, alpha, beta, g_p0
