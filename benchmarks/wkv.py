@@ -1,11 +1,12 @@
 """Benchmark the WKV forms x unroll: forward and forward+backward time, each jitted, in one process.
 
     python benchmarks/wkv.py                      # B=8, T=1024, C=768 fp32; sequential unroll 1..16,
-                                                  # parallel, chunked L=16/32/64, a scan of wkv_step
+                                                  # parallel, chunked L=32, a scan of wkv_step
     python benchmarks/wkv.py --quick              # tiny shapes, a smoke run
     python benchmarks/wkv.py -B 4 -T 2048 -C 1024 --unrolls 1,4 --chunk-lens 32 --rounds 3 --repeats 10
 
-Steady state is the median of `--repeats` calls, each ended with `block_until_ready`; with `--rounds` > 1
+Steady state is the median of `--repeats` calls, each ended with `block_until_ready`, in wall time and in
+process CPU time (the steadier figure on a shared machine); with `--rounds` > 1
 every row is measured once per round, rounds interleaved (so a load change hits all rows alike), and the
 table shows the fastest round. Compile time is the first call (trace + compile + one run) minus the steady
 state. Ratios are to `--baseline` (default: the form and unroll that form='auto' uses here), so >1 is
@@ -41,7 +42,7 @@ def parse_args(argv=None):
                              "wkv_step differentiated by JAX's autodiff: the recurrence without the "
                              "hand-written backward)")
     parser.add_argument("--unrolls", default="1,2,4,8,16", help="unroll values of the sequential form")
-    parser.add_argument("--chunk-lens", default="16,32,64", help="chunk lengths of the chunked form")
+    parser.add_argument("--chunk-lens", default="32", help="chunk lengths of the chunked form, e.g. 16,32,64")
     parser.add_argument("--baseline", default=None,
                         help="row name the ratios are taken to (default: what form='auto' runs here)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steady-state calls per measurement")
@@ -125,16 +126,20 @@ def make_inputs(B, T, C, dtype, seed):
 
 
 def time_call(fn, args, repeats):
-    """(first call seconds, median steady-state seconds, first output)."""
+    """(first call seconds, median steady-state seconds, median process CPU seconds per call, first output).
+
+    CPU time (all threads of this process, user + system) stays near the wall time of a single-threaded
+    loop on a quiet machine and, unlike wall time, barely grows when other processes share the cores."""
     start = time.perf_counter()
     out = jax.block_until_ready(fn(*args))
     first = time.perf_counter() - start
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
-    return first, statistics.median(times), out
+        cpu_times.append(time.process_time() - cpu_start)
+    return first, statistics.median(times), statistics.median(cpu_times), out
 
 
 def compile_row(run):
@@ -156,9 +161,10 @@ def compile_row(run):
 def measure(fns, inputs, repeats):
     forward, forward_backward = fns
     time_decay, time_first, k, v, y_cotangent = inputs
-    fwd_first, fwd, (y, _) = time_call(forward, (time_decay, time_first, k, v), repeats)
-    bwd_first, bwd, _ = time_call(forward_backward, (time_decay, time_first, k, v, y_cotangent), repeats)
-    return dict(compile_fwd=fwd_first - fwd, fwd=fwd, compile_bwd=bwd_first - bwd, bwd=bwd, y=y)
+    fwd_first, fwd, fwd_cpu, (y, _) = time_call(forward, (time_decay, time_first, k, v), repeats)
+    bwd_first, bwd, bwd_cpu, _ = time_call(forward_backward, (time_decay, time_first, k, v, y_cotangent), repeats)
+    return dict(compile_fwd=fwd_first - fwd, fwd=fwd, fwd_cpu=fwd_cpu, compile_bwd=bwd_first - bwd, bwd=bwd,
+                bwd_cpu=bwd_cpu, y=y)
 
 
 def load():
@@ -200,25 +206,30 @@ def main(argv=None):
             if best is None:
                 results[name] = r
             else:  # keep the fastest round of each; compile times are those of the first round
-                best["fwd"], best["bwd"] = min(best["fwd"], r["fwd"]), min(best["bwd"], r["bwd"])
-            print(f"  round {round_index + 1}: {name}: fwd {r['fwd'] * 1e3:.1f} ms, "
-                  f"fwd+bwd {r['bwd'] * 1e3:.1f} ms | {load()}", flush=True)
+                for key in ("fwd", "bwd", "fwd_cpu", "bwd_cpu"):
+                    best[key] = min(best[key], r[key])
+            print(f"  round {round_index + 1}: {name}: fwd {r['fwd'] * 1e3:.1f} ms (cpu {r['fwd_cpu'] * 1e3:.1f}), "
+                  f"fwd+bwd {r['bwd'] * 1e3:.1f} ms (cpu {r['bwd_cpu'] * 1e3:.1f}) | {load()}", flush=True)
 
     base = results.get(baseline)
     base = None if isinstance(base, Exception) else base
-    header = ("row", "fwd ms", "fwd / base", "fwd+bwd ms", "fwd+bwd / base", "compile fwd s", "compile fwd+bwd s")
+    header = ("row", "fwd ms", "fwd / base", "fwd+bwd ms", "fwd+bwd / base", "fwd cpu ms", "fwd+bwd cpu ms",
+              "compile fwd s", "compile fwd+bwd s")
     lines = [header]
     for name, r in results.items():
         if isinstance(r, Exception):
-            lines.append((name, f"failed: {type(r).__name__}: {str(r).splitlines()[0][:80]}", "", "", "", "", ""))
+            lines.append((name, f"failed: {type(r).__name__}: {str(r).splitlines()[0][:80]}")
+                         + ("",) * (len(header) - 2))
             continue
         ratio = (lambda key: f"{r[key] / base[key]:.2f}") if base else (lambda key: "-")
         lines.append((name + (" (base)" if name == baseline else ""), f"{r['fwd'] * 1e3:.1f}", ratio("fwd"),
-                      f"{r['bwd'] * 1e3:.1f}", ratio("bwd"), f"{r['compile_fwd']:.2f}", f"{r['compile_bwd']:.2f}"))
+                      f"{r['bwd'] * 1e3:.1f}", ratio("bwd"), f"{r['fwd_cpu'] * 1e3:.1f}", f"{r['bwd_cpu'] * 1e3:.1f}",
+                      f"{r['compile_fwd']:.2f}", f"{r['compile_bwd']:.2f}"))
     print()
     print_table(lines)
     print(f"\n{load()}")
-    print("compile = first call (trace + compile + run) - median steady-state run.")
+    print("ms: median wall time per call, fastest round; cpu ms: process CPU time per call (all threads). "
+          "compile = first call (trace + compile + run) - median steady-state run.")
 
     ok = {name: r for name, r in results.items() if not isinstance(r, Exception)}
     if ok:

@@ -125,11 +125,6 @@ def _loop(start, length, body, carry, unroll):
                              unroll=max(1, min(unroll, length)))
 
 
-def _spans(T, span):
-    """The loop over T in spans of `span` tokens: (number of full spans, length of the last partial one)."""
-    return divmod(T, span)
-
-
 def _recurrence(w_C, u_C, k_BTC, v_BTC, state, unroll, checkpoint_every=None):
     """The forward loop from state (a, b, anchor, n). Returns y [B, T, C], the final (a, b, anchor, n) and,
     given `checkpoint_every` = L, the state before tokens 0, L, 2L, ... stacked ([ceil(T/L), B, C] each).
@@ -139,7 +134,7 @@ def _recurrence(w_C, u_C, k_BTC, v_BTC, state, unroll, checkpoint_every=None):
     """
     T = k_BTC.shape[1]
     span = checkpoint_every or T
-    n_full, tail = _spans(T, span)
+    n_full, tail = divmod(T, span)  # full spans, then a shorter one
 
     def token(t, carry):
         state, y = carry
@@ -187,7 +182,7 @@ def _sequential_bwd(unroll, residuals, cotangents):
     g_BTC, (g_a, g_b, g_p) = cotangents
     B, T, C = k_BTC.shape
     span = CHECKPOINT_EVERY
-    n_full, tail = _spans(T, span)
+    n_full, tail = divmod(T, span)
     # The final exponent's cotangent net of its effect on a_T = N_T e^-p_T and b_T = D_T e^-p_T.
     g_p_end = g_p - g_a * a_end - g_b * b_end
 
@@ -199,9 +194,9 @@ def _sequential_bwd(unroll, residuals, cotangents):
         e = jnp.exp(-jnp.abs(bonus))
         bonus_is_max = bonus > 0
         e_state, e_token = jnp.where(bonus_is_max, e, 1), jnp.where(bonus_is_max, 1, e)
-        zeta = e_state * b + e_token
-        y = (e_state * a + e_token * v) / zeta
-        q = g / zeta
+        inv_zeta = 1 / (e_state * b + e_token)
+        y = (e_state * a + e_token * v) * inv_zeta
+        q = g * inv_zeta
         g_k_t = q * e_token * (v - y)
         g_u = g_u + g_k_t
         decayed = p + w_C                       # the forward's update weights
@@ -284,10 +279,12 @@ def wkv_sequential(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None 
     and dL/da_0 = alpha_0, dL/db_0 = beta_0, dL/dp_0 = alpha_0 a_0 + beta_0 b_0 (from N_0 = a_0 e^{p_0}).
     The final state is (N_T e^{-p_T}, D_T e^{-p_T}, p_T) with p_T = anchor + n w; the cotangent of p_T net
     of its effect on a_T and b_T, dL/dp_T - a_T dL/da_T - b_T dL/db_T, goes n times into w and once into
-    the anchor: k_{T-1-n}, or p_0 when n = T. The forward keeps a_t, b_t, p_t of every token (three arrays
-    the size of k); the backward recomputes the weights from them with two exps per token, as the forward
-    takes. (The official CUDA kernel instead recomputes the forward sums in a first backward pass and has
-    no gradient into the state.) Forward-mode differentiation (jax.jvp) is not defined for this form.
+    the anchor: k_{T-1-n}, or p_0 when n = T. The forward keeps the state every CHECKPOINT_EVERY tokens;
+    the backward goes through the sequence a span at a time from the end: it recomputes the span's states
+    from its checkpoint into a small buffer, then runs the recurrence above back over the span, recomputing
+    the weights from the states (two exps per token, as the forward takes). (The official CUDA kernel
+    recomputes the forward sums of the whole sequence in a first backward pass and has no gradient into the
+    state.) Forward-mode differentiation (jax.jvp) is not defined for this form.
     """
     if unroll < 1:
         raise ValueError(f"unroll must be >= 1, got {unroll}")
