@@ -233,8 +233,11 @@ def main(argv=None):
 
     ok = {name: r for name, r in results.items() if not isinstance(r, Exception)}
     if ok:
-        fastest = min(ok, key=lambda name: ok[name]["bwd"])
-        print(f"fastest forward+backward: {fastest}; fastest forward: {min(ok, key=lambda n: ok[n]['fwd'])}")
+        def fastest(key):
+            return min(ok, key=lambda name: ok[name][key])
+        print(f"fastest forward+backward: {fastest('bwd')} (wall), {fastest('bwd_cpu')} (CPU time); "
+              f"fastest forward: {fastest('fwd')} (wall), {fastest('fwd_cpu')} (CPU time)")
+        print("(CPU time adds up all threads: it favours single-threaded rows; on a quiet machine trust wall time)")
     print(f"default here (form='auto' on {jax.default_backend()}): {default_row_name()}")
     if base:  # sanity: every row computes the same y
         def max_diff(y):

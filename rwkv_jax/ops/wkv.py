@@ -245,9 +245,10 @@ def _sequential_bwd(unroll, residuals, cotangents):
 _sequential.defvjp(_sequential_fwd, _sequential_bwd)
 
 
-def wkv_sequential(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = None, *, unroll: int = 1):
+def wkv_sequential(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = None, *, unroll: int = 2):
     """The recurrence, one token per loop step, with a hand-written backward. Returns y [B, T, C] and the
-    final state. `unroll` loop steps are unrolled (1 measured fastest on CPU: see benchmarks/wkv.py).
+    final state. `unroll` tokens go into one loop iteration (2 measured fastest on a 2-core CPU, 1 and 4
+    within 20%, 8 and 16 slower: see benchmarks/wkv.py).
 
     The exponent is carried as an anchor plus a count of decay steps since it was set (p = anchor + n w),
     so it is rounded once per read instead of accumulating one rounding of `p + w` per token; with a tiny
