@@ -1,16 +1,24 @@
-"""Benchmark the WKV forms: forward and forward+backward time, each jitted, in one process.
+"""Benchmark the WKV forms x unroll: forward and forward+backward time, each jitted, in one process.
 
-    python benchmarks/wkv.py                      # B=8, T=1024, C=768, chunked at 32 (+ 16, 64)
+    python benchmarks/wkv.py                      # B=8, T=1024, C=768 fp32; sequential unroll 1..16,
+                                                  # parallel, chunked L=32, a scan of wkv_step
     python benchmarks/wkv.py --quick              # tiny shapes, a smoke run
-    python benchmarks/wkv.py -B 4 -T 2048 -C 1024 --chunk-len 64 --extra-chunk-lens 32,128 --repeats 20
+    python benchmarks/wkv.py -B 4 -T 2048 -C 1024 --unrolls 1,4 --chunk-lens 32 --rounds 3 --repeats 10
 
-Compile time is the first call (trace + compile + one run) minus the steady-state time; steady state is the
-median of `--repeats` calls, each ended with `block_until_ready`. Ratios are to the sequential form (>1 is
-slower). Runs on whatever backend JAX picks (CPU, GPU, TPU); nothing here assumes CPU.
+Steady state is the median of `--repeats` calls, each ended with `block_until_ready`, in wall time and in
+process CPU time (the steadier figure on a shared machine); with `--rounds` > 1
+every row is measured once per round, rounds interleaved (so a load change hits all rows alike), and the
+table shows the fastest round. Compile time is the first call (trace + compile + one run) minus the steady
+state. Ratios are to `--baseline` (default: the form and unroll that form='auto' uses here), so >1 is
+slower. The last lines name the fastest row and the default. Runs on whatever backend JAX picks; nothing
+here assumes CPU. The load average is printed before and after: on a shared machine, compare only rows of
+one run.
 """
 
 import argparse
 import functools
+import inspect
+import os
 import statistics
 import time
 
@@ -18,7 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rwkv_jax.ops.wkv import wkv
+from rwkv_jax.ops.wkv import default_form, empty_state, wkv_chunked, wkv_parallel, wkv_sequential, wkv_step
+
+DEFAULT_UNROLL = inspect.signature(wkv_sequential).parameters["unroll"].default
+ROW_FORMS = ("sequential", "parallel", "chunked", "scan")
 
 
 def parse_args(argv=None):
@@ -26,19 +37,81 @@ def parse_args(argv=None):
     parser.add_argument("-B", "--batch", type=int, default=8)
     parser.add_argument("-T", "--seq-len", type=int, default=1024)
     parser.add_argument("-C", "--channels", type=int, default=768)
-    parser.add_argument("--chunk-len", type=int, default=32, help="chunk length of the main 'chunked' row")
-    parser.add_argument("--extra-chunk-lens", default="16,64",
-                        help="comma-separated chunk lengths benchmarked as extra rows ('' for none)")
+    parser.add_argument("--forms", default="sequential,parallel,chunked,scan",
+                        help="comma-separated rows: sequential, parallel, chunked, and 'scan' (a lax.scan over "
+                             "wkv_step differentiated by JAX's autodiff: the recurrence without the "
+                             "hand-written backward)")
+    parser.add_argument("--unrolls", default="1,2,4,8,16", help="unroll values of the sequential form")
+    parser.add_argument("--chunk-lens", default="32", help="chunk lengths of the chunked form, e.g. 16,32,64")
+    parser.add_argument("--baseline", default=None,
+                        help="row name the ratios are taken to (default: what form='auto' runs here)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steady-state calls per measurement")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; the fastest is shown")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of k, v")
-    parser.add_argument("--forms", default="sequential,parallel,chunked",
-                        help="comma-separated subset of sequential,parallel,chunked")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="tiny shapes and 3 repeats (smoke test)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: B=2 T=64 C=32, unrolls 1,4, chunk length 16, 3 repeats")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.seq_len, args.channels, args.repeats = 2, 64, 32, 3
+        args.unrolls, args.chunk_lens = "1,4", "16"
+    for name in ("batch", "seq_len", "channels", "repeats", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    unknown = [form for form in names(args.forms) if form not in ROW_FORMS]
+    if unknown:
+        parser.error(f"unknown --forms {unknown}: choose from {', '.join(ROW_FORMS)}")
+    try:
+        row_names = [name for name, _ in rows_to_run(args)]
+    except ValueError as error:
+        parser.error(f"--unrolls and --chunk-lens take comma-separated integers >= 1: {error}")
+    args.baseline = args.baseline or default_row_name()
+    if args.baseline not in row_names:
+        parser.error(f"--baseline {args.baseline!r} is not among the rows {row_names}: pass --baseline "
+                     "or include its form in --forms")
     return args
+
+
+def names(text):
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def int_list(text):
+    values = [int(x) for x in names(text)]
+    if any(value < 1 for value in values):
+        raise ValueError(f"got {text!r}")
+    return values
+
+
+def scan_of_steps(time_decay, time_first, k_BTC, v_BTC):
+    """The recurrence as a `lax.scan` over `wkv_step` on time-major [T, B, C] copies, for autodiff."""
+    def body(state, kv):
+        y, state = wkv_step(time_decay, time_first, kv[0], kv[1], state)
+        return state, y
+    state = empty_state(k_BTC.shape[0], k_BTC.shape[2])
+    state, y_TBC = jax.lax.scan(body, state, (k_BTC.swapaxes(0, 1), v_BTC.swapaxes(0, 1)))
+    return y_TBC.swapaxes(0, 1), state
+
+
+def rows_to_run(args):
+    """[(row name, fn(time_decay, time_first, k, v) -> (y, state))] in table order."""
+    rows = []
+    for form in names(args.forms):
+        if form == "sequential":
+            rows += [(f"sequential unroll={u}", functools.partial(wkv_sequential, unroll=u))
+                     for u in int_list(args.unrolls)]
+        elif form == "parallel":
+            rows.append(("parallel", wkv_parallel))
+        elif form == "chunked":
+            rows += [(f"chunked L={L}", functools.partial(wkv_chunked, chunk_len=L)) for L in int_list(args.chunk_lens)]
+        elif form == "scan":
+            rows.append(("scan of wkv_step (autodiff)", scan_of_steps))
+    return rows
+
+
+def default_row_name():
+    form = default_form()
+    return f"sequential unroll={DEFAULT_UNROLL}" if form == "sequential" else form
 
 
 def make_inputs(B, T, C, dtype, seed):
@@ -53,22 +126,24 @@ def make_inputs(B, T, C, dtype, seed):
 
 
 def time_call(fn, args, repeats):
-    """(first call seconds, median steady-state seconds, first output)."""
+    """(first call seconds, median steady-state seconds, median process CPU seconds per call, first output).
+
+    CPU time (all threads of this process, user + system) stays near the wall time of a single-threaded
+    loop on a quiet machine and, unlike wall time, barely grows when other processes share the cores."""
     start = time.perf_counter()
     out = jax.block_until_ready(fn(*args))
     first = time.perf_counter() - start
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
-    return first, statistics.median(times), out
+        cpu_times.append(time.process_time() - cpu_start)
+    return first, statistics.median(times), statistics.median(cpu_times), out
 
 
-def benchmark_form(form, chunk_len, inputs, repeats):
-    time_decay, time_first, k, v, y_cotangent = inputs
-    run = functools.partial(wkv, form=form, chunk_len=chunk_len)
-
+def compile_row(run):
+    """Jitted forward and forward+backward (gradients into time_decay, time_first, k, v) of one row."""
     @jax.jit
     def forward(time_decay, time_first, k, v):
         return run(time_decay, time_first, k, v)
@@ -80,9 +155,28 @@ def benchmark_form(form, chunk_len, inputs, repeats):
             return jnp.sum(y.astype(jnp.float32) * y_cotangent)
         return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(time_decay, time_first, k, v)
 
-    fwd_first, fwd, (y, _) = time_call(forward, (time_decay, time_first, k, v), repeats)
-    bwd_first, bwd, _ = time_call(forward_backward, (time_decay, time_first, k, v, y_cotangent), repeats)
-    return dict(compile_fwd=fwd_first - fwd, fwd=fwd, compile_bwd=bwd_first - bwd, bwd=bwd, y=y)
+    return forward, forward_backward
+
+
+def measure(fns, inputs, repeats):
+    forward, forward_backward = fns
+    time_decay, time_first, k, v, y_cotangent = inputs
+    fwd_first, fwd, fwd_cpu, (y, _) = time_call(forward, (time_decay, time_first, k, v), repeats)
+    bwd_first, bwd, bwd_cpu, _ = time_call(forward_backward, (time_decay, time_first, k, v, y_cotangent), repeats)
+    return dict(compile_fwd=fwd_first - fwd, fwd=fwd, fwd_cpu=fwd_cpu, compile_bwd=bwd_first - bwd, bwd=bwd,
+                bwd_cpu=bwd_cpu, y=y)
+
+
+def load():
+    return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
+def print_table(lines):
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    for i, line in enumerate(lines):
+        print("| " + " | ".join(cell.ljust(width) for cell, width in zip(line, widths)) + " |")
+        if i == 0:
+            print("|" + "|".join("-" * (width + 2) for width in widths) + "|")
 
 
 def main(argv=None):
@@ -90,54 +184,66 @@ def main(argv=None):
     B, T, C = args.batch, args.seq_len, args.channels
     device = jax.devices()[0]
     print(f"jax {jax.__version__} | backend {jax.default_backend()} | device {device.device_kind} "
-          f"(x{jax.device_count()}, timing on {device})")
-    print(f"B={B} T={T} C={C} k,v dtype={args.dtype} repeats={args.repeats} (median)")
+          f"(x{jax.device_count()}, timing on {device}) | {os.cpu_count()} CPUs | {load()}")
+    print(f"B={B} T={T} C={C} k,v dtype={args.dtype} | median of {args.repeats} calls, "
+          f"best of {args.rounds} round(s)")
 
-    rows = []
-    for form in [f.strip() for f in args.forms.split(",") if f.strip()]:
-        if form == "chunked":
-            extra = [int(x) for x in args.extra_chunk_lens.split(",") if x.strip()]
-            rows += [("chunked", L) for L in [args.chunk_len] + [L for L in extra if L != args.chunk_len]]
-        else:
-            rows.append((form, args.chunk_len))
-
+    rows = rows_to_run(args)
+    baseline = args.baseline
     inputs = make_inputs(B, T, C, jnp.dtype(args.dtype), args.seed)
-    results = {}
-    for form, chunk_len in rows:
-        name = f"chunked L={chunk_len}" if form == "chunked" else form
-        try:
-            results[name] = benchmark_form(form, chunk_len, inputs, args.repeats)
-        except Exception as error:  # e.g. out of memory at a large chunk length: report and go on
-            results[name] = error
-        print(f"  done: {name}", flush=True)
+    compiled = {name: compile_row(run) for name, run in rows}
+    results: dict = {}
+    for round_index in range(args.rounds):
+        for name, _ in rows:
+            if isinstance(results.get(name), Exception):
+                continue
+            try:
+                r = measure(compiled[name], inputs, args.repeats)
+            except Exception as error:  # e.g. out of memory at a large chunk length: report and go on
+                results[name] = error
+                continue
+            best = results.get(name)
+            if best is None:
+                results[name] = r
+            else:  # keep the fastest round of each; compile times are those of the first round
+                for key in ("fwd", "bwd", "fwd_cpu", "bwd_cpu"):
+                    best[key] = min(best[key], r[key])
+            print(f"  round {round_index + 1}: {name}: fwd {r['fwd'] * 1e3:.1f} ms (cpu {r['fwd_cpu'] * 1e3:.1f}), "
+                  f"fwd+bwd {r['bwd'] * 1e3:.1f} ms (cpu {r['bwd_cpu'] * 1e3:.1f}) | {load()}", flush=True)
 
-    base = results.get("sequential")
+    base = results.get(baseline)
     base = None if isinstance(base, Exception) else base
-    header = ("form", "compile fwd s", "fwd ms", "fwd / seq", "compile fwd+bwd s", "fwd+bwd ms", "fwd+bwd / seq")
+    header = ("row", "fwd ms", "fwd / base", "fwd+bwd ms", "fwd+bwd / base", "fwd cpu ms", "fwd+bwd cpu ms",
+              "compile fwd s", "compile fwd+bwd s")
     lines = [header]
     for name, r in results.items():
         if isinstance(r, Exception):
-            lines.append((name, f"failed: {type(r).__name__}: {str(r).splitlines()[0][:80]}", "", "", "", "", ""))
+            lines.append((name, f"failed: {type(r).__name__}: {str(r).splitlines()[0][:80]}")
+                         + ("",) * (len(header) - 2))
             continue
-        fwd_ratio = f"{r['fwd'] / base['fwd']:.2f}" if base else "-"
-        bwd_ratio = f"{r['bwd'] / base['bwd']:.2f}" if base else "-"
-        lines.append((name, f"{r['compile_fwd']:.2f}", f"{r['fwd'] * 1e3:.1f}", fwd_ratio,
-                      f"{r['compile_bwd']:.2f}", f"{r['bwd'] * 1e3:.1f}", bwd_ratio))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+        ratio = (lambda key: f"{r[key] / base[key]:.2f}") if base else (lambda key: "-")
+        lines.append((name + (" (base)" if name == baseline else ""), f"{r['fwd'] * 1e3:.1f}", ratio("fwd"),
+                      f"{r['bwd'] * 1e3:.1f}", ratio("bwd"), f"{r['fwd_cpu'] * 1e3:.1f}", f"{r['bwd_cpu'] * 1e3:.1f}",
+                      f"{r['compile_fwd']:.2f}", f"{r['compile_bwd']:.2f}"))
     print()
-    for i, line in enumerate(lines):
-        print("| " + " | ".join(cell.ljust(width) for cell, width in zip(line, widths)) + " |")
-        if i == 0:
-            print("|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    print_table(lines)
+    print(f"\n{load()}")
+    print("ms: median wall time per call, fastest round; cpu ms: process CPU time per call (all threads). "
+          "compile = first call (trace + compile + run) - median steady-state run.")
 
-    print("\ncompile = first call (trace + compile + run) - median steady-state run; where a run takes longer than "
-          "the compile, values near 0 (even negative) are within run-to-run noise.")
-    if base:  # sanity: every form computes the same y
+    ok = {name: r for name, r in results.items() if not isinstance(r, Exception)}
+    if ok:
+        def fastest(key):
+            return min(ok, key=lambda name: ok[name][key])
+        print(f"fastest forward+backward: {fastest('bwd')} (wall), {fastest('bwd_cpu')} (CPU time); "
+              f"fastest forward: {fastest('fwd')} (wall), {fastest('fwd_cpu')} (CPU time)")
+        print("(CPU time adds up all threads: it favours single-threaded rows; on a quiet machine trust wall time)")
+    print(f"default here (form='auto' on {jax.default_backend()}): {default_row_name()}")
+    if base:  # sanity: every row computes the same y
         def max_diff(y):
             return float(jnp.max(jnp.abs(y.astype(jnp.float32) - base["y"].astype(jnp.float32))))
-        diffs = ", ".join(f"{name}: {max_diff(r['y']):.1e}" for name, r in results.items()
-                          if name != "sequential" and not isinstance(r, Exception))
-        print(f"max |y - y_sequential|: {diffs}")
+        print("max |y - y_base|: " + ", ".join(f"{name}: {max_diff(r['y']):.1e}" for name, r in ok.items()
+                                               if name != baseline))
 
 
 if __name__ == "__main__":

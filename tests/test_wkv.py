@@ -3,10 +3,12 @@
 Every form (sequential, parallel, chunked, and token-by-token `wkv_step`) is checked against an independent
 float64 numpy reference written from the unscaled definition, against each other (values, final state and
 gradients, including gradients into the initial state), against float64 finite differences, for splitting
-a sequence anywhere, for extreme inputs and bf16, and for the empty state and the dispatcher.
+a sequence anywhere, for extreme inputs and bf16, and for the empty state and the dispatcher. The sequential
+form's hand-written backward (`jax.custom_vjp`) is also checked against JAX's autodiff of a plain scan, in
+float64 under x64, for T = 0 and 1, unrolled, and with bf16 inputs.
 
-XLA compiles take most of the time on CPU, so the tests share a few shapes (B=2, C=8, T in 1, 16, 17, 31,
-32, 50; B=1, T=4096) and a few cached jitted functions; the rest is under @pytest.mark.slow.
+XLA compiles take most of the time on CPU, so the tests share a few shapes (B=2, C=8, T in 0, 1, 12, 16,
+17, 31, 32, 50, 70; B=1, T=4096) and a few cached jitted functions; the rest is under @pytest.mark.slow.
 """
 
 import functools
@@ -16,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rwkv_jax.ops.wkv import (EMPTY_EXPONENT, FORMS, WKVState, default_form, empty_state, wkv, wkv_chunked,
-                              wkv_step)
+from rwkv_jax.ops.wkv import (CHECKPOINT_EVERY, EMPTY_EXPONENT, FORMS, WKVState, default_form, empty_state, wkv,
+                              wkv_chunked, wkv_sequential, wkv_step)
 
 B, C = 2, 8
 CHUNK_LEN = 16
@@ -223,20 +225,30 @@ def test_gradients_match_float64_finite_differences(runner):
     x = make_inputs(seed=7, T=T)
     args = grad_args(x, seed=8)
     _, grads = value_and_grads(runner)(*args)
+    assert_grads_match_finite_differences(grads, args, runner, rtol=1e-4, atol=1e-5)
+
+
+def reference_loss(r, time_decay, time_first, k, v, a0, b0, p0):
+    """The loss of `value_and_grads` computed by the float64 reference."""
+    y, num, den, p = reference_wkv(time_decay, time_first, k, v, (a0, b0, p0))
+    return (np.sum(y * r["y"]) + np.sum(num * np.exp(-p) * r["a"]) + np.sum(den * np.exp(-p) * r["b"])
+            + np.sum(p * r["p"]))
+
+
+def assert_grads_match_finite_differences(grads, args, what, rtol, atol):
+    """Each gradient of the loss of `value_and_grads` against central differences of `reference_loss`
+    (h = 1e-6 in float64, accurate to ~1e-9) at chosen entries: first and last, random ones, and for k, v
+    tokens 0, 15, 16 (either side of a chunk edge at chunk_len 16) and T-1. |jax - FD| must be within
+    rtol |FD| + atol max|gradient|."""
     r = {name: np.asarray(value, np.float64) for name, value in args[-1].items()}
-
-    def reference_loss(time_decay, time_first, k, v, a0, b0, p0):
-        y, num, den, p = reference_wkv(time_decay, time_first, k, v, (a0, b0, p0))
-        return (np.sum(y * r["y"]) + np.sum(num * np.exp(-p) * r["a"]) + np.sum(den * np.exp(-p) * r["b"])
-                + np.sum(p * r["p"]))
-
     primals = [np.asarray(a, np.float64) for a in args[:-1]]
+    T = primals[2].shape[1]
     rng = np.random.default_rng(9)
     h = 1e-6
     for index, (name, g) in enumerate(zip(GRAD_NAMES, grads)):
         shape = primals[index].shape
         positions = [tuple(rng.integers(0, n) for n in shape) for _ in range(4)]
-        if len(shape) == 3:  # k, v: tokens 0, 15, 16 (either side of the chunk edge) and T-1
+        if len(shape) == 3:
             positions += [(0, 0, 0), (1, 15, 3), (0, 16, 5), (1, T - 1, 7)]
         else:
             positions += [(0,) * len(shape), tuple(n - 1 for n in shape)]
@@ -248,9 +260,113 @@ def test_gradients_match_float64_finite_differences(runner):
             minus = [p.copy() for p in primals]
             plus[index][position] += h
             minus[index][position] -= h
-            fd = (reference_loss(*plus) - reference_loss(*minus)) / (2 * h)
-            assert abs(g[position] - fd) <= 1e-4 * abs(fd) + 1e-5 * scale, \
-                f"{runner} d loss / d {name}{list(position)}: jax {g[position]:.8g}, float64 FD {fd:.8g}"
+            fd = (reference_loss(r, *plus) - reference_loss(r, *minus)) / (2 * h)
+            assert abs(g[position] - fd) <= rtol * abs(fd) + atol * scale, \
+                f"{what} d loss / d {name}{list(position)}: jax {g[position]:.8g}, float64 FD {fd:.8g}"
+
+
+# ------------------------------------------------------------------- the sequential form's hand-written backward
+
+def _scan_of_steps(time_decay, time_first, k, v, state):
+    """The recurrence as a plain `lax.scan` over `wkv_step`, differentiated by JAX's autodiff."""
+    def body(state, kv):
+        y, state = wkv_step(time_decay, time_first, kv[0], kv[1], state)
+        return state, y
+    state, y_TBC = jax.lax.scan(body, state, (k.swapaxes(0, 1), v.swapaxes(0, 1)))
+    return y_TBC.swapaxes(0, 1), state
+
+
+def _loss_and_grads(run_fn):
+    def loss(time_decay, time_first, k, v, a0, b0, p0, r):
+        y, state = run_fn(time_decay, time_first, k, v, WKVState(a0, b0, p0))
+        value = (jnp.sum(y.astype(r["y"].dtype) * r["y"]) + jnp.sum(state.a * r["a"])
+                 + jnp.sum(state.b * r["b"]) + jnp.sum(state.p * r["p"]))
+        return value, (y, state)
+    return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True))
+
+
+@pytest.mark.parametrize("case", ["T=1", "two_spans_and_a_tail", "initial_p_stays_max"])
+def test_sequential_gradients_match_autodiff_of_a_plain_scan(case):
+    """The custom_vjp against jax.grad of the same steps in a `lax.scan`, into every input and the initial
+    state. The backward recomputes spans of CHECKPOINT_EVERY tokens: T = 1 is a lone short span, then two
+    full spans and a tail of 6. 'initial_p_stays_max': p_0 = 30 outlasts every k (|k| < 5, 12 tokens), so
+    the final exponent is p_0 + T w and its cotangent flows into p_0; otherwise into the k that set it."""
+    T = {"T=1": 1, "two_spans_and_a_tail": 2 * CHECKPOINT_EVERY + 6, "initial_p_stays_max": 12}[case]
+    x = make_inputs(seed=20 + T, T=T)
+    if case == "initial_p_stays_max":
+        x["k"] = jnp.clip(x["k"], -5, 5)
+        x["state"] = x["state"]._replace(p=jnp.full((B, C), 30.0))
+    args = grad_args(x, seed=T)
+    (loss, (y, state)), grads = value_and_grads("sequential")(*args)
+    (loss_scan, (y_scan, _)), grads_scan = _loss_and_grads(_scan_of_steps)(*args)
+    if case == "initial_p_stays_max":
+        assert_close(state.p, x["state"].p + T * -np.exp(np.asarray(x["time_decay"], np.float64)), rtol=1e-6)
+    assert_close(y, y_scan, rtol=1e-5, atol=1e-6)
+    assert_close(loss, loss_scan, rtol=1e-6)
+    for name, g, g_scan in zip(GRAD_NAMES, grads, grads_scan):
+        assert_close(g, g_scan, rtol=1e-5, atol=2e-6 * float(np.abs(g_scan).max()), err_msg=f"d loss / d {name}")
+
+
+@pytest.mark.parametrize("unroll", [1, 3])
+def test_sequential_unroll_changes_nothing(unroll):
+    """Other unroll values (3 does not divide T = 17) give the values, state and gradients of the default."""
+    args = grad_args(make_inputs(seed=21, T=17), seed=22)
+    (loss, (y, state)), grads = value_and_grads("sequential")(*args)
+    (loss_u, (y_u, state_u)), grads_u = _loss_and_grads(functools.partial(wkv_sequential, unroll=unroll))(*args)
+    assert_close(y_u, y, rtol=1e-6, atol=1e-7)
+    assert_state_close(state_u, state, rtol=1e-6, atol=1e-7)
+    assert_close(loss_u, loss, rtol=1e-6)
+    for name, g, g_u in zip(GRAD_NAMES, grads, grads_u):
+        assert_close(g_u, g, rtol=1e-6, atol=1e-7 * float(np.abs(g).max()), err_msg=f"d loss / d {name}")
+
+
+def test_sequential_unroll_below_one_raises():
+    x = make_inputs(seed=23, T=2, with_state=False)
+    with pytest.raises(ValueError, match="unroll"):
+        wkv_sequential(x["time_decay"], x["time_first"], x["k"], x["v"], unroll=0)
+
+
+def test_sequential_float64_gradients_under_x64():
+    """Under jax_enable_x64 with float64 inputs the backward runs in float64: gradients match float64 finite
+    differences of the reference to ~1e-8, far below fp32 precision."""
+    with jax.enable_x64(True):
+        x = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), make_inputs(seed=24, T=17))
+        args = grad_args(x, seed=25)
+        args = (*args[:-1], jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), args[-1]))
+        (_, (y, state)), grads = _loss_and_grads(wkv_sequential)(*args)
+        assert y.dtype == jnp.float64 and all(g.dtype == jnp.float64 for g in grads)
+        assert_grads_match_finite_differences(grads, args, "float64", rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_empty_sequence_gradients_pass_through_the_state(form):
+    """T = 0: the final state is the initial one, so its cotangent comes back unchanged, and nothing flows
+    into time_decay or time_first."""
+    args = grad_args(make_inputs(seed=26, T=0), seed=27)
+    _, grads = _loss_and_grads(functools.partial(wkv, form=form))(*args)
+    r = args[-1]
+    for name, g, want in zip(GRAD_NAMES, grads, (0, 0, np.zeros((B, 0, C)), np.zeros((B, 0, C)),
+                                                   r["a"], r["b"], r["p"])):
+        np.testing.assert_array_equal(g, np.broadcast_to(want, g.shape), err_msg=name)
+
+
+def test_sequential_bf16_gradients():
+    """bf16 inputs: gradients come back in bf16, equal (to bf16 rounding) to the fp32 gradients of the
+    bf16-rounded inputs with y rounded to bf16 (which rounds its cotangent too), since the arithmetic is
+    fp32 either way."""
+    x16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), make_inputs(seed=28, T=16))
+    args16 = grad_args(x16, seed=29)
+    args32 = jax.tree.map(lambda a: a.astype(jnp.float32), args16)
+
+    def bf16_output(*inputs):
+        y, state = wkv_sequential(*inputs)
+        return y.astype(jnp.bfloat16), state
+
+    _, grads16 = _loss_and_grads(wkv_sequential)(*args16)
+    _, grads32 = _loss_and_grads(bf16_output)(*args32)
+    for name, g16, g32 in zip(GRAD_NAMES, grads16, grads32):
+        assert g16.dtype == jnp.bfloat16, name
+        assert_close(g16, g32, rtol=2 ** -8, atol=1e-6 * float(np.abs(g32).max()), err_msg=name)
 
 
 # ------------------------------------------------------------------------------------------------ splitting
@@ -399,7 +515,7 @@ def _jaxpr(fn, x):
 
 
 def test_default_forms():
-    assert default_form("cpu") == "parallel"  # measured faster on CPU, see DEFAULT_FORM_BY_BACKEND
+    assert default_form("cpu") == "sequential"  # measured fastest on CPU by benchmarks/wkv.py
     assert default_form("gpu") == "parallel"
     assert default_form("tpu") == "parallel"
 
