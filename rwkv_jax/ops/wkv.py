@@ -32,7 +32,8 @@ import jax.numpy as jnp
 EMPTY_EXPONENT = -1e30
 
 WKVForm = Literal["sequential", "parallel", "chunked"]
-FORMS: tuple[str, ...] = ("sequential", "parallel", "chunked")
+FORMS: tuple[str, ...] = ("sequential", "parallel", "chunked")  # the pure-JAX forms of this module
+KERNEL_FORMS: tuple[str, ...] = ("pallas",)  # rwkv_jax/ops/wkv_pallas.py, imported when chosen
 
 # Default form per backend. Measured by benchmarks/wkv.py on a 2-core CPU at B=8, T=1024, C=768: the
 # parallel scan ran forward+backward in 0.45x the time of the recurrence (chunked L=16: 1.25x), and a
@@ -227,4 +228,7 @@ def wkv(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = None, *,
         return wkv_parallel(time_decay, time_first, k_BTC, v_BTC, state)
     if form == "chunked":
         return wkv_chunked(time_decay, time_first, k_BTC, v_BTC, state, chunk_len=chunk_len)
-    raise ValueError(f"unknown WKV form {form!r}: choose one of {FORMS} or 'auto'")
+    if form == "pallas":  # lazy: Pallas is only imported by runs that use the kernel
+        from rwkv_jax.ops import wkv_pallas
+        return wkv_pallas.wkv_pallas_auto(time_decay, time_first, k_BTC, v_BTC, state)
+    raise ValueError(f"unknown WKV form {form!r}: choose one of {FORMS + KERNEL_FORMS} or 'auto'")
