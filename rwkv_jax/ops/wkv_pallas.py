@@ -468,10 +468,14 @@ def wkv_pallas_sharded(mesh, time_decay, time_first, k_BTC, v_BTC, state: WKVSta
 
 
 def wkv_pallas_auto(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = None, **kwargs):
-    """The dispatcher's entry: under rwkv_jax.sharding.activation_sharding(mesh) with more than one
-    device, the sharded call; otherwise the plain one."""
+    """The dispatcher's entry. Under rwkv_jax.sharding.activation_sharding(mesh) with more than one
+    device: the sharded call, with the kernel variant of the mesh's devices (so an ahead-of-time compile
+    for a TPU topology from a CPU host gets the Mosaic kernel); otherwise the plain call."""
     from rwkv_jax import sharding
     mesh = sharding.active_mesh()
     if mesh is None or mesh.size == 1:
         return wkv_pallas(time_decay, time_first, k_BTC, v_BTC, state, **kwargs)
+    platform = mesh.devices.flat[0].platform
+    kwargs.setdefault("backend", "gpu" if platform in ("gpu", "cuda", "rocm") else "tpu")
+    kwargs.setdefault("interpret", platform not in ("tpu", "gpu", "cuda", "rocm"))
     return wkv_pallas_sharded(mesh, time_decay, time_first, k_BTC, v_BTC, state, **kwargs)
