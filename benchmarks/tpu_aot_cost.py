@@ -11,7 +11,11 @@ script compiles one WKV forward+backward at the step's per-layer shape instead.
 
 import argparse
 import importlib.util
+import os
 from pathlib import Path
+
+# Compile-only use of libtpu: several such processes (tests, other runs) may share the host.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax
 import jax.numpy as jnp
