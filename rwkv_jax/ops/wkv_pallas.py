@@ -85,9 +85,9 @@ def _forward_token(w, u, k, v, carry):
     """One token, exactly the arithmetic of `wkv_sequential`. carry = (a, b, anchor, n) with p = anchor + n w.
     Returns y, the next carry, and what the backward needs: (q, den, bonus weight, k set the anchor)."""
     a, b, anchor, n = carry
-    uk = u + k
-    q = jnp.maximum(anchor + n * w, uk)
-    e_state, e_bonus = jnp.exp(anchor + n * w - q), jnp.exp(uk - q)
+    p, uk = anchor + n * w, u + k
+    q = jnp.maximum(p, uk)
+    e_state, e_bonus = jnp.exp(p - q), jnp.exp(uk - q)
     den = e_state * b + e_bonus
     y = (e_state * a + e_bonus * v) / den
     decayed = anchor + (n + 1.0) * w
