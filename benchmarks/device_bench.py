@@ -258,7 +258,7 @@ def section_table(args):
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         print(f"  {r['model']:<6} {r['form']:<9} {str(r['remat']):<6} {r['step_s'] * 1e3:>9.1f} "
               f"{r['tokens_per_s']:>11,.0f} {mfu:>7}")
-    if kernel:
+    if kernel and not SMALL:
         for r in (r for r in rows if r["section"] == "train" and r["model"] == "430m" and r["form"] == "pallas"):
             # WKV fwd+bwd per layer at 16 x 1024 x 1024 is the 430M layer shape: 24 layers of it.
             share = 24 * kernel["fwd_bwd_s"] / r["step_s"]
