@@ -114,6 +114,12 @@ def activation_sharding(mesh: Mesh):
         _ACTIVE_MESH.reset(token)
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing `activation_sharding` context, or None (ops that must run per device,
+    such as the Pallas WKV kernel, wrap themselves in shard_map over it)."""
+    return _ACTIVE_MESH.get()
+
+
 def constrain(x, logical_axes):
     """with_sharding_constraint by logical axes when a mesh is active; the identity otherwise."""
     mesh = _ACTIVE_MESH.get()

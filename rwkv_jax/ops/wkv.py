@@ -33,7 +33,8 @@ import jax.numpy as jnp
 # log(0) stand-in for an empty state, as in the official `rwkv` package; finite on purpose (see above).
 EMPTY_EXPONENT = -1e30
 
-FORMS: tuple[str, ...] = ("sequential", "parallel", "chunked")
+FORMS: tuple[str, ...] = ("sequential", "parallel", "chunked")  # the pure-JAX forms of this module
+KERNEL_FORMS: tuple[str, ...] = ("pallas",)  # rwkv_jax/ops/wkv_pallas.py, imported when chosen
 
 
 class WKVState(NamedTuple):
@@ -52,11 +53,11 @@ def default_form(backend: str | None = None) -> str:
     """The WKV form that 'auto' picks on a backend ('cpu', 'gpu', 'tpu'; None: the current one).
 
     CPU: the recurrence with its hand-written backward, the fastest form in `benchmarks/wkv.py` (2-core
-    CPU, B=8 T=1024 C=768 fp32: see README). Elsewhere the parallel scan: its O(log T) depth suits wide
-    machines, where a loop of T small steps leaves the device idle.
+    CPU, B=8 T=1024 C=768 fp32: see README). TPU and GPU: the Pallas kernels (rwkv_jax/ops/wkv_pallas.py),
+    which read k and v once and write y once, where the associative scan makes about log2(T) passes.
     """
     backend = backend or jax.default_backend()
-    return "sequential" if backend == "cpu" else "parallel"
+    return "sequential" if backend == "cpu" else "pallas"
 
 
 def _prepare(time_decay, time_first, k_BTC, v_BTC, state):
@@ -399,4 +400,7 @@ def wkv(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = None, *,
         return wkv_parallel(time_decay, time_first, k_BTC, v_BTC, state)
     if form == "chunked":
         return wkv_chunked(time_decay, time_first, k_BTC, v_BTC, state, chunk_len=chunk_len)
-    raise ValueError(f"unknown WKV form {form!r}: choose one of {FORMS} or 'auto'")
+    if form == "pallas":  # lazy: Pallas is only imported by runs that use the kernel
+        from rwkv_jax.ops import wkv_pallas
+        return wkv_pallas.wkv_pallas_auto(time_decay, time_first, k_BTC, v_BTC, state)
+    raise ValueError(f"unknown WKV form {form!r}: choose one of {FORMS + KERNEL_FORMS} or 'auto'")
