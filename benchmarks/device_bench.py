@@ -174,7 +174,7 @@ def section_train(args):
     batch, seq = TRAIN_TOKENS
     for remat in ((False, True) if args.remat == "auto" else (args.remat == "on",)):
         try:
-            model_config = ModelConfig(**shape, dtype="bfloat16", wkv_form=args.form, remat=remat)
+            model_config = ModelConfig(**shape, dtype="bfloat16", wkv_form=args.form, remat=remat, scan_layers=True)
             step, state, data = _train_step(model_config, batch, seq)
             holder = {"state": state}
             losses = []
