@@ -26,6 +26,9 @@ _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile the train and 
                                   "time and report memory, FLOPs and a roofline step time; no workdir, no data. "
                                   "Exit code 1 when the step does not fit. Needs libtpu (pip install -e .[tpu-aot]).")
 _TOPOLOGY = flags.DEFINE_string("topology", "", "TPU topology for --compile_only, e.g. v5e:2x2, v5p:4x4x4.")
+_ESTIMATE_COSTS = flags.DEFINE_bool("estimate_costs", True, "With --compile_only: count FLOPs and bytes of scanned "
+                                    "layers from 1- and 2-layer compiles (XLA counts a loop body once); "
+                                    "--noestimate_costs reports memory only, faster.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -48,7 +51,7 @@ def main(argv):
         if not _TOPOLOGY.value:
             raise app.UsageError("--compile_only needs --topology, e.g. --topology=v5e:2x2", exitcode=2)
         from rwkv_jax import aot
-        report = aot.compile_only(_CONFIG.value, _TOPOLOGY.value)
+        report = aot.compile_only(_CONFIG.value, _TOPOLOGY.value, estimate_costs=_ESTIMATE_COSTS.value)
         return 0 if report["fits"] else 1
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required (or --compile_only with --topology)", exitcode=2)

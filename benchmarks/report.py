@@ -61,7 +61,8 @@ def main(argv=None):
 
     # --- WKV ---------------------------------------------------------------------------------------
     B, T, C = (2, 256, 128) if args.quick else (8, 1024, 768)
-    wkv = run("wkv.py", f"--batch={B}", f"--seq={T}", f"--channels={C}", *(["--quick"] if args.quick else []))
+    wkv = run("wkv.py", f"--batch={B}", f"--seq-len={T}", f"--channels={C}", "--forms=sequential,parallel,scan",
+              "--unrolls=1,2", "--rounds=2")
     wkv_bytes_fwd = 3 * B * T * C * 4           # read k, v; write y
     wkv_bytes_bwd = wkv_bytes_fwd + 5 * B * T * C * 4  # and read k, v, dy; write dk, dv
     best = wkv["default"]

@@ -49,6 +49,7 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; the fastest is shown")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of k, v")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: B=2 T=64 C=32, unrolls 1,4, chunk length 16, 3 repeats")
     args = parser.parse_args(argv)
@@ -244,6 +245,13 @@ def main(argv=None):
             return float(jnp.max(jnp.abs(y.astype(jnp.float32) - base["y"].astype(jnp.float32))))
         print("max |y - y_base|: " + ", ".join(f"{name}: {max_diff(r['y']):.1e}" for name, r in ok.items()
                                                if name != baseline))
+    if args.json:
+        import json
+        row = lambda name: {"label": name, "fwd_ms": 1e3 * ok[name]["fwd"], "fwdbwd_ms": 1e3 * ok[name]["bwd"]}  # noqa: E731
+        reference = "scan" if "scan" in ok else next(iter(ok))
+        with open(args.json, "w") as f:
+            json.dump({"shape": [B, T, C], "rows": [row(name) for name in ok], "default": row(default_row_name()),
+                       "baseline": row(reference)}, f, indent=2)
 
 
 if __name__ == "__main__":

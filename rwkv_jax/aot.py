@@ -94,8 +94,12 @@ def _analyse(compiled, per_device: Chip) -> dict:
     }
 
 
-def compile_only(config: ml_collections.ConfigDict, topology: str, *, log=print) -> dict:
-    """Compile the train and eval steps `config` describes for `topology`; returns the report."""
+def compile_only(config: ml_collections.ConfigDict, topology: str, *, estimate_costs: bool = True,
+                 log=print) -> dict:
+    """Compile the train and eval steps `config` describes for `topology`; returns the report.
+    `estimate_costs`: count the FLOPs and bytes of scanned layers and microbatch loops by extrapolating
+    from 1- and 2-layer compiles (two more, small, compiles); without it they are XLA's loop-body-once
+    counts, and only the memory figures are exact."""
     devices = topology_devices(topology)
     chip, per_chip = _chip_of(devices, topology)
     per_device = Chip(chip.hbm_bytes / per_chip, chip.peak_flops / per_chip, chip.hbm_bandwidth / per_chip)
@@ -113,28 +117,52 @@ def compile_only(config: ml_collections.ConfigDict, topology: str, *, log=print)
         f"{model_config.scan_layers}, remat={model_config.remat}, WKV {model_config.wkv_form}); batch "
         f"{t.batch_size} x {t.seq_len} as {t.microbatches} microbatch(es)")
 
-    optimizer = optim.make_optimizer(config.optim, t.num_steps)
-    schedule = optim.learning_rate(config.optim, t.num_steps)
-    graphdef, _, abstract_state, shardings = train_step.train_state_factory(model_config, optimizer, mesh, t.seed)
-    batch_sharding = sharding.batch_sharding(mesh)
-    tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jax.numpy.int32, sharding=batch_sharding)
-    step_fn = train_step.make_train_step(graphdef, optimizer, schedule, shardings, mesh, microbatches=t.microbatches,
-                                         l2wrap_factor=config.optim.l2wrap_factor,
-                                         loss_chunk_tokens=t.loss_chunk_tokens)
-    eval_fn = train_step.make_eval_step(graphdef, shardings.params, mesh, loss_chunk_tokens=t.loss_chunk_tokens)
+    def compile_steps(model_config: ModelConfig, microbatches: int):
+        optimizer = optim.make_optimizer(config.optim, t.num_steps)
+        schedule = optim.learning_rate(config.optim, t.num_steps)
+        graphdef, _, abstract_state, shardings = train_step.train_state_factory(model_config, optimizer, mesh,
+                                                                                t.seed)
+        tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jax.numpy.int32,
+                                      sharding=sharding.batch_sharding(mesh))
+        step_fn = train_step.make_train_step(graphdef, optimizer, schedule, shardings, mesh,
+                                             microbatches=microbatches, l2wrap_factor=config.optim.l2wrap_factor,
+                                             loss_chunk_tokens=t.loss_chunk_tokens)
+        eval_fn = train_step.make_eval_step(graphdef, shardings.params, mesh, loss_chunk_tokens=t.loss_chunk_tokens)
+        compiled, seconds = {}, {}
+        for name, fn, args in (("train", step_fn, (abstract_state, {"inputs": tokens, "targets": tokens})),
+                               ("eval", eval_fn, (abstract_state.params,
+                                                  {"inputs": tokens, "targets": tokens, "mask": tokens}))):
+            start = time.perf_counter()
+            compiled[name] = fn.lower(*args).compile()
+            seconds[name] = time.perf_counter() - start
+        return compiled, seconds, abstract_state
 
+    compiled, seconds, abstract_state = compile_steps(model_config, t.microbatches)
     report = {"topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
               "mesh": dict(mesh.shape), "batch_size": t.batch_size, "seq_len": t.seq_len,
               "microbatches": t.microbatches, "hbm_gib_per_device": per_device.hbm_bytes / GIB,
               "n_params": sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))}
-    for name, fn, args in (("train", step_fn, (abstract_state, {"inputs": tokens, "targets": tokens})),
-                           ("eval", eval_fn, (abstract_state.params,
-                                              {"inputs": tokens, "targets": tokens, "mask": tokens}))):
-        start = time.perf_counter()
-        compiled = fn.lower(*args).compile()
-        seconds = time.perf_counter() - start
-        report[name] = _analyse(compiled, per_device) | {"compile_s": seconds}
-        log(f"  {name} step compiled in {seconds:.1f}s")
+    for name in ("train", "eval"):
+        report[name] = _analyse(compiled[name], per_device) | {"compile_s": seconds[name]}
+        log(f"  {name} step compiled in {seconds[name]:.1f}s")
+
+    if estimate_costs and (model_config.scan_layers or t.microbatches > 1):
+        # XLA's cost analysis counts a loop body once, not once per trip, so a scanned model's (or a
+        # microbatch loop's) FLOPs and bytes come out too small. The layers are identical: compile
+        # 1- and 2-layer unrolled models over the whole batch, and extrapolate linearly to n_layer.
+        probes = []
+        for n in (1, 2):
+            small = dataclasses.replace(model_config, n_layer=n, scan_layers=False)
+            probes.append(compile_steps(small, 1)[0])
+        L = model_config.n_layer
+        for name in ("train", "eval"):
+            (c1, c2) = (_cost(p[name]) for p in probes)
+            for key, out in (("flops", "flops"), ("bytes accessed", "bytes")):
+                one, two = float(c1.get(key, 0.0)), float(c2.get(key, 0.0))
+                report[name][out] = one + (L - 1) * (two - one)
+            report[name]["roofline_s"] = max(report[name]["flops"] / per_device.peak_flops,
+                                             report[name]["bytes"] / per_device.hbm_bandwidth)
+        log("  FLOPs and bytes extrapolated from 1- and 2-layer compiles (XLA counts a loop body once)")
 
     tokens_per_device = t.batch_size * t.seq_len / len(devices)
     model_flops = metrics_lib.flops_per_token(model_config.vocab_size, model_config.d_model,
