@@ -187,13 +187,22 @@ def test_extreme_bf16_gradients_match_sequential():
 
 
 @pytest.mark.slow
-def test_long_extreme_gradients_are_finite_and_match_sequential():
+def test_long_extreme_gradients_are_as_accurate_as_the_recurrence():
+    """T=1000 of extreme inputs: every gradient is finite and its error against float64 (jax.grad of the
+    float64 recurrence) is within 3x that of jax.grad of the fp32 recurrence, entry by entry up to 1e-6 of
+    the largest gradient. (A reverse pass with its own running maximum failed this by 10-100x.)"""
     x = extreme_inputs(seed=6, T=1000, batch=1, channels=C)
     args = grad_args(x, seed=7)
     (_, (y, state)), grads = value_and_grads("tpu")(*args)
-    (_, (y_seq, state_seq)), grads_seq = value_and_grads("sequential")(*args)
+    (_, (y_seq, _)), grads_seq = value_and_grads("sequential")(*args)
     assert_close(y, y_seq, rtol=1e-5, atol=60 * 1e-6)
-    assert_grads_close(grads, grads_seq, rtol=1e-4, atol_frac=1e-5, what="extreme T=1000")
+    for name, g, g_seq, g64 in zip(GRAD_NAMES, grads, grads_seq, float64_grads(args)):
+        g, g_seq = np.asarray(g, np.float64), np.asarray(g_seq, np.float64)
+        assert np.all(np.isfinite(g)), name
+        floor = 1e-6 * float(np.abs(g64).max())
+        excess = np.abs(g - g64) - (3 * np.abs(g_seq - g64) + floor)
+        assert excess.max() <= 0, f"d loss / d {name}: error {np.abs(g - g64).max():.3g} vs recurrence's " \
+                                   f"{np.abs(g_seq - g64).max():.3g}"
 
 
 # ------------------------------------------------------------------------------------------- splitting
