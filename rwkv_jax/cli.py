@@ -6,6 +6,9 @@ and expected errors as one line.
     if __name__ == "__main__":
         cli.run(main)
 
+Console: our progress lines and warnings; INFO logging (orbax's, ...) goes to the run's train.log, or
+to the console with absl's --verbosity=0 / --logger_levels / --alsologtostderr (rwkv_jax.logs).
+
 Exit codes: 0 success; 2 a usage error (a bad flag or flag value: raise `cli.UsageError`); 1 an expected
 runtime error (bad input file, missing checkpoint, refused resume, ...), printed as one line
 `PROG: error: MESSAGE`. `--traceback` (or RWKV_JAX_TRACEBACK=1) shows the full trace instead. Anything
@@ -16,6 +19,8 @@ import os
 import sys
 
 from absl import app, flags
+
+from rwkv_jax import logs
 
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full Python traceback of an error instead of one "
                                "line (also RWKV_JAX_TRACEBACK=1).")
@@ -68,7 +73,41 @@ def _guarded(main):
     return wrapped
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, a bad flag or flag value exiting with code 2 (a usage error) and one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.stderr.write(f"{prog_name()}: error: {error_line(e)}\n"
+                         f"{prog_name()}: (pass --helpshort or --helpfull to see help on flags)\n")
+        sys.exit(2)
+
+
 def run(main, *, flags_parser=None):
     """`absl.app.run(main)` with expected errors reported as one line (see the module docstring)."""
-    kwargs = {"flags_parser": flags_parser} if flags_parser else {}
-    app.run(_guarded(main), **kwargs)
+    guarded = _guarded(main)
+
+    def quiet_main(argv):
+        logs.quiet_console()
+        return guarded(argv)
+
+    app.run(quiet_main, flags_parser=flags_parser or parse_flags)
+
+
+def call(main, argv: list[str], *, flags_parser=None) -> int:
+    """Run `main` on the command line `argv` (argv[0]: the program) as `run` does, in this process, and
+    return the exit code; the flags are reset before and after. For tests."""
+    flags.FLAGS.unparse_flags()
+    saved_argv, sys.argv = sys.argv, list(argv)
+    try:
+        remaining = (flags_parser or parse_flags)(list(argv))
+        _guarded(main)(remaining)
+    except app.UsageError as e:
+        sys.stderr.write(f"{prog_name()}: usage error: {e}\n")
+        return e.exitcode
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        flags.FLAGS.unparse_flags()
+        sys.argv = saved_argv
+    return 0

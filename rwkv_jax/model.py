@@ -2,6 +2,7 @@
 
     logits_BTV, state = model(tokens_BT, state=None)   # parallel ("GPT") mode over a sequence
     logits_BV, state = model.step(tokens_B, state)      # RNN mode, one token
+    hidden_BTD, state = model.hidden(tokens_BT, state)  # the residual stream after the last block (no head)
     state = model.init_state(batch_size)
 
 Module and parameter names mirror the official RWKV-LM checkpoint (`blocks.0.att.time_decay`, ...), so the
@@ -203,6 +204,14 @@ class RWKV(nnx.Module):
 
     def __call__(self, tokens_BT, state: RWKVState | None = None):
         """Logits [B, T, V] (fp32) for every position, and the state after the last token."""
+        hidden, new_state = self.hidden(tokens_BT, state)
+        logits = self.head(self.ln_out(hidden).astype(self.config.dtype)).astype(jnp.float32)
+        return logits, new_state
+
+    def hidden(self, tokens_BT, state: RWKVState | None = None):
+        """The final hidden states [B, T, D] (fp32, before ln_out and the head) and the state after the
+        last token: `head(ln_out(hidden))` are the logits. Generation applies the head to the last
+        position only."""
         if tokens_BT.ndim != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tokens_BT.shape}; "
                              "use model.step(tokens_B, state) for one token per sequence")
@@ -218,11 +227,10 @@ class RWKV(nnx.Module):
             x, layer_out = apply_block(block, x, layer_in)
             x = sharding.constrain(x, ("batch", "seq", "embed_out"))
             layer_states.append(layer_out)
-        logits = self.head(self.ln_out(x).astype(self.config.dtype)).astype(jnp.float32)
         stack = lambda get: jnp.stack([get(s) for s in layer_states])
         new_state = RWKVState(stack(lambda s: s.att_x), stack(lambda s: s.wkv.a), stack(lambda s: s.wkv.b),
                               stack(lambda s: s.wkv.p), stack(lambda s: s.ffn_x))
-        return logits, new_state
+        return x, new_state
 
     def step(self, tokens_B, state: RWKVState):
         """RNN mode: one token per sequence. Returns logits [B, V] and the next state."""
