@@ -83,15 +83,43 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(2)
 
 
-def run(main, *, flags_parser=None):
-    """`absl.app.run(main)` with expected errors reported as one line (see the module docstring)."""
+_HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
+def _help_exits_zero(parser):
+    """absl exits with status 1 after printing --help; asking for help is no error."""
+    def parse(argv):
+        try:
+            return parser(argv)
+        except SystemExit as e:
+            if e.code == 1 and any(arg in _HELP_FLAGS for arg in argv[1:]):
+                sys.exit(0)
+            raise
+    return parse
+
+
+def _show_in_help(main, shared_flags) -> None:
+    """--help shows the main module's docstring and flags; the command's are in the package (the scripts
+    and console scripts that call it are thin)."""
+    command_doc = sys.modules[main.__module__].__doc__
+    if command_doc and "__main__" in sys.modules:
+        sys.modules["__main__"].__doc__ = command_doc
+    program = sys.argv[0]
+    for flag in [*flags.FLAGS.get_key_flags_for_module(main.__module__), *shared_flags, _TRACEBACK]:
+        flags.FLAGS.register_key_flag_for_module(program, flags.FLAGS[flag.name])
+
+
+def run(main, *, flags_parser=None, shared_flags=()):
+    """`absl.app.run(main)` with expected errors reported as one line (see the module docstring).
+    `shared_flags`: FlagHolders defined elsewhere that --help should list with main's module's flags."""
     guarded = _guarded(main)
 
     def quiet_main(argv):
         logs.quiet_console()
         return guarded(argv)
 
-    app.run(quiet_main, flags_parser=flags_parser or parse_flags)
+    _show_in_help(main, shared_flags)
+    app.run(quiet_main, flags_parser=_help_exits_zero(flags_parser or parse_flags))
 
 
 def call(main, argv: list[str], *, flags_parser=None) -> int:

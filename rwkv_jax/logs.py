@@ -1,13 +1,16 @@
-"""Where log records go when a command runs: the console shows our progress lines (plain prints) and
-warnings; INFO records (orbax reports every save and restore, ~150 lines in a short run) go to a file
-such as WORKDIR/train.log. absl's `--verbosity` (`-v`), `--logger_levels`, `--alsologtostderr` or
+"""Where log records go when a command runs: the console shows our progress lines (plain prints), our
+warnings and everyone's errors; INFO records (orbax reports every save and restore, ~150 lines in a short
+run) and third-party warnings (TFDS on a dataset it builds, ...) go to a file such as WORKDIR/train.log. absl's `--verbosity` (`-v`), `--logger_levels`, `--alsologtostderr` or
 `--stderrthreshold` on the command line bring them back to the console.
 
     logs.quiet_console()              # cli.run does this once the flags are parsed
     logs.log_to_file(workdir.log_path)  # the trainer, once its workdir is known: the buffered records too
 """
 
+import contextlib
+import io
 import logging
+import os
 
 from absl import flags
 from absl import logging as absl_logging
@@ -29,6 +32,12 @@ class _Buffer(logging.Handler):
 
 
 _state = {"buffer": None, "file": None}
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _console_filter(record: logging.LogRecord) -> bool:
+    """Our warnings, and errors from anywhere; third-party warnings only in the file."""
+    return record.levelno >= logging.ERROR or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR)
 
 
 def console_verbosity_requested() -> bool:
@@ -42,7 +51,9 @@ def quiet_console() -> None:
     are kept for `log_to_file`."""
     if console_verbosity_requested() or _state["buffer"] is not None:
         return
-    absl_logging.get_absl_handler().setLevel(logging.WARNING)
+    handler = absl_logging.get_absl_handler()
+    handler.setLevel(logging.WARNING)
+    handler.addFilter(_console_filter)
     _state["buffer"] = _Buffer()
     logging.getLogger().addHandler(_state["buffer"])
 
@@ -65,3 +76,29 @@ def log_to_file(path) -> None:
         _state["buffer"] = None
     root.addHandler(handler)
     _state["file"] = handler
+
+
+class _LogLines(io.TextIOBase):
+    """A text stream whose lines become INFO records of `logger`."""
+
+    def __init__(self, logger: str):
+        self._logger = logging.getLogger(logger)
+
+    def write(self, text):
+        for line in text.splitlines():
+            if line.strip():
+                self._logger.info("%s", line)
+        return len(text)
+
+
+@contextlib.contextmanager
+def third_party_output(logger: str):
+    """Inside: what a library prints to stdout becomes INFO records of `logger` (so it lands in the log
+    file, not between our progress lines), and TFDS shows no progress bars."""
+    import tensorflow_datasets as tfds
+    tfds.display_progress_bar(False)
+    try:
+        with contextlib.redirect_stdout(_LogLines(logger)):
+            yield
+    finally:
+        tfds.display_progress_bar(True)

@@ -194,7 +194,7 @@ def _atomic_output(dst: Path, overwrite: bool, is_dir: bool):
         dst.parent.mkdir(parents=True, exist_ok=True)
         holder = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     except OSError as e:
-        raise type(e)(e.errno, f"cannot write {dst}: {e.strerror} (in {dst.parent})") from e
+        raise type(e)(f"cannot write {dst}: {e.strerror or e} (in {dst.parent})") from e
     target = holder / dst.name
     if is_dir:
         target.mkdir()

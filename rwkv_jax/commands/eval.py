@@ -118,4 +118,4 @@ def _report_prefix(checkpoint: Path, name: str) -> str:
 
 
 def entry_point():
-    cli.run(main)
+    cli.run(main, shared_flags=(common.CHECKPOINT, common.TOKENIZER, common.DTYPE))

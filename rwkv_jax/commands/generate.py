@@ -88,4 +88,4 @@ def main(argv):
 
 
 def entry_point():
-    cli.run(main)
+    cli.run(main, shared_flags=(common.CHECKPOINT, common.TOKENIZER, common.DTYPE))

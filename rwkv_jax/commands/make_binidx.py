@@ -34,4 +34,4 @@ def main(argv):
 
 
 def entry_point():
-    cli.run(main)
+    cli.run(main, shared_flags=(common.TOKENIZER,))

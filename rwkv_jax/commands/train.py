@@ -24,7 +24,6 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-host: this process's
 _AUTO_DISTRIBUTED = flags.DEFINE_bool("auto_distributed", True,
                                       "Detect a multi-host launch (SLURM, Open MPI, Cloud TPU) from the environment.")
 _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer("distributed_timeout_s", 300, "How long to wait for the other processes.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def parse_flags(argv):
@@ -42,6 +41,12 @@ def parse_flags(argv):
 def main(argv):
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
+    # Checked here rather than with flags.mark_flags_as_required, which would bind every command that is
+    # imported into the same process (the tests) to train's flags.
+    missing = [f"--{flag.name}" for flag in (_CONFIG, _WORKDIR) if not flag.value]
+    if missing:
+        raise cli.UsageError(f"{' and '.join(missing)} must have a value (e.g. --config=configs/tiny.py "
+                             "--workdir=/tmp/rwkv-tiny)")
     from rwkv_jax import distributed, trainer  # after flag parsing: jax starts here
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            timeout_s=_DISTRIBUTED_TIMEOUT.value, auto=_AUTO_DISTRIBUTED.value)

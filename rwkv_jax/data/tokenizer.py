@@ -2,6 +2,7 @@
 
 import abc
 import hashlib
+import io
 import os
 import time
 from collections.abc import Iterable
@@ -110,16 +111,20 @@ def train_sentencepiece(texts: Iterable[str], path: str, *, vocab_size: int, mod
     tmp_prefix = f"{path}.tmp-{os.getpid()}"
     logging.info("Training a %s sentencepiece model (vocab %d) into %s.", model_type, vocab_size, path)
     start = time.time()
+    # The model is taken from memory: no .vocab file is written, and with it goes sentencepiece's warning
+    # that pieces such as '\n' "break the format" of that (human-readable, unused) file.
+    model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=_lines(texts, cap=10 * input_sentence_size),
-        model_prefix=tmp_prefix, vocab_size=vocab_size, model_type=model_type, hard_vocab_limit=False,
+        model_writer=model, vocab_size=vocab_size, model_type=model_type, hard_vocab_limit=False,
         input_sentence_size=input_sentence_size, shuffle_input_sentence=True, character_coverage=0.9995,
         normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
         allow_whitespace_only_pieces=True, split_digits=True, byte_fallback=True,
         user_defined_symbols=["\n"], eos_id=0, unk_id=1, bos_id=-1, pad_id=-1,
         num_threads=os.cpu_count() or 1, minloglevel=1)
+    with open(f"{tmp_prefix}.model", "wb") as f:
+        f.write(model.getvalue())
     os.replace(f"{tmp_prefix}.model", path)
-    os.remove(f"{tmp_prefix}.vocab")
     logging.info("Trained sentencepiece in %.1fs.", time.time() - start)
     return SentencePieceTokenizer(path)
 
