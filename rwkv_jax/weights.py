@@ -34,7 +34,7 @@ from rwkv_jax import workdir as workdir_lib
 from rwkv_jax.model import RWKV, ModelConfig
 
 FORMATS = ("pth", "hf", "rwkv_jax")
-CONFIG_FILE = "rwkv_config.json"  # the same name as a workdir's model config
+CONFIG_FILE = workdir_lib.MODEL_CONFIG  # rwkv_config.json, as in a training workdir
 PARAMS_DIR = "params"
 
 

@@ -245,3 +245,57 @@ def test_eval_against_a_training_run_leaves_it_running(tmp_path):
             if trainer.poll() is None:
                 trainer.kill()
     assert "step 300/300" in (tmp_path / "train.out").read_text()
+
+
+# --- Console output -------------------------------------------------------------------------------------
+
+def test_console_shows_our_warnings_and_the_log_file_gets_everything(tmp_path):
+    import logging
+    from absl import logging as absl_logging
+    from rwkv_jax import logs
+    handler = absl_logging.get_absl_handler()
+    level, filters = handler.level, list(handler.filters)
+    root, absl_logger = logging.getLogger(), logging.getLogger("absl")
+    absl_level = absl_logger.level
+    absl_logger.setLevel(logging.INFO)  # as absl's default --verbosity=0 sets it in a command
+    try:
+        logs.quiet_console()
+
+        def record(level, path, message):
+            return logging.LogRecord("absl", level, path, 1, message, None, None)
+
+        ours = str(Path(logs.__file__).parent / "checkpoint.py")
+        theirs = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
+        shown = [r.getMessage() for r in (record(logging.WARNING, ours, "our warning"),
+                                          record(logging.WARNING, theirs, "their warning"),
+                                          record(logging.INFO, theirs, "their info"),
+                                          record(logging.ERROR, theirs, "their error"))
+                 if r.levelno >= handler.level and handler.filter(r)]
+        assert shown == ["our warning", "their error"]
+        logging.getLogger("absl").info("before the file is known")
+        logs.log_to_file(tmp_path / "train.log")
+        logging.getLogger("absl").info("after")
+        text = (tmp_path / "train.log").read_text()
+        assert "before the file is known" in text and "after" in text
+    finally:
+        absl_logger.setLevel(absl_level)
+        handler.setLevel(level)
+        handler.filters[:] = filters
+        if logs._state["file"] is not None:
+            root.removeHandler(logs._state["file"])
+            logs._state["file"].close()
+        logs._state.update(buffer=None, file=None)
+
+
+def test_absl_verbosity_flag_keeps_everything_on_the_console():
+    from absl import flags
+    from rwkv_jax import logs
+    flags.FLAGS.unparse_flags()
+    try:
+        flags.FLAGS(["prog"])
+        assert not logs.console_verbosity_requested()
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["prog", "--verbosity=0"])
+        assert logs.console_verbosity_requested()
+    finally:
+        flags.FLAGS.unparse_flags()
