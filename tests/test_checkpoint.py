@@ -467,5 +467,6 @@ def test_restoring_the_params_alone_takes_less_memory(tmp_path):
     child("save")
     params_peak, params_base = child("params")
     full_peak, full_base = child("full")
-    assert abs(params_base - full_base) < 60  # the same process up to the restore (MiB)
-    assert full_peak - params_peak > 150, (params_peak, full_peak)  # about the 200 MB of moments
+    # Growth of the peak during the restore, MiB: the whole state adds about the 200 MB of Adam moments.
+    params_growth, full_growth = params_peak - params_base, full_peak - full_base
+    assert full_growth - params_growth > 120, (params_base, params_peak, full_base, full_peak)

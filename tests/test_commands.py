@@ -216,6 +216,12 @@ def test_a_reader_leaves_a_save_in_flight_alone(tmp_path):
         writer.wait()
         assert writer.steps == [1, 2]
     assert workdir.load(run_dir.path).step == 2
+    # A reader needs neither the optimizer nor the train step (nor their memory: tests/test_checkpoint.py).
+    code = ("import sys; from rwkv_jax import weights; loaded = weights.load(sys.argv[1]); "
+            "print(loaded.format, loaded.step, sorted(m for m in ('rwkv_jax.optim', 'rwkv_jax.train_step') "
+            "if m in sys.modules))")
+    result = run(["-c", code, str(run_dir.path)])
+    assert result.stdout.split() == ["workdir", "2", "[]"], result.stderr[-2000:]
 
 
 @pytest.mark.slow
