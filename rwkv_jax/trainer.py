@@ -80,7 +80,7 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
     t = config.train
     if is_main:
         logs.log_to_file(run_dir.log_path)
-        run_dir.config_path.write_text(config.to_json_best_effort(indent=2))
+        run_dir.write_config(config)
         print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} in {jax.process_count()} "
               f"process(es); mesh {dict(mesh.shape)}; model {model_config.n_layer} x {model_config.d_model}, "
               f"compute {model_config.dtype}, WKV form {model_config.wkv_form}", flush=True)
@@ -90,7 +90,7 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
         config.data, seq_len=t.seq_len, batch_size=t.batch_size, model_vocab_size=model_config.vocab_size,
         process_index=jax.process_index(), process_count=jax.process_count())
     if is_main:  # the workdir describes itself: eval.py and load_model need only its path
-        run_dir.write_configs(config, model_config)
+        run_dir.write_model_config(model_config)
         shutil.copyfile(tokenizer.path, run_dir.tokenizer_copy_path(tokenizer.path))
         sample = train_batches.tokens_N[:10_000_000]  # a prefix is enough for the yardstick
         print(f"unigram entropy of the training tokens: {unigram_entropy(sample, tokenizer.vocab_size):.4f} "

@@ -63,9 +63,12 @@ class Workdir:
         """Where the run keeps its copy of the tokenizer file `source` (same suffix)."""
         return self.path / (TOKENIZER_STEM + Path(source).suffix)
 
-    def write_configs(self, config: ml_collections.ConfigDict, model_config) -> None:
-        """config.json and rwkv_config.json, so that readers need only this directory."""
+    def write_config(self, config: ml_collections.ConfigDict) -> None:
+        """config.json: the run's whole config."""
         self.config_path.write_text(config.to_json_best_effort(indent=2))
+
+    def write_model_config(self, model_config) -> None:
+        """rwkv_config.json, so that readers rebuild the model from this directory alone."""
         self.model_config_path.write_text(json.dumps(dataclasses.asdict(model_config), indent=2))
 
     # --- What readers ask -------------------------------------------------------------------------

@@ -201,7 +201,7 @@ def test_a_reader_leaves_a_save_in_flight_alone(tmp_path):
     config = ModelConfig(vocab_size=64, d_model=32, n_layer=2)
     run_dir = workdir.Workdir(tmp_path / "run")
     run_dir.path.mkdir()
-    run_dir.model_config_path.write_text(__import__("json").dumps(__import__("dataclasses").asdict(config)))
+    run_dir.write_model_config(config)
     params = nnx.state(RWKV(config, rngs=nnx.Rngs(0)))
     big = jax.device_put(np.random.default_rng(0).standard_normal((4096, 8192), np.float32))  # 128 MiB: a slow save
     with Checkpointer(run_dir.checkpoints_dir) as writer:
