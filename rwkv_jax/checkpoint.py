@@ -1,5 +1,5 @@
-"""Training checkpoints: the whole train state (params, optimizer state, step) plus a small JSON dict,
-saved asynchronously with orbax into one directory (e.g. WORKDIR/checkpoints), the last `keep` kept.
+"""Training checkpoints: the train state (params, optimizer state, step) plus a small JSON dict, saved
+asynchronously with orbax into one directory (e.g. WORKDIR/checkpoints), the last `keep` kept.
 
     ckpt = Checkpointer(workdir / "checkpoints")
     restored = ckpt.restore_latest(state, shardings)   # None on a fresh run
@@ -7,16 +7,27 @@ saved asynchronously with orbax into one directory (e.g. WORKDIR/checkpoints), t
     ckpt.save(step, state, {"data_position": ..., "seed": ...})
     ckpt.close()
 
+    reader = Checkpointer(workdir / "checkpoints", read_only=True)   # eval, generate, convert
+    params, step = reader.restore_params(abstract_params)           # the parameters alone
+
 What this adds to a plain orbax CheckpointManager:
+  * Params and the rest apart: a step holds three orbax items, `params` (the state's `params` entry),
+    `opt_state` (everything else: optimizer state, step counter) and `meta` (JSON). `restore_params`
+    reads the `params` item only: loading a run for evaluation costs the parameters' memory, not the
+    whole train state's (Adam's two moments triple it), and needs no optimizer.
   * No NaN/Inf reaches a checkpoint: `save` refuses a state with a non-finite floating-point value.
   * Restores are bit exact or fail. Orbax's data files carry no checksums (a flipped bit restores
     silently), so every array's 64-bit digest is stored beside it and checked after reading.
-  * A corrupt or unreadable checkpoint is skipped with a warning and the next older one is tried; once
-    a good one is found, the bad newer ones are renamed `<step>.corrupt` (kept for inspection, no longer
-    a step) so the resumed run can save those steps again. Uncommitted saves are ignored by orbax.
+  * A corrupt or unreadable checkpoint is skipped with a warning and the next older one is tried. A
+    trainer then renames the bad newer ones `<step>.corrupt` (kept for inspection, no longer a step) so
+    the resumed run can save those steps again. Uncommitted saves are ignored by orbax.
+  * A reader (`read_only=True`) never changes the directory: no temporary-directory cleanup (that would
+    delete a running trainer's in-flight save), no renames, no saves.
   * The restored pytree has exactly the structure of the target (nnx.State, Variable metadata, optax
-    NamedTuples): orbax stores a plain nested dict of arrays, and the tree is rebuilt from the target's
+    NamedTuples): orbax stores plain nested dicts of arrays, and the tree is rebuilt from the target's
     treedef, onto the target's shardings on any mesh (written on 8 devices, read on 1, and back).
+  * Checkpoints of the first layout (format 1: the whole state as one item `state`) are still read;
+    `restore_params` then reads that whole item and keeps the parameters.
 """
 
 import json
@@ -30,7 +41,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-_FORMAT = 1
+_FORMAT = 2  # 1: one item 'state' holding everything; 2: items 'params' and 'opt_state'
+_PARAMS = "params"  # the state's entry stored as its own item
 _LIST_LIMIT = 8  # how many offending array names an error message spells out
 
 
@@ -45,9 +57,17 @@ class CorruptCheckpointError(RuntimeError):
 class Checkpointer:
     """Async train-state checkpoints in `directory`, keeping the newest `keep` steps."""
 
-    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-                                               enable_async_checkpointing=async_save)
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True,
+                 read_only: bool = False):
+        """`read_only`: a reader of another process's checkpoints (eval, generate, convert): nothing in
+        `directory` is created, cleaned up, renamed or deleted, and `save` is refused."""
+        self.read_only = read_only
+        if read_only:  # not orbax's read_only option: it logs a warning per option it overrides
+            options = ocp.CheckpointManagerOptions(max_to_keep=None, create=False, cleanup_tmp_directories=False,
+                                                   enable_async_checkpointing=False)
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+                                                   enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(os.fspath(directory), options=options)
 
     @property
@@ -64,6 +84,8 @@ class Checkpointer:
         started: False when `step` is already saved, or (unless `force`) not newer than the latest.
         The device arrays are copied before this returns, so `state` may be donated right after.
         Raises ValueError, writing nothing, if the state holds a NaN or Inf."""
+        if self.read_only:
+            raise RuntimeError(f"checkpoints in {self.directory} were opened read-only: not saving step {step}")
         step = int(step)
         if step in self._manager.all_steps() or not (force or self._manager.should_save(step)):
             return False
@@ -80,7 +102,8 @@ class Checkpointer:
         meta = {"format": _FORMAT, "extra": extra,
                 "arrays": {name: {"shape": list(x.shape), "dtype": _dtype_name(x), "digest": _hex(d)}
                            for name, x, d in zip(names, leaves, digests)}}
-        args = ocp.args.Composite(state=ocp.args.StandardSave(_nest(names, leaves)), meta=ocp.args.JsonSave(meta))
+        items = {name: ocp.args.StandardSave(tree) for name, tree in _split_items(_nest(names, leaves)).items()}
+        args = ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta))
         return bool(self._manager.save(step, args=args, force=force))
 
     def restore_latest(self, abstract_state, shardings) -> tuple[Any, dict, int] | None:
@@ -90,14 +113,28 @@ class Checkpointer:
         `abstract_state` gives the structure, shapes and dtypes (arrays or jax.ShapeDtypeStruct). Raises
         IncompatibleCheckpointError if the newest checkpoint holds other arrays, RuntimeError if
         checkpoints exist but none can be read (rather than silently starting from scratch)."""
+        return self._restore_newest(abstract_state, shardings, prefix="")
+
+    def restore_params(self, abstract_params, shardings=None) -> tuple[Any, dict, int] | None:
+        """(params, extra, step) of the newest readable checkpoint: the `params` entry of the saved state
+        alone, read without the optimizer state. `abstract_params` gives its structure, shapes and dtypes;
+        `shardings` (a pytree or prefix of Shardings; default: the default device) where to put it.
+        None when there is no checkpoint; errors as `restore_latest`."""
+        if shardings is None:
+            shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return self._restore_newest(abstract_params, shardings, prefix=_PARAMS + "/")
+
+    def _restore_newest(self, abstract_tree, shardings, prefix: str):
+        """The newest step whose arrays under `prefix` (all when '') restore and match their digests."""
         self.wait()
-        names, abstract_leaves, treedef = _flatten(abstract_state)
+        names, abstract_leaves, treedef = _flatten(abstract_tree)
+        names = [prefix + name for name in names]
         targets = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in
-                   zip(abstract_leaves, _expand_shardings(shardings, abstract_state, len(abstract_leaves)))]
+                   zip(abstract_leaves, _expand_shardings(shardings, abstract_tree, len(abstract_leaves)))]
         failed = []
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
-                leaves, extra = self._restore(step, names, targets)
+                leaves, extra = self._restore(step, names, targets, prefix)
             except IncompatibleCheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure to read a step means: try the older one
@@ -105,7 +142,7 @@ class Checkpointer:
                                 step, self.directory, _short(e))
                 failed.append((step, e))
                 continue
-            if failed:
+            if failed and not self.read_only:
                 self._set_aside([s for s, _ in failed])
             logging.info("restored checkpoint step %d from %s", step, self.directory)
             return jax.tree.unflatten(treedef, leaves), extra, step
@@ -128,18 +165,33 @@ class Checkpointer:
     def __exit__(self, *exc):
         self.close()
 
-    def _restore(self, step: int, names: list[str], targets: list[jax.ShapeDtypeStruct]):
-        """(arrays in the order of `names`, extra) of one step, each array checked against its digest."""
+    def _restore(self, step: int, names: list[str], targets: list[jax.ShapeDtypeStruct], prefix: str):
+        """(arrays in the order of `names`, extra) of one step, each array checked against its digest.
+        With a `prefix`, only the saved arrays under it are compared with `names` and read."""
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         saved = meta["arrays"]
         expected = {name: (list(x.shape), _dtype_name(x)) for name, x in zip(names, targets)}
-        found = {name: (a["shape"], a["dtype"]) for name, a in saved.items()}
+        found = {name: (a["shape"], a["dtype"]) for name, a in saved.items() if name.startswith(prefix)}
         if expected != found:
             raise IncompatibleCheckpointError(
                 f"checkpoint step {step} in {self.directory} does not match the state to restore: "
                 f"{_layout_diff(expected, found)}")
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(_nest(names, targets)))
-        restored = self._manager.restore(step, args=args).state
+        nested = _nest(names, targets)
+        if meta.get("format", 1) == 1:  # one item 'state' holding everything
+            if prefix:  # no target for the rest: read it as saved, then keep the part asked for
+                restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+                restored = _nest(names, [jax.device_put(_lookup(restored, n), t.sharding)
+                                         for n, t in zip(names, targets)])
+            else:
+                restored = self._manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(nested))).state
+        else:
+            items = _split_items(nested)
+            args = ocp.args.Composite(**{name: ocp.args.StandardRestore(tree) for name, tree in items.items()})
+            restored_items = self._manager.restore(step, args=args)
+            restored = {}
+            for name in items:
+                restored.update(restored_items[name] if name == "opt_state" else {name: restored_items[name]})
         leaves = [_lookup(restored, name) for name in names]
         _, digests = _inspect(leaves)
         bad = [name for name, d in zip(names, digests) if _hex(d) != saved[name]["digest"]]
@@ -195,6 +247,18 @@ def _nest(names, values) -> dict:
             node = node.setdefault(part, {})
         node[last] = value
     return out
+
+
+def _split_items(nested: dict) -> dict:
+    """The orbax items of a nested state: 'params' (its params entry) and 'opt_state' (the rest); an
+    empty one is left out."""
+    items = {}
+    if _PARAMS in nested:
+        items[_PARAMS] = nested[_PARAMS]
+    rest = {k: v for k, v in nested.items() if k != _PARAMS}
+    if rest:
+        items["opt_state"] = rest
+    return items
 
 
 def _lookup(nested, name: str):

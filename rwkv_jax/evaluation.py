@@ -1,5 +1,6 @@
-"""Evaluation of a language model on documents: loss, perplexity, bits per byte, loss by token position,
-LAMBADA-style last-word accuracy, and the parallel-vs-RNN mode check. `eval.py` is the command line.
+"""Scoring a language model on documents: loss, perplexity, bits per byte, loss by token position,
+LAMBADA-style last-word accuracy, and the parallel-vs-RNN mode check. The documents come from
+`rwkv_jax.data.eval_documents`, the report files from `rwkv_jax.eval_report`; `eval.py` is the command line.
 
 Scoring. A document is a list of tokens t_0 .. t_{n-1}; the model reads the end-of-text token and then
 the document, and position p (0-based) is the prediction of t_p from eot, t_0 .. t_{p-1}: every token of
@@ -20,9 +21,7 @@ Bits per byte = total nats / ln 2 / UTF-8 bytes of the evaluated text (the decod
 
 import dataclasses
 import functools
-import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -32,52 +31,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rwkv_jax.data.documents import Document
 from rwkv_jax.data.text_files import jsonl_records
+from rwkv_jax.data.tokenizer import check_token_ids
+from rwkv_jax.metrics import bits_per_byte
 
 MODES = ("parallel", "rnn", "both")
 
 
-# --- Documents ------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Document:
-    """Tokens to score, after an implicit start token. `score_from` > 0 marks the first tokens as
-    context only (LAMBADA); `num_bytes` is the UTF-8 size of the scored text (for bits per byte)."""
-    tokens: np.ndarray
-    num_bytes: int = 0
-    score_from: int = 0
-
-
-def documents_from_texts(texts: Iterable[str], tokenizer, *, eval_len: int = 0, max_docs: int = 0
-                         ) -> Iterator[Document]:
-    """Tokenized documents (the first `eval_len` tokens of each when > 0); empty ones are skipped."""
-    n = 0
-    for text in texts:
-        if max_docs and n >= max_docs:
-            return
-        ids = tokenizer.encode(text)
-        if eval_len:
-            ids = ids[:eval_len]
-        if not ids:
-            continue
-        n += 1
-        yield Document(np.asarray(ids, np.int32), len(tokenizer.decode(ids).encode("utf-8")))
-
-
-def documents_from_tokens(seqs: Iterable[np.ndarray], tokenizer=None, *, eval_len: int = 0, max_docs: int = 0
-                          ) -> Iterator[Document]:
-    """Documents from token sequences (binidx); bytes from the tokenizer's decoding when given."""
-    n = 0
-    for seq in seqs:
-        if max_docs and n >= max_docs:
-            return
-        ids = np.asarray(seq[:eval_len] if eval_len else seq, np.int32)
-        if not len(ids):
-            continue
-        n += 1
-        num_bytes = len(tokenizer.decode(ids.tolist()).encode("utf-8")) if tokenizer is not None else 0
-        yield Document(ids, num_bytes)
-
+# --- LAMBADA --------------------------------------------------------------------------------------
 
 def lambada_examples(path) -> list[tuple[str, str]]:
     """(context, ' ' + last word) of each `{"text": ...}` line: the split of the RWKV LAMBADA evaluation."""
@@ -157,6 +119,31 @@ class ScoredDocument:
     max_logit_diff: float = 0.0  # both modes: largest |parallel - rnn| logit over the windows it was in
 
 
+@dataclasses.dataclass
+class _Row:
+    """A document in one row of the window batch, while it is being scored."""
+    index: int
+    document: Document
+    inputs: np.ndarray         # the start token, then the document but its last token
+    modes: dataclasses.InitVar[tuple]
+    offset: int = 0            # tokens already placed into windows
+    losses: dict = dataclasses.field(default_factory=dict)  # mode -> list of per-window arrays
+    hits: dict = dataclasses.field(default_factory=dict)
+    max_logit_diff: float = 0.0
+
+    def __post_init__(self, modes):
+        self.losses = {m: [] for m in modes}
+        self.hits = {m: [] for m in modes}
+
+    @property
+    def consumed(self) -> bool:
+        return self.offset >= len(self.inputs)
+
+    def scored(self) -> ScoredDocument:
+        return ScoredDocument(self.index, self.document, {m: np.concatenate(v) for m, v in self.losses.items()},
+                              {m: np.concatenate(v) for m, v in self.hits.items()}, self.max_logit_diff)
+
+
 def score_documents(model, documents: Iterable[Document], *, modes=("parallel",), batch_size: int = 4,
                     window: int = 512, start_token: int = 0, max_tokens: int = 0,
                     progress: Callable[[int, int], None] | None = None) -> Iterator[ScoredDocument]:
@@ -167,19 +154,20 @@ def score_documents(model, documents: Iterable[Document], *, modes=("parallel",)
     modes = tuple(m for m in ("parallel", "rnn") if m in modes)
     if not modes:
         raise ValueError(f"modes must name 'parallel' and/or 'rnn', got {modes}")
-    if batch_size < 1 or window < 1:
-        raise ValueError(f"batch_size and window must be >= 1, got {batch_size} and {window}")
+    if batch_size < 1 or window < 1 or max_tokens < 0:
+        raise ValueError(f"batch_size and window must be >= 1 and max_tokens >= 0, got {batch_size}, {window} "
+                         f"and {max_tokens}")
     graphdef, params = nnx.split(model)
     vocab = model.config.vocab_size
     states = {m: model.init_state(batch_size) for m in modes}
     B, W = batch_size, window
     docs = iter(documents)
-    slots: list = [None] * B        # (index, document, inputs, offset, losses, hits) per row
+    rows: list[_Row | None] = [None] * B
     taken_docs = taken_tokens = done_docs = 0
     exhausted = False
     pending = None                  # outputs of the dispatched window, read after the next dispatch
 
-    def take():
+    def take() -> _Row | None:
         nonlocal taken_docs, taken_tokens, exhausted
         if exhausted or (max_tokens and taken_tokens >= max_tokens):
             return None
@@ -190,59 +178,55 @@ def score_documents(model, documents: Iterable[Document], *, modes=("parallel",)
         tokens = np.asarray(doc.tokens, np.int64)
         if tokens.ndim != 1 or not len(tokens):
             raise ValueError(f"document {taken_docs} has no tokens")
-        if tokens.min() < 0 or tokens.max() >= vocab:
-            raise ValueError(f"document {taken_docs} has token id {int(tokens.max())} outside the model's "
-                             f"vocabulary of {vocab}: the tokenizer does not fit this model")
-        inputs = np.concatenate([[start_token], tokens[:-1]]).astype(np.int32)
-        slot = [taken_docs, doc, inputs, 0, {m: [] for m in modes}, {m: [] for m in modes}, 0.0]
+        check_token_ids(tokens, vocab, f"document {taken_docs}")
+        row = _Row(taken_docs, doc, np.concatenate([[start_token], tokens[:-1]]).astype(np.int32), modes)
         taken_docs += 1
         taken_tokens += len(tokens)
-        return slot
+        return row
 
     def collect(result):
         nonlocal done_docs
-        out, diff, rows = jax.device_get(result[:2]) + (result[2],)
+        out, diff = jax.device_get(result[:2])
         finished = []
-        for r, (slot, start, valid) in enumerate(rows):
-            if slot is None:
+        for r, (row, start, valid) in enumerate(result[2]):
+            if row is None:
                 continue
-            slot[6] = max(slot[6], float(diff))
+            row.max_logit_diff = max(row.max_logit_diff, float(diff))
             for m in modes:
-                slot[4][m].append(out[m][0][r, :valid])
-                slot[5][m].append(out[m][1][r, :valid])
-            if start + valid == len(slot[2]):
+                row.losses[m].append(out[m][0][r, :valid])
+                row.hits[m].append(out[m][1][r, :valid])
+            if start + valid == len(row.inputs):
                 done_docs += 1
-                finished.append(ScoredDocument(slot[0], slot[1], {m: np.concatenate(slot[4][m]) for m in modes},
-                                               {m: np.concatenate(slot[5][m]) for m in modes}, slot[6]))
+                finished.append(row.scored())
         return finished
 
     while True:
         reset = np.zeros(B, bool)
         for r in range(B):
-            if slots[r] is None or slots[r][3] >= len(slots[r][2]):
-                slots[r] = take()
+            if rows[r] is None or rows[r].consumed:
+                rows[r] = take()
                 reset[r] = True
-        if all(s is None for s in slots):
+        if all(row is None for row in rows):
             break
         inputs = np.zeros((B, W), np.int32)
         targets = np.zeros((B, W), np.int32)
         mask = np.zeros((B, W), bool)
-        rows = []
-        for r, slot in enumerate(slots):
-            if slot is None:
-                rows.append((None, 0, 0))
+        placed = []                 # (row, first position, valid count) of each batch row in this window
+        for r, row in enumerate(rows):
+            if row is None:
+                placed.append((None, 0, 0))
                 continue
-            start = slot[3]
-            valid = min(W, len(slot[2]) - start)
-            inputs[r, :valid] = slot[2][start:start + valid]
-            targets[r, :valid] = slot[1].tokens[start:start + valid]
+            start = row.offset
+            valid = min(W, len(row.inputs) - start)
+            inputs[r, :valid] = row.inputs[start:start + valid]
+            targets[r, :valid] = row.document.tokens[start:start + valid]
             mask[r, :valid] = True
-            slot[3] = start + valid
-            rows.append((slot, start, valid))
+            row.offset = start + valid
+            placed.append((row, start, valid))
         out, states, diff = _score_window(graphdef, modes, params, states, inputs, targets, mask, reset)
         if pending is not None:
             yield from collect(pending)
-        pending = (out, diff, rows)
+        pending = (out, diff, placed)
         if progress is not None:
             progress(done_docs, taken_tokens)
     if pending is not None:
@@ -284,7 +268,7 @@ class LossStats:
         return {
             "documents": self.docs, "tokens": self.tokens, "bytes": self.bytes,
             "loss": loss, "perplexity": math.exp(loss),
-            "bits_per_byte": self.total / math.log(2) / self.bytes if self.bytes else None,
+            "bits_per_byte": bits_per_byte(self.total, self.bytes),
             "loss_by_position": position_buckets(sums, counts),
             "loss_per_position": [round(float(x), 6) for x in sums / np.maximum(counts, 1)],
             "tokens_per_position": counts.tolist(),
@@ -374,125 +358,3 @@ def evaluate_lambada(model, examples, tokenizer, *, mode: str = "parallel", batc
     return report
 
 
-# --- Output -----------------------------------------------------------------------------------------
-
-def _fmt(x, digits=4):
-    return "-" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
-
-
-def _summary_rows(report: dict) -> list[tuple[str, str]]:
-    if "accuracy" in report:  # LAMBADA
-        rows = [("examples", _fmt(report["examples"])), ("accuracy", _fmt(report["accuracy"])),
-                ("perplexity", _fmt(report["perplexity"])),
-                ("mean target tokens", _fmt(report["mean_target_tokens"], 2))]
-    else:
-        rows = [("documents", _fmt(report["documents"])), ("tokens", _fmt(report["tokens"])),
-                ("loss (nats/token)", _fmt(report["loss"])), ("perplexity", _fmt(report["perplexity"])),
-                ("bits per byte", _fmt(report["bits_per_byte"]))]
-    for key, value in report.get("mode_check", {}).items():
-        rows.append((f"mode check: {key.replace('_', ' ')}", f"{value:.3g}" if "diff" in key else _fmt(value)))
-    return rows
-
-
-def format_table(report: dict) -> str:
-    """The report as plain text: the summary, then the loss by position bucket."""
-    head = [f"checkpoint: {report.get('checkpoint', '-')}", f"data: {report.get('data', '-')}",
-            f"mode: {report['mode']}"]
-    rows = _summary_rows(report)
-    width = max(len(k) for k, _ in rows)
-    lines = head + [f"  {k:<{width}}  {v}" for k, v in rows]
-    if report.get("loss_by_position"):
-        lines += ["", f"  {'positions':>13}  {'tokens':>10}  {'loss':>8}"]
-        lines += [f"  {b['positions']:>13}  {b['tokens']:>10}  {b['loss']:>8.4f}" for b in report["loss_by_position"]]
-    return "\n".join(lines)
-
-
-def to_markdown(report: dict, plot_name: str | None = None) -> str:
-    lines = ["# Evaluation report", "", f"- checkpoint: `{report.get('checkpoint', '-')}`",
-             f"- data: {report.get('data', '-')}", f"- mode: {report['mode']}", "",
-             "| metric | value |", "| --- | --- |"]
-    lines += [f"| {k} | {v} |" for k, v in _summary_rows(report)]
-    if report.get("loss_by_position"):
-        lines += ["", "## Loss by token position (0-based, log-spaced buckets)", "",
-                  "| positions | tokens | loss (nats) |", "| --- | ---: | ---: |"]
-        lines += [f"| {b['positions']} | {b['tokens']} | {b['loss']:.4f} |" for b in report["loss_by_position"]]
-    if plot_name:
-        lines += ["", f"![loss by position]({plot_name})"]
-    return "\n".join(lines) + "\n"
-
-
-def plot_loss_by_position(report: dict, path) -> None:
-    """Loss against token position, log x axis (the paper's long-context figure): the per-position mean,
-    lightly smoothed, and the bucket means."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    per_pos = np.asarray(report["loss_per_position"], np.float64)
-    counts = np.asarray(report["tokens_per_position"], np.float64)
-    x = np.arange(1, len(per_pos) + 1)  # position + 1, so that position 0 shows on a log axis
-    # smoothed over +-10% of the position (a window of constant width on the log axis), token-weighted
-    sums_cum = np.concatenate([[0.0], np.cumsum(per_pos * counts)])
-    counts_cum = np.concatenate([[0.0], np.cumsum(counts)])
-    half = (np.arange(len(per_pos)) * 0.1).astype(np.int64)
-    lo, hi = np.arange(len(per_pos)) - half, np.minimum(np.arange(len(per_pos)) + half + 1, len(per_pos))
-    smooth = (sums_cum[hi] - sums_cum[lo]) / np.maximum(counts_cum[hi] - counts_cum[lo], 1)
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(x, per_pos, lw=0.5, alpha=0.2, label="per position")
-    ax.plot(x, smooth, lw=1.2, label="per position, smoothed (+-10%)")
-    buckets = report["loss_by_position"]
-    ax.plot([(b["first"] + min(b["last"], len(per_pos) - 1)) / 2 + 1 for b in buckets],
-            [b["loss"] for b in buckets], "o-", lw=1.5, label="log-spaced buckets")
-    ax.set_xscale("log")
-    ax.set_xlabel("token position + 1 (within the document)")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(f"{Path(str(report.get('checkpoint', ''))).name}: loss by position ({report['tokens']:,} tokens)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_report(report: dict, prefix) -> list[str]:
-    """PREFIX.json, PREFIX.md and (with positions) PREFIX.png; returns the paths written."""
-    prefix = str(prefix)
-    for suffix in (".json", ".md", ".png"):
-        prefix = prefix.removesuffix(suffix)
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    paths = [prefix + ".json", prefix + ".md"]
-    plot = None
-    if report.get("loss_per_position"):
-        plot = prefix + ".png"
-        plot_loss_by_position(report, plot)
-        paths.append(plot)
-    Path(prefix + ".json").write_text(json.dumps(report, indent=1))
-    Path(prefix + ".md").write_text(to_markdown(report, os.path.basename(plot) if plot else None))
-    return paths
-
-
-# --- Checkpoints and tokenizers -------------------------------------------------------------------------
-
-def find_tokenizer(checkpoint, tokenizer_path: str = ""):
-    """The tokenizer: `tokenizer_path` (.model = sentencepiece, .json = HF tokenizers), else the copy in a
-    training workdir or the tokenizer.json of an HF directory."""
-    from rwkv_jax.data import tokenizer as tokenizer_lib
-    if not tokenizer_path:
-        checkpoint = Path(checkpoint)
-        candidates = ([checkpoint / "tokenizer.model", checkpoint / "tokenizer.json"] if checkpoint.is_dir() else [])
-        found = [c for c in candidates if c.is_file()]
-        if not found:
-            raise ValueError(f"no tokenizer found with {checkpoint}: pass --tokenizer=PATH (a sentencepiece "
-                             ".model or an HF tokenizers .json such as the GPT-NeoX-20B tokenizer of the "
-                             "official Pile models)")
-        tokenizer_path = str(found[0])
-    if not os.path.isfile(tokenizer_path):
-        raise FileNotFoundError(f"tokenizer {tokenizer_path} not found")
-    kind = "hf_json" if tokenizer_path.endswith(".json") else "sentencepiece"
-    return tokenizer_lib.load_tokenizer(kind, tokenizer_path)
-
-
-def check_tokenizer_fits(tokenizer, model) -> None:
-    vocab = model.config.vocab_size
-    if tokenizer.vocab_size > vocab:
-        raise ValueError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's "
-                         f"vocabulary has {vocab}: it is not this model's tokenizer (pass --tokenizer)")

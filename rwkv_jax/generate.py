@@ -1,10 +1,5 @@
-"""Text generation: the prompt is prefilled in parallel mode, then tokens are decoded as an RNN.
-
-    python -m rwkv_jax.generate --checkpoint=WORKDIR --prompt="def main(" --max_new_tokens=200
-    python -m rwkv_jax.generate --checkpoint=RWKV-4-Pile-169M.pth --tokenizer=20B_tokenizer.json \\
-        --prompt="The quick" --prompt="Once upon a time" --temperature=0.8 --top_p=0.9 --stop="\\n\\n"
-    python -m rwkv_jax.generate --checkpoint=X --prompt="..." --save_state=s.npz    # then continue:
-    python -m rwkv_jax.generate --checkpoint=X --load_state=s.npz --prompt=" and then"
+"""Text generation: the prompt is prefilled in parallel mode, then tokens are decoded as an RNN. The
+command line is `python generate.py` (rwkv_jax/commands/generate.py; `python -m rwkv_jax.generate` too).
 
 Python:
 
@@ -32,8 +27,6 @@ How it runs:
 
 import dataclasses
 import functools
-import re
-import sys
 import threading
 
 import jax
@@ -42,6 +35,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
+from rwkv_jax.data.tokenizer import check_fits, check_token_ids
 from rwkv_jax.model import RWKV, RWKVState
 
 
@@ -98,29 +92,27 @@ def load_state(path) -> tuple[RWKVState, jax.Array | None]:
     return state, logits
 
 
-def check_state(model: RWKV, state: RWKVState, batch_size: int | None = None) -> None:
+def check_state(model: RWKV, state: RWKVState, batch_size: int | None = None, logits=None) -> None:
     expected = jax.eval_shape(lambda: model.init_state(batch_size or state.att_x.shape[1]))
     got = {k: tuple(v.shape) for k, v in state._asdict().items()}
     want = {k: tuple(v.shape) for k, v in expected._asdict().items()}
     if got != want:
         raise ValueError(f"the state does not fit this model (or batch): shapes {got}, expected {want}")
+    if logits is not None and tuple(logits.shape) != (state.att_x.shape[1], model.config.vocab_size):
+        raise ValueError(f"the saved logits {tuple(logits.shape)} do not fit this model: a vocabulary of "
+                         f"{logits.shape[-1]} where the model has {model.config.vocab_size} (the state was saved "
+                         "with another model)")
 
 
 # --- Prefill ------------------------------------------------------------------------------------------
 
-class _Identity(nnx.Module):
-    def __call__(self, x):
-        return x
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef, params, tokens_BT, state):
     """Last-position logits and the state: the head (V x D per token, a fifth of a 169M model's work) is
-    applied to the last position only, by swapping it out of this traced copy of the model."""
+    applied to the last position only."""
     model = nnx.merge(graphdef, params)
-    head, model.head = model.head, _Identity()
-    hidden, state = model(tokens_BT, state)
-    return head(hidden[:, -1].astype(model.config.dtype)).astype(jnp.float32), state
+    hidden, state = model.hidden(tokens_BT, state)
+    return model.logits(hidden[:, -1]), state
 
 
 def _pieces(n: int, chunk: int) -> list[int]:
@@ -140,13 +132,15 @@ def prefill(model: RWKV, prompts: list[list[int]], state: RWKVState | None = Non
             chunk: int = 256) -> tuple[RWKVState, jax.Array]:
     """State [L, B, *] and next-token logits [B, V] after each prompt (row b: prompt b read from row b of
     `state`, or from the empty state). An empty prompt keeps its row of `state` and `logits`."""
+    if chunk < 1:
+        raise ValueError(f"the prefill chunk must be >= 1 token, got {chunk}")
     graphdef, params = nnx.split(model)
     B = len(prompts)
     if state is not None:
         if state.att_x.shape[1] == 1 and B > 1:  # one saved state for every prompt
             state = jax.tree.map(lambda x: jnp.repeat(x, B, axis=1), state)
             logits = None if logits is None else jnp.repeat(logits, B, axis=0)
-        check_state(model, state, B)
+        check_state(model, state, B, logits)
     rows_state, rows_logits = [], []
     for b, tokens in enumerate(prompts):
         row = (model.init_state(1) if state is None else jax.tree.map(lambda x: x[:, b:b + 1], state))
@@ -157,10 +151,8 @@ def prefill(model: RWKV, prompts: list[list[int]], state: RWKVState | None = Non
             rows_state.append(row)
             rows_logits.append(logits[b:b + 1])
             continue
+        check_token_ids(tokens, model.config.vocab_size, f"prompt {b}")
         tokens = np.asarray(tokens, np.int32)
-        if tokens.min() < 0 or tokens.max() >= model.config.vocab_size:
-            raise ValueError(f"prompt {b} has a token id outside the model's vocabulary of "
-                             f"{model.config.vocab_size}: the tokenizer does not fit this model")
         start, last = 0, None
         for n in _pieces(len(tokens), chunk):
             last, row = _forward(graphdef, params, jnp.asarray(tokens[None, start:start + n]), row)
@@ -360,9 +352,7 @@ def generate(model: RWKV, tokenizer, prompts: list[str] | str, *, max_new_tokens
     a state starts from the end-of-text token, as documents start in training."""
     if isinstance(prompts, str):
         prompts = [prompts]
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's "
-                         f"vocabulary has {model.config.vocab_size}: it is not this model's tokenizer")
+    check_fits(tokenizer, model.config.vocab_size, fix="it is not this model's tokenizer")
     ids = [tokenizer.encode(p) if p else ([] if state is not None else [tokenizer.eot_id]) for p in prompts]
     return generate_tokens(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            top_k=top_k, seed=seed, eot_id=tokenizer.eot_id, stop_at_eot=stop_at_eot, stop=stop,
@@ -370,81 +360,6 @@ def generate(model: RWKV, tokenizer, prompts: list[str] | str, *, max_new_tokens
                            prefill_chunk=prefill_chunk, prompt_texts=list(prompts))
 
 
-# --- Command line ---------------------------------------------------------------------------------------
-
-def _define_flags():
-    from absl import flags
-    flags.DEFINE_string("checkpoint", None, "Training workdir, official .pth, HF or rwkv_jax directory.")
-    flags.DEFINE_string("tokenizer", "", "Tokenizer file (default: the workdir's copy / HF tokenizer.json).")
-    flags.DEFINE_multi_string("prompt", [], "A prompt; repeat for a batch.")
-    flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per prompt.")
-    flags.DEFINE_float("temperature", 1.0, "0: greedy.")
-    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
-    flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: off).")
-    flags.DEFINE_integer("seed", 0, "Sampling seed.")
-    flags.DEFINE_multi_string("stop", [], "Stop string (repeatable), checked on the decoded text.")
-    flags.DEFINE_bool("stop_at_eot", True, "Stop a row at the end-of-text token.")
-    flags.DEFINE_string("save_state", "", "Write the final state and logits to this .npz.")
-    flags.DEFINE_string("load_state", "", "Continue from a state .npz written by --save_state.")
-    flags.DEFINE_integer("prefill_chunk", 256, "Tokens per parallel-mode prefill call.")
-    flags.DEFINE_string("dtype", "", "Compute dtype override (float32 / bfloat16).")
-    flags.mark_flags_as_required(["checkpoint"])
-
-
-def _generate_or_exit(*args, **kwargs):
-    try:
-        return generate(*args, **kwargs)
-    except ValueError as e:
-        sys.exit(f"\ngenerate: error: {e}")
-
-
-def _unescape(text: str) -> str:
-    """Backslash escapes \\n, \\t and \\\\ typed on the command line (other text, non-ASCII included, as is)."""
-    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
-
-
-def main(argv):
-    from absl import app, flags
-    FLAGS = flags.FLAGS
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from rwkv_jax import evaluation, weights
-    try:
-        weights.detect_format(FLAGS.checkpoint)
-        tokenizer = evaluation.find_tokenizer(FLAGS.checkpoint, FLAGS.tokenizer)
-        model = weights.load_model(FLAGS.checkpoint, **({"dtype": FLAGS.dtype} if FLAGS.dtype else {}))
-        evaluation.check_tokenizer_fits(tokenizer, model)
-        state = logits = None
-        if FLAGS.load_state:
-            state, logits = load_state(FLAGS.load_state)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"generate: error: {e}")
-    prompts = [_unescape(p) for p in FLAGS.prompt] or [""]
-    stops = [_unescape(s) for s in FLAGS.stop]
-    single = len(prompts) == 1
-    if single:
-        sys.stdout.write(prompts[0])
-        sys.stdout.flush()
-
-    def on_token(row, token, text):
-        if text:
-            sys.stdout.write(text if single else f"[{row}] {text!r}\n")
-            sys.stdout.flush()
-
-    gen = _generate_or_exit(model, tokenizer, prompts, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                   top_p=FLAGS.top_p, top_k=FLAGS.top_k, seed=FLAGS.seed, stop=stops, state=state, logits=logits,
-                   on_token=on_token, stop_at_eot=FLAGS.stop_at_eot, prefill_chunk=FLAGS.prefill_chunk)
-    if single:
-        sys.stdout.write(f"\n[{gen[0].stop_reason}: {len(gen[0].tokens)} tokens]\n")
-    else:
-        for b, c in enumerate(gen):
-            print(f"\n--- [{b}] ({c.stop_reason}, {len(c.tokens)} tokens)\n{c.prompt}{c.text}")
-    if FLAGS.save_state:
-        save_state(FLAGS.save_state, gen.state, gen.logits)
-        print(f"state saved to {FLAGS.save_state}")
-
-
-if __name__ == "__main__":
-    from absl import app
-    _define_flags()
-    app.run(main)
+if __name__ == "__main__":  # python -m rwkv_jax.generate: the command of generate.py
+    from rwkv_jax.commands import generate as _command
+    _command.entry_point()

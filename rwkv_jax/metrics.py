@@ -1,5 +1,6 @@
-"""Training observability: DIR/metrics.jsonl, TensorBoard events, a console line with ETA, and a PNG of
-the loss curves at the end. Only process 0 writes; the others keep the records in memory only."""
+"""Training observability: the workdir's metrics.jsonl, TensorBoard events, a console line with ETA, and
+a PNG of the loss curves at the end (paths: rwkv_jax.workdir). Only process 0 writes; the others keep the
+records in memory only. Also the one bits-per-byte formula of the project."""
 
 import json
 import math
@@ -7,6 +8,8 @@ import time
 from pathlib import Path
 
 import jax
+
+from rwkv_jax.workdir import Workdir
 
 # Dense bf16 peak FLOP/s per device, for MFU. Matched against `device_kind` by substring.
 PEAK_FLOPS_BY_DEVICE_KIND = {
@@ -28,6 +31,11 @@ def peak_flops_per_device(configured: float = 0.0) -> float | None:
     return next((peak for name, peak in PEAK_FLOPS_BY_DEVICE_KIND.items() if name in kind), None)
 
 
+def bits_per_byte(total_nats: float, num_bytes: int) -> float | None:
+    """Bits per UTF-8 byte of the scored text: total loss in nats / ln 2 / bytes (None without bytes)."""
+    return total_nats / math.log(2) / num_bytes if num_bytes else None
+
+
 def _duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -36,7 +44,7 @@ def _duration(seconds: float) -> str:
 class MetricsWriter:
     def __init__(self, workdir, *, total_steps: int, tokens_per_step: int, flops_per_token: float,
                  peak_flops: float | None, num_devices: int, is_main: bool = True):
-        self.workdir = Path(workdir)
+        self.workdir = workdir if isinstance(workdir, Workdir) else Workdir(workdir)
         self.total_steps = total_steps
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
@@ -47,11 +55,11 @@ class MetricsWriter:
         self.eval_records: list[dict] = []
         self._start = time.time()
         self._last = (None, None)  # (step, time) of the last logged train step
-        self._jsonl = open(self.workdir / "metrics.jsonl", "a") if is_main else None
+        self._jsonl = open(self.workdir.metrics_path, "a") if is_main else None
         self._tb = None
         if is_main:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+            self._tb = SummaryWriter(str(self.workdir.tensorboard_dir))
 
     def _write(self, record: dict) -> None:
         if self._jsonl:
@@ -111,7 +119,7 @@ class MetricsWriter:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        records = _all_records(self.workdir / "metrics.jsonl")  # the whole run, resumes included
+        records = _all_records(self.workdir.metrics_path)  # the whole run, resumes included
         fig, ax = plt.subplots(figsize=(7, 4))
         train = [r for r in records if r["kind"] == "train"]
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
@@ -123,7 +131,7 @@ class MetricsWriter:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(self.workdir / "loss.png", dpi=120)
+        fig.savefig(self.workdir.loss_plot_path, dpi=120)
         plt.close(fig)
 
 

@@ -2,6 +2,7 @@
 
     logits_BTV, state = model(tokens_BT, state=None)   # parallel ("GPT") mode over a sequence
     logits_BV, state = model.step(tokens_B, state)      # RNN mode, one token
+    hidden_BTD, state = model.hidden(tokens_BT, state)  # the residual stream after the last block (no head)
     state = model.init_state(batch_size)
 
 Module and parameter names mirror the official RWKV-LM checkpoint (`blocks.0.att.time_decay`, ...), so the
@@ -264,13 +265,14 @@ class RWKV(nnx.Module):
         hidden_BTD, state = self.hidden(tokens_BT, state)
         return self.logits(hidden_BTD), state
 
-    def logits(self, hidden_BTD):
-        """The head: fp32 logits from `hidden` states."""
-        return self.head(hidden_BTD).astype(jnp.float32)
+    def logits(self, hidden_D):
+        """fp32 logits from `hidden` states of any leading shape [..., D]: ln_out, then the head."""
+        return self.head(self.ln_out(hidden_D).astype(self.config.dtype)).astype(jnp.float32)
 
     def hidden(self, tokens_BT, state: RWKVState | None = None):
-        """The final hidden states (after ln_out, in the compute dtype) [B, T, D] without the head, and
-        the state after the last token. `logits(hidden(...)[0])` is `__call__`."""
+        """The final hidden states [B, T, D] (the fp32 residual stream, before ln_out and the head) and
+        the state after the last token: `logits(hidden(...)[0])` is `__call__`. Generation takes the
+        logits of the last position only; training applies `logits` to chunks of positions."""
         if tokens_BT.ndim != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tokens_BT.shape}; "
                              "use model.step(tokens_B, state) for one token per sequence")
@@ -279,8 +281,7 @@ class RWKV(nnx.Module):
         # The residual stream stays in fp32; sublayers compute in config.dtype.
         x = self.ln0(self.emb(tokens_BT).astype(jnp.float32))
         run = self._scan_blocks if self.config.scan_layers else self._loop_blocks
-        x, new_state = run(x, state)
-        return self.ln_out(x).astype(self.config.dtype), new_state
+        return run(x, state)
 
     def _loop_blocks(self, x, state: RWKVState):
         layer_states = []

@@ -39,32 +39,12 @@ def train_state_factory(model_config: ModelConfig, optimizer: optax.GradientTran
 
     abstract_state = jax.eval_shape(init)
     # Optimizer moments mirror the parameters they belong to; counters are replicated.
-    opt_shardings = _mirror_param_shardings(abstract_state.opt_state, abstract_params, param_shardings, mesh)
+    opt_shardings = optax.tree_utils.tree_map_params(
+        optimizer, lambda _, param_sharding: param_sharding, abstract_state.opt_state, param_shardings,
+        transform_non_params=lambda _: sharding.replicated(mesh),
+        is_leaf=lambda x: isinstance(x, (nnx.Variable, jax.sharding.Sharding)))
     shardings = TrainState(sharding.replicated(mesh), param_shardings, opt_shardings)
     return graphdef, jax.jit(init, out_shardings=shardings), abstract_state, shardings
-
-
-def create_train_state(model_config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
-                       seed: int):
-    """(graphdef, train state, its shardings), the state materialised on the mesh."""
-    graphdef, init, _, shardings = train_state_factory(model_config, optimizer, mesh, seed)
-    return graphdef, init(), shardings
-
-
-def _mirror_param_shardings(opt_state, abstract_params, param_shardings, mesh):
-    """Shardings for an optax state: any subtree shaped like the params gets the params' shardings."""
-    params_def = jax.tree.structure(abstract_params)
-    params_shapes = [x.shape for x in jax.tree.leaves(abstract_params)]
-
-    def is_params_like(node):
-        try:
-            return (jax.tree.structure(node) == params_def
-                    and [x.shape for x in jax.tree.leaves(node)] == params_shapes)
-        except Exception:  # noqa: BLE001 - nodes of other types are simply not params-like
-            return False
-
-    return jax.tree.map(lambda node: param_shardings if is_params_like(node) else sharding.replicated(mesh),
-                        opt_state, is_leaf=lambda n: is_params_like(n) or not isinstance(n, (tuple, list, dict)))
 
 
 def _loss(graphdef, params, inputs_BT, targets_BT, l2wrap_factor, chunk_tokens):

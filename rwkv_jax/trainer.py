@@ -11,13 +11,10 @@ Batch n is a pure function of (data seed, n), so a run resumed from the checkpoi
 exactly the batches an uninterrupted run sees: the checkpointed step is the whole data position.
 """
 
-import dataclasses
-import json
 import math
 import shutil
 import signal
 import time
-from pathlib import Path
 
 import jax
 import ml_collections
@@ -25,11 +22,13 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from rwkv_jax import logs
 from rwkv_jax import metrics as metrics_lib
 from rwkv_jax import optim, sharding, train_step
 from rwkv_jax.checkpoint import Checkpointer
 from rwkv_jax.data import make_datasets
 from rwkv_jax.model import ModelConfig
+from rwkv_jax.workdir import Workdir
 
 
 class BadStepsError(RuntimeError):
@@ -72,15 +71,16 @@ class _Preemption:
 def train(config: ml_collections.ConfigDict, workdir) -> dict:
     """Train as `config` says, in `workdir` (resuming whatever it holds). Returns the last metrics."""
     # --- 1. Setup ---------------------------------------------------------------------------------
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    run_dir = Workdir(workdir)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     model_config = ModelConfig.from_dict(config.model)
     mesh = sharding.make_mesh(config.mesh)
     check_config(config, mesh)
     t = config.train
     if is_main:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        logs.log_to_file(run_dir.log_path)
+        run_dir.write_config(config)
         print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} in {jax.process_count()} "
               f"process(es); mesh {dict(mesh.shape)}; model {model_config.n_layer} x {model_config.d_model}, "
               f"compute {model_config.dtype}, WKV form {model_config.wkv_form}", flush=True)
@@ -90,8 +90,8 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
         config.data, seq_len=t.seq_len, batch_size=t.batch_size, model_vocab_size=model_config.vocab_size,
         process_index=jax.process_index(), process_count=jax.process_count())
     if is_main:  # the workdir describes itself: eval.py and load_model need only its path
-        (workdir / "rwkv_config.json").write_text(json.dumps(dataclasses.asdict(model_config), indent=2))
-        shutil.copyfile(tokenizer.path, workdir / ("tokenizer" + Path(tokenizer.path).suffix))
+        run_dir.write_model_config(model_config)
+        shutil.copyfile(tokenizer.path, run_dir.tokenizer_copy_path(tokenizer.path))
         sample = train_batches.tokens_N[:10_000_000]  # a prefix is enough for the yardstick
         print(f"unigram entropy of the training tokens: {unigram_entropy(sample, tokenizer.vocab_size):.4f} "
               "nats/token (the loss of the best context-free model)", flush=True)
@@ -105,7 +105,7 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
     schedule = optim.learning_rate(config.optim, t.num_steps)
     graphdef, init, abstract_state, shardings = train_step.train_state_factory(model_config, optimizer, mesh,
                                                                                t.seed)
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
+    checkpointer = Checkpointer(run_dir.checkpoints_dir, keep=config.checkpoint.keep,
                                 async_save=config.checkpoint.async_save)
     restored = checkpointer.restore_latest(abstract_state, shardings)
     if restored is None:
@@ -125,7 +125,7 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
                                          loss_chunk_tokens=t.loss_chunk_tokens)
     eval_fn = train_step.make_eval_step(graphdef, shardings.params, mesh, loss_chunk_tokens=t.loss_chunk_tokens)
     writer = metrics_lib.MetricsWriter(
-        workdir, total_steps=t.num_steps, tokens_per_step=t.batch_size * t.seq_len,
+        run_dir, total_steps=t.num_steps, tokens_per_step=t.batch_size * t.seq_len,
         flops_per_token=metrics_lib.flops_per_token(model_config.vocab_size, model_config.d_model,
                                                     model_config.n_layer),
         peak_flops=metrics_lib.peak_flops_per_device(t.peak_flops_per_device), num_devices=jax.device_count(),
@@ -212,8 +212,8 @@ def evaluate_loss(eval_fn, params, eval_batches, tokenizer, global_batch, max_ba
     if jax.process_count() > 1:
         total_bytes = int(multihost_utils.process_allgather(np.array(total_bytes)).sum())
     mean = total_loss / max(total_tokens, 1.0)
-    bits_per_byte = total_loss / math.log(2) / total_bytes if total_bytes else None
-    return mean, bits_per_byte, int(total_tokens)
+    return mean, metrics_lib.bits_per_byte(total_loss, total_bytes), int(total_tokens)
+
 
 
 def unigram_entropy(tokens_N: np.ndarray, vocab_size: int) -> float:

@@ -5,8 +5,8 @@
   * 'hf':       a HuggingFace transformers directory (`config.json` + safetensors), loadable by
                 `transformers.RwkvForCausalLM.from_pretrained`; names like `rwkv.blocks.0.attention.time_decay`.
   * 'rwkv_jax': our own directory: `rwkv_config.json` + an orbax checkpoint of the parameters.
-  * 'workdir':  a training workdir of `train.py` (`rwkv_config.json`, `config.json`, `checkpoints/`): read
-                only; the parameters of its latest good checkpoint.
+  * 'workdir':  a training workdir of `train.py` (rwkv_jax.workdir): read only; the parameters of its
+                latest good checkpoint, restored without the optimizer state.
 
 The hub of every conversion is a dict of numpy arrays under official names and shapes. The model's
 dimensions are inferred from the tensors; unknown, missing or mis-shaped tensors raise one
@@ -30,13 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rwkv_jax import workdir as workdir_lib
 from rwkv_jax.model import RWKV, ModelConfig, with_scan_layers
 
 FORMATS = ("pth", "hf", "rwkv_jax")
-CONFIG_FILE = "rwkv_config.json"
+CONFIG_FILE = workdir_lib.MODEL_CONFIG  # rwkv_config.json, as in a training workdir
 PARAMS_DIR = "params"
-CHECKPOINTS_DIR = "checkpoints"
-TRAIN_CONFIG_FILE = "config.json"
 
 
 class WeightsMismatchError(ValueError):
@@ -194,8 +193,11 @@ def _atomic_output(dst: Path, overwrite: bool, is_dir: bool):
     is set aside first and removed last, so no crash leaves neither the old nor the new one."""
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists; remove it or pass overwrite=True (--overwrite)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    holder = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        holder = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    except OSError as e:
+        raise type(e)(f"cannot write {dst}: {e.strerror or e} (in {dst.parent})") from e
     target = holder / dst.name
     if is_dir:
         target.mkdir()
@@ -298,48 +300,6 @@ def _load_own(path: Path, **overrides) -> RWKV:
     return with_scan_layers(nnx.merge(graphdef, state), config.scan_layers)
 
 
-def _load_workdir(path: Path, **overrides) -> RWKV:
-    """The parameters of the latest good checkpoint of a training workdir, on one device.
-
-    The checkpoints hold the whole train state (params, optimizer state, step) and are restored only as
-    a whole, so the abstract train state is rebuilt from the run's `config.json` (the optimizer decides
-    its layout) and everything but the parameters is dropped after the restore."""
-    import ml_collections
-    from rwkv_jax import optim, sharding, train_step
-    from rwkv_jax.checkpoint import Checkpointer
-    run_config = ml_collections.ConfigDict(json.loads((path / TRAIN_CONFIG_FILE).read_text())) \
-        if (path / TRAIN_CONFIG_FILE).exists() else None
-    if run_config is None:
-        raise FileNotFoundError(f"{path}: training workdir without {TRAIN_CONFIG_FILE} (the run's config, "
-                                "needed to rebuild the optimizer state the checkpoints hold)")
-    saved = (json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).exists()
-             else dataclasses.asdict(ModelConfig.from_dict(run_config.model.to_dict())))
-    config = ModelConfig.from_dict({**saved, **overrides})
-    restore_config = ModelConfig.from_dict(saved)  # the checkpoint's dtypes, whatever the overrides say
-    optimizer = optim.make_optimizer(run_config.optim, int(run_config.train.num_steps))
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    graphdef, _, abstract_state, shardings = train_step.train_state_factory(
-        restore_config, optimizer, mesh, int(run_config.train.get("seed", 0)))
-    checkpointer = Checkpointer(path / CHECKPOINTS_DIR, keep=10**6, async_save=False)
-    try:
-        restored = checkpointer.restore_latest(abstract_state, shardings)
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise FileNotFoundError(f"{path / CHECKPOINTS_DIR}: no checkpoint yet (the run saves every "
-                                "checkpoint.every_steps steps and at its end)")
-    state, _, step = restored
-    model = with_scan_layers(nnx.merge(graphdef, state.params), config.scan_layers)
-    if config != restore_config:  # other numerics (dtype, WKV form): same parameters, new module
-        new_graphdef, new_state = _abstract_model(config)
-        params = jax.tree.map(lambda like, x: jnp.asarray(x, like.dtype), nnx.to_pure_dict(new_state),
-                              nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-        nnx.replace_by_pure_dict(new_state, params)
-        model = nnx.merge(new_graphdef, new_state)
-    model.checkpoint_step = step
-    return model
-
-
 # --- Entry points ----------------------------------------------------------------------------------
 
 def detect_format(path) -> str:
@@ -352,45 +312,76 @@ def detect_format(path) -> str:
             return "pth"
         raise ValueError(f"{path}: a file that is not an official .pth checkpoint; expected a .pth file, "
                          f"an HF directory (config.json) or an rwkv_jax directory ({CONFIG_FILE})")
-    if (path / CONFIG_FILE).exists():
-        if not (path / PARAMS_DIR).exists() and (path / CHECKPOINTS_DIR).is_dir():
-            return "workdir"
+    if (path / CONFIG_FILE).exists() and (path / PARAMS_DIR).exists():
         return "rwkv_jax"
-    if (path / CHECKPOINTS_DIR).is_dir() and (path / TRAIN_CONFIG_FILE).exists():
-        return "workdir"  # from before rwkv_config.json was written: the model section of config.json
+    if workdir_lib.Workdir.is_workdir(path):
+        return "workdir"
+    if (path / CONFIG_FILE).exists():
+        return "rwkv_jax"
     if (path / "config.json").exists():
         return "hf"
     raise ValueError(f"{path}: directory with neither {CONFIG_FILE} (rwkv_jax) nor config.json (HF)")
 
 
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """A model read from a checkpoint, and what a report says about where it came from."""
+    model: RWKV
+    format: str               # 'pth', 'hf', 'rwkv_jax' or 'workdir'
+    step: int | None = None   # a workdir's checkpoint step
+
+
+def find_tokenizer(checkpoint, tokenizer_path: str = ""):
+    """The tokenizer to use with `checkpoint`: `tokenizer_path` (.json HF tokenizers, .model sentencepiece),
+    else the copy in a training workdir or the tokenizer.json of an HF directory."""
+    from rwkv_jax.data import tokenizer as tokenizer_lib
+    if not tokenizer_path:
+        checkpoint = Path(checkpoint)
+        found = None
+        if checkpoint.is_dir():
+            found = workdir_lib.Workdir(checkpoint).tokenizer_path()
+            if found is None and (checkpoint / "tokenizer.json").is_file():
+                found = checkpoint / "tokenizer.json"
+        if found is None:
+            raise ValueError(f"no tokenizer found with {checkpoint}: pass --tokenizer=PATH (a sentencepiece "
+                             ".model or an HF tokenizers .json such as the GPT-NeoX-20B tokenizer of the "
+                             "official Pile models)")
+        tokenizer_path = str(found)
+    return tokenizer_lib.load_tokenizer_file(tokenizer_path)
+
+
 def read_official(path) -> dict[str, np.ndarray]:
-    """Official-named fp32 tensors from a checkpoint in any of the three formats."""
+    """Official-named fp32 tensors from a checkpoint in any of the formats."""
     fmt = detect_format(path)
     if fmt == "pth":
         return read_pth(path)
     if fmt == "hf":
         return read_hf_dir(path)[0]
-    if fmt == "workdir":
-        return model_to_official(_load_workdir(Path(path)))
-    return model_to_official(_load_own(Path(path)))
+    return model_to_official(load(path).model)
 
 
-def load_model(path, **config_overrides) -> RWKV:
+def load(path, **config_overrides) -> Loaded:
     """A ready model from an official .pth, an HF RWKV directory, an rwkv_jax directory or a training
-    workdir (its latest good checkpoint, on the default device).
-
-    `config_overrides` set numerics such as dtype='bfloat16' or wkv_form='chunked'.
-    """
+    workdir (its latest good checkpoint's parameters, read only), on the default device, with its format,
+    checkpoint step and tokenizer file. `config_overrides` set numerics such as dtype='bfloat16' or
+    wkv_form='chunked'."""
     fmt = detect_format(path)
+    path = Path(path)
     if fmt == "workdir":
-        return _load_workdir(Path(path), **config_overrides)
+        loaded = workdir_lib.load(path, **config_overrides)
+        return Loaded(loaded.model, fmt, loaded.step)
     if fmt == "rwkv_jax":
-        return _load_own(Path(path), **config_overrides)
+        return Loaded(_load_own(path, **config_overrides), fmt)
     if fmt == "hf":
         tensors, hf_config = read_hf_dir(path)
         config_overrides.setdefault("layer_norm_eps", float(hf_config.get("layer_norm_epsilon", 1e-5)))
-        return model_from_official(tensors, **config_overrides)
-    return model_from_official(read_pth(path), **config_overrides)
+        return Loaded(model_from_official(tensors, **config_overrides), fmt)
+    return Loaded(model_from_official(read_pth(path), **config_overrides), fmt)
+
+
+def load_model(path, **config_overrides) -> RWKV:
+    """The model alone of `load(path, **config_overrides)`."""
+    return load(path, **config_overrides).model
 
 
 def write_model(model: RWKV, path, fmt: str, *, overwrite: bool = False) -> None:

@@ -41,7 +41,7 @@ def test_tiny_config_compiles_for_a_v5e_2x2_and_reports_its_plan():
 
 def test_compile_only_needs_a_topology():
     result = compile_only("--config=configs/tiny.py", timeout=120)
-    assert result.returncode == 2 and "--compile_only needs --topology" in result.stderr
+    assert result.returncode == 2 and "--compile_only needs --config and --topology" in result.stderr
 
 
 @needs_libtpu

@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 def make_state(mesh, model_config=MC):
     """(train state, shardings) of the tiny model on `mesh`."""
     tx = optim.make_optimizer(optim.default_optim_config(), total_steps=100)
-    _, state, shardings = train_step.create_train_state(model_config, tx, mesh, seed=0)
-    return state, shardings
+    _, init, _, shardings = train_step.train_state_factory(model_config, tx, mesh, seed=0)
+    return init(), shardings
 
 
 def mesh_of(devices, **axes):
@@ -154,19 +154,23 @@ def test_async_save_returns_before_the_write_and_survives_donation(tmp_path, bas
     assert_bit_identical(restored, target, expected)
 
 
+def array_files(step_dir: Path) -> list[Path]:
+    """The array data files of a step, in every orbax item but the JSON `meta`."""
+    return [p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"
+            and p.relative_to(step_dir).parts[0] != "meta"]
+
+
 def corrupt_flip_bit(step_dir: Path):
     """Flip one bit in the middle of the largest array data file: only the digests notice."""
-    data = max((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
-               key=lambda p: p.stat().st_size)
+    data = max(array_files(step_dir), key=lambda p: p.stat().st_size)
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0x10
     data.write_bytes(bytes(raw))
 
 
 def corrupt_truncate(step_dir: Path):
-    for data in (step_dir / "state").rglob("*"):
-        if data.is_file() and data.parent.name == "d":
-            os.truncate(data, data.stat().st_size // 3)
+    for data in array_files(step_dir):
+        os.truncate(data, data.stat().st_size // 3)
 
 
 def corrupt_delete_metadata(step_dir: Path):
@@ -354,3 +358,115 @@ def test_eight_devices_to_one_and_back(tmp_path):
     assert ckpt.save(8, state, {"devices": 1})
     ckpt.close()
     run_child("restore", ckpt_dir, tmp_path / "saved_on_1.npz")
+
+
+# --- Reading the parameters alone (eval, generate, convert) ---------------------------------------------
+
+def test_restore_params_reads_the_params_item_alone_bit_exact(tmp_path, base):
+    state0, shardings = base
+    ckpt_dir = tmp_path / "checkpoints"
+    states = {step: randomized(state0, seed=step) for step in (1, 2)}
+    with Checkpointer(ckpt_dir) as ckpt:
+        for step, state in states.items():
+            ckpt.save(step, state, {"step": step})
+    assert sorted(p.name for p in (ckpt_dir / "2").iterdir() if p.is_dir()) == ["meta", "opt_state", "params"]
+    shutil.rmtree(ckpt_dir / "2" / "opt_state")  # the optimizer state is not needed, so not read
+    with Checkpointer(ckpt_dir, read_only=True) as reader:
+        params, extra, step = reader.restore_params(abstract(state0.params))
+        assert (step, extra) == (2, {"step": 2})
+        assert_bit_identical(params, state0.params, snapshot(states[2].params))
+        assert isinstance(params, nnx.State)
+        on_mesh, _, _ = reader.restore_params(abstract(state0.params), shardings.params)  # sharded
+        assert_on_shardings(on_mesh, shardings.params)
+        # The whole state of step 2 is now unreadable: a reader falls back to step 1 and renames nothing.
+        restored, extra, step = reader.restore_latest(abstract(state0), shardings)
+        assert (step, extra) == (1, {"step": 1})
+        assert_bit_identical(restored, state0, snapshot(states[1]))
+        assert reader.steps == [1, 2] and sorted(os.listdir(ckpt_dir)) == ["1", "2"]
+        with pytest.raises(RuntimeError, match="read-only"):
+            reader.save(3, states[1], {})
+
+
+def test_a_reader_leaves_a_trainers_in_flight_save_alone(tmp_path, base):
+    state0, _ = base
+    ckpt_dir = tmp_path / "checkpoints"
+    with Checkpointer(ckpt_dir) as ckpt:
+        ckpt.save(1, state0, {})
+    in_flight = ckpt_dir / "2.orbax-checkpoint-tmp"
+    shutil.copytree(ckpt_dir / "1", in_flight)
+    with Checkpointer(ckpt_dir, read_only=True) as reader:
+        assert reader.steps == [1]
+        assert reader.restore_params(abstract(state0.params))[2] == 1
+    assert in_flight.is_dir() and sorted(os.listdir(in_flight)) == sorted(os.listdir(ckpt_dir / "1"))
+
+
+def test_checkpoints_of_the_first_layout_are_still_read(tmp_path, base):
+    """Format 1 held the whole state as one orbax item `state`."""
+    import orbax.checkpoint as ocp
+    from rwkv_jax import checkpoint as ckpt_lib
+    state0, shardings = base
+    state = randomized(state0, seed=5)
+    names, leaves, _ = ckpt_lib._flatten(state)
+    _, digests = ckpt_lib._inspect(leaves)
+    meta = {"format": 1, "extra": {"step": 5},
+            "arrays": {n: {"shape": list(x.shape), "dtype": ckpt_lib._dtype_name(x), "digest": ckpt_lib._hex(d)}
+                       for n, x, d in zip(names, leaves, digests)}}
+    ckpt_dir = tmp_path / "checkpoints"
+    with ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(create=True)) as manager:
+        manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(ckpt_lib._nest(names, leaves)),
+                                                meta=ocp.args.JsonSave(meta)))
+        manager.wait_until_finished()
+    with Checkpointer(ckpt_dir, read_only=True) as reader:
+        restored, extra, step = reader.restore_latest(abstract(state0), shardings)
+        assert (step, extra) == (5, {"step": 5})
+        assert_bit_identical(restored, state0, snapshot(state))
+        params, _, step = reader.restore_params(abstract(state0.params))
+        assert step == 5
+        assert_bit_identical(params, state0.params, snapshot(state.params))
+
+
+MEMORY_CHILD = """
+import resource, sys
+import jax
+from rwkv_jax import optim, sharding, train_step
+from rwkv_jax.checkpoint import Checkpointer
+from rwkv_jax.model import ModelConfig
+mode, ckpt_dir = sys.argv[1:]
+config = ModelConfig(vocab_size=8192, d_model=512, n_layer=4)
+mesh = sharding.make_mesh(sharding.default_mesh_config())
+tx = optim.make_optimizer(optim.default_optim_config(), total_steps=10)
+_, init, abstract_state, shardings = train_step.train_state_factory(config, tx, mesh, seed=0)
+if mode == "save":
+    with Checkpointer(ckpt_dir) as ckpt:
+        ckpt.save(1, init(), {})
+    sys.exit(0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with Checkpointer(ckpt_dir, read_only=True) as reader:
+    if mode == "params":
+        out = reader.restore_params(abstract_state.params, shardings.params)
+    else:
+        out = reader.restore_latest(abstract_state, shardings)
+    jax.block_until_ready(out[0])
+print("PEAK_KB", before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_restoring_the_params_alone_takes_less_memory(tmp_path):
+    """Peak resident memory of a process restoring a 25M-parameter checkpoint (100 MB of params, 200 MB of
+    Adam moments): the params alone stay well below the whole state."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+
+    def child(mode):
+        proc = subprocess.run([sys.executable, "-c", MEMORY_CHILD, mode, str(tmp_path / "ckpt")], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if mode != "save":
+            before, after = map(int, proc.stdout.split("PEAK_KB")[1].split())
+            return after / 1024, before / 1024
+
+    child("save")
+    params_peak, params_base = child("params")
+    full_peak, full_base = child("full")
+    # Growth of the peak during the restore, MiB: the whole state adds about the 200 MB of Adam moments.
+    params_growth, full_growth = params_peak - params_base, full_peak - full_base
+    assert full_growth - params_growth > 120, (params_base, params_peak, full_base, full_peak)

@@ -82,8 +82,7 @@ def test_make_binidx_converts_text_and_jsonl(tmp_path):
     (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in [texts[1], "short doc"]))
     model = str(tmp_path / "sp.model")
     prefix = str(tmp_path / "out" / "corpus")
-    make_binidx.main(["--input", f"{tmp_path}/a.py,{tmp_path}/b.jsonl", "--output_prefix", prefix,
-                      "--tokenizer", "sentencepiece", "--tokenizer_path", model, "--sp_vocab_size", "400"])
+    make_binidx.make_binidx(f"{tmp_path}/a.py,{tmp_path}/b.jsonl", prefix, model, sp_vocab_size=400)
     tok = tokenizer_lib.SentencePieceTokenizer(model)
     ds = binidx.MMapIndexedDataset(prefix)
     assert ds.dtype == np.uint16 and len(ds) == 3
@@ -95,8 +94,8 @@ def test_make_binidx_converts_text_and_jsonl(tmp_path):
 def test_make_binidx_runs_as_a_module(tmp_path):
     (tmp_path / "a.txt").write_text("hello world\n" * 50)
     result = subprocess.run([sys.executable, "-m", "rwkv_jax.data.make_binidx", "--input", str(tmp_path / "a.txt"),
-                             "--output_prefix", str(tmp_path / "o"), "--tokenizer", "sentencepiece",
-                             "--tokenizer_path", str(tmp_path / "sp.model"), "--sp_vocab_size", "300"],
+                             "--output_prefix", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "sp.model"),
+                             "--sp_vocab_size", "300"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "Wrote 1 documents" in result.stdout
@@ -114,14 +113,12 @@ def word_level_json(path):
 
 def test_make_binidx_with_a_hf_json_tokenizer(tmp_path):
     (tmp_path / "a.txt").write_text("hello world hello\n")
-    make_binidx.main(["--input", str(tmp_path / "a.txt"), "--output_prefix", str(tmp_path / "o"),
-                      "--tokenizer", "hf_json", "--tokenizer_path", word_level_json(tmp_path / "tok.json")])
+    make_binidx.make_binidx(str(tmp_path / "a.txt"), str(tmp_path / "o"), word_level_json(tmp_path / "tok.json"))
     assert binidx.MMapIndexedDataset(str(tmp_path / "o"))[0].tolist() == [2, 3, 2, 0]
 
 
 def test_make_binidx_empty_input_writes_nothing(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
-    with pytest.raises(SystemExit, match="No non-empty documents"):
-        make_binidx.main(["--input", str(tmp_path / "empty.txt"), "--output_prefix", str(tmp_path / "o"),
-                          "--tokenizer", "hf_json", "--tokenizer_path", word_level_json(tmp_path / "tok.json")])
+    with pytest.raises(ValueError, match="No non-empty documents"):
+        make_binidx.make_binidx(str(tmp_path / "empty.txt"), str(tmp_path / "o"), word_level_json(tmp_path / "tok.json"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "tok.json"]

@@ -18,7 +18,7 @@ def test_batch_n_is_a_pure_function_of_seed_and_step():
     a = data.Batches(TOKENS_N, seq_len=16, batch_size=4, seed=7)
     b = data.Batches(TOKENS_N, seq_len=16, batch_size=4, seed=7)
     first = [a.batch_at(n) for n in range(6)]  # `a` draws 0..5, `b` jumps straight to 5 (a resumed run).
-    resumed = next(b.iterate(start_step=5))
+    resumed = b.batch_at(5)
     for k in ("inputs", "targets"):
         np.testing.assert_array_equal(resumed[k], first[5][k])
         np.testing.assert_array_equal(a.batch_at(2)[k], first[2][k])
@@ -133,8 +133,7 @@ def test_make_datasets_from_binidx(tmp_path):
     c = text_config(tmp_path)
     tok, _, _ = data.make_datasets(c, seq_len=64, batch_size=4, model_vocab_size=512)
     prefix = str(tmp_path / "bi" / "corpus")
-    make_binidx.main(["--input", c.text_files, "--output_prefix", prefix, "--tokenizer", "sentencepiece",
-                      "--tokenizer_path", tok.path])
+    make_binidx.make_binidx(c.text_files, prefix, tok.path)
     ds = binidx.MMapIndexedDataset(prefix)
     b = text_config(tmp_path, source="binidx", binidx_prefix=prefix, tokenizer_path=tok.path,
                     validation_fraction=0.2)

@@ -14,7 +14,8 @@ from absl import flags
 
 from rwkv_jax import evaluation as ev
 from rwkv_jax import weights
-from rwkv_jax.data.tokenizer import HFJsonTokenizer
+from rwkv_jax.data import documents as docs_lib
+from rwkv_jax.data.tokenizer import HFJsonTokenizer, check_fits
 from tests.peers import hf_logits, random_hf_model
 from tests.test_generate import write_byte_tokenizer
 
@@ -55,7 +56,7 @@ def test_uniform_logits_give_perplexity_vocab_size(peers):
     _, tensors, _ = peers
     model = weights.model_from_official({**tensors, "head.weight": np.zeros_like(tensors["head.weight"])})
     rng = np.random.default_rng(0)
-    docs = [ev.Document(rng.integers(0, VOCAB, n).astype(np.int32), n) for n in (5, 40, 13)]
+    docs = [docs_lib.Document(rng.integers(0, VOCAB, n).astype(np.int32), n) for n in (5, 40, 13)]
     report = ev.evaluate_documents(model, docs, batch_size=2, window=16)
     assert report["tokens"] == 58 and report["documents"] == 3
     assert report["perplexity"] == pytest.approx(VOCAB, rel=1e-5)
@@ -69,7 +70,7 @@ def test_windows_carry_state_and_modes_agree(peers):
     hf, _, model = peers
     rng = np.random.default_rng(1)
     lengths = [3, 30, 1, 17, 8, 9, 25]
-    docs = [ev.Document(rng.integers(0, VOCAB, n).astype(np.int32), n) for n in lengths]
+    docs = [docs_lib.Document(rng.integers(0, VOCAB, n).astype(np.int32), n) for n in lengths]
     scored = {s.index: s for s in ev.score_documents(model, docs, modes=("parallel", "rnn"), batch_size=2,
                                                      window=8, start_token=7)}
     assert sorted(scored) == list(range(len(docs)))
@@ -194,8 +195,9 @@ def test_training_workdir_latest_checkpoint(peers, tokenizer_path, tmp_path):
         "source": "text", "text_files": str(corpus), "validation_fraction": 0.5, "tokenizer": "hf_json",
         "tokenizer_path": tokenizer_path, "data_dir": str(tmp_path / "data")})
     assert weights.detect_format(workdir) == "workdir"
-    model = weights.load_model(workdir)
-    assert model.checkpoint_step == 5
+    loaded = weights.load(workdir)
+    model = loaded.model
+    assert loaded.step == 5
     loaded = weights.model_to_official(model)
     for name, value in tensors.items():
         np.testing.assert_array_equal(loaded[name], value)
@@ -229,9 +231,9 @@ def test_bad_inputs(peers, tokenizer_path, tmp_path):
     small = weights.model_from_official({**tensors, "emb.weight": tensors["emb.weight"][:100],
                                          "head.weight": tensors["head.weight"][:100]})
     with pytest.raises(ValueError, match="has 257 tokens but the model's vocabulary has 100"):
-        ev.check_tokenizer_fits(HFJsonTokenizer(tokenizer_path), small)
+        check_fits(HFJsonTokenizer(tokenizer_path), small.config.vocab_size, fix="it is not this model's tokenizer")
     with pytest.raises(ValueError, match="outside the model's vocabulary of 100"):
-        ev.evaluate_documents(small, [ev.Document(np.array([5, 150], np.int32), 2)])
+        ev.evaluate_documents(small, [docs_lib.Document(np.array([5, 150], np.int32), 2)])
     blank = tmp_path / "blank.txt"
     blank.write_text("   \n\n")
     pth = tmp_path / "m.pth"
@@ -239,15 +241,15 @@ def test_bad_inputs(peers, tokenizer_path, tmp_path):
     with pytest.raises(ValueError, match="no tokens to evaluate"):
         run_eval_script(f"--checkpoint={pth}", f"--tokenizer={tokenizer_path}", f"--text_files={blank}")
     with pytest.raises(ValueError, match="no tokens to evaluate"):
-        ev.evaluate_documents(model, ev.documents_from_texts(["", ""], HFJsonTokenizer(tokenizer_path)))
+        ev.evaluate_documents(model, docs_lib.documents_from_texts(["", ""], HFJsonTokenizer(tokenizer_path)))
     with pytest.raises(ValueError, match="pass --tokenizer"):
-        ev.find_tokenizer(pth)
+        weights.find_tokenizer(pth)
 
 
 def test_eval_len_max_docs_and_binidx(peers, tokenizer_path, tmp_path):
     _, _, model = peers
     tok = HFJsonTokenizer(tokenizer_path)
-    docs = list(ev.documents_from_texts(["abcdef", "", "ü-xyz", "q"], tok, eval_len=3, max_docs=2))
+    docs = list(docs_lib.documents_from_texts(["abcdef", "", "ü-xyz", "q"], tok, eval_len=3, max_docs=2))
     assert [d.tokens.tolist() for d in docs] == [tok.encode("abc"), tok.encode("ü-")[:3]]
     assert [d.num_bytes for d in docs] == [3, 3]  # 'ü' is 2 bytes: 'ü-' is the first 3
     from rwkv_jax.data.binidx import BinIdxWriter
@@ -260,7 +262,7 @@ def test_eval_len_max_docs_and_binidx(peers, tokenizer_path, tmp_path):
     weights.write_pth(weights.model_to_official(model), pth)
     report = run_eval_script(f"--checkpoint={pth}", f"--tokenizer={tokenizer_path}", f"--binidx={tmp_path}/corpus",
                              "--eval_len=20", "--window=8", "--max_docs=2", f"--report={tmp_path}/r")
-    direct = ev.evaluate_documents(model, [ev.Document(s[:20].astype(np.int32), 1) for s in seqs[:2]], window=8)
+    direct = ev.evaluate_documents(model, [docs_lib.Document(s[:20].astype(np.int32), 1) for s in seqs[:2]], window=8)
     assert report["tokens"] == 27 and report["documents"] == 2
     assert report["loss"] == pytest.approx(direct["loss"], abs=1e-6)
     nbytes = [len(tok.decode(s[:20].tolist()).encode()) for s in seqs[:2]]

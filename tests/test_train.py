@@ -258,8 +258,8 @@ def test_sigterm_saves_the_current_step_exits_0_and_resumes_bit_exact(env, refer
 # --- Corrupt checkpoint ------------------------------------------------------------------------------
 
 def flip_a_bit_in_the_largest_data_file(step_dir: Path):
-    data = max((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
-               key=lambda p: p.stat().st_size)
+    data = max((p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"
+                and p.relative_to(step_dir).parts[0] != "meta"), key=lambda p: p.stat().st_size)
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0x04
     data.write_bytes(bytes(raw))
@@ -310,7 +310,9 @@ def test_non_finite_steps_are_skipped_logged_and_stop_the_run(env, caplog, tmp_p
     assert manager.all_steps() == [1, 2, 3]
     params = {}
     for step in manager.all_steps():
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+        items = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
+                                                              opt_state=ocp.args.StandardRestore()))
+        state = {"params": items.params, **items.opt_state}  # the checkpoint's two array items
         for leaf in jax.tree.leaves(state):
             leaf = np.asarray(leaf)
             assert not np.issubdtype(leaf.dtype, np.inexact) or np.isfinite(leaf).all(), step

@@ -20,7 +20,13 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 from transformers import RwkvForCausalLM  # noqa: E402
 
-from rwkv_jax import convert, weights  # noqa: E402
+from rwkv_jax import cli, weights  # noqa: E402
+from rwkv_jax.commands import convert as convert_command  # noqa: E402
+
+
+def convert_main(args: list[str]) -> int:
+    """The convert command in this process: its exit code."""
+    return cli.call(convert_command.main, ["convert", *args])
 from rwkv_jax.model import ModelConfig  # noqa: E402
 
 FORMATS = ("pth", "hf", "rwkv_jax")
@@ -446,7 +452,7 @@ def test_existing_destination_needs_overwrite(fmt, loaded, tmp_path):
 # --- CLI ------------------------------------------------------------------------------------------
 
 def test_cli_pth_to_rwkv_jax_dir_by_default(sources, pth_tensors, tmp_path, capsys):
-    assert convert.main([str(sources["pth"]), str(tmp_path / "out")]) == 0
+    assert convert_main([str(sources["pth"]), str(tmp_path / "out")]) == 0
     assert weights.detect_format(tmp_path / "out") == "rwkv_jax"
     assert_same_tensors(weights.read_official(tmp_path / "out"), pth_tensors)
     out = capsys.readouterr().out
@@ -454,37 +460,37 @@ def test_cli_pth_to_rwkv_jax_dir_by_default(sources, pth_tensors, tmp_path, caps
 
 
 def test_cli_dir_to_hf(sources, loaded, tmp_path):
-    assert convert.main([str(sources["rwkv_jax"]), str(tmp_path / "hf"), "--to=hf"]) == 0
+    assert convert_main([str(sources["rwkv_jax"]), str(tmp_path / "hf"), "--to=hf"]) == 0
     assert weights.detect_format(tmp_path / "hf") == "hf"
     assert_same_tensors(weights.read_official(tmp_path / "hf"), weights.model_to_official(loaded["rwkv_jax"]))
 
 
 def test_cli_hf_to_pth_from_the_suffix(sources, loaded, tmp_path):
-    assert convert.main([str(sources["hf"]), str(tmp_path / "x.pth")]) == 0
+    assert convert_main([str(sources["hf"]), str(tmp_path / "x.pth")]) == 0
     raw = torch.load(tmp_path / "x.pth", map_location="cpu", weights_only=True)
     assert_same_tensors({n: t.numpy() for n, t in raw.items()}, weights.model_to_official(loaded["hf"]))
 
 
 def test_cli_missing_source_fails_cleanly(tmp_path, capsys):
     missing = tmp_path / "nowhere.pth"
-    assert convert.main([str(missing), str(tmp_path / "out")]) == 1
+    assert convert_main([str(missing), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error:") and str(missing) in err and "Traceback" not in err
+    assert "convert: error:" in err and str(missing) in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 
 def test_cli_corrupt_pth_fails_cleanly(tmp_path, capsys):
     (tmp_path / "corrupt.pth").write_bytes(b"not a torch checkpoint")
-    assert convert.main([str(tmp_path / "corrupt.pth"), str(tmp_path / "out")]) == 1
+    assert convert_main([str(tmp_path / "corrupt.pth"), str(tmp_path / "out")]) == 1
     assert "error:" in capsys.readouterr().err
 
 
 def test_cli_existing_destination_needs_overwrite(sources, pth_tensors, tmp_path, capsys):
     (tmp_path / "x.pth").write_bytes(b"old")
-    assert convert.main([str(sources["pth"]), str(tmp_path / "x.pth")]) == 1
+    assert convert_main([str(sources["pth"]), str(tmp_path / "x.pth")]) == 1
     assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "x.pth").read_bytes() == b"old"
-    assert convert.main([str(sources["pth"]), str(tmp_path / "x.pth"), "--overwrite"]) == 0
+    assert convert_main([str(sources["pth"]), str(tmp_path / "x.pth"), "--overwrite"]) == 0
     assert_same_tensors(weights.read_official(tmp_path / "x.pth"), pth_tensors)
 
 

@@ -1,10 +1,13 @@
 """Data: text sources (stdlib corpus, local text, TFDS catalog, binidx), tokenizers, batches.
 
-`make_datasets` is the one entry point: it builds (or reuses from `config.data.data_dir`) the
-dataset, the tokenizer and the token caches, and returns the tokenizer with the training and
-eval batch sources.
+Two entry points:
+  * `make_datasets` (training): builds (or reuses from `config.data.data_dir`) the dataset, the
+    tokenizer and the token caches, and returns the tokenizer with the training and eval batch sources.
+  * `eval_documents` (eval.py): the documents an `EvalSpec` names (text files, a TFDS split, a binidx
+    pair, or a training run's own validation split, split exactly as training split it).
 """
 
+import dataclasses
 import os
 import re
 import time
@@ -18,11 +21,14 @@ from rwkv_jax.data import catalog
 from rwkv_jax.data import pipeline
 from rwkv_jax.data import text_dataset
 from rwkv_jax.data import tokenizer as tokenizer_lib
-from rwkv_jax.data.config import default_data_config
+from rwkv_jax.data import text_files
+from rwkv_jax.data.config import default_data_config, default_data_dir
+from rwkv_jax.data.documents import Document, documents_from_texts, documents_from_tokens
 from rwkv_jax.data.pipeline import Batches, EvalBatches
-from rwkv_jax.data.tokenizer import Tokenizer, check_fits
+from rwkv_jax.data.tokenizer import Tokenizer, check_fits, check_token_ids
 
-__all__ = ["Batches", "EvalBatches", "Tokenizer", "check_fits", "default_data_config", "make_datasets"]
+__all__ = ["Batches", "Document", "EvalBatches", "EvalData", "EvalSpec", "Tokenizer", "check_fits",
+           "check_token_ids", "default_data_config", "eval_documents", "make_datasets"]
 
 
 def make_datasets(data_config: ml_collections.ConfigDict, *, seq_len: int, batch_size: int,
@@ -106,10 +112,98 @@ def _cache(c, builder, split: str, key: str, tok: Tokenizer) -> np.ndarray:
 def _binidx_splits(c) -> tuple[np.ndarray, np.ndarray | None]:
     """The flat `.bin` stream; its last `validation_fraction` of sequences (if > 0) is eval."""
     ds = binidx.MMapIndexedDataset(os.path.expanduser(c.binidx_prefix))
-    if not c.validation_fraction or not c.eval_split:
+    first = _binidx_validation_start(c, len(ds))
+    if first is None:
         return ds.tokens, None
-    cut = ds.offset_of(len(ds) - max(1, round(c.validation_fraction * len(ds))))
+    cut = ds.offset_of(first)
     return ds.tokens[:cut], ds.tokens[cut:]
+
+
+def _binidx_validation_start(c, num_sequences: int) -> int | None:
+    """The first sequence of a binidx run's validation split (its last `validation_fraction` of the
+    sequences), or None when the run has none."""
+    if not c.validation_fraction or not c.eval_split:
+        return None
+    return num_sequences - max(1, round(c.validation_fraction * num_sequences))
+
+
+# --- Evaluation documents -----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """Which documents to evaluate: at most one of `text_files`, `tfds` (with `split`), `binidx`; none of
+    them means the validation split of the training run whose `data` config is `run_data`."""
+    text_files: str = ""
+    tfds: str = ""
+    split: str = "validation"
+    binidx: str = ""
+    run_data: ml_collections.ConfigDict | None = None
+    data_dir: str = ""   # where TFDS data is kept; default: the run's data_dir, else default_data_dir()
+    eval_len: int = 0    # tokens per document (0: whole documents)
+    max_docs: int = 0    # documents (0: all)
+
+
+@dataclasses.dataclass
+class EvalData:
+    name: str            # short, for file names: 'text', 'validation', 'binidx', 'tfds-pg19-test'
+    label: str           # for the report: what was read
+    documents: object    # iterator of Document
+
+
+def eval_documents(spec: EvalSpec, tokenizer: Tokenizer, vocab_size: int = 0) -> EvalData:
+    """The documents `spec` names, tokenized with `tokenizer`. `vocab_size` > 0 checks token ids read
+    from binidx files against the model's vocabulary (an error names the file and sequence)."""
+    chosen = [name for name in ("text_files", "tfds", "binidx") if getattr(spec, name)]
+    if len(chosen) > 1:
+        raise ValueError(f"give at most one of text_files, tfds, binidx (got {chosen})")
+    if spec.eval_len < 0 or spec.max_docs < 0:
+        raise ValueError(f"eval_len and max_docs must be >= 0 (0: no limit), got {spec.eval_len} and "
+                         f"{spec.max_docs}")
+    limits = dict(eval_len=spec.eval_len, max_docs=spec.max_docs)
+    data_dir = os.path.expanduser(spec.data_dir or (spec.run_data.data_dir if spec.run_data is not None
+                                                   else default_data_dir()))
+    if spec.text_files:
+        files = text_files.find_text_files(spec.text_files)
+        return EvalData("text", f"{len(files)} text file(s): {spec.text_files}",
+                        documents_from_texts(_texts_of(files), tokenizer, **limits))
+    if spec.tfds:
+        builder = catalog.build_catalog(spec.tfds, data_dir=os.path.join(data_dir, "tfds"))
+        catalog.num_examples(builder, spec.split)  # a clear error for an unknown split, before any work
+        key = catalog.text_key(builder)
+        return EvalData(f"tfds-{spec.tfds.replace('/', '_')}-{spec.split}", f"TFDS {spec.tfds} split {spec.split}",
+                        documents_from_texts(pipeline.split_texts(builder, spec.split, key), tokenizer, **limits))
+    if spec.binidx:
+        ds = binidx.MMapIndexedDataset(os.path.expanduser(spec.binidx))
+        return EvalData("binidx", f"binidx {spec.binidx} ({len(ds)} sequences)", documents_from_tokens(
+            (ds[i] for i in range(len(ds))), tokenizer, vocab_size=vocab_size, source=f"binidx {spec.binidx}",
+            **limits))
+    c = spec.run_data
+    if c is None:
+        raise ValueError("no data: a checkpoint that is not a training workdir needs --text_files, --tfds, "
+                         "--binidx or --lambada")
+    if c.source == "binidx":
+        ds = binidx.MMapIndexedDataset(os.path.expanduser(c.binidx_prefix))
+        first = _binidx_validation_start(c, len(ds))
+        if first is None:
+            raise ValueError("the run has no validation split (validation_fraction or eval_split is empty)")
+        return EvalData("validation", f"the run's binidx validation split ({c.binidx_prefix}, sequences {first}..)",
+                        documents_from_tokens((ds[i] for i in range(first, len(ds))), tokenizer,
+                                              vocab_size=vocab_size, source=f"binidx {c.binidx_prefix}", **limits))
+    c = ml_collections.ConfigDict(c.to_dict())
+    c.data_dir = data_dir
+    builder, key, eval_split = text_source(c)  # the run's dataset, as training built it
+    if not eval_split:
+        raise ValueError("the run has no validation split (config.data.text_split='all' or eval_split=''): "
+                         "pass --text_files, --tfds or --binidx")
+    return EvalData("validation", f"the run's {c.source} dataset, split {eval_split}",
+                    documents_from_texts(pipeline.split_texts(builder, eval_split, key), tokenizer, **limits))
+
+
+def _texts_of(files):
+    stats = text_files.ReadStats()
+    for f in files:
+        for _, text in text_files.read_documents(f, stats):
+            yield text
 
 
 def _dataset_id(builder) -> str:

@@ -1,21 +1,31 @@
 """Writes a Megatron/GPT-NeoX `.bin` + `.idx` pair from text files with a chosen tokenizer.
 
-  python -m rwkv_jax.data.make_binidx --input 'corpus/*.jsonl,notes/' \\
-      --output_prefix out/corpus --tokenizer hf_json --tokenizer_path gpt-neox-20b.json
+  python -m rwkv_jax.data.make_binidx --input='corpus/*.jsonl,notes/' --output_prefix=out/corpus \\
+      --tokenizer=gpt-neox-20b.json
 
 Each `.txt`/`.md`/`.py` file, or each `.jsonl` line (`text` field), is one document, written
-as one sequence followed by the end-of-text id (as GPT-NeoX `--append-eod`). A sentencepiece
-model that does not exist yet is trained on the inputs first.
+as one sequence followed by the end-of-text id (as GPT-NeoX `--append-eod`). The tokenizer is a
+.json file (HF tokenizers) or a sentencepiece .model; a .model that does not exist yet is trained
+on the inputs first. The command is rwkv_jax/commands/make_binidx.py (also `rwkv-make-binidx`).
 """
 
-import argparse
+import dataclasses
 import itertools
-import sys
+import os
 import time
 
 from rwkv_jax.data import binidx
 from rwkv_jax.data import text_files
 from rwkv_jax.data import tokenizer as tokenizer_lib
+
+
+@dataclasses.dataclass
+class Written:
+    documents: int
+    tokens: int
+    invalid_bytes: int
+    empty: int
+    seconds: float
 
 
 def _documents(files, stats):
@@ -24,43 +34,34 @@ def _documents(files, stats):
             yield text
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="Comma-separated files, directories or globs.")
-    p.add_argument("--output_prefix", required=True, help="Output path without .bin/.idx.")
-    p.add_argument("--tokenizer", choices=["hf_json", "sentencepiece"], default="hf_json")
-    p.add_argument("--tokenizer_path", required=True, help="Tokenizer .json, or sentencepiece .model.")
-    p.add_argument("--sp_vocab_size", type=int, default=4096, help="If the .model must be trained.")
-    p.add_argument("--sp_model_type", choices=["bpe", "unigram"], default="bpe")
-    p.add_argument("--no_eot", action="store_true", help="Do not append the end-of-text id.")
-    args = p.parse_args(argv)
-
-    files = text_files.find_text_files(args.input)
-    if args.tokenizer == "sentencepiece":
-        tok = tokenizer_lib.train_sentencepiece(_documents(files, text_files.ReadStats()), args.tokenizer_path,
-                                                vocab_size=args.sp_vocab_size, model_type=args.sp_model_type)
+def make_binidx(inputs: str, output_prefix: str, tokenizer_path: str, *, sp_vocab_size: int = 4096,
+                sp_model_type: str = "bpe", eot: bool = True, log=print) -> Written:
+    """Tokenize the documents of `inputs` (comma-separated files, directories or globs) into
+    OUTPUT_PREFIX.bin/.idx. Raises ValueError, writing nothing, when there is no non-empty document."""
+    files = text_files.find_text_files(inputs)
+    if tokenizer_lib.kind_of_file(tokenizer_path) == "sentencepiece" and not os.path.exists(tokenizer_path):
+        tok = tokenizer_lib.train_sentencepiece(_documents(files, text_files.ReadStats()), tokenizer_path,
+                                                vocab_size=sp_vocab_size, model_type=sp_model_type)
     else:
-        tok = tokenizer_lib.load_tokenizer(args.tokenizer, args.tokenizer_path)
-    eot = [] if args.no_eot else [tok.eot_id]
+        tok = tokenizer_lib.load_tokenizer_file(tokenizer_path)
+    end = [tok.eot_id] if eot else []
     stats = text_files.ReadStats()
     start, last, tokens = time.time(), 0.0, 0
-    print(f"{len(files)} files -> {args.output_prefix}.bin/.idx (vocab {tok.vocab_size})", flush=True)
-    with binidx.BinIdxWriter(args.output_prefix, binidx.dtype_for_vocab(tok.vocab_size)) as writer:
+    log(f"{len(files)} files -> {output_prefix}.bin/.idx (vocab {tok.vocab_size})")
+    with binidx.BinIdxWriter(output_prefix, binidx.dtype_for_vocab(tok.vocab_size)) as writer:
         docs = _documents(files, stats)
         while batch := list(itertools.islice(docs, 256)):
             for ids in tok.encode_batch(batch):
-                writer.add(ids + eot)
-                tokens += len(ids) + len(eot)
+                writer.add(ids + end)
+                tokens += len(ids) + len(end)
             if time.time() - last > 2:
                 last = time.time()
-                print(f"  {stats.documents} documents, {tokens} tokens, "
-                      f"{tokens / max(last - start, 1e-9):.0f} tokens/s", flush=True)
+                log(f"  {stats.documents} documents, {tokens} tokens, {tokens / max(last - start, 1e-9):.0f} tokens/s")
         if not stats.documents:
-            raise SystemExit(f"No non-empty documents in {args.input!r}: nothing written.")
-    print(f"Wrote {stats.documents} documents, {tokens} tokens in {time.time() - start:.1f}s; "
-          f"{stats.invalid_bytes} non-UTF-8 bytes replaced, {stats.empty} empty documents skipped.")
-    return 0
+            raise ValueError(f"No non-empty documents in {inputs!r}: nothing written.")
+    return Written(stats.documents, tokens, stats.invalid_bytes, stats.empty, time.time() - start)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m rwkv_jax.data.make_binidx: the command
+    from rwkv_jax.commands import make_binidx as _command
+    _command.entry_point()

@@ -109,12 +109,9 @@ class Batches:
         return {"inputs": np.ascontiguousarray(window_BT1[:, :-1]),
                 "targets": np.ascontiguousarray(window_BT1[:, 1:])}
 
-    def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """Batches start_step, start_step + 1, ... (resume by passing the checkpoint's step)."""
-        return map(self.batch_at, itertools.count(start_step))
-
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self.iterate(0)
+        """Batches 0, 1, ... (a resumed run calls `batch_at` from its checkpoint's step)."""
+        return map(self.batch_at, itertools.count())
 
 
 class EvalBatches:

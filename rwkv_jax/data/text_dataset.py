@@ -7,6 +7,7 @@ once into the data directory and reused until its files or split options change.
 
 from absl import logging
 
+from rwkv_jax import logs
 from rwkv_jax.data import text_files
 import tensorflow_datasets as tfds
 
@@ -82,9 +83,11 @@ def _prepare(make_builder) -> _TextBuilder:
     if builder.is_prepared():
         logging.info("Reusing dataset %s in %s.", builder.info.full_name, builder.data_dir)
         return builder
-    logging.info("Building dataset %s into %s.", builder.info.full_name, builder.data_dir)
+    print(f"building dataset {builder.info.full_name} into {builder.data_dir} (once: later runs reuse it)",
+          flush=True)
     try:
-        builder.download_and_prepare()
+        with logs.third_party_output("tensorflow_datasets"):
+            builder.download_and_prepare()
     except AssertionError as e:  # tfds cannot write a split without examples.
         if "No examples were yielded" not in str(e):
             raise

@@ -2,11 +2,13 @@
 
 import abc
 import hashlib
+import io
 import os
 import time
 from collections.abc import Iterable
 
 from absl import logging
+import numpy as np
 import sentencepiece as spm
 import tokenizers
 
@@ -109,16 +111,20 @@ def train_sentencepiece(texts: Iterable[str], path: str, *, vocab_size: int, mod
     tmp_prefix = f"{path}.tmp-{os.getpid()}"
     logging.info("Training a %s sentencepiece model (vocab %d) into %s.", model_type, vocab_size, path)
     start = time.time()
+    # The model is taken from memory: no .vocab file is written, and with it goes sentencepiece's warning
+    # that pieces such as '\n' "break the format" of that (human-readable, unused) file.
+    model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=_lines(texts, cap=10 * input_sentence_size),
-        model_prefix=tmp_prefix, vocab_size=vocab_size, model_type=model_type, hard_vocab_limit=False,
+        model_writer=model, vocab_size=vocab_size, model_type=model_type, hard_vocab_limit=False,
         input_sentence_size=input_sentence_size, shuffle_input_sentence=True, character_coverage=0.9995,
         normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
         allow_whitespace_only_pieces=True, split_digits=True, byte_fallback=True,
         user_defined_symbols=["\n"], eos_id=0, unk_id=1, bos_id=-1, pad_id=-1,
         num_threads=os.cpu_count() or 1, minloglevel=1)
+    with open(f"{tmp_prefix}.model", "wb") as f:
+        f.write(model.getvalue())
     os.replace(f"{tmp_prefix}.model", path)
-    os.remove(f"{tmp_prefix}.vocab")
     logging.info("Trained sentencepiece in %.1fs.", time.time() - start)
     return SentencePieceTokenizer(path)
 
@@ -132,13 +138,44 @@ def load_tokenizer(kind: str, path: str) -> Tokenizer:
     raise ValueError(f"config.data.tokenizer must be 'sentencepiece' or 'hf_json', not {kind!r}.")
 
 
-def check_fits(tokenizer: Tokenizer, model_vocab_size: int) -> None:
-    """Raises before training when token ids could exceed the model's embedding table."""
-    if tokenizer.vocab_size > model_vocab_size:
+def kind_of_file(path: str) -> str:
+    """'hf_json' for a .json file (HF tokenizers), else 'sentencepiece' (a .model file)."""
+    return "hf_json" if str(path).endswith(".json") else "sentencepiece"
+
+
+def load_tokenizer_file(path: str) -> Tokenizer:
+    """An existing tokenizer file, its kind from the name: .json (HF tokenizers) or .model (sentencepiece)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer {path} not found")
+    return load_tokenizer(kind_of_file(path), str(path))
+
+
+def check_fits(tokenizer: Tokenizer, model_vocab_size: int, fix: str | None = None) -> None:
+    """Raises when the tokenizer's ids could exceed the model's embedding table: before training (`fix`
+    None: the config values to change), or with a model read from a checkpoint (`fix`: what to do)."""
+    if tokenizer.vocab_size <= model_vocab_size:
+        return
+    if fix is None:
         raise ValueError(
             f"Tokenizer {tokenizer.path!r} has {tokenizer.vocab_size} tokens but the model vocab size is "
             f"{model_vocab_size}: set config.model.vocab_size >= {tokenizer.vocab_size}, or use a smaller "
             f"tokenizer (config.data.sp_vocab_size <= {model_vocab_size} for sentencepiece).")
+    raise ValueError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's "
+                     f"vocabulary has {model_vocab_size}: {fix}")
+
+
+def check_token_ids(ids, vocab_size: int, source: str,
+                    fix: str = "the tokenizer does not fit this model") -> None:
+    """Raises when a token id of `ids` (any int array-like) is outside [0, vocab_size); `source` names
+    where the ids came from (a file, a document, a command-line argument)."""
+    ids = np.asarray(ids)
+    if not ids.size:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"{source} has token id {bad} outside the model's vocabulary of {vocab_size} "
+                         f"(ids 0..{vocab_size - 1}): {fix}")
 
 
 def _lines(texts: Iterable[str], cap: int):

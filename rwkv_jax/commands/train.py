@@ -1,0 +1,73 @@
+"""Train RWKV-4.
+
+    python train.py --config=configs/tiny.py --workdir=/tmp/rwkv-tiny
+    python train.py --config=configs/430m.py --workdir=DIR --config.train.batch_size=8
+    python train.py --config=configs/14b.py --compile_only --topology=v5p:4x4x4 --config.mesh.fsdp=-1
+
+Config fields are overridden as --config.section.field=value; an unknown field or a wrong type is an
+error. Running the same command again resumes from the latest checkpoint in the workdir. Multi-host:
+see README ("Multi-host training"). The console shows progress and warnings; everything logged goes to
+WORKDIR/train.log (absl's --verbosity=0 shows it on the console too).
+"""
+
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from rwkv_jax import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "Multi-host: HOST:PORT of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Multi-host: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-host: this process's id.")
+_AUTO_DISTRIBUTED = flags.DEFINE_bool("auto_distributed", True,
+                                      "Detect a multi-host launch (SLURM, Open MPI, Cloud TPU) from the environment.")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer("distributed_timeout_s", 300, "How long to wait for the other processes.")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile the train and eval steps for --topology ahead of "
+                                  "time and report memory, FLOPs and a roofline step time; no workdir, no data. "
+                                  "Exit code 1 when the step does not fit. Needs libtpu (pip install -e .[tpu-aot]).")
+_TOPOLOGY = flags.DEFINE_string("topology", "", "TPU topology for --compile_only, e.g. v5e:2x2, v5p:4x4x4.")
+_ESTIMATE_COSTS = flags.DEFINE_bool("estimate_costs", True, "With --compile_only: count FLOPs and bytes of scanned "
+                                    "layers from 1- and 2-layer compiles (XLA counts a loop body once); "
+                                    "--noestimate_costs reports memory only, faster.")
+
+
+def parse_flags(argv):
+    """absl parsing, with every flag error (ml_collections' unknown field included) as one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:  # a wrong type, a missing required flag, ...
+        sys.exit(f"FATAL Flags parsing error: {e}")
+    except (AttributeError, KeyError) as e:
+        # ml_collections nests a KeyError repr in the message: strip its quotes and escaped newline.
+        message = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\", "").replace("'", "")
+        sys.exit(f"FATAL Flags parsing error: unknown config field in a --config.* override: {message}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
+    # Checked here rather than with flags.mark_flags_as_required, which would bind every command that is
+    # imported into the same process (the tests) to train's flags.
+    if _COMPILE_ONLY.value:
+        if not _CONFIG.value or not _TOPOLOGY.value:
+            raise cli.UsageError("--compile_only needs --config and --topology, e.g. --config=configs/tiny.py "
+                                 "--topology=v5e:2x2")
+        from rwkv_jax import aot  # after flag parsing: jax starts here
+        report = aot.compile_only(_CONFIG.value, _TOPOLOGY.value, estimate_costs=_ESTIMATE_COSTS.value)
+        return 0 if report["fits"] else 1
+    missing = [f"--{flag.name}" for flag in (_CONFIG, _WORKDIR) if not flag.value]
+    if missing:
+        raise cli.UsageError(f"{' and '.join(missing)} must have a value (e.g. --config=configs/tiny.py "
+                             "--workdir=/tmp/rwkv-tiny)")
+    from rwkv_jax import distributed, trainer  # after flag parsing: jax starts here
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           timeout_s=_DISTRIBUTED_TIMEOUT.value, auto=_AUTO_DISTRIBUTED.value)
+    result = trainer.train(_CONFIG.value, _WORKDIR.value)
+    print("final:", {k: v for k, v in result.items() if k in ("step", "loss", "eval_loss", "eval_bits_per_byte")})
+
+
+def entry_point():
+    cli.run(main, flags_parser=parse_flags)
