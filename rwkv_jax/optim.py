@@ -151,36 +151,38 @@ def cross_entropy(logits_BTV, targets_BT, l2wrap_factor: float = 1e-4):
 
 def chunked_token_losses(head, hidden_BTD, targets_BT, weights_BT=None, *, chunk_tokens: int = 2048,
                          l2wrap_factor: float = 0.0):
-    """(sum of weighted token cross entropies in nats, sum of weights) with the head applied to
+    """(sum of weighted token cross entropies in nats, sum of weights) with the head applied to about
     `chunk_tokens` positions at a time, so no [B, T, V] logits exist: each chunk's logits are made,
-    reduced and dropped, and made again in the backward pass (jax.checkpoint). `head` maps [N, D]
-    hidden states to [N, V] logits. With l2wrap_factor > 0, each chunk's logits get v4neo's L2Wrap
+    reduced and dropped, and made again in the backward pass (jax.checkpoint). Chunks are spans of T
+    for all B rows at once, so a batch sharded over devices stays sharded. `head` maps hidden states
+    [..., D] to logits [..., V]. With l2wrap_factor > 0, each chunk's logits get v4neo's L2Wrap
     gradient; divided by the token count, the sum's gradient equals `cross_entropy`'s."""
     B, T, D = hidden_BTD.shape
-    n_tokens = B * T
     weights = jnp.ones((B, T), jnp.float32) if weights_BT is None else weights_BT.astype(jnp.float32)
-    chunk = max(1, min(chunk_tokens, n_tokens))
-    n_chunks = -(-n_tokens // chunk)
-    pad = n_chunks * chunk - n_tokens
-    h = jnp.pad(hidden_BTD.reshape(n_tokens, D), ((0, pad), (0, 0))).reshape(n_chunks, chunk, D)
-    t = jnp.pad(targets_BT.reshape(n_tokens), (0, pad)).reshape(n_chunks, chunk)
-    w = jnp.pad(weights.reshape(n_tokens), (0, pad)).reshape(n_chunks, chunk)
+    span = max(1, min(chunk_tokens // max(B, 1), T))
+    n_chunks = -(-T // span)
+    pad = n_chunks * span - T
+
+    def to_chunks(x):  # [B, T, ...] -> [n_chunks, B, span, ...], padded with zeros
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(B, n_chunks, span, *x.shape[2:]).swapaxes(0, 1)
+
     # L2Wrap's gradient is scale * g per position, g the upstream gradient of the chunk's sum: 1 / (B * T)
     # once the caller divides the sum by the token count, which gives `cross_entropy`'s factor / (B * T).
     scale = float(l2wrap_factor)
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
-    def chunk_loss(h_ND, t_N, w_N):
-        logits_NV = head(h_ND).astype(jnp.float32)
-        loss = (optax.softmax_cross_entropy_with_integer_labels(logits_NV, t_N) * w_N).sum()
+    def chunk_loss(h_BSD, t_BS, w_BS):
+        logits = head(h_BSD).astype(jnp.float32)
+        loss = (optax.softmax_cross_entropy_with_integer_labels(logits, t_BS) * w_BS).sum()
         if scale > 0:
-            # Padded rows have zero hidden states, so zero logits and no L2Wrap gradient; rows of zero
-            # weight are masked explicitly.
-            loss = l2wrap(loss, logits_NV if weights_BT is None else logits_NV * (w_N[:, None] > 0), scale)
+            # Padded positions (zero weight) and masked ones get no L2Wrap gradient.
+            loss = l2wrap(loss, logits if weights_BT is None and not pad else logits * (w_BS[..., None] > 0), scale)
         return loss
 
     def body(total, xs):
         return total + chunk_loss(*xs), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, t, w))
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                            (to_chunks(hidden_BTD), to_chunks(targets_BT), to_chunks(weights)))
     return total, weights.sum()
