@@ -5,13 +5,17 @@
 
 Config fields are overridden as --config.section.field=value; an unknown field or a wrong type is an
 error. Running the same command again resumes from the latest checkpoint in the workdir. Multi-host:
-see README ("Multi-host training").
+see README ("Multi-host training"). Expected errors (bad config values, a locked or unwritable workdir, a
+refused resume, bad data files, a failed checkpoint save) are one line and exit code 1 (2 for a bad
+command line); --traceback shows the full trace.
 """
 
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from rwkv_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
@@ -24,27 +28,63 @@ _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer("distributed_timeout_s", 300, "How l
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _usage_error(message: str):
+    """A bad command line as one line, exit code 2 (cli's style for usage errors, without the help text)."""
+    sys.stderr.write(f"{cli.prog_name()}: error: {message}\n")
+    sys.exit(2)
+
+
 def parse_flags(argv):
     """absl parsing, with every flag error (ml_collections' unknown field included) as one line."""
     try:
         return flags.FLAGS(argv)
-    except flags.Error as e:  # a wrong type, a missing required flag, ...
-        sys.exit(f"FATAL Flags parsing error: {e}")
+    except flags.Error as e:  # a wrong type, a missing required flag, a config file that raised, ...
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        _usage_error("flags parsing error: " + (" ".join(lines) if len(lines) < 3 else f"{lines[0]} {lines[-1]}"))
     except (AttributeError, KeyError) as e:
         # ml_collections nests a KeyError repr in the message: strip its quotes and escaped newline.
         message = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\", "").replace("'", "")
-        sys.exit(f"FATAL Flags parsing error: unknown config field in a --config.* override: {message}")
+        _usage_error(f"flags parsing error: unknown config field in a --config.* override: {message}")
+    except Exception as e:  # noqa: BLE001 - the config file itself raised (a syntax error, ...)
+        _config_file_error(e)
+
+
+def _config_file_error(e: BaseException):
+    root = e
+    while root.__cause__ is not None:
+        root = root.__cause__
+    if isinstance(root, OSError) and root.strerror:
+        cause = root.strerror
+    elif isinstance(root, OSError):  # ml_collections: the attempted paths, then the OS error on the last line
+        cause = str(root).strip().splitlines()[-1].strip()
+    elif isinstance(root, SyntaxError):
+        cause = f"{root.msg} at line {root.lineno}"
+    else:
+        cause = cli.error_line(root).split(" Attempted [")[0]
+    path = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "?")
+    _usage_error(f"cannot load the config file {path}: {type(root).__name__}: {cause}")
+
+
+def load_config():
+    """The config; a config file that failed to load is one line naming the file and the cause."""
+    config = _CONFIG.value
+    try:
+        config.keys()  # ml_collections defers a load failure until the config is first used
+    except Exception as e:  # noqa: BLE001
+        _config_file_error(e)
+    return config
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = load_config()
     from rwkv_jax import distributed, trainer  # after flag parsing: jax starts here
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            timeout_s=_DISTRIBUTED_TIMEOUT.value, auto=_AUTO_DISTRIBUTED.value)
-    result = trainer.train(_CONFIG.value, _WORKDIR.value)
+    result = trainer.train(config, _WORKDIR.value)
     print("final:", {k: v for k, v in result.items() if k in ("step", "loss", "eval_loss", "eval_bits_per_byte")})
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main, flags_parser=parse_flags))
+    cli.run(main, flags_parser=parse_flags)
