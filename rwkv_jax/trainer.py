@@ -18,7 +18,6 @@ import json
 import math
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import jax

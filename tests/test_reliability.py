@@ -124,6 +124,15 @@ def test_a_lock_from_another_host_is_refused_with_how_to_remove_it(tmp_path):
     assert json.loads(lock.read_text())["host"] == "some-other-host"  # untouched
 
 
+def test_a_workdir_that_cannot_hold_the_lock_is_one_error_naming_it(tmp_path):
+    """A read-only workdir fails the same way (not reproducible as root, who may write anywhere)."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    with pytest.raises(OSError, match=rf"cannot lock workdir {re.escape(str(not_a_dir))}: Not a directory .*"
+                                      r"must be a writable directory"):
+        workdir_lock.acquire(not_a_dir)
+
+
 # --- Config values, all refused before data preparation and compile ------------------------------------
 
 BAD_VALUES = [
@@ -216,6 +225,13 @@ def test_a_data_change_is_accepted_with_the_override(env, tmp_path, caplog):
     trainer.train(config, workdir)  # num_steps = BASE_STEPS: restores, checks, evaluates, trains nothing
     assert any("changed data setup" in r.getMessage() and "seed 0 -> 1" in r.getMessage() for r in caplog.records)
     assert json.loads((workdir / "config.json").read_text())["data"]["seed"] == 1
+
+
+def test_checkpoints_from_before_the_data_setup_was_saved_compare_the_seed_only():
+    current = {"source": "text", "seed": 0, "tokenizer_sha256": "abc"}
+    trainer.check_data_unchanged({"step": 2, "data_seed": 0}, current, 2, "ckpt", allow=False)
+    with pytest.raises(ValueError, match=r"seed 1 -> 0"):
+        trainer.check_data_unchanged({"step": 2, "data_seed": 1}, current, 2, "ckpt", allow=False)
 
 
 # --- Failed saves ---------------------------------------------------------------------------------------
