@@ -114,6 +114,8 @@ def _train(config, workdir: Path, model_config: ModelConfig, mesh, is_main: bool
                                                                                t.seed)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
                                 async_save=config.checkpoint.async_save)
+    if is_main:
+        workdir_lock.check_writable(checkpointer.directory)
     restored = checkpointer.restore_latest(abstract_state, shardings)
     if restored is None:
         state = init()

@@ -112,6 +112,18 @@ def release(path: Path) -> None:
             path.unlink()
 
 
+def check_writable(directory) -> None:
+    """OSError naming `directory` unless a file can be created in it: a run that could not save its first
+    checkpoint hours later is refused at its start instead."""
+    probe = Path(directory) / f".write-probe-{socket.gethostname()}-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write in {directory}: {e.strerror}; checkpoints could not be saved "
+                      "there (fix its permissions or free space, or use another --workdir)") from e
+
+
 @contextlib.contextmanager
 def hold(workdir, enabled: bool = True):
     """Hold the workdir's lock for the duration of the block (`enabled=False`: do nothing, e.g. on

@@ -131,6 +131,10 @@ def test_a_workdir_that_cannot_hold_the_lock_is_one_error_naming_it(tmp_path):
     with pytest.raises(OSError, match=rf"cannot lock workdir {re.escape(str(not_a_dir))}: Not a directory .*"
                                       r"must be a writable directory"):
         workdir_lock.acquire(not_a_dir)
+    with pytest.raises(OSError, match=rf"cannot write in {re.escape(str(not_a_dir))}: Not a directory"):
+        workdir_lock.check_writable(not_a_dir)
+    workdir_lock.check_writable(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the probe is gone
 
 
 # --- Config values, all refused before data preparation and compile ------------------------------------
