@@ -32,6 +32,7 @@ What this adds to a plain orbax CheckpointManager:
 
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -54,6 +55,26 @@ class CorruptCheckpointError(RuntimeError):
     """Arrays read back from a checkpoint differ from those that were saved."""
 
 
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (read-only directory, disk full, ...)."""
+
+
+def _cause(e: BaseException) -> str:
+    """The root cause of a failed write, e.g. 'Permission denied' or 'No space left on device (errno 28)'.
+    Tensorstore reports OS errors inside a long message ending in "[os_error_code='28']"."""
+    seen, link = set(), e
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if isinstance(link, OSError) and link.strerror:
+            return f"{link.strerror} (errno {link.errno}{', ' + str(link.filename) if link.filename else ''})"
+        match = re.search(r"os_error_code='?(\d+)", str(link))
+        if match:
+            code = int(match.group(1))
+            return f"{os.strerror(code)} (errno {code})"
+        link = link.__cause__ or link.__context__
+    return _short(e)
+
+
 class Checkpointer:
     """Async train-state checkpoints in `directory`, keeping the newest `keep` steps."""
 
@@ -66,9 +87,17 @@ class Checkpointer:
             options = ocp.CheckpointManagerOptions(max_to_keep=None, create=False, cleanup_tmp_directories=False,
                                                    enable_async_checkpointing=False)
         else:
-            options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-                                                   enable_async_checkpointing=async_save)
+            if not isinstance(keep, int) or keep < 1:
+                raise ValueError(f"checkpoint keep must be >= 1 (the newest checkpoints kept), got {keep!r}: "
+                                 "0 would delete every checkpoint, the final one included")
+            # Step directories are created in the calling thread, so a directory that cannot be written
+            # fails that save at once (with async creation orbax's writer threads wait 300 s for a
+            # directory that never comes, and the failure surfaces one save later).
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save,
+                async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
         self._manager = ocp.CheckpointManager(os.fspath(directory), options=options)
+        self._in_flight: int | None = None  # the step of an async save not yet known to be committed
 
     @property
     def directory(self):
@@ -104,7 +133,15 @@ class Checkpointer:
                            for name, x, d in zip(names, leaves, digests)}}
         items = {name: ocp.args.StandardSave(tree) for name, tree in _split_items(_nest(names, leaves)).items()}
         args = ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta))
-        return bool(self._manager.save(step, args=args, force=force))
+        if self._in_flight is not None:
+            self.wait()  # orbax waits for the previous save anyway; its failure is reported as that step's
+        try:
+            started = bool(self._manager.save(step, args=args, force=force))
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types for one cause
+            raise self._save_error(step, e) from e
+        if started:
+            self._in_flight = step
+        return started
 
     def restore_latest(self, abstract_state, shardings) -> tuple[Any, dict, int] | None:
         """(state, extra, step) of the newest readable checkpoint, placed on `shardings` (a pytree of
@@ -151,13 +188,36 @@ class Checkpointer:
                                + "; ".join(f"step {s}: {_short(e)}" for s, e in failed)) from failed[0][1]
         return None
 
+    def check(self) -> None:
+        """Raise CheckpointSaveError if the async save in flight has failed; cheap (no waiting), so the
+        training loop calls it every step and a failed save stops the run within a step of failing."""
+        if self._in_flight is not None and not self._manager.is_saving_in_progress():
+            self.wait()
+
     def wait(self) -> None:
-        """Block until the async saves are written and committed."""
-        self._manager.wait_until_finished()
+        """Block until the async saves are written and committed; CheckpointSaveError if one failed."""
+        step, self._in_flight = self._in_flight, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_error(step, e) from e
 
     def close(self) -> None:
-        """Wait for pending saves, then release orbax's resources."""
-        self._manager.close()
+        """Wait for pending saves, then release orbax's resources (CheckpointSaveError if a save failed)."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()  # after a failed save orbax has no thread left to wait for
+
+    def _save_error(self, step, e: BaseException) -> "CheckpointSaveError":
+        """One line: the step, the directory, the cause (errno text where there is one), the last good step."""
+        cause = _cause(e)
+        committed = [s for s in self._manager.all_steps() if s != step]
+        last = f"step {max(committed)}" if committed else "none"
+        return CheckpointSaveError(
+            f"could not save checkpoint step {step} in {self.directory}: {cause}. The last good checkpoint "
+            f"there is {last}. Free space or fix the directory's permissions, then rerun the same command "
+            "to resume.")
 
     def __enter__(self):
         return self

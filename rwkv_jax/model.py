@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from rwkv_jax import initializers as init
@@ -183,6 +184,25 @@ class Block(nnx.Module):
         return x_BTD, LayerState(att_x, wkv_state, ffn_x)
 
 
+def check_token_ids(tokens, vocab_size: int, name: str = "tokens") -> None:
+    """ValueError if concrete `tokens` hold an id outside [0, vocab_size) or are not integers: the
+    embedding lookup would clamp or wrap it (-1 reads row V-1) and the logits would silently be wrong or
+    NaN. Traced tokens (under jit) cannot be inspected here: there the caller checks its ids, as the
+    data pipeline does for every training batch. Costs one min/max over the ids."""
+    if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
+        raise ValueError(f"{name} must be integer token ids, got dtype {jnp.result_type(tokens)}")
+    try:
+        if not getattr(tokens, "is_fully_addressable", True):
+            return  # a multi-host array: each process sees only its part
+        ids = np.asarray(tokens)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return  # traced
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = ids[(ids < 0) | (ids >= vocab_size)]
+        raise ValueError(f"{name} hold id(s) outside the vocabulary [0, {vocab_size}): "
+                         f"{sorted(set(bad.ravel().tolist()))[:8]}")
+
+
 def _apply_block(block: Block, x_BTD, state: LayerState):
     return block(x_BTD, state)
 
@@ -261,7 +281,8 @@ class RWKV(nnx.Module):
         return init_state(self.config, batch_size)
 
     def __call__(self, tokens_BT, state: RWKVState | None = None):
-        """Logits [B, T, V] (fp32) for every position, and the state after the last token."""
+        """Logits [B, T, V] (fp32) for every position, and the state after the last token. Concrete
+        token ids outside [0, V) raise ValueError; under jit they are the caller's to check."""
         hidden_BTD, state = self.hidden(tokens_BT, state)
         return self.logits(hidden_BTD), state
 
@@ -273,6 +294,7 @@ class RWKV(nnx.Module):
         """The final hidden states [B, T, D] (the fp32 residual stream, before ln_out and the head) and
         the state after the last token: `logits(hidden(...)[0])` is `__call__`. Generation takes the
         logits of the last position only; training applies `logits` to chunks of positions."""
+        check_token_ids(tokens_BT, self.config.vocab_size)
         if tokens_BT.ndim != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tokens_BT.shape}; "
                              "use model.step(tokens_B, state) for one token per sequence")

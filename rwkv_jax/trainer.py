@@ -1,8 +1,10 @@
 """The training run behind `python train.py`: a linear story in sections.
 
-  1. Setup: config check, the device mesh, the workdir.
+  1. Setup: the config checked (every value, before any work), the device mesh, the workdir locked.
   2. Data: dataset, tokenizer and batches (rwkv_jax.data).
-  3. State: parameters and optimizer state created sharded, or restored from the latest good checkpoint.
+  3. State: parameters and optimizer state created sharded, or restored from the latest good checkpoint;
+     a resume whose model or data setup differs from the checkpoint's is refused. Only then is anything
+     written into the workdir (config.json, rwkv_config.json, the tokenizer).
   4. Steps: the jitted train step, periodic logging, evaluation and async checkpoints; SIGTERM
      (preemption) saves and returns; too many non-finite steps in a row stop the run with an error.
   5. End: a final checkpoint and evaluation, and the loss curves as a PNG.
@@ -14,7 +16,7 @@ exactly the batches an uninterrupted run sees: the checkpointed step is the whol
 import math
 import shutil
 import signal
-import time
+from pathlib import Path
 
 import jax
 import ml_collections
@@ -22,9 +24,10 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from rwkv_jax import config as config_lib
 from rwkv_jax import logs
 from rwkv_jax import metrics as metrics_lib
-from rwkv_jax import optim, sharding, train_step
+from rwkv_jax import optim, sharding, train_step, workdir_lock
 from rwkv_jax.checkpoint import Checkpointer
 from rwkv_jax.data import make_datasets
 from rwkv_jax.model import ModelConfig
@@ -33,24 +36,6 @@ from rwkv_jax.workdir import Workdir
 
 class BadStepsError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
-
-
-def check_config(config: ml_collections.ConfigDict, mesh) -> None:
-    t = config.train
-    batch_axes = math.prod(mesh.shape[a] for a in sharding.RULES["batch"])
-    problems = []
-    if t.batch_size % t.microbatches:
-        problems.append(f"train.batch_size={t.batch_size} is not a multiple of train.microbatches={t.microbatches}")
-    elif (t.batch_size // t.microbatches) % batch_axes:
-        problems.append(f"a microbatch of {t.batch_size // t.microbatches} rows does not split over the "
-                        f"{batch_axes} devices of the mesh's data x fsdp axes: raise train.batch_size or lower "
-                        "train.microbatches")
-    if t.batch_size % jax.process_count():
-        problems.append(f"train.batch_size={t.batch_size} does not split over {jax.process_count()} processes")
-    if t.num_steps < 1:
-        problems.append(f"train.num_steps must be >= 1, got {t.num_steps}")
-    if problems:
-        raise ValueError("config: " + "; ".join(problems))
 
 
 class _Preemption:
@@ -72,15 +57,44 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
     """Train as `config` says, in `workdir` (resuming whatever it holds). Returns the last metrics."""
     # --- 1. Setup ---------------------------------------------------------------------------------
     run_dir = Workdir(workdir)
-    run_dir.path.mkdir(parents=True, exist_ok=True)
+    workdir = run_dir.path
     is_main = jax.process_index() == 0
     model_config = ModelConfig.from_dict(config.model)
     mesh = sharding.make_mesh(config.mesh)
-    check_config(config, mesh)
+    config_lib.validate(config, mesh)
+    if workdir.exists() and not workdir.is_dir():
+        raise NotADirectoryError(f"--workdir {workdir} is a file, not a directory")
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = _lock_workdir(workdir, is_main)
+    try:
+        return _train(config, run_dir, model_config, mesh, is_main)
+    finally:
+        if lock is not None:
+            workdir_lock.release(lock)
+
+
+def _lock_workdir(workdir: Path, is_main: bool) -> Path | None:
+    """Process 0 locks the workdir (the lock file's path); on a multi-host run the others learn whether
+    it could, so that they stop too instead of waiting for it in a collective."""
+    lock, error = None, None
+    if is_main:
+        try:
+            lock = workdir_lock.acquire(workdir)
+        except OSError as e:  # WorkdirLockedError included
+            error = e
+    if jax.process_count() > 1:
+        locked = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not locked and not is_main:
+            raise RuntimeError(f"process 0 could not lock the workdir {workdir}; see its error")
+    if error is not None:
+        raise error
+    return lock
+
+
+def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: bool) -> dict:
     t = config.train
     if is_main:
         logs.log_to_file(run_dir.log_path)
-        run_dir.write_config(config)
         print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} in {jax.process_count()} "
               f"process(es); mesh {dict(mesh.shape)}; model {model_config.n_layer} x {model_config.d_model}, "
               f"compute {model_config.dtype}, WKV form {model_config.wkv_form}", flush=True)
@@ -89,12 +103,7 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
     tokenizer, train_batches, eval_batches = make_datasets(
         config.data, seq_len=t.seq_len, batch_size=t.batch_size, model_vocab_size=model_config.vocab_size,
         process_index=jax.process_index(), process_count=jax.process_count())
-    if is_main:  # the workdir describes itself: eval.py and load_model need only its path
-        run_dir.write_model_config(model_config)
-        shutil.copyfile(tokenizer.path, run_dir.tokenizer_copy_path(tokenizer.path))
-        sample = train_batches.tokens_N[:10_000_000]  # a prefix is enough for the yardstick
-        print(f"unigram entropy of the training tokens: {unigram_entropy(sample, tokenizer.vocab_size):.4f} "
-              "nats/token (the loss of the best context-free model)", flush=True)
+    data_setup = describe_data(config.data, tokenizer, train_batches)
     batch_sharding = sharding.batch_sharding(mesh)
 
     def global_batch(local):
@@ -107,14 +116,24 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
                                                                                t.seed)
     checkpointer = Checkpointer(run_dir.checkpoints_dir, keep=config.checkpoint.keep,
                                 async_save=config.checkpoint.async_save)
+    if is_main:
+        workdir_lock.check_writable(checkpointer.directory)
     restored = checkpointer.restore_latest(abstract_state, shardings)
     if restored is None:
         state = init()
         start_step = 0
     else:
-        state, _, start_step = restored
+        state, extra, start_step = restored
+        check_data_unchanged(extra, data_setup, start_step, checkpointer.directory, t.allow_data_change)
         if is_main:
             print(f"resumed from the checkpoint of step {start_step}", flush=True)
+    if is_main:  # the resume is valid: now the workdir may describe this run (eval.py needs only its path)
+        run_dir.write_config(config)
+        run_dir.write_model_config(model_config)
+        shutil.copyfile(tokenizer.path, run_dir.tokenizer_copy_path(tokenizer.path))
+        sample = train_batches.tokens_N[:10_000_000]  # a prefix is enough for the yardstick
+        print(f"unigram entropy of the training tokens: {unigram_entropy(sample, tokenizer.vocab_size):.4f} "
+              "nats/token (the loss of the best context-free model)", flush=True)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
     if is_main:
         print(f"{n_params:,} parameters; {t.num_steps} steps of {t.batch_size} x {t.seq_len} tokens", flush=True)
@@ -139,7 +158,7 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
         return writer.eval(step, loss, bpb, tokens)
 
     def save(step):
-        checkpointer.save(step, state, {"step": step, "data_seed": config.data.seed})
+        checkpointer.save(step, state, {"step": step, "data_seed": config.data.seed, "data": data_setup})
 
     preemption = _Preemption()
     last, pending, step = {}, [], start_step
@@ -150,6 +169,9 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
             state, step_metrics = step_fn(state, global_batch(train_batches.batch_at(step)))
             step += 1
             pending.append((step, step_metrics))
+            if len(pending) > 1:  # the previous step is done (or nearly): its streak costs no stall
+                _check_streak(writer, pending, config.optim.max_consecutive_bad_steps)
+            checkpointer.check()  # a failed async save stops the run now, not one save later
             stop = preemption.requested
             if jax.process_count() > 1 and (step % t.log_every == 0):
                 stop = bool(multihost_utils.process_allgather(np.array(stop)).any())
@@ -171,9 +193,10 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
                 last.update(final_eval)
     finally:
         preemption.restore()
-        checkpointer.wait()
-        checkpointer.close()
-        writer.close()
+        try:
+            checkpointer.close()  # waits for the last save; CheckpointSaveError if it failed
+        finally:
+            writer.close()
     return last
 
 
@@ -198,6 +221,14 @@ def _log_pending(writer, pending, max_bad_steps: int) -> dict:
     return record
 
 
+def _check_streak(writer, pending, max_bad_steps: int) -> None:
+    """Every step: the bad-step streak of the step before the newest one. That step has (nearly) finished
+    while the newest runs, so fetching one scalar costs no pipeline stall; the run stops one step after the
+    limit is reached, the steps up to it logged."""
+    if int(jax.device_get(pending[-2][1]["bad_steps"])) >= max_bad_steps:
+        _log_pending(writer, pending[:-1], max_bad_steps)  # logs the window and raises BadStepsError
+
+
 def evaluate_loss(eval_fn, params, eval_batches, tokenizer, global_batch, max_batches: int = 0):
     """(mean loss in nats/token, bits per UTF-8 byte of the targets, token count) over the eval split."""
     total_loss, total_tokens, total_bytes = 0.0, 0.0, 0
@@ -214,6 +245,36 @@ def evaluate_loss(eval_fn, params, eval_batches, tokenizer, global_batch, max_ba
     mean = total_loss / max(total_tokens, 1.0)
     return mean, metrics_lib.bits_per_byte(total_loss, total_bytes), int(total_tokens)
 
+
+
+def describe_data(data_config, tokenizer, train_batches) -> dict:
+    """What a resumed run must share with the checkpoint for its batches to continue the same stream:
+    the source and its options, the data seed, the tokenizer (kind and file hash) and the token count."""
+    c = data_config
+    options = {"stdlib": ("stdlib_root",), "text": ("text_files", "text_split"), "tfds": ("tfds_name",),
+               "binidx": ("binidx_prefix",)}[c.source]
+    return {"source": c.source, **{k: c[k] for k in options}, "validation_fraction": c.validation_fraction,
+            "train_split": c.train_split, "seed": c.seed, "tokenizer": c.tokenizer,
+            "tokenizer_sha256": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
+            "train_tokens": len(train_batches.tokens_N)}
+
+
+def check_data_unchanged(extra: dict, current: dict, step: int, directory, allow: bool) -> None:
+    """Refuse (ValueError) a resume whose data setup differs from the one saved with checkpoint `step`,
+    unless `allow` (config.train.allow_data_change). Checkpoints from before the setup was saved only
+    carry the data seed."""
+    saved = dict(extra.get("data") or {"seed": extra.get("data_seed", current["seed"])})
+    changed = [f"{k} {saved[k]!r} -> {current.get(k)!r}" for k in saved if saved[k] != current.get(k)]
+    if not changed:
+        return
+    if allow:
+        logging.warning("resuming from step %d on a changed data setup (config.train.allow_data_change): %s",
+                        step, "; ".join(changed))
+        return
+    raise ValueError(
+        f"resume refused: the data setup differs from the one of checkpoint step {step} in {directory}: "
+        f"{'; '.join(changed)}. Rerun with the original data settings, use a new --workdir, or pass "
+        "--config.train.allow_data_change=True to continue training on the new data.")
 
 
 def unigram_entropy(tokens_N: np.ndarray, vocab_size: int) -> float:

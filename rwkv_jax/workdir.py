@@ -30,6 +30,7 @@ METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 LOSS_PLOT = "loss.png"
 LOG = "train.log"
+LOCK = "train.lock"  # held by the one trainer of the workdir (rwkv_jax/workdir_lock.py)
 EVAL = "eval"
 
 

@@ -7,7 +7,9 @@
 Config fields are overridden as --config.section.field=value; an unknown field or a wrong type is an
 error. Running the same command again resumes from the latest checkpoint in the workdir. Multi-host:
 see README ("Multi-host training"). The console shows progress and warnings; everything logged goes to
-WORKDIR/train.log (absl's --verbosity=0 shows it on the console too).
+WORKDIR/train.log (absl's --verbosity=0 shows it on the console too). Expected errors (bad config values,
+a locked or unwritable workdir, a refused resume, bad data files, a failed checkpoint save) are one line
+and exit code 1 (2 for a bad command line); --traceback shows the full trace.
 """
 
 import sys
@@ -34,16 +36,51 @@ _ESTIMATE_COSTS = flags.DEFINE_bool("estimate_costs", True, "With --compile_only
                                     "--noestimate_costs reports memory only, faster.")
 
 
+def _usage_error(message: str):
+    """A bad command line as one line, exit code 2 (cli's style for usage errors, without the help text)."""
+    sys.stderr.write(f"{cli.prog_name()}: error: {message}\n")
+    sys.exit(2)
+
+
 def parse_flags(argv):
     """absl parsing, with every flag error (ml_collections' unknown field included) as one line."""
     try:
         return flags.FLAGS(argv)
-    except flags.Error as e:  # a wrong type, a missing required flag, ...
-        sys.exit(f"FATAL Flags parsing error: {e}")
+    except flags.Error as e:  # a wrong type, a missing required flag, a config file that raised, ...
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        _usage_error("flags parsing error: " + (" ".join(lines) if len(lines) < 3 else f"{lines[0]} {lines[-1]}"))
     except (AttributeError, KeyError) as e:
         # ml_collections nests a KeyError repr in the message: strip its quotes and escaped newline.
         message = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\", "").replace("'", "")
-        sys.exit(f"FATAL Flags parsing error: unknown config field in a --config.* override: {message}")
+        _usage_error(f"flags parsing error: unknown config field in a --config.* override: {message}")
+    except Exception as e:  # noqa: BLE001 - the config file itself raised (a syntax error, ...)
+        _config_file_error(e)
+
+
+def _config_file_error(e: BaseException):
+    root = e
+    while root.__cause__ is not None:
+        root = root.__cause__
+    if isinstance(root, OSError) and root.strerror:
+        cause = root.strerror
+    elif isinstance(root, OSError):  # ml_collections: the attempted paths, then the OS error on the last line
+        cause = str(root).strip().splitlines()[-1].strip()
+    elif isinstance(root, SyntaxError):
+        cause = f"{root.msg} at line {root.lineno}"
+    else:
+        cause = cli.error_line(root).split(" Attempted [")[0]
+    path = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "?")
+    _usage_error(f"cannot load the config file {path}: {type(root).__name__}: {cause}")
+
+
+def load_config():
+    """The config; a config file that failed to load is one line naming the file and the cause."""
+    config = _CONFIG.value
+    try:
+        config.keys()  # ml_collections defers a load failure until the config is first used
+    except Exception as e:  # noqa: BLE001
+        _config_file_error(e)
+    return config
 
 
 def main(argv):
@@ -56,7 +93,7 @@ def main(argv):
             raise cli.UsageError("--compile_only needs --config and --topology, e.g. --config=configs/tiny.py "
                                  "--topology=v5e:2x2")
         from rwkv_jax import aot  # after flag parsing: jax starts here
-        report = aot.compile_only(_CONFIG.value, _TOPOLOGY.value, estimate_costs=_ESTIMATE_COSTS.value)
+        report = aot.compile_only(load_config(), _TOPOLOGY.value, estimate_costs=_ESTIMATE_COSTS.value)
         return 0 if report["fits"] else 1
     missing = [f"--{flag.name}" for flag in (_CONFIG, _WORKDIR) if not flag.value]
     if missing:
@@ -65,7 +102,7 @@ def main(argv):
     from rwkv_jax import distributed, trainer  # after flag parsing: jax starts here
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            timeout_s=_DISTRIBUTED_TIMEOUT.value, auto=_AUTO_DISTRIBUTED.value)
-    result = trainer.train(_CONFIG.value, _WORKDIR.value)
+    result = trainer.train(load_config(), _WORKDIR.value)
     print("final:", {k: v for k, v in result.items() if k in ("step", "loss", "eval_loss", "eval_bits_per_byte")})
 
 

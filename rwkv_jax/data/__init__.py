@@ -44,20 +44,29 @@ def make_datasets(data_config: ml_collections.ConfigDict, *, seq_len: int, batch
     if c.source == "binidx":
         tok = _load_existing_tokenizer(c)
         check_fits(tok, model_vocab_size)
-        train_N, eval_N = _binidx_splits(c)
+        tokens_N, train_N, eval_N = _binidx_splits(c)
+        train_name = f"binidx file {os.path.expanduser(c.binidx_prefix) + '.bin'!r}"
+        eval_name = f"{train_name} (its validation part)"
+        streams = [(tokens_N, train_name)]  # scanned whole: offsets in the message are the file's
     elif c.source in ("stdlib", "text", "tfds"):
         builder, key, eval_split = text_source(c)
         tok = _text_tokenizer(c, builder, key, process_index)
         check_fits(tok, model_vocab_size)
-        train_N = _cache(c, builder, c.train_split, key, tok)
-        eval_N = _cache(c, builder, eval_split, key, tok) if eval_split else None
+        train_N, train_name = _cache(c, builder, c.train_split, key, tok)
+        eval_N, eval_name = _cache(c, builder, eval_split, key, tok) if eval_split else (None, "")
+        streams = [(train_N, train_name), (eval_N, eval_name)]
     else:
         raise ValueError(f"config.data.source must be 'stdlib', 'text', 'tfds' or 'binidx', not {c.source!r}.")
+    # Ids outside the embedding table would be wrapped or read as garbage: check them where they enter.
+    for tokens_N, name in streams:
+        if tokens_N is not None and len(tokens_N) <= pipeline.FULL_SCAN_LIMIT:
+            pipeline.check_token_ids(tokens_N, model_vocab_size, name)
     train = Batches(train_N, seq_len=seq_len, batch_size=batch_size, seed=c.seed,
-                    process_index=process_index, process_count=process_count)
+                    process_index=process_index, process_count=process_count, vocab_size=model_vocab_size,
+                    source=train_name)
     evals = None if eval_N is None else EvalBatches(
         eval_N, seq_len=seq_len, batch_size=batch_size, process_index=process_index,
-        process_count=process_count)
+        process_count=process_count, vocab_size=model_vocab_size, source=eval_name)
     logging.info("Data ready in %.1fs: %d train tokens, %s eval tokens, vocab %d.", time.time() - start,
                  len(train_N), "no" if eval_N is None else len(eval_N), tok.vocab_size)
     return tok, train, evals
@@ -102,21 +111,24 @@ def _load_existing_tokenizer(c) -> Tokenizer:
     return tokenizer_lib.load_tokenizer(c.tokenizer, os.path.expanduser(c.tokenizer_path))
 
 
-def _cache(c, builder, split: str, key: str, tok: Tokenizer) -> np.ndarray:
+def _cache(c, builder, split: str, key: str, tok: Tokenizer) -> tuple[np.ndarray, str]:
+    """(token stream of `split`, its name for error messages)."""
     name = f"{_safe(split)}.{tok.fingerprint}.tokens"
     path = os.path.join(os.path.expanduser(c.data_dir), "token_cache", _dataset_id(builder), name)
-    return pipeline.token_cache(pipeline.split_texts(builder, split, key), tok, path,
-                                num_docs=catalog.num_examples(builder, split))
+    tokens_N = pipeline.token_cache(pipeline.split_texts(builder, split, key), tok, path,
+                                    num_docs=catalog.num_examples(builder, split))
+    return tokens_N, f"token cache {path!r}"
 
 
-def _binidx_splits(c) -> tuple[np.ndarray, np.ndarray | None]:
-    """The flat `.bin` stream; its last `validation_fraction` of sequences (if > 0) is eval."""
+def _binidx_splits(c) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(the flat `.bin` stream, its training part, its eval part: the last `validation_fraction` of
+    sequences if > 0)."""
     ds = binidx.MMapIndexedDataset(os.path.expanduser(c.binidx_prefix))
     first = _binidx_validation_start(c, len(ds))
     if first is None:
-        return ds.tokens, None
+        return ds.tokens, ds.tokens, None
     cut = ds.offset_of(first)
-    return ds.tokens[:cut], ds.tokens[cut:]
+    return ds.tokens, ds.tokens[:cut], ds.tokens[cut:]
 
 
 def _binidx_validation_start(c, num_sequences: int) -> int | None:

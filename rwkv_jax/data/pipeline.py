@@ -59,12 +59,43 @@ def token_cache(texts: Iterable[str], tokenizer: Tokenizer, path: str, *,
 
 
 def open_token_cache(path: str) -> np.ndarray:
-    """The memory-mapped token stream of a complete cache."""
-    with open(path + ".json") as f:
-        meta = json.load(f)
-    if not meta["num_tokens"]:
-        return np.zeros(0, meta["dtype"])
-    return np.memmap(path, meta["dtype"], mode="r", shape=(meta["num_tokens"],))
+    """The memory-mapped token stream of a complete cache; ValueError naming the file if it is damaged."""
+    try:
+        with open(path + ".json") as f:
+            meta = json.load(f)
+        dtype, count = np.dtype(meta["dtype"]), int(meta["num_tokens"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"token cache metadata {path + '.json'!r} is damaged ({type(e).__name__}: {e}): delete "
+                         f"it and {path!r} to rebuild the cache") from e
+    if not count:
+        return np.zeros(0, dtype)
+    size = os.path.getsize(path) if os.path.isfile(path) else -1
+    if size != count * dtype.itemsize:
+        raise ValueError(f"token cache {path!r} is {size} bytes but its metadata says {count} {dtype.name} tokens "
+                         f"({count * dtype.itemsize} bytes): it is truncated or damaged; delete it and "
+                         f"{path + '.json'!r} to rebuild it")
+    return np.memmap(path, dtype, mode="r", shape=(count,))
+
+
+# Streams up to this many tokens are scanned whole for out-of-vocabulary ids when opened (~1 s per 2**30
+# uint16 tokens); every batch is checked anyway, so larger ones (the Pile) fail at their first bad batch.
+FULL_SCAN_LIMIT = 2**30
+
+
+def check_token_ids(tokens_N: np.ndarray, vocab_size: int, source: str, *, offset: int = 0) -> None:
+    """ValueError naming `source` if any id is outside [0, vocab_size) (an embedding lookup would wrap or
+    read garbage, giving NaN or silently wrong steps)."""
+    if not len(tokens_N):
+        return
+    for start in range(0, len(tokens_N), 2**24):
+        chunk = np.asarray(tokens_N[start:start + 2**24])
+        low, high = chunk.min(), chunk.max()
+        if low < 0 or high >= vocab_size:
+            bad = int(np.flatnonzero((chunk < 0) | (chunk >= vocab_size))[0])
+            raise ValueError(
+                f"{source}: token id {int(chunk[bad])} at token {offset + start + bad} is outside the model's "
+                f"vocabulary [0, {vocab_size}): the file was written with another tokenizer, or is damaged; "
+                "rebuild it with the configured tokenizer (or set config.model.vocab_size)")
 
 
 def _check_length(tokens_N: np.ndarray, seq_len: int, name: str) -> None:
@@ -93,19 +124,26 @@ class Batches:
     """
 
     def __init__(self, tokens_N: np.ndarray, *, seq_len: int, batch_size: int, seed: int = 0,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, vocab_size: int | None = None,
+                 source: str = "the training tokens"):
         _check_length(tokens_N, seq_len, "training")
         self.tokens_N = tokens_N
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.seed = seed
+        self.vocab_size = vocab_size  # when set, every batch's ids are checked against it (cheap)
+        self.source = source
         self._rows = _process_rows(batch_size, process_index, process_count)
 
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
         """{'inputs', 'targets'}: int32 [batch_size // process_count, seq_len], targets shifted by one."""
         rng = np.random.default_rng((int(self.seed), int(step)))
         offsets_B = rng.integers(0, len(self.tokens_N) - self.seq_len, size=self.batch_size)[self._rows]
-        window_BT1 = np.stack([self.tokens_N[o:o + self.seq_len + 1] for o in offsets_B]).astype(np.int32)
+        window_BT1 = np.stack([self.tokens_N[o:o + self.seq_len + 1] for o in offsets_B])
+        if self.vocab_size is not None and (window_BT1.min() < 0 or window_BT1.max() >= self.vocab_size):
+            row = int(np.flatnonzero(((window_BT1 < 0) | (window_BT1 >= self.vocab_size)).any(1))[0])
+            check_token_ids(window_BT1[row], self.vocab_size, self.source, offset=int(offsets_B[row]))
+        window_BT1 = window_BT1.astype(np.int32)
         return {"inputs": np.ascontiguousarray(window_BT1[:, :-1]),
                 "targets": np.ascontiguousarray(window_BT1[:, 1:])}
 
@@ -123,9 +161,12 @@ class EvalBatches:
     """
 
     def __init__(self, tokens_N: np.ndarray, *, seq_len: int, batch_size: int,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, vocab_size: int | None = None,
+                 source: str = "the eval tokens"):
         _check_length(tokens_N, seq_len, "eval")
         self.tokens_N = tokens_N
+        self.vocab_size = vocab_size
+        self.source = source
         self.seq_len = seq_len
         self.batch_size = batch_size
         self._rows = _process_rows(batch_size, process_index, process_count)
@@ -145,6 +186,9 @@ class EvalBatches:
                 start = (k * self.batch_size + row) * T
                 valid = min(T, n - 1 - start)
                 if valid > 0:
+                    if self.vocab_size is not None:
+                        check_token_ids(self.tokens_N[start:start + valid + 1], self.vocab_size, self.source,
+                                        offset=start)
                     inputs_BT[r, :valid] = self.tokens_N[start:start + valid]
                     targets_BT[r, :valid] = self.tokens_N[start + 1:start + 1 + valid]
                     mask_BT[r, :valid] = 1

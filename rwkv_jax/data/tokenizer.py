@@ -48,7 +48,11 @@ class SentencePieceTokenizer(Tokenizer):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"SentencePiece model {path!r} not found (config.data.tokenizer_path).")
         self.path = path
-        self._sp = spm.SentencePieceProcessor(model_file=path)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=path)
+        except (RuntimeError, OSError) as e:  # sentencepiece: "Internal: ... ParseFromArray" and the like
+            raise ValueError(f"SentencePiece model {path!r} cannot be read ({_first_line(e)}): it is not a "
+                             "sentencepiece .model file, or it is damaged") from e
         self.vocab_size = self._sp.get_piece_size()
         self.eot_id = self._sp.eos_id()
         if self.eot_id < 0:
@@ -72,7 +76,11 @@ class HFJsonTokenizer(Tokenizer):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Tokenizer JSON {path!r} not found (config.data.tokenizer_path).")
         self.path = path
-        self._tok = tokenizers.Tokenizer.from_file(path)
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # noqa: BLE001 - the Rust bindings raise plain Exception
+            raise ValueError(f"Tokenizer JSON {path!r} cannot be read ({_first_line(e)}): it is not a HF "
+                             "`tokenizers` file, or it is damaged") from e
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         ids = [self._tok.token_to_id(t) for t in _EOT_TOKENS]
         ids = [i for i in ids if i is not None]
@@ -100,6 +108,9 @@ def train_sentencepiece(texts: Iterable[str], path: str, *, vocab_size: int, mod
     upper bound on small corpora. Multi-host: process 0 trains and renames the file into
     place atomically; the other processes wait for it (`path` must be on a shared filesystem).
     """
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"config.data.tokenizer_path {path!r} is a directory: give the path of the "
+                                "sentencepiece .model file to write or reuse")
     if os.path.isfile(path):
         logging.info("Reusing sentencepiece model %s.", path)
         return SentencePieceTokenizer(path)
@@ -114,14 +125,22 @@ def train_sentencepiece(texts: Iterable[str], path: str, *, vocab_size: int, mod
     # The model is taken from memory: no .vocab file is written, and with it goes sentencepiece's warning
     # that pieces such as '\n' "break the format" of that (human-readable, unused) file.
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_lines(texts, cap=10 * input_sentence_size),
-        model_writer=model, vocab_size=vocab_size, model_type=model_type, hard_vocab_limit=False,
-        input_sentence_size=input_sentence_size, shuffle_input_sentence=True, character_coverage=0.9995,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True, split_digits=True, byte_fallback=True,
-        user_defined_symbols=["\n"], eos_id=0, unk_id=1, bos_id=-1, pad_id=-1,
-        num_threads=os.cpu_count() or 1, minloglevel=1)
+    stats = {"lines": 0, "long": 0}
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_lines(texts, cap=10 * input_sentence_size, stats=stats),
+            model_writer=model, vocab_size=vocab_size, model_type=model_type, hard_vocab_limit=False,
+            input_sentence_size=input_sentence_size, shuffle_input_sentence=True, character_coverage=0.9995,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True, split_digits=True, byte_fallback=True,
+            max_sentence_length=_MAX_LINE_BYTES, user_defined_symbols=["\n"], eos_id=0, unk_id=1, bos_id=-1,
+            pad_id=-1, num_threads=os.cpu_count() or 1, minloglevel=1)
+    except RuntimeError as e:  # sentencepiece reports bad input as "Internal: ..." RuntimeErrors
+        raise ValueError(
+            f"sentencepiece could not train a tokenizer for {path!r} on the training text "
+            f"({stats['lines']} lines, {stats['long']} of them cut to {_MAX_LINE_BYTES} bytes): "
+            f"{_first_line(e)}. Check config.data.text_files: too little usable text (nearly empty, or binary "
+            "files), or more distinct characters than config.data.sp_vocab_size allows") from e
     with open(f"{tmp_prefix}.model", "wb") as f:
         f.write(model.getvalue())
     os.replace(f"{tmp_prefix}.model", path)
@@ -178,15 +197,33 @@ def check_token_ids(ids, vocab_size: int, source: str,
                          f"(ids 0..{vocab_size - 1}): {fix}")
 
 
-def _lines(texts: Iterable[str], cap: int):
-    n = 0
+# sentencepiece skips longer training lines (a corpus of one huge line would leave it nothing): we cut them.
+_MAX_LINE_BYTES = 4192
+
+
+def _lines(texts: Iterable[str], cap: int, stats: dict | None = None):
+    """Non-blank lines of `texts`, at most `cap`, each cut into pieces of at most _MAX_LINE_BYTES bytes."""
+    stats = {"lines": 0, "long": 0} if stats is None else stats
     for text in texts:
         for line in text.splitlines():
-            if line.strip():
-                yield line
-                n += 1
-                if n >= cap:
+            if not line.strip():
+                continue
+            pieces = [line]
+            if len(line.encode("utf-8")) > _MAX_LINE_BYTES:
+                stats["long"] += 1
+                # A character is at most 4 bytes: pieces of _MAX_LINE_BYTES // 4 characters always fit.
+                step = _MAX_LINE_BYTES // 4
+                pieces = [line[i:i + step] for i in range(0, len(line), step)]
+            for piece in pieces:
+                yield piece
+                stats["lines"] += 1
+                if stats["lines"] >= cap:
                     return
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _wait_for(path: str, process_index: int, timeout_s: float) -> SentencePieceTokenizer:
