@@ -516,8 +516,9 @@ def _jaxpr(fn, x):
 
 def test_default_forms():
     assert default_form("cpu") == "sequential"  # measured fastest on CPU by benchmarks/wkv.py
-    assert default_form("gpu") == "parallel"
-    assert default_form("tpu") == "parallel"
+    # the Pallas kernels: on an H200 the 169M/430M train steps ran 2%/11% faster than with the parallel scan
+    assert default_form("gpu") == "pallas"
+    assert default_form("tpu") == "pallas"
 
 
 def test_auto_form_is_the_backend_default():

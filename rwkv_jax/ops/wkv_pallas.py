@@ -60,7 +60,6 @@ Mosaic and Triton calls cannot be partitioned by XLA.
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
