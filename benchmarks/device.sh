@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One accelerator run (under 8 minutes on one H100/H200): the Pallas WKV kernel's correctness on the
-# device first (PASS/FAIL), then WKV fwd and fwd+bwd of every form at B=16 T=1024 C=1024 bf16, training
-# steps of 169M and 430M with the kernel and with the associative scan, and RNN decode at batch 1 and 64;
+# device first (PASS/FAIL), then WKV fwd and fwd+bwd of every form at B=16 T=1024 C=1024 bf16 (on GPU also
+# the Triton kernel at other block sizes), training steps of 169M and 430M with the kernel and with the associative scan, and RNN decode at batch 1 and 64;
 # one table at the end.
 #
 #     bash benchmarks/device.sh                               # on the device, from anywhere
@@ -37,7 +37,7 @@ python3 -c 'import jax; print("jax", jax.__version__, "devices:", jax.devices())
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || true
 
 section "kernel check" 60 --section=check
-section "WKV forms" 150 --section=wkv
+section "WKV forms" 240 --section=wkv
 section "train 169m kernel" 60 --section=train --model=169m --form=pallas
 section "train 169m scan" 60 --section=train --model=169m --form=parallel
 section "train 430m kernel" 75 --section=train --model=430m --form=pallas

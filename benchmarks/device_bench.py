@@ -59,9 +59,10 @@ if SMALL:
     MODELS = {"169m": dict(vocab_size=512, n_layer=2, d_model=128),
               "430m": dict(vocab_size=512, n_layer=2, d_model=256)}
 FORMS = ("sequential", "parallel", "chunked", "pallas")
-# The Triton kernel's (block_c, num_warps) tried in the wkv section: one channel per thread is the first
-# three; B * C / block_c programs (256 at the default 64) keep the latency-bound T loops in flight.
-GPU_KERNEL_BLOCKS = ((32, 1), (64, 2), (128, 4), (64, 1), (128, 2))
+# The Triton kernel's (block_c, num_warps) also tried in the wkv section (its 'pallas' row is the default,
+# 64 and 2): one channel per thread in the first two, two in the others; B * C / block_c programs (256 at
+# the default) run the latency-bound T loops side by side.
+GPU_KERNEL_BLOCKS = ((32, 1), (128, 4), (64, 1), (128, 2))
 
 
 def record(path, **row):
