@@ -3,6 +3,7 @@ section in its own process under a time limit, then prints the table).
 
     python3 benchmarks/device_bench.py --section=check --results=/tmp/r.jsonl   # kernel vs recurrence, PASS/FAIL
     python3 benchmarks/device_bench.py --section=wkv --results=/tmp/r.jsonl     # every WKV form, fwd and fwd+bwd
+                                                                                # (+ GPU kernel block sweep)
     python3 benchmarks/device_bench.py --section=train --model=169m --form=pallas --results=/tmp/r.jsonl
     python3 benchmarks/device_bench.py --section=decode --results=/tmp/r.jsonl  # RNN decode, batch 1 and 64
     python3 benchmarks/device_bench.py --section=table --results=/tmp/r.jsonl   # the table of all results
@@ -58,6 +59,10 @@ if SMALL:
     MODELS = {"169m": dict(vocab_size=512, n_layer=2, d_model=128),
               "430m": dict(vocab_size=512, n_layer=2, d_model=256)}
 FORMS = ("sequential", "parallel", "chunked", "pallas")
+# The Triton kernel's (block_c, num_warps) also tried in the wkv section (its 'pallas' row is the default,
+# 64 and 2): one channel per thread in the first two, two in the others; B * C / block_c programs (256 at
+# the default) run the latency-bound T loops side by side.
+GPU_KERNEL_BLOCKS = ((32, 1), (128, 4), (64, 1), (128, 2))
 
 
 def record(path, **row):
@@ -149,6 +154,27 @@ def section_wkv(args):
             record(args.results, section="wkv", form=form, shape=WKV_SHAPE, fwd_s=t_fwd, fwd_bwd_s=t_bwd)
         except Exception as error:  # noqa: BLE001 - report and go on to the next form
             print(f"wkv {form}: ERROR {type(error).__name__}: {str(error)[:500]}", flush=True)
+    if "pallas" in forms and (jax.default_backend() in ("gpu", "cuda", "rocm") or SMALL):
+        _sweep_gpu_kernel_blocks(args, td, tf, k, v, r)
+
+
+def _sweep_gpu_kernel_blocks(args, td, tf, k, v, r):
+    """The Triton kernel at each of GPU_KERNEL_BLOCKS (the dry run on CPU interprets it)."""
+    from rwkv_jax.ops.wkv_pallas import wkv_pallas
+
+    for block_c, num_warps in GPU_KERNEL_BLOCKS:
+        run = lambda td, tf, k, v, c=block_c, nw=num_warps: wkv_pallas(td, tf, k, v, backend="gpu", block_c=c,
+                                                                      num_warps=nw)
+        try:
+            forward = jax.jit(run)
+            backward = jax.jit(jax.value_and_grad(wkv_loss(run), argnums=(0, 1, 2, 3)))
+            t_fwd = median_time(lambda: jax.block_until_ready(forward(td, tf, k, v)), 2, args.repeats)
+            t_bwd = median_time(lambda: jax.block_until_ready(backward(td, tf, k, v, r)), 2, args.repeats)
+            record(args.results, section="wkv_blocks", block_c=block_c, num_warps=num_warps, shape=WKV_SHAPE,
+                   fwd_s=t_fwd, fwd_bwd_s=t_bwd)
+        except Exception as error:  # noqa: BLE001 - report and go on to the next blocks
+            print(f"wkv pallas block_c={block_c} num_warps={num_warps}: ERROR {type(error).__name__}: "
+                  f"{str(error)[:500]}", flush=True)
 
 
 def _train_step(model_config, batch, seq):
@@ -251,6 +277,9 @@ def section_table(args):
         ratio = lambda key: f"{r[key] / kernel[key]:.2f}" if kernel else "-"
         print(f"  {form:<11} {r['fwd_s'] * 1e3:>9.3f} {ratio('fwd_s'):>9} {r['fwd_bwd_s'] * 1e3:>11.3f} "
               f"{ratio('fwd_bwd_s'):>9}")
+    for r in (r for r in rows if r["section"] == "wkv_blocks"):
+        print(f"  {'gpu c' + str(r['block_c']) + ' w' + str(r['num_warps']):<11} {r['fwd_s'] * 1e3:>9.3f} "
+              f"{'':>9} {r['fwd_bwd_s'] * 1e3:>11.3f}   (Triton kernel, block_c, num_warps)")
     batch, seq = TRAIN_TOKENS
     print(f"\nTraining step, {batch} x {seq} tokens, bf16 compute (median)")
     print(f"  {'model':<6} {'WKV':<9} {'remat':<6} {'step ms':>9} {'tokens/s':>11} {'MFU':>7}")

@@ -131,9 +131,11 @@ def test_tpu_kernel_matches_sequential_and_float64(T, batch):
 
 
 @pytest.mark.parametrize("T, batch", [pytest.param(17, 1, id="T17-B1"),
+                                      pytest.param(5, 2, id="T5-B2", marks=pytest.mark.slow),
                                       pytest.param(256, 3, id="T256-B3", marks=pytest.mark.slow)])
 def test_gpu_kernel_matches_sequential_and_float64(T, batch):
-    """The Triton variant's code (rows by masked sums, one program per batch row), interpreted."""
+    """The Triton variant's code (rows loaded and stored one token at a time, the next chunk prefetched,
+    one program per batch row), interpreted: two chunks (the last masked), one chunk, sixteen."""
     _check_against_sequential_and_float64("gpu", T, batch, seed=50 + T)
 
 
@@ -310,6 +312,49 @@ def test_triton_lowering_of_forward_and_backward():
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(spec_c, spec_c, spec, spec).lower(
         lowering_platforms=("cuda",))
     assert lowered.as_text().count("triton") >= 2  # the forward and the backward kernel
+
+
+def _kernel_jaxprs(jaxpr):
+    """The kernel bodies of the pallas_calls inside `jaxpr` (searched through nested jaxprs)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.append(eqn.params["jaxpr"])
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns") and eqn.primitive.name != "pallas_call":
+                found += _kernel_jaxprs(inner)
+    return found
+
+
+def _equations(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                yield from _equations(inner)
+
+
+def test_triton_kernels_move_one_token_row_per_load_and_store():
+    """O(1) work per token on GPU: every load and store of the Triton kernels moves one row [1, 1, block_c]
+    (no [T, block_c] block with rows picked out by masked sums: no reductions, no iota masks)."""
+    B, T, channels = 3, 40, 200
+
+    def loss(time_decay, time_first, k, v):
+        y, state = wkv_pallas(time_decay, time_first, k, v, backend="gpu", interpret=False, block_c=32)
+        return jnp.sum(y.astype(jnp.float32)) + jnp.sum(state.a)
+
+    spec_c = jax.ShapeDtypeStruct((channels,), jnp.float32)
+    spec = jax.ShapeDtypeStruct((B, T, channels), jnp.bfloat16)
+    kernels = _kernel_jaxprs(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(spec_c, spec_c, spec, spec).jaxpr)
+    assert len(kernels) == 2  # the forward and the backward
+    for kernel in kernels:
+        equations = list(_equations(kernel))
+        moved = [eqn.outvars[0].aval.shape if eqn.primitive.name == "get" else eqn.invars[1].aval.shape
+                 for eqn in equations if eqn.primitive.name in ("get", "swap")]
+        assert len(moved) > 2 * 16 and set(moved) == {(1, 1, 32)}, set(moved)
+        assert not {eqn.primitive.name for eqn in equations} & {"reduce_sum", "iota"}
 
 
 def _libtpu_available() -> bool:

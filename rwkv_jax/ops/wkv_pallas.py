@@ -53,7 +53,8 @@ checkpoint (a, b, anchor, n), bit for bit the forward's arithmetic, into values 
 
 Variants: backend='tpu' (Mosaic: T blocks on a sequential grid axis, scratch carry, static row slices)
 and backend='gpu' (Triton: one program per batch row x channel block, T loop inside, power-of-2 blocks,
-rows picked by masked sums); the per-token math is shared. On CPU the kernels run in interpret mode.
+each token's row loaded and stored at its own dynamic offset, per-token values kept in registers); the
+per-token math is shared. On CPU the kernels run in interpret mode.
 Under a device mesh use `wkv_pallas_sharded` (shard_map: batch over data x fsdp, channels over tensor):
 Mosaic and Triton calls cannot be partitioned by XLA.
 """
@@ -129,25 +130,53 @@ def _keep_valid(valid, new, old):
     return jax.tree.map(lambda x, y: jnp.where(valid, x, y), new, old)
 
 
-# --------------------------------------------------------------- rows of a chunk value [bb, CHUNK, bc]
+# ------------------------------------------------------------------ the rows of a chunk: tokens [bb, 1, bc]
+#
+# TPU: a chunk moves as one [bb, CHUNK, bc] value (one bf16 tile per 128 lanes), a row is a static sublane
+# slice, and per-token values the backward keeps are packed back into such values (few vregs, no spills).
+# GPU: Triton cannot index a value (picking a row out of a block costs a masked sum over the block), so
+# each row is loaded from and stored to the ref at its own dynamic offset (a pointer plus t * C), and a
+# chunk is a Python list of CHUNK row values (registers): O(1) work per token. The list is unrolled, so
+# the chunk's loads are issued together and their latency is paid once per chunk.
 
 def _row_ids(shape):
     return jax.lax.broadcasted_iota(jnp.int32, shape, 1)
 
 
-def _get_row(x, j, backend):
-    """Row j (static) of a chunk value as [bb, 1, bc]. Mosaic slices sublanes; Triton has no value
-    indexing, so it sums the row out under a mask."""
-    if backend == "tpu":
-        return x[:, j:j + 1, :]
-    return jnp.sum(jnp.where(_row_ids(x.shape) == j, x, 0.0), axis=1, keepdims=True)
+def _load_chunk(cfg, ref, t0):
+    """The CHUNK tokens of `ref` (a [bb, T, bc] block) starting at t0, in fp32."""
+    if cfg.backend == "tpu":
+        return ref[:, pl.ds(t0, CHUNK), :].astype(jnp.float32)
+    return [ref[:, pl.ds(t0 + j, 1), :].astype(jnp.float32) for j in range(CHUNK)]
+
+
+def _store_chunk(cfg, ref, t0, x):
+    if cfg.backend == "tpu":
+        ref[:, pl.ds(t0, CHUNK), :] = x.astype(ref.dtype)
+    else:
+        for j, row in enumerate(x):
+            ref[:, pl.ds(t0 + j, 1), :] = row.astype(ref.dtype)
+
+
+def _empty_chunk(cfg, row_shape):
+    bb, _, bc = row_shape
+    return jnp.zeros((bb, CHUNK, bc), jnp.float32) if cfg.backend == "tpu" else [None] * CHUNK
+
+
+def _get_row(x, j):
+    """Row j (static) of a chunk as [bb, 1, bc]."""
+    return x[j] if isinstance(x, list) else x[:, j:j + 1, :]
 
 
 def _put_row(x, j, row):
+    if isinstance(x, list):
+        return [*x[:j], row, *x[j + 1:]]
     return jnp.where(_row_ids(x.shape) == j, row, x)
 
 
 def _add_row(x, j, row):
+    if isinstance(x, list):
+        return _put_row(x, j, x[j] + row)
     return x + jnp.where(_row_ids(x.shape) == j, row, 0.0)
 
 
@@ -155,23 +184,29 @@ def _add_row(x, j, row):
 
 def _forward_chunks(cfg, w, u, k_ref, v_ref, y_ref, ck_refs, n_chunks, t_start, carry):
     """Run `n_chunks` chunks of the refs' T axis (the block's tokens start at global index t_start),
-    writing y and the state at each chunk start into ck_refs[chunk]."""
-    def chunk(ci, carry):
+    writing y and the state at each chunk start into ck_refs[chunk]. On GPU the rows of chunk ci + 1 are
+    loaded while chunk ci computes (carried in registers), so the loop waits on no load latency."""
+    prefetch = cfg.backend == "gpu"
+    load = lambda t0: tuple(_load_chunk(cfg, ref, t0) for ref in (k_ref, v_ref))
+
+    def chunk(ci, carry_and_rows):
+        carry, rows = carry_and_rows
         t0 = pl.multiple_of(ci * CHUNK, CHUNK)
-        k_c = k_ref[:, pl.ds(t0, CHUNK), :].astype(jnp.float32)
-        v_c = v_ref[:, pl.ds(t0, CHUNK), :].astype(jnp.float32)
+        if prefetch:
+            (k_c, v_c), rows = rows, load(pl.multiple_of(jnp.minimum(ci + 1, n_chunks - 1) * CHUNK, CHUNK))
+        else:
+            k_c, v_c = load(t0)
         for ref, value in zip(ck_refs, carry):  # (a, b, anchor, n): the backward resumes bit for bit
             ref[ci] = value
-        y_c = jnp.zeros(k_c.shape, jnp.float32)
+        y_c = _empty_chunk(cfg, carry[0].shape)
         for j in range(CHUNK):
             valid = (t_start + t0 + j < cfg.t_valid) if cfg.t_valid % CHUNK else None
-            y, new, _ = _forward_token(w, u, _get_row(k_c, j, cfg.backend), _get_row(v_c, j, cfg.backend),
-                                       carry)
+            y, new, _ = _forward_token(w, u, _get_row(k_c, j), _get_row(v_c, j), carry)
             carry = _keep_valid(valid, new, carry)
             y_c = _put_row(y_c, j, y)
-        y_ref[:, pl.ds(t0, CHUNK), :] = y_c.astype(y_ref.dtype)
-        return carry
-    return jax.lax.fori_loop(0, n_chunks, chunk, carry)
+        _store_chunk(cfg, y_ref, t0, y_c)
+        return carry, rows
+    return jax.lax.fori_loop(0, n_chunks, chunk, (carry, load(0) if prefetch else ()))[0]
 
 
 def _backward_chunks(cfg, w, u, k_ref, v_ref, gy_ref, ck_refs, dk_ref, dv_ref, n_chunks, t_start, carry):
@@ -180,20 +215,17 @@ def _backward_chunks(cfg, w, u, k_ref, v_ref, gy_ref, ck_refs, dk_ref, dv_ref, n
     def chunk(r, carry):
         ci = n_chunks - 1 - r
         t0 = pl.multiple_of(ci * CHUNK, CHUNK)
-        k_c = k_ref[:, pl.ds(t0, CHUNK), :].astype(jnp.float32)
-        v_c = v_ref[:, pl.ds(t0, CHUNK), :].astype(jnp.float32)
-        g_c = gy_ref[:, pl.ds(t0, CHUNK), :].astype(jnp.float32)
+        k_c, v_c, g_c = (_load_chunk(cfg, ref, t0) for ref in (k_ref, v_ref, gy_ref))
         *reverse, gu = carry
         # Recompute the chunk's forward from its checkpoint (the same operations as the forward pass);
         # keep the factors the reverse walk needs, and the token's own (bonus) gradient terms.
         state = tuple(ref[ci] for ref in ck_refs)
-        zeros = jnp.zeros(k_c.shape, jnp.float32)
-        add_a_c = add_b_c = e_old_c = e_new_c = is_max_c = dk_c = dv_c = zeros
+        add_a_c = add_b_c = e_old_c = e_new_c = is_max_c = dk_c = dv_c = _empty_chunk(cfg, state[0].shape)
         valids = []
         for j in range(CHUNK):
             valid = (t_start + t0 + j < cfg.t_valid) if cfg.t_valid % CHUNK else None
             valids.append(valid)
-            k, v, g = (_get_row(x, j, cfg.backend) for x in (k_c, v_c, g_c))
+            k, v, g = (_get_row(x, j) for x in (k_c, v_c, g_c))
             y, state, (den, e_state, e_bonus, e_old, e_new, k_is_max) = _forward_token(w, u, k, v, state)
             alpha = g / den  # dL/d(y's numerator), as a mantissa of e^{-q}
             bonus_k = e_bonus * alpha * (v - y)  # through e^{u+k} v / e^{u+k}: dL/dk_i and dL/du parts
@@ -204,13 +236,13 @@ def _backward_chunks(cfg, w, u, k_ref, v_ref, gy_ref, ck_refs, dk_ref, dv_ref, n
             is_max_c = _put_row(is_max_c, j, k_is_max.astype(jnp.float32))
             dk_c, dv_c = _put_row(dk_c, j, bonus_k), _put_row(dv_c, j, e_bonus * alpha)
         for j in reversed(range(CHUNK)):
-            v, add_a, add_b, e_old, e_new, is_max = (_get_row(x, j, cfg.backend) for x in
+            v, add_a, add_b, e_old, e_new, is_max = (_get_row(x, j) for x in
                                                      (v_c, add_a_c, add_b_c, e_old_c, e_new_c, is_max_c))
             (dk, dv), new = _backward_token(v, add_a, add_b, e_old, e_new, is_max > 0.5, tuple(reverse))
             reverse = _keep_valid(valids[j], new, tuple(reverse))
             dk_c, dv_c = _add_row(dk_c, j, dk), _add_row(dv_c, j, dv)
-        dk_ref[:, pl.ds(t0, CHUNK), :] = dk_c.astype(dk_ref.dtype)
-        dv_ref[:, pl.ds(t0, CHUNK), :] = dv_c.astype(dv_ref.dtype)
+        _store_chunk(cfg, dk_ref, t0, dk_c)
+        _store_chunk(cfg, dv_ref, t0, dv_c)
         return (*reverse, gu)
     return jax.lax.fori_loop(0, n_chunks, chunk, carry)
 
