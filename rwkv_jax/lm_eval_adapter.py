@@ -60,14 +60,16 @@ CONTEXT_PREFIXES = ("eot", "none", "newline")
 
 
 # --- The rwkv_jax internals this adapter uses (all of them, in one place) ------------------------------
-# Loading (weights.load_model, evaluation.find_tokenizer / check_tokenizer_fits), the windowed scorer of
-# eval.py (evaluation.score_documents / Document) and the jitted decoder (generate.generate_tokens).
+# Loading (weights.load_model, weights.find_tokenizer, data.tokenizer.check_fits), the windowed scorer of
+# eval.py (evaluation.score_documents over data.documents.Document) and the jitted decoder
+# (generate.generate_tokens).
 # Everything else below uses only the model's public API: model(tokens_BT, state), model.init_state(B),
 # model.config and the `head` module.
 
 def _load(checkpoint, tokenizer, overrides: dict):
     """(model, tokenizer, description) from paths or objects."""
-    from rwkv_jax import evaluation, weights
+    from rwkv_jax import weights
+    from rwkv_jax.data.tokenizer import check_fits
     from rwkv_jax.model import RWKV
     if isinstance(checkpoint, RWKV):
         model, name = checkpoint, "<RWKV module>"
@@ -85,15 +87,16 @@ def _load(checkpoint, tokenizer, overrides: dict):
     if tokenizer is None or isinstance(tokenizer, str):
         if isinstance(checkpoint, RWKV) and not tokenizer:
             raise ValueError("a loaded model needs tokenizer=PATH or a Tokenizer object")
-        tokenizer = evaluation.find_tokenizer(name, tokenizer or "")
-    evaluation.check_tokenizer_fits(tokenizer, model)
+        tokenizer = weights.find_tokenizer(name, tokenizer or "")
+    check_fits(tokenizer, model.config.vocab_size, fix="it is not this model's tokenizer (pass tokenizer=PATH)")
     return model, tokenizer, name
 
 
 def _score_documents(model, token_lists, *, start_token, batch_size, window):
     """Summed log-probability of each token list (scored after `start_token`), in input order."""
     from rwkv_jax import evaluation
-    docs = (evaluation.Document(np.asarray(t, np.int32)) for t in token_lists)
+    from rwkv_jax.data.documents import Document
+    docs = (Document(np.asarray(t, np.int32)) for t in token_lists)
     out = [0.0] * len(token_lists)
     for scored in evaluation.score_documents(model, docs, batch_size=batch_size, window=window,
                                              start_token=start_token):

@@ -94,7 +94,6 @@ def _lock_workdir(workdir: Path, is_main: bool) -> Path | None:
 def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: bool) -> dict:
     t = config.train
     if is_main:
-        logs.log_to_file(run_dir.log_path)
         print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} in {jax.process_count()} "
               f"process(es); mesh {dict(mesh.shape)}; model {model_config.n_layer} x {model_config.d_model}, "
               f"compute {model_config.dtype}, WKV form {model_config.wkv_form}", flush=True)
@@ -128,6 +127,7 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
         if is_main:
             print(f"resumed from the checkpoint of step {start_step}", flush=True)
     if is_main:  # the resume is valid: now the workdir may describe this run (eval.py needs only its path)
+        logs.log_to_file(run_dir.log_path)  # what was logged so far was buffered
         run_dir.write_config(config)
         run_dir.write_model_config(model_config)
         shutil.copyfile(tokenizer.path, run_dir.tokenizer_copy_path(tokenizer.path))

@@ -426,8 +426,16 @@ def test_checkpoints_of_the_first_layout_are_still_read(tmp_path, base):
 
 
 MEMORY_CHILD = """
-import resource, sys
+import sys
 import jax
+
+
+def peak_kb():  # VmHWM: this process's own peak (ru_maxrss carries a forking parent's peak across exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
+
 from rwkv_jax import optim, sharding, train_step
 from rwkv_jax.checkpoint import Checkpointer
 from rwkv_jax.model import ModelConfig
@@ -440,14 +448,14 @@ if mode == "save":
     with Checkpointer(ckpt_dir) as ckpt:
         ckpt.save(1, init(), {})
     sys.exit(0)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kb()
 with Checkpointer(ckpt_dir, read_only=True) as reader:
     if mode == "params":
         out = reader.restore_params(abstract_state.params, shardings.params)
     else:
         out = reader.restore_latest(abstract_state, shardings)
     jax.block_until_ready(out[0])
-print("PEAK_KB", before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print("PEAK_KB", before, peak_kb())
 """
 
 

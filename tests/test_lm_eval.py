@@ -25,6 +25,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from rwkv_jax import evaluation as ev  # noqa: E402
 from rwkv_jax import generate as gen_lib  # noqa: E402
 from rwkv_jax import weights  # noqa: E402
+from rwkv_jax.data.documents import Document, documents_from_texts  # noqa: E402
 from rwkv_jax.lm_eval_adapter import RWKVLM  # noqa: E402
 from tests.conftest import SHARED_DIR  # noqa: E402
 from tests.peers import hf_logits, random_hf_model  # noqa: E402
@@ -136,7 +137,7 @@ def test_state_branching_equals_scoring_from_scratch(setup):
     docs = []
     for context, continuation in pairs:
         ctx, cont = harness_split(tok, context, continuation)
-        docs.append(ev.Document(np.asarray(ctx + cont, np.int32), score_from=len(ctx)))
+        docs.append(Document(np.asarray(ctx + cont, np.int32), score_from=len(ctx)))
     scored = {s.index: s for s in ev.score_documents(model, docs, batch_size=2, window=8, start_token=tok.eot_id)}
     for i, (logp, greedy) in enumerate(got):
         k = docs[i].score_from
@@ -186,7 +187,7 @@ def test_loglikelihood_rolling_equals_eval_documents(setup):
              "Zwölf Boxkämpfer jagen Viktor."]
     got = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(t,) for t in texts]), disable_tqdm=True)
     assert got[2] == 0.0
-    report = ev.evaluate_documents(model, ev.documents_from_texts(texts, tok), start_token=tok.eot_id, window=64)
+    report = ev.evaluate_documents(model, documents_from_texts(texts, tok), start_token=tok.eot_id, window=64)
     assert report["documents"] == 3 and report["tokens"] > 3 * lm.window
     assert -sum(got) == pytest.approx(report["loss"] * report["tokens"], abs=1e-4)
     for text, logp in zip(texts, got):

@@ -427,7 +427,7 @@ def _round_up(n: int, m: int) -> int:
 
 def wkv_pallas(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = None, *,
                backend: str | None = None, interpret: bool | None = None, block_b: int = 8,
-               block_c: int | None = None, block_t: int = 128, num_warps: int = 2):
+               block_c: int | None = None, block_t: int = 128, num_warps: int = 1):
     """WKV over a sequence as Pallas kernels. Returns y [B, T, C] (v's dtype) and the final state (fp32).
 
     backend: 'tpu' (Mosaic) or 'gpu' (Triton); default from jax.default_backend(). interpret: run the
@@ -459,7 +459,7 @@ def wkv_pallas(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = No
         bc = LANES * _largest_divisor(Cp // LANES, block_c // LANES)
         bt = CHUNK * _largest_divisor(Tp // CHUNK, block_t // CHUNK)
     else:
-        block_c = 64 if block_c is None else block_c
+        block_c = 32 if block_c is None else block_c
         if block_c & (block_c - 1) or block_c > LANES:
             raise ValueError(f"GPU blocks: block_c={block_c} must be a power of 2 up to {LANES}")
         bb, bc, bt = 1, block_c, Tp
