@@ -117,7 +117,7 @@ def compile_only(config: ml_collections.ConfigDict, topology: str, *, estimate_c
         f"{model_config.scan_layers}, remat={model_config.remat}, WKV {model_config.wkv_form}); batch "
         f"{t.batch_size} x {t.seq_len} as {t.microbatches} microbatch(es)")
 
-    def compile_steps(model_config: ModelConfig, microbatches: int):
+    def compile_steps(model_config: ModelConfig, microbatches: int, chunk_tokens: int):
         optimizer = optim.make_optimizer(config.optim, t.num_steps)
         schedule = optim.learning_rate(config.optim, t.num_steps)
         graphdef, _, abstract_state, shardings = train_step.train_state_factory(model_config, optimizer, mesh,
@@ -126,8 +126,8 @@ def compile_only(config: ml_collections.ConfigDict, topology: str, *, estimate_c
                                       sharding=sharding.batch_sharding(mesh))
         step_fn = train_step.make_train_step(graphdef, optimizer, schedule, shardings, mesh,
                                              microbatches=microbatches, l2wrap_factor=config.optim.l2wrap_factor,
-                                             loss_chunk_tokens=t.loss_chunk_tokens)
-        eval_fn = train_step.make_eval_step(graphdef, shardings.params, mesh, loss_chunk_tokens=t.loss_chunk_tokens)
+                                             loss_chunk_tokens=chunk_tokens)
+        eval_fn = train_step.make_eval_step(graphdef, shardings.params, mesh, loss_chunk_tokens=chunk_tokens)
         compiled, seconds = {}, {}
         for name, fn, args in (("train", step_fn, (abstract_state, {"inputs": tokens, "targets": tokens})),
                                ("eval", eval_fn, (abstract_state.params,
@@ -137,7 +137,7 @@ def compile_only(config: ml_collections.ConfigDict, topology: str, *, estimate_c
             seconds[name] = time.perf_counter() - start
         return compiled, seconds, abstract_state
 
-    compiled, seconds, abstract_state = compile_steps(model_config, t.microbatches)
+    compiled, seconds, abstract_state = compile_steps(model_config, t.microbatches, t.loss_chunk_tokens)
     report = {"topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
               "mesh": dict(mesh.shape), "batch_size": t.batch_size, "seq_len": t.seq_len,
               "microbatches": t.microbatches, "hbm_gib_per_device": per_device.hbm_bytes / GIB,
@@ -146,14 +146,16 @@ def compile_only(config: ml_collections.ConfigDict, topology: str, *, estimate_c
         report[name] = _analyse(compiled[name], per_device) | {"compile_s": seconds[name]}
         log(f"  {name} step compiled in {seconds[name]:.1f}s")
 
-    if estimate_costs and (model_config.scan_layers or t.microbatches > 1):
-        # XLA's cost analysis counts a loop body once, not once per trip, so a scanned model's (or a
-        # microbatch loop's) FLOPs and bytes come out too small. The layers are identical: compile
-        # 1- and 2-layer unrolled models over the whole batch, and extrapolate linearly to n_layer.
+    has_loops = model_config.scan_layers or t.microbatches > 1 or t.batch_size * t.seq_len > t.loss_chunk_tokens
+    if estimate_costs and has_loops:
+        # XLA's cost analysis counts a loop body once, not once per trip, so the FLOPs and bytes of
+        # scanned layers, microbatches and loss chunks come out too small. The layers are identical:
+        # compile 1- and 2-layer unrolled models over the whole batch in one microbatch and one loss
+        # chunk (no loops), and extrapolate linearly to n_layer.
         probes = []
         for n in (1, 2):
             small = dataclasses.replace(model_config, n_layer=n, scan_layers=False)
-            probes.append(compile_steps(small, 1)[0])
+            probes.append(compile_steps(small, 1, t.batch_size * t.seq_len)[0])
         L = model_config.n_layer
         for name in ("train", "eval"):
             (c1, c2) = (_cost(p[name]) for p in probes)
@@ -162,7 +164,8 @@ def compile_only(config: ml_collections.ConfigDict, topology: str, *, estimate_c
                 report[name][out] = one + (L - 1) * (two - one)
             report[name]["roofline_s"] = max(report[name]["flops"] / per_device.peak_flops,
                                              report[name]["bytes"] / per_device.hbm_bandwidth)
-        log("  FLOPs and bytes extrapolated from 1- and 2-layer compiles (XLA counts a loop body once)")
+        log("  FLOPs and bytes extrapolated from 1- and 2-layer compiles without loops (XLA counts a loop "
+            "body once)")
 
     tokens_per_device = t.batch_size * t.seq_len / len(devices)
     model_flops = metrics_lib.flops_per_token(model_config.vocab_size, model_config.d_model,
@@ -170,6 +173,7 @@ def compile_only(config: ml_collections.ConfigDict, topology: str, *, estimate_c
     train = report["train"]
     train["model_flops"] = model_flops
     train["roofline_mfu"] = model_flops / per_device.peak_flops / train["roofline_s"] if train["roofline_s"] else 0.0
+    report["costs_estimated"] = estimate_costs
     report["fits"] = train["peak_gib"] <= report["hbm_gib_per_device"] and report["eval"]["peak_gib"] <= \
         report["hbm_gib_per_device"]
     log(format_report(report))
@@ -187,7 +191,8 @@ def format_report(r: dict) -> str:
                      f"{s['compile_s']:>10.1f}")
     t = r["train"]
     lines.append(f"train step: roofline MFU {100 * t['roofline_mfu']:.1f}% ({t['model_flops']:.3g} model FLOPs per "
-                 f"device per step); {'FITS' if r['fits'] else 'DOES NOT FIT'}")
+                 f"device per step){'' if r['costs_estimated'] else ' (FLOPs and bytes: loop bodies counted once)'}; "
+                 f"{'FITS' if r['fits'] else 'DOES NOT FIT'}")
     if not r["fits"]:
         worst = max(r["train"]["peak_gib"], r["eval"]["peak_gib"])
         lines.append(f"short by {worst - hbm:.2f} GiB per device: shard parameters and optimizer state wider "
