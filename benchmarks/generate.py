@@ -257,6 +257,7 @@ def main(argv=None):
     print(f"torch threads (peers): {results.get('torch_threads', {})}; jax: XLA's CPU thread pool")
     print(f"(total {time.time() - start:.0f}s)")
     results["n_params"] = int(n_params)
+    results["vocab"], results["d_model"] = args.vocab, args.d_model
     if args.json:
         import json
         with open(args.json, "w") as f:
