@@ -9,24 +9,23 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def best_time(fn, *args, repeats: int = 5) -> float:
+def _times(fn, *args, repeats: int) -> list[float]:
+    """Seconds of `repeats` calls of `fn(*args)` (each blocked on), after one untimed call."""
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times
+
+
+def best_time(fn, *args, repeats: int = 5) -> float:
+    return min(_times(fn, *args, repeats=repeats))
 
 
 def median_time(fn, *args, repeats: int = 5) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(_times(fn, *args, repeats=repeats))
 
 
 def matmul_flops(n: int = 2048) -> float:
