@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rwkv_jax.ops.wkv import WKVState, empty_state, wkv, wkv_sequential
+from rwkv_jax.ops.wkv import WKVState, wkv, wkv_sequential
 from rwkv_jax.ops.wkv_pallas import wkv_pallas
-from tests.test_wkv import (assert_close, assert_state_close, extreme_inputs, make_inputs, reference_recurrence,
-                            reference_wkv)
+from tests.test_wkv import (assert_close, assert_state_close, extreme_inputs, grad_args, make_inputs,
+                            reference_recurrence, reference_wkv)
 
 REPO = Path(__file__).resolve().parents[1]
 GRAD_NAMES = ("time_decay", "time_first", "k", "v", "state.a", "state.b", "state.p")
@@ -60,16 +60,6 @@ def value_and_grads(runner):
                  + jnp.sum(state.p * r["p"]))
         return value, (y, state)
     return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True))
-
-
-def grad_args(x, seed):
-    rng = np.random.default_rng(seed)
-    batch, T, channels = x["k"].shape
-    r = {"y": rng.normal(size=(batch, T, channels)), "a": rng.normal(size=(batch, channels)),
-         "b": rng.normal(size=(batch, channels)), "p": rng.normal(size=(batch, channels))}
-    r = {name: jnp.asarray(value, jnp.float32) for name, value in r.items()}
-    state = x.get("state") or empty_state(batch, channels)
-    return (x["time_decay"], x["time_first"], x["k"], x["v"], *state, r)
 
 
 def float64_grads(args):
