@@ -27,7 +27,7 @@ PLANS = {
     "14b": ("v5p:4x4x4", 256, ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]),
 }
 
-ROW = re.compile(r"^\s+train\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+(\S+)\s+(\S+)\s+(\S+)\s+([0-9.]+)")
+ROW = re.compile(r"^\s+train\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+([0-9.]+)")
 
 
 def run(size: str, extra: list[str]) -> dict:
@@ -44,8 +44,8 @@ def run(size: str, extra: list[str]) -> dict:
     row["mesh"] = mesh_line.group(1) if mesh_line else "?"
     m = next((ROW.match(line) for line in out.splitlines() if ROW.match(line)), None)
     if m:
-        row.update(peak_gib=float(m.group(4)), flops=float(m.group(5)), bytes=float(m.group(6)),
-                   roofline_s=float(m.group(7)), compile_s=float(m.group(8)))
+        row.update(peak_gib=float(m.group(4)), xla_flops=float(m.group(5)), matmul_flops=float(m.group(6)),
+                   bytes=float(m.group(7)), roofline_s=float(m.group(8)), compile_s=float(m.group(9)))
     mfu = re.search(r"roofline MFU ([0-9.]+)%", out)
     row["mfu"] = float(mfu.group(1)) if mfu else None
     row["fits"] = "FITS" in out and "DOES NOT FIT" not in out
@@ -67,15 +67,16 @@ def main():
         row = run(size, args.extra)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| size | topology | mesh | global batch | fits | peak GiB/chip (HBM) | FLOPs/chip | bytes/chip | "
-          "roofline s | roofline MFU | compile s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| size | topology | mesh | global batch | fits | peak GiB/chip (HBM) | XLA FLOPs/chip | "
+          "matmul FLOPs/chip | bytes/chip | roofline s | roofline MFU | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "peak_gib" not in r:
-            print(f"| {r['size']} | {r['topology']} | {r['mesh']} | {r['batch']} | error: {r.get('error')} |||||||")
+            print(f"| {r['size']} | {r['topology']} | {r['mesh']} | {r['batch']} | error: {r.get('error')} ||||||||")
             continue
         print(f"| {r['size']} | {r['topology']} | {r['mesh']} | {r['batch']} x 1024 | {'yes' if r['fits'] else 'NO'} | "
-              f"{r['peak_gib']:.2f} ({r['hbm_gib']:.1f}) | {r['flops']:.3g} | {r['bytes']:.3g} | {r['roofline_s']:.3f} | "
+              f"{r['peak_gib']:.2f} ({r['hbm_gib']:.1f}) | {r['xla_flops']:.3g} | {r['matmul_flops']:.3g} | {r['bytes']:.3g} | "
+              f"{r['roofline_s']:.3f} | "
               f"{r['mfu']:.1f}% | {r['compile_s']:.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

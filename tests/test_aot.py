@@ -34,9 +34,29 @@ def test_tiny_config_compiles_for_a_v5e_2x2_and_reports_its_plan():
     assert "4 x TPU v5 lite" in out and "mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in out
     assert "FITS" in out and "roofline MFU" in out
     train_row = next(line for line in out.splitlines() if re.match(r"\s+train\s+[0-9.]+\s", line))
-    argument, output, temp, peak, flops, bytes_, roofline, compile_s = map(float, train_row.split()[1:])
+    argument, output, temp, peak, flops, matmuls, bytes_, roofline, compile_s = map(float, train_row.split()[1:])
     # tiny: 4 x 128, vocab 4096: about 2.9M parameters, fp32 + two Adam moments, sharded 4 ways.
     assert 0 < argument < 0.05 and peak >= argument and flops > 1e9 and bytes_ > 1e7 and compile_s > 0
+    # The jaxpr's matmul count, from the architecture: 13 D^2 multiply-adds per token per layer and V D for the
+    # head, 3x for forward and backward; the head's forward runs twice (the loss chunk is rematerialised).
+    V, D, L, tokens_per_device = 4096, 128, 4, 16 * 128 / 4
+    expected = 2 * (3 * 13 * D * D * L + 4 * V * D) * tokens_per_device
+    assert abs(matmuls - expected) < 0.01 * expected, (matmuls, expected)
+
+
+def test_matmul_flops_counts_scan_bodies_per_trip_and_the_backward():
+    import jax
+    import jax.numpy as jnp
+    from rwkv_jax.aot import matmul_flops
+
+    def f(x_BD, w_DD):  # three matmuls in a scan, then a sum
+        return jax.lax.scan(lambda c, _: (c @ w_DD, None), x_BD, None, length=3)[0].sum()
+
+    x, w = jnp.ones((4, 8)), jnp.ones((8, 8))
+    one = 2 * 4 * 8 * 8
+    assert matmul_flops(jax.make_jaxpr(f)(x, w).jaxpr) == 3 * one
+    # the gradient with respect to w: forward, then two matmuls per step backward
+    assert matmul_flops(jax.make_jaxpr(jax.grad(f, argnums=1))(x, w).jaxpr) == 9 * one
 
 
 def test_compile_only_needs_a_topology():
