@@ -1,0 +1,181 @@
+"""State tuning (optim.trainable='state', rwkv_jax/state_tuning.py) and train.init_from:
+
+  * the mechanics (fast): only the learned initial state is differentiated and updated, every parameter
+    comes back bit-identical, the optimizer state covers the learned state alone, the learned state starts
+    next to the empty state and its gradient is the loss's (checked against finite differences);
+  * a task of our own (slow, end to end): a tiny base model is trained on Python source, then its state is
+    tuned on text in one rigid template; the held-out loss of that style falls, no weight changes, the
+    state file is written and resumes work, and eval.py --initial_state / generate.py --load_state use it;
+  * bad input: trainable='state' without a model, a missing init_from or tokenizer, a model of another
+    shape, a state file of another model.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rwkv_jax import config as config_lib
+from rwkv_jax import optim, sharding, state_file, state_tuning, train_step
+from rwkv_jax.model import RWKV, ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def random_params(config: ModelConfig, seed: int = 0):
+    """A model whose every parameter is random (the official init zeroes the output projections, and then
+    no state would change the logits)."""
+    params = nnx.state(RWKV(config, rngs=nnx.Rngs(seed)), nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    return jax.tree.unflatten(treedef, noisy)
+
+
+TINY = ModelConfig(vocab_size=64, d_model=16, n_layer=2, wkv_form="sequential")
+
+
+def test_learned_state_starts_next_to_the_empty_state():
+    graphdef, params = nnx.graphdef(RWKV(TINY, rngs=nnx.Rngs(0))), random_params(TINY)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (3, 12)), jnp.int32)
+    logits = jax.jit(lambda p, t, s: nnx.merge(graphdef, p)(t, s)[0])
+    empty = logits(params, tokens, None)
+    learned = logits(params, tokens, state_tuning.to_rwkv_state(state_tuning.init(TINY), 3))
+    # the first token's WKV denominator gains e^INIT_LOG_B beside its own e^(u + k): a small change
+    np.testing.assert_allclose(learned, empty, atol=1e-2)
+    assert float(jnp.abs(learned - empty).mean()) < 1e-3
+    state = state_tuning.to_rwkv_state(state_tuning.init(TINY), 3)
+    assert all(x.shape[:2] == (TINY.n_layer, 3) for x in state)
+    for name in ("att_x", "ffn_x", "wkv_a"):  # exactly the empty state's
+        assert not np.any(np.asarray(getattr(state, name)))
+    # any learned value is a valid state: the denominator stays > 0
+    wild = {k: v + 50.0 * jnp.ones_like(v) * (-1) ** i for i, (k, v) in enumerate(state_tuning.init(TINY).items())}
+    assert bool(jnp.all(state_tuning.to_rwkv_state(wild, 1).wkv_b > 0))
+
+
+def test_gradient_of_the_learned_state_matches_finite_differences():
+    graphdef = nnx.graphdef(RWKV(TINY, rngs=nnx.Rngs(0)))
+    params = random_params(TINY)
+    tokens = np.random.default_rng(1).integers(0, 64, (2, 9)).astype(np.int32)
+    learned = jax.tree.map(lambda x: x + 0.5 * jax.random.normal(jax.random.key(2), x.shape), state_tuning.init(TINY))
+
+    @jax.jit
+    def loss(s):
+        return train_step._loss(graphdef, params, s, jnp.asarray(tokens[:, :-1]), jnp.asarray(tokens[:, 1:]), 0.0,
+                                2048)
+
+    grads = jax.grad(loss)(learned)
+    rng = np.random.default_rng(3)
+    for name in ("att_x", "ffn_x", "wkv_a", "wkv_log_b"):
+        assert float(jnp.abs(grads[name]).max()) > 0, name
+        direction = {k: jnp.zeros_like(v) for k, v in learned.items()}
+        direction[name] = jnp.asarray(rng.normal(size=learned[name].shape), jnp.float32)
+        eps = 1e-2
+        plus = loss(jax.tree.map(lambda x, d: x + eps * d, learned, direction))
+        minus = loss(jax.tree.map(lambda x, d: x - eps * d, learned, direction))
+        numeric = float(plus - minus) / (2 * eps)
+        analytic = float(jnp.sum(grads[name] * direction[name]))
+        assert abs(numeric - analytic) <= 2e-2 * abs(analytic) + 1e-4, (name, numeric, analytic)
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_state_tuning_steps_train_the_state_and_leave_every_weight_bit_identical(microbatches):
+    optim_config = optim.default_optim_config()
+    optim_config.lr_init, optim_config.lr_final, optim_config.warmup_steps = 0.05, 0.05, 0
+    optimizer = optim.make_optimizer(optim_config, 20)
+    mesh = sharding.make_mesh(sharding.default_mesh_config())
+    graphdef, init, abstract, shardings = train_step.train_state_factory(TINY, optimizer, mesh, 0, trainable="state")
+    params = random_params(TINY)
+    before = [np.array(x) for x in jax.tree.leaves(params)]
+    state = init(params)
+    # the optimizer state mirrors the learned state only: Adam's moments are its four arrays
+    moment_shapes = sorted(x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim == 2)
+    assert moment_shapes == sorted([x.shape for x in jax.tree.leaves(state.initial_state)] * 2)
+    step_fn = train_step.make_train_step(graphdef, optimizer, optim.learning_rate(optim_config, 20), shardings, mesh,
+                                         microbatches=microbatches, trainable="state")
+    eval_fn = train_step.make_eval_step(graphdef, shardings.params, mesh)
+    tokens = np.random.default_rng(0).integers(0, 64, (4, 17)).astype(np.int32)
+    batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}
+    eval_batch = dict(batch, mask=jnp.ones_like(batch["inputs"]))
+    start = float(eval_fn(state.params, eval_batch, state.initial_state)[0])
+    assert start == pytest.approx(float(eval_fn(state.params, eval_batch, None)[0]), abs=1e-2)
+    losses = []
+    for _ in range(15):
+        state, metrics = step_fn(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert int(state.step) == 15
+    assert losses[-1] < losses[0] - 0.05, losses
+    tuned = float(eval_fn(state.params, eval_batch, state.initial_state)[0])
+    assert tuned < start - 0.05 * 4 * 16
+    after = jax.tree.leaves(state.params)
+    assert len(after) == len(before)
+    for a, b in zip(before, after):
+        assert np.array_equal(a, np.asarray(b))
+    changed = [not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(state_tuning.init(TINY)),
+                                                         jax.tree.leaves(state.initial_state))]
+    assert all(changed)
+
+
+def test_trainable_all_keeps_no_learned_state():
+    optimizer = optim.make_optimizer(optim.default_optim_config(), 10)
+    mesh = sharding.make_mesh(sharding.default_mesh_config())
+    _, init, abstract, _ = train_step.train_state_factory(TINY, optimizer, mesh, 0)
+    assert abstract.initial_state is None and init().initial_state is None
+    with pytest.raises(ValueError, match="trainable must be one of"):
+        train_step.train_state_factory(TINY, optimizer, mesh, 0, trainable="head")
+
+
+# --- State files ---------------------------------------------------------------------------------------
+
+def test_state_file_of_another_model_is_a_one_line_error_naming_both_shapes(tmp_path):
+    path = tmp_path / "state.npz"
+    state_tuning.save(path, state_tuning.init(TINY), TINY)
+    model = RWKV(TINY, rngs=nnx.Rngs(0))
+    state, logits = state_file.load_state(path, model)
+    assert logits is None and state.att_x.shape == (2, 1, 16)
+    other = RWKV(ModelConfig(vocab_size=64, d_model=24, n_layer=3), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError) as e:
+        state_file.load_state(path, other)
+    message = str(e.value)
+    assert "\n" not in message and str(path) in message
+    assert "2 layers x 16" in message and "3 layers x 24" in message
+    # same state shapes, another vocabulary: still refused, by the saved shape
+    with pytest.raises(ValueError, match="vocab 64.*vocab 99"):
+        state_file.load_state(path, RWKV(ModelConfig(vocab_size=99, d_model=16, n_layer=2), rngs=nnx.Rngs(0)))
+
+
+# --- Config validation ---------------------------------------------------------------------------------
+
+def tiny_config(**fields):
+    config = config_lib.base_config(model=config_lib.model_config(vocab_size=512, d_model=32, n_layer=2),
+                                    batch_size=4, seq_len=32, num_steps=10, lr_init=1e-3, lr_final=1e-4)
+    config.data.sp_vocab_size = 512
+    for key, value in fields.items():
+        section, field = key.split("__")
+        config[section][field] = value
+    return config
+
+
+def test_trainable_state_without_a_starting_model_is_a_config_error():
+    with pytest.raises(config_lib.ConfigError, match=r"optim.trainable='state' .* set train.init_from"):
+        config_lib.validate(tiny_config(optim__trainable="state"))
+    with pytest.raises(config_lib.ConfigError, match=r"optim.trainable must be one of \['all', 'state'\]"):
+        config_lib.validate(tiny_config(optim__trainable="weights"))
+
+
+def test_init_from_a_missing_path_or_without_the_tokenizer_is_a_config_error(tmp_path):
+    with pytest.raises(config_lib.ConfigError, match="train.init_from='/nonexistent/run' does not exist"):
+        config_lib.validate(tiny_config(train__init_from="/nonexistent/run"))
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "rwkv_config.json").write_text("{}")
+    (run / "tokenizer.model").write_bytes(b"x")
+    with pytest.raises(config_lib.ConfigError, match=f"set data.tokenizer_path to its file \\(e.g. {run}/tokenizer.model"):
+        config_lib.validate(tiny_config(train__init_from=str(run)))
+    config_lib.validate(tiny_config(train__init_from=str(run), data__tokenizer_path=str(run / "tokenizer.model"),
+                                    optim__trainable="state"))
