@@ -82,18 +82,18 @@ def _token_scores(logits, targets):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _score_window(graphdef, modes, params, states, start, inputs_BW, targets_BW, mask_BW, reset_B):
+def _score_window(graphdef, modes, params, states, start_state, inputs_BW, targets_BW, mask_BW, reset_B):
     """Per-token loss and argmax hit [B, W] per mode, the new states, and (both modes) the largest
-    |logit difference| between them over unmasked positions. A row with `reset_B` starts from `start`."""
+    |logit difference| between them over unmasked positions. A row with `reset_B` starts from `start_state`."""
     model = nnx.merge(graphdef, params)
     out, new_states, parallel_logits = {}, {}, None
     if "parallel" in modes:
-        state = _reset(states["parallel"], reset_B, start)
+        state = _reset(states["parallel"], reset_B, start_state)
         parallel_logits, new_states["parallel"] = model(inputs_BW, state)
         out["parallel"] = _token_scores(parallel_logits, targets_BW)
     max_diff = jnp.zeros((), jnp.float32)
     if "rnn" in modes:
-        state = _reset(states["rnn"], reset_B, start)
+        state = _reset(states["rnn"], reset_B, start_state)
         xs = (inputs_BW.T, targets_BW.T, mask_BW.T)
         if parallel_logits is not None:
             xs = xs + (jnp.swapaxes(parallel_logits, 0, 1),)
@@ -164,11 +164,12 @@ def score_documents(model, documents: Iterable[Document], *, modes=("parallel",)
     graphdef, params = nnx.split(model)
     vocab = model.config.vocab_size
     if initial_state is None:
-        start = model.init_state(batch_size)
+        start_state = model.init_state(batch_size)
     else:
         check_state(model, initial_state, batch_size=1)
-        start = jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x, jnp.float32), batch_size, axis=1), initial_state)
-    states = {m: start for m in modes}
+        start_state = jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x, jnp.float32), batch_size, axis=1),
+                                   initial_state)
+    states = {m: start_state for m in modes}
     B, W = batch_size, window
     docs = iter(documents)
     rows: list[_Row | None] = [None] * B
@@ -232,7 +233,7 @@ def score_documents(model, documents: Iterable[Document], *, modes=("parallel",)
             mask[r, :valid] = True
             row.offset = start + valid
             placed.append((row, start, valid))
-        out, states, diff = _score_window(graphdef, modes, params, states, start, inputs, targets, mask, reset)
+        out, states, diff = _score_window(graphdef, modes, params, states, start_state, inputs, targets, mask, reset)
         if pending is not None:
             yield from collect(pending)
         pending = (out, diff, placed)

@@ -10,8 +10,7 @@
     shape, a state file of another model.
 """
 
-import subprocess
-import sys
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -21,8 +20,8 @@ import pytest
 from flax import nnx
 
 from rwkv_jax import config as config_lib
-from rwkv_jax import optim, sharding, state_file, state_tuning, train_step
-from rwkv_jax.model import RWKV, ModelConfig
+from rwkv_jax import optim, sharding, state_file, state_tuning, train_step, trainer, weights
+from rwkv_jax.model import RWKV, ModelConfig, with_scan_layers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -179,3 +178,32 @@ def test_init_from_a_missing_path_or_without_the_tokenizer_is_a_config_error(tmp
         config_lib.validate(tiny_config(train__init_from=str(run)))
     config_lib.validate(tiny_config(train__init_from=str(run), data__tokenizer_path=str(run / "tokenizer.model"),
                                     optim__trainable="state"))
+
+
+# --- train.init_from: the parameters of a trained model, in the training model's layout -----------------
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["list", "scan_layers"])
+def test_init_from_starts_from_the_models_parameters_with_a_fresh_optimizer(tmp_path, scan_layers):
+    source = RWKV(TINY, rngs=nnx.Rngs(0))
+    nnx.update(source, random_params(TINY, seed=4))
+    pth = tmp_path / "m.pth"
+    weights.write_pth(weights.model_to_official(source), pth)
+    config = dataclasses.replace(TINY, scan_layers=scan_layers)
+    optimizer = optim.make_optimizer(optim.default_optim_config(), 10)
+    mesh = sharding.make_mesh(sharding.default_mesh_config())
+    _, init, abstract, _ = train_step.train_state_factory(config, optimizer, mesh, 0)
+    state = init(trainer.load_init_params(str(pth), config, abstract.params))
+    assert jax.tree.structure(state) == jax.tree.structure(abstract)
+    got = weights.model_to_official(with_scan_layers(nnx.merge(nnx.graphdef(RWKV(config, rngs=nnx.Rngs(0))),
+                                                               state.params), False))
+    want = weights.model_to_official(source)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert np.array_equal(got[name], want[name]), name
+    assert int(state.step) == 0  # the optimizer starts afresh: zero moments and counters
+    assert all(not np.any(x) for x in map(np.asarray, jax.tree.leaves(state.opt_state)) if x.dtype != bool)
+    with pytest.raises(ValueError) as e:
+        other = dataclasses.replace(TINY, d_model=24)
+        trainer.load_init_params(str(pth), other, train_step.train_state_factory(other, optimizer, mesh, 0)[2].params)
+    assert "\n" not in str(e.value)
+    assert "is a model of 2 layers x 16" in str(e.value) and "config.model is 2 layers x 24" in str(e.value)
