@@ -11,6 +11,9 @@
 """
 
 import dataclasses
+import json
+import random
+import time
 from pathlib import Path
 
 import jax
@@ -20,8 +23,11 @@ import pytest
 from flax import nnx
 
 from rwkv_jax import config as config_lib
-from rwkv_jax import optim, sharding, state_file, state_tuning, train_step, trainer, weights
+from rwkv_jax import cli, optim, sharding, state_file, state_tuning, train_step, trainer, weights
+from rwkv_jax.commands import eval as eval_command
+from rwkv_jax.commands import generate as generate_command
 from rwkv_jax.model import RWKV, ModelConfig, with_scan_layers
+from tests.test_train import make_config, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -207,3 +213,116 @@ def test_init_from_starts_from_the_models_parameters_with_a_fresh_optimizer(tmp_
         trainer.load_init_params(str(pth), other, train_step.train_state_factory(other, optimizer, mesh, 0)[2].params)
     assert "\n" not in str(e.value)
     assert "is a model of 2 layers x 16" in str(e.value) and "config.model is 2 layers x 24" in str(e.value)
+
+
+# --- A task of our own, end to end (slow) ---------------------------------------------------------------
+# A tiny base model (2 x 32, vocab 512) trained briefly on Python source, then its state tuned on text in
+# one rigid template (orders: "ORDER 01234: 3 x bolts -> Oslo."), held-out files of that style scored.
+
+BASE_STEPS, TUNE_STEPS = 200, 60
+
+
+def order_lines(rng, n: int) -> str:
+    items, cities = ["apples", "pears", "bolts", "cables", "lamps", "chairs"], ["Oslo", "Lima", "Pune", "Kyiv", "Perth"]
+    return "".join(f"ORDER {rng.randint(0, 99999):05d}: {rng.randint(1, 9)} x {rng.choice(items)} -> "
+                   f"{rng.choice(cities)}.\n" for _ in range(n))
+
+
+def tune_overrides(env, root: Path, **extra) -> dict:
+    fields = dict(data__text_files=str(root / "style"), data__data_dir=str(root / "style_data"),
+                  data__tokenizer_path=str(root / "base" / "tokenizer.model"), train__init_from=str(root / "base"),
+                  optim__trainable="state", optim__lr_init=1.0, optim__lr_final=0.1, optim__warmup_steps=0,
+                  train__num_steps=TUNE_STEPS, train__eval_every=0, checkpoint__every_steps=1000)
+    return tiny_overrides(env, **(fields | extra))
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("state_tuning")
+    corpus = root / "corpus"
+    for path in sorted((REPO / "rwkv_jax").rglob("*.py")):
+        dest = corpus / path.relative_to(REPO)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(path.read_bytes())
+    rng = random.Random(0)
+    (root / "style").mkdir()
+    for i in range(20):  # 20 files: the hash split keeps about a fifth for validation
+        (root / "style" / f"orders_{i:02d}.txt").write_text(order_lines(rng, 40))
+    env = {"root": root, "corpus": corpus, "data_dir": root / "data"}
+    start = time.time()
+    trainer.train(make_config(tiny_overrides(env, train__num_steps=BASE_STEPS, train__eval_every=0, train__log_every=50,
+                                             checkpoint__every_steps=1000, optim__lr_init=3e-3, optim__lr_final=1e-3)),
+                  root / "base")
+    base_s = time.time() - start
+    start = time.time()
+    final = trainer.train(make_config(tune_overrides(env, root)), root / "tuned")
+    return {"root": root, "env": env, "final": final, "base_s": base_s, "tune_s": time.time() - start}
+
+
+def checkpoint_params(workdir: Path):
+    model = weights.load_model(workdir)
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def eval_report(tmp_path, *args) -> dict:
+    prefix = tmp_path / f"report{len(list(tmp_path.glob('report*.json')))}"
+    assert cli.call(eval_command.main, ["eval.py", *args, f"--report={prefix}"]) == 0
+    return json.loads(prefix.with_suffix(".json").read_text())
+
+
+@pytest.mark.slow
+def test_state_tuning_lowers_the_held_out_loss_and_changes_no_weight(tuned, tmp_path, capsys):
+    root = tuned["root"]
+    base, after = checkpoint_params(root / "base"), checkpoint_params(root / "tuned")
+    leaves_base, leaves_after = jax.tree.leaves(base), jax.tree.leaves(after)
+    assert jax.tree.structure(base) == jax.tree.structure(after) and leaves_base
+    for a, b in zip(leaves_base, leaves_after):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    # the state file is written, for this model's shape
+    state_path = root / "tuned" / "state.npz"
+    model = weights.load_model(root / "tuned")
+    state, logits = state_file.load_state(state_path, model)
+    assert logits is None and state.att_x.shape == (2, 1, 32)
+    # eval.py on the run's held-out split of the style, the first 32 tokens of each document (as in training,
+    # where windows of 32 tokens start from the state): lower with the learned state than without
+    without = eval_report(tmp_path, f"--checkpoint={root / 'tuned'}", "--eval_len=32")
+    with_state = eval_report(tmp_path, f"--checkpoint={root / 'tuned'}", "--eval_len=32", f"--initial_state={state_path}")
+    assert with_state["documents"] == without["documents"] >= 2
+    assert with_state["loss"] < without["loss"] - 0.1, (without["loss"], with_state["loss"])
+    figures = (f"\nstate tuning: held-out loss {without['loss']:.4f} -> {with_state['loss']:.4f} nats/token "
+          f"({with_state['tokens']} tokens); trainer eval {tuned['final']['eval_loss']:.4f}; base {BASE_STEPS} steps "
+          f"{tuned['base_s']:.0f}s, tuning {TUNE_STEPS} steps {tuned['tune_s']:.0f}s")
+    # generate.py starts every prompt from it: greedy text differs
+    outputs = []
+    for extra in ([], [f"--load_state={state_path}"]):
+        capsys.readouterr()
+        assert cli.call(generate_command.main, ["generate.py", f"--checkpoint={root / 'tuned'}", "--prompt=ORDER",
+                                                "--temperature=0", "--max_new_tokens=24", *extra]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] != outputs[1]
+    with capsys.disabled():
+        print(figures)
+        print(f"generated without / with the state: {outputs[0].splitlines()[0]!r} / {outputs[1].splitlines()[0]!r}")
+
+
+@pytest.mark.slow
+def test_state_tuning_resumes_from_its_checkpoint(tuned, capsys):
+    root = tuned["root"]
+    state_path = root / "tuned" / "state.npz"
+    before = {k: v.copy() for k, v in np.load(state_path).items()}
+    capsys.readouterr()
+    trainer.train(make_config(tune_overrides(tuned["env"], root, train__num_steps=TUNE_STEPS + 5)), root / "tuned")
+    assert f"resumed from the checkpoint of step {TUNE_STEPS}" in capsys.readouterr().out
+    after = dict(np.load(state_path))
+    assert not np.array_equal(before["wkv_a"], after["wkv_a"])  # trained on from the restored state
+    for a, b in zip(jax.tree.leaves(checkpoint_params(root / "base")), jax.tree.leaves(checkpoint_params(root / "tuned"))):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_init_from_a_model_of_another_shape_is_a_one_line_error(tuned, tmp_path):
+    config = make_config(tune_overrides(tuned["env"], tuned["root"], model__d_model=48))
+    with pytest.raises(ValueError) as e:
+        trainer.train(config, tmp_path / "other")
+    assert "\n" not in str(e.value)
+    assert "is a model of 2 layers x 32" in str(e.value) and "config.model is 2 layers x 48" in str(e.value)
