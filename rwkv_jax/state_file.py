@@ -31,7 +31,7 @@ def describe_shape(shape) -> str:
     return f"{n_layer} layers x {d_model} (d_att {d_att}, d_ffn {d_ffn}, vocab {vocab})"
 
 
-def _host(x) -> np.ndarray:
+def host_array(x) -> np.ndarray:
     """A host copy of a (possibly multi-host, replicated) array."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         x = x.addressable_data(0)
@@ -40,9 +40,9 @@ def _host(x) -> np.ndarray:
 
 def save_state(path, state: RWKVState, logits=None, model_config=None) -> None:
     """Write `state` (and the next-token logits, and the model's shape, if given) to the .npz `path`."""
-    arrays = {k: _host(v).astype(np.float32) for k, v in state._asdict().items()}
+    arrays = {k: host_array(v).astype(np.float32) for k, v in state._asdict().items()}
     if logits is not None:
-        arrays["logits"] = _host(logits).astype(np.float32)
+        arrays["logits"] = host_array(logits).astype(np.float32)
     if model_config is not None:
         arrays[MODEL_SHAPE] = np.asarray(model_shape(model_config), np.int64)
     path = os.fspath(path)

@@ -41,5 +41,7 @@ def to_rwkv_state(learned: dict, batch_size: int) -> RWKVState:
 
 def save(path, learned: dict, config: ModelConfig) -> None:
     """The learned state as a state file (one row, no logits, the model's shape): what
-    `generate.py --load_state` and `eval.py --initial_state` read."""
+    `generate.py --load_state` and `eval.py --initial_state` read. Copied to the host first: on a multi-host
+    run only process 0 calls this, and no computation may involve the other processes' devices."""
+    learned = {k: state_file.host_array(v) for k, v in learned.items()}
     state_file.save_state(path, to_rwkv_state(learned, 1), model_config=config)
