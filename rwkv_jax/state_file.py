@@ -57,9 +57,11 @@ def load_state(path, model=None) -> tuple[RWKVState, jax.Array | None]:
     unless the file was written for a model of this shape."""
     try:
         data = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{path}: not an RWKV state file (an .npz written by save_state / --save_state): "
-                         f"{type(e).__name__}: {e}") from e
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such state file") from None
+    except (ValueError, OSError) as e:  # numpy's message for other bytes speaks of pickles: not helpful
+        raise ValueError(f"{path}: not an RWKV state file (an .npz written by a state-tuning run or "
+                         "generate.py --save_state)") from e
     if not hasattr(data, "files"):  # np.load gave one array: not an .npz
         raise ValueError(f"{path}: not an RWKV state file (a single array, not an .npz of the state fields)")
     with data:

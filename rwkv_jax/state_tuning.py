@@ -33,7 +33,9 @@ def init(config: ModelConfig) -> dict:
 
 def to_rwkv_state(learned: dict, batch_size: int) -> RWKVState:
     """The model's RWKVState [L, batch_size, *]: the learned state in every row (differentiable)."""
-    rows = lambda x: jnp.broadcast_to(x[:, None].astype(jnp.float32), (x.shape[0], batch_size, x.shape[1]))  # noqa: E731
+    def rows(x):  # [L, W] -> [L, batch_size, W]
+        return jnp.broadcast_to(x[:, None].astype(jnp.float32), (x.shape[0], batch_size, x.shape[1]))
+
     return RWKVState(att_x=rows(learned["att_x"]), wkv_a=rows(learned["wkv_a"]),
                      wkv_b=rows(jnp.exp(learned["wkv_log_b"])), wkv_p=rows(jnp.zeros_like(learned["wkv_a"])),
                      ffn_x=rows(learned["ffn_x"]))

@@ -4,9 +4,9 @@
   2. Data: dataset, tokenizer and batches (rwkv_jax.data).
   3. State: parameters and optimizer state created sharded (or the parameters of `train.init_from`, a
      trained model), or restored from the latest good checkpoint; a resume whose model or data setup
-     differs from the checkpoint's is refused. State tuning (optim.trainable='state') adds the learned
-     initial state, the only thing trained; it is also written to WORKDIR/state.npz at every checkpoint. Only then is anything
-     written into the workdir (config.json, rwkv_config.json, the tokenizer).
+     differs from the checkpoint's is refused. Only then is anything written into the workdir
+     (config.json, rwkv_config.json, the tokenizer). State tuning (optim.trainable='state') adds the
+     learned initial state, the only thing trained, also written to WORKDIR/state.npz at every checkpoint.
   4. Steps: the jitted train step, periodic logging, evaluation and async checkpoints; SIGTERM
      (preemption) saves and returns; too many non-finite steps in a row stop the run with an error.
   5. End: a final checkpoint and evaluation, and the loss curves as a PNG.

@@ -154,6 +154,32 @@ def test_state_file_of_another_model_is_a_one_line_error_naming_both_shapes(tmp_
         state_file.load_state(path, RWKV(ModelConfig(vocab_size=99, d_model=16, n_layer=2), rngs=nnx.Rngs(0)))
 
 
+def test_eval_and_generate_refuse_a_bad_state_file_in_one_line(tmp_path, capsys):
+    from tests.test_generate import write_byte_tokenizer
+    config = ModelConfig(vocab_size=260, d_model=16, n_layer=2)
+    pth = tmp_path / "m.pth"
+    weights.write_pth(weights.model_to_official(RWKV(config, rngs=nnx.Rngs(0))), pth)
+    tokenizer = write_byte_tokenizer(tmp_path / "bytes.json")
+    (tmp_path / "doc.txt").write_text("ORDER 00001: 3 x bolts -> Oslo.\n")
+    (tmp_path / "junk.npz").write_bytes(b"not a state")
+    other = dataclasses.replace(config, d_model=24)
+    state_tuning.save(tmp_path / "other.npz", state_tuning.init(other), other)
+    common = [f"--checkpoint={pth}", f"--tokenizer={tokenizer}"]
+    cases = [("junk.npz", "not an RWKV state file"), ("missing.npz", "no such state file"),
+             ("other.npz", "written for a model of 2 layers x 24 (d_att 24, d_ffn 96, vocab 260), but this model is "
+                           "2 layers x 16 (d_att 16, d_ffn 64, vocab 260)")]
+    for name, message in cases:
+        for main, flag, args in ((eval_command.main, "--initial_state", [f"--text_files={tmp_path / 'doc.txt'}",
+                                                                          f"--report={tmp_path / 'r'}"]),
+                                 (generate_command.main, "--load_state", ["--prompt=x", "--max_new_tokens=2"])):
+            capsys.readouterr()
+            code = cli.call(main, ["prog.py", *common, f"{flag}={tmp_path / name}", *args])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert code == 1 and err[0].startswith(f"prog.py: error: {flag}={tmp_path / name}: "), err
+            assert message in err[0], err
+    assert not list(tmp_path.glob("r.*"))  # no report written
+
+
 # --- Config validation ---------------------------------------------------------------------------------
 
 def tiny_config(**fields):
@@ -180,7 +206,8 @@ def test_init_from_a_missing_path_or_without_the_tokenizer_is_a_config_error(tmp
     (run / "checkpoints").mkdir(parents=True)
     (run / "rwkv_config.json").write_text("{}")
     (run / "tokenizer.model").write_bytes(b"x")
-    with pytest.raises(config_lib.ConfigError, match=f"set data.tokenizer_path to its file \\(e.g. {run}/tokenizer.model"):
+    hint = f"set data.tokenizer_path to its file \\(e.g. {run}/tokenizer.model"
+    with pytest.raises(config_lib.ConfigError, match=hint):
         config_lib.validate(tiny_config(train__init_from=str(run)))
     config_lib.validate(tiny_config(train__init_from=str(run), data__tokenizer_path=str(run / "tokenizer.model"),
                                     optim__trainable="state"))
@@ -249,7 +276,8 @@ def tuned(tmp_path_factory):
     for i in range(20):  # 20 files: the hash split keeps about a fifth for validation
         (root / "style" / f"orders_{i:02d}.txt").write_text(order_lines(rng, 40))
     heldout = random.Random(1)
-    (root / "heldout.jsonl").write_text("".join(json.dumps({"text": order_lines(heldout, 3)}) + "\n" for _ in range(40)))
+    documents = [json.dumps({"text": order_lines(heldout, 3)}) + "\n" for _ in range(40)]
+    (root / "heldout.jsonl").write_text("".join(documents))
     env = {"root": root, "corpus": corpus, "data_dir": root / "data"}
     start = time.time()
     trainer.train(make_config(tiny_overrides(env, train__num_steps=BASE_STEPS, train__eval_every=0, train__log_every=50,
@@ -291,16 +319,17 @@ def test_state_tuning_lowers_the_held_out_loss_and_changes_no_weight(tuned, tmp_
     heldout = tuned["root"] / "heldout.jsonl"
     losses = {}
     for eval_len in (16, 32):
-        without = eval_report(tmp_path, f"--checkpoint={root / 'tuned'}", f"--text_files={heldout}", f"--eval_len={eval_len}")
-        with_state = eval_report(tmp_path, f"--checkpoint={root / 'tuned'}", f"--text_files={heldout}",
-                                 f"--eval_len={eval_len}", f"--initial_state={state_path}")
+        args = [f"--checkpoint={root / 'tuned'}", f"--text_files={heldout}", f"--eval_len={eval_len}"]
+        without = eval_report(tmp_path, *args)
+        with_state = eval_report(tmp_path, *args, f"--initial_state={state_path}")
         assert with_state["documents"] == without["documents"] == 40
         assert with_state["initial_state"] == str(state_path) and "initial_state" not in without
         losses[eval_len] = (without["loss"], with_state["loss"])
     assert losses[16][1] < losses[16][0] - 0.1, losses
     assert losses[32][1] < losses[32][0] - 0.05, losses
-    figures = (f"state tuning: held-out loss over the first 16 / 32 tokens {losses[16][0]:.4f} -> {losses[16][1]:.4f} / "
-               f"{losses[32][0]:.4f} -> {losses[32][1]:.4f} nats/token; trainer eval {tuned['final']['eval_loss']:.4f}; "
+    figures = (f"state tuning: held-out loss over the first 16 / 32 tokens {losses[16][0]:.4f} -> "
+               f"{losses[16][1]:.4f} / {losses[32][0]:.4f} -> {losses[32][1]:.4f} nats/token; trainer eval "
+               f"{tuned['final']['eval_loss']:.4f}; "
                f"base {BASE_STEPS} steps {tuned['base_s']:.0f}s, tuning {TUNE_STEPS} steps {tuned['tune_s']:.0f}s")
     # generate.py starts every prompt from it: greedy text differs
     outputs = []
@@ -325,7 +354,8 @@ def test_state_tuning_resumes_from_its_checkpoint(tuned, capsys):
     assert f"resumed from the checkpoint of step {TUNE_STEPS}" in capsys.readouterr().out
     after = dict(np.load(state_path))
     assert not np.array_equal(before["wkv_a"], after["wkv_a"])  # trained on from the restored state
-    for a, b in zip(jax.tree.leaves(checkpoint_params(root / "base")), jax.tree.leaves(checkpoint_params(root / "tuned"))):
+    base, after = checkpoint_params(root / "base"), checkpoint_params(root / "tuned")
+    for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(after)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 

@@ -114,7 +114,10 @@ def _load_initial_state(model):
     if not _INITIAL_STATE.value:
         return None
     from rwkv_jax import state_file
-    state, _ = state_file.load_state(_INITIAL_STATE.value, model)
+    try:
+        state, _ = state_file.load_state(_INITIAL_STATE.value, model)
+    except (ValueError, OSError) as e:
+        raise type(e)(f"--initial_state={e}") from None
     if state.att_x.shape[1] != 1:
         raise ValueError(f"--initial_state={_INITIAL_STATE.value} holds {state.att_x.shape[1]} states (a batch "
                          "saved by generate.py); every document starts from one: save a single prompt's state")

@@ -57,8 +57,8 @@ def main(argv):
     if _LOAD_STATE.value:
         try:
             state, logits = gen_lib.load_state(_LOAD_STATE.value, model)
-        except ValueError as e:
-            raise ValueError(f"--load_state={e}") from None
+        except (ValueError, OSError) as e:
+            raise type(e)(f"--load_state={e}") from None
     prompts = [_unescape(p) for p in _PROMPT.value] or [""]
     for b, prompt in enumerate(prompts):
         if prompt:
