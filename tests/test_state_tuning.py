@@ -63,8 +63,12 @@ def test_learned_state_starts_next_to_the_empty_state():
     assert bool(jnp.all(state_tuning.to_rwkv_state(wild, 1).wkv_b > 0))
 
 
-def test_gradient_of_the_learned_state_matches_finite_differences():
-    graphdef = nnx.graphdef(RWKV(TINY, rngs=nnx.Rngs(0)))
+@pytest.mark.parametrize("form", ["sequential", pytest.param("parallel", marks=pytest.mark.slow),
+                                  pytest.param("chunked", marks=pytest.mark.slow)])
+def test_gradient_of_the_learned_state_matches_finite_differences(form):
+    """The gradient reaches the learned state through every WKV form (each takes an initial state)."""
+    config = dataclasses.replace(TINY, wkv_form=form, wkv_chunk_len=4)  # 8 tokens: two chunks
+    graphdef = nnx.graphdef(RWKV(config, rngs=nnx.Rngs(0)))
     params = random_params(TINY)
     tokens = np.random.default_rng(1).integers(0, 64, (2, 9)).astype(np.int32)
     learned = jax.tree.map(lambda x: x + 0.5 * jax.random.normal(jax.random.key(2), x.shape), state_tuning.init(TINY))
