@@ -97,8 +97,9 @@ def make_train_step(graphdef, optimizer, schedule, shardings: TrainState, mesh: 
     tune_state = trainable == "state"
 
     def grads_of(state: TrainState, inputs, targets):
-        loss = lambda params, learned: _loss(graphdef, params, learned, inputs, targets, l2wrap_factor,  # noqa: E731
-                                             loss_chunk_tokens)
+        def loss(params, learned):
+            return _loss(graphdef, params, learned, inputs, targets, l2wrap_factor, loss_chunk_tokens)
+        # State tuning differentiates the learned state alone: no gradient of any weight is computed.
         return jax.value_and_grad(loss, argnums=1 if tune_state else 0)(state.params, state.initial_state)
 
     def step(state: TrainState, batch):

@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 from rwkv_jax import config as config_lib
 from rwkv_jax import logs
 from rwkv_jax import metrics as metrics_lib
-from rwkv_jax import optim, sharding, state_file, state_tuning, train_step, workdir_lock
+from rwkv_jax import optim, sharding, state_file, state_tuning, train_step, weights, workdir_lock
 from rwkv_jax.checkpoint import Checkpointer
 from rwkv_jax.data import make_datasets
 from rwkv_jax.model import ModelConfig, with_scan_layers
@@ -266,7 +266,6 @@ def load_init_params(path, model_config: ModelConfig, abstract_params):
     """The parameters of the trained model at `path` (`train.init_from`: a workdir's latest checkpoint, a
     .pth, an HF or rwkv_jax directory) in the layout and dtypes of `abstract_params`, the training model's.
     ValueError (one line) when its shape is not `model_config`'s."""
-    from rwkv_jax import weights
     loaded = weights.load_model(path)
     have, want = state_file.model_shape(loaded.config), state_file.model_shape(model_config)
     if have != want:
