@@ -173,6 +173,9 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
         if state.initial_state is not None and is_main:
             state_tuning.save(run_dir.state_path, state.initial_state, model_config)
 
+    if start_step == 0 and t.init_from and t.eval_every:  # the starting model's loss: what tuning improves on
+        evaluate(0)
+
     preemption = _Preemption()
     last, pending, step = {}, [], start_step
     if is_main and start_step < t.num_steps:
