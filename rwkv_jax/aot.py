@@ -157,18 +157,19 @@ def compile_only(config: ml_collections.ConfigDict, topology: str, *, estimate_c
     def compile_steps(model_config: ModelConfig, microbatches: int, chunk_tokens: int):
         optimizer = optim.make_optimizer(config.optim, t.num_steps)
         schedule = optim.learning_rate(config.optim, t.num_steps)
-        graphdef, _, abstract_state, shardings = train_step.train_state_factory(model_config, optimizer, mesh,
-                                                                                t.seed)
+        graphdef, _, abstract_state, shardings = train_step.train_state_factory(
+            model_config, optimizer, mesh, t.seed, trainable=config.optim.trainable)
         tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jax.numpy.int32,
                                       sharding=sharding.batch_sharding(mesh))
         step_fn = train_step.make_train_step(graphdef, optimizer, schedule, shardings, mesh,
                                              microbatches=microbatches, l2wrap_factor=config.optim.l2wrap_factor,
-                                             loss_chunk_tokens=chunk_tokens)
+                                             loss_chunk_tokens=chunk_tokens, trainable=config.optim.trainable)
         eval_fn = train_step.make_eval_step(graphdef, shardings.params, mesh, loss_chunk_tokens=chunk_tokens)
         compiled, seconds, matmuls = {}, {}, {}
         for name, fn, args in (("train", step_fn, (abstract_state, {"inputs": tokens, "targets": tokens})),
                                ("eval", eval_fn, (abstract_state.params,
-                                                  {"inputs": tokens, "targets": tokens, "mask": tokens}))):
+                                                  {"inputs": tokens, "targets": tokens, "mask": tokens},
+                                                  abstract_state.initial_state))):
             start = time.perf_counter()
             compiled[name] = fn.lower(*args).compile()
             seconds[name] = time.perf_counter() - start

@@ -21,6 +21,7 @@ from rwkv_jax.model import ModelConfig
 from rwkv_jax.ops import wkv as wkv_ops
 from rwkv_jax.optim import default_optim_config
 from rwkv_jax.sharding import default_mesh_config
+from rwkv_jax.workdir import Workdir
 
 # The smallest sentencepiece vocabulary our trainer accepts: 256 byte-fallback pieces, </s>, <unk> and '\n'.
 MIN_SP_VOCAB_SIZE = 260
@@ -52,6 +53,8 @@ def base_config(*, model: ml_collections.ConfigDict, batch_size: int, seq_len: i
         "eval_batches": 50,            # 0: the whole validation split
         "peak_flops_per_device": 0.0,  # for MFU; 0: looked up from the device kind
         "allow_data_change": False,    # resume although the data setup differs from the checkpoint's
+        "init_from": "",               # start from this trained model (workdir, .pth, HF or rwkv_jax directory):
+                                       # its parameters, a fresh optimizer; '' = random init
     })
     config.optim = default_optim_config()
     config.optim.lr_init = lr_init
@@ -146,6 +149,12 @@ def validate(config: ml_collections.ConfigDict, mesh=None) -> None:
     positive("optim", "eps")
     positive("optim", "grad_clip")
     at_least("optim", "max_consecutive_bad_steps", 1)
+    one_of("optim", "trainable", ("all", "state"))
+    init_from = os.path.expanduser(t.init_from) if t.init_from else ""
+    need(o.trainable != "state" or bool(init_from),
+         "optim.trainable='state' tunes the initial state of a trained model: set train.init_from to its workdir, "
+         ".pth, HF or rwkv_jax directory")
+    need(not init_from or os.path.exists(init_from), f"train.init_from={t.init_from!r} does not exist")
 
     # --- checkpoint
     at_least("checkpoint", "every_steps", 1)
@@ -180,5 +189,15 @@ def validate(config: ml_collections.ConfigDict, mesh=None) -> None:
              f"data.sp_vocab_size={d.sp_vocab_size} is larger than model.vocab_size={m.vocab_size}: "
              "token ids would not fit the embedding")
 
+    if init_from and not (path and os.path.isfile(path)):
+        problems.append(f"train.init_from needs the tokenizer that model was trained with: set data.tokenizer_path "
+                        f"to its file{_tokenizer_hint(init_from)} (a new tokenizer would not match its embedding)")
+
     if problems:
         raise ConfigError("config: " + "; ".join(problems))
+
+
+def _tokenizer_hint(init_from: str) -> str:
+    """', e.g. WORKDIR/tokenizer.model' when `init_from` is a training workdir with its tokenizer copy."""
+    found = Workdir(init_from).tokenizer_path() if os.path.isdir(init_from) else None
+    return f" (e.g. {found})" if found else ""

@@ -11,7 +11,8 @@ Memory stays bounded whatever the document length: documents are cut into window
 and the recurrent state is carried from window to window, so a 16k-token document costs what a
 `window`-token one does, per window. One jitted function of fixed shape [batch_size, window] scores a
 window of every row; a row whose document ends is refilled with the next document (its state reset to
-the empty state inside the function) and the tail of a document is padded and masked, so it compiles
+the empty state inside the function, or to `initial_state`: a state-tuning run's learned state,
+`eval.py --initial_state`) and the tail of a document is padded and masked, so it compiles
 once. In 'rnn' mode the same window is scored one token at a time with `model.step` (a `lax.scan`); in
 'both' mode the two run side by side on the same windows, each carrying its own state, and the largest
 differences in per-token loss and in logits are reported.
@@ -35,6 +36,8 @@ from rwkv_jax.data.documents import Document
 from rwkv_jax.data.text_files import jsonl_records
 from rwkv_jax.data.tokenizer import check_token_ids
 from rwkv_jax.metrics import bits_per_byte
+from rwkv_jax.model import RWKVState
+from rwkv_jax.state_file import check_state
 
 MODES = ("parallel", "rnn", "both")
 
@@ -68,8 +71,8 @@ def lambada_documents(examples, tokenizer) -> Iterator[Document]:
 
 # --- The jitted window --------------------------------------------------------------------------
 
-def _reset(state, reset_B, empty):
-    return jax.tree.map(lambda s, e: jnp.where(reset_B[None, :, None], e, s), state, empty)
+def _reset(state, reset_B, start):
+    return jax.tree.map(lambda s, e: jnp.where(reset_B[None, :, None], e, s), state, start)
 
 
 def _token_scores(logits, targets):
@@ -79,19 +82,18 @@ def _token_scores(logits, targets):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _score_window(graphdef, modes, params, states, inputs_BW, targets_BW, mask_BW, reset_B):
+def _score_window(graphdef, modes, params, states, start_state, inputs_BW, targets_BW, mask_BW, reset_B):
     """Per-token loss and argmax hit [B, W] per mode, the new states, and (both modes) the largest
-    |logit difference| between them over unmasked positions."""
+    |logit difference| between them over unmasked positions. A row with `reset_B` starts from `start_state`."""
     model = nnx.merge(graphdef, params)
-    empty = model.init_state(inputs_BW.shape[0])
     out, new_states, parallel_logits = {}, {}, None
     if "parallel" in modes:
-        state = _reset(states["parallel"], reset_B, empty)
+        state = _reset(states["parallel"], reset_B, start_state)
         parallel_logits, new_states["parallel"] = model(inputs_BW, state)
         out["parallel"] = _token_scores(parallel_logits, targets_BW)
     max_diff = jnp.zeros((), jnp.float32)
     if "rnn" in modes:
-        state = _reset(states["rnn"], reset_B, empty)
+        state = _reset(states["rnn"], reset_B, start_state)
         xs = (inputs_BW.T, targets_BW.T, mask_BW.T)
         if parallel_logits is not None:
             xs = xs + (jnp.swapaxes(parallel_logits, 0, 1),)
@@ -146,11 +148,13 @@ class _Row:
 
 def score_documents(model, documents: Iterable[Document], *, modes=("parallel",), batch_size: int = 4,
                     window: int = 512, start_token: int = 0, max_tokens: int = 0,
-                    progress: Callable[[int, int], None] | None = None) -> Iterator[ScoredDocument]:
+                    progress: Callable[[int, int], None] | None = None,
+                    initial_state: RWKVState | None = None) -> Iterator[ScoredDocument]:
     """Per-token losses of each document, yielded as documents finish (not in input order).
 
     `max_tokens` > 0 stops taking new documents once that many tokens were taken. `progress(docs, tokens)`
-    is called after every window."""
+    is called after every window. `initial_state` (one row, [L, 1, *]): every document starts from it
+    instead of the empty state."""
     modes = tuple(m for m in ("parallel", "rnn") if m in modes)
     if not modes:
         raise ValueError(f"modes must name 'parallel' and/or 'rnn', got {modes}")
@@ -159,7 +163,13 @@ def score_documents(model, documents: Iterable[Document], *, modes=("parallel",)
                          f"and {max_tokens}")
     graphdef, params = nnx.split(model)
     vocab = model.config.vocab_size
-    states = {m: model.init_state(batch_size) for m in modes}
+    if initial_state is None:
+        start_state = model.init_state(batch_size)
+    else:
+        check_state(model, initial_state, batch_size=1)
+        start_state = jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x, jnp.float32), batch_size, axis=1),
+                                   initial_state)
+    states = {m: start_state for m in modes}
     B, W = batch_size, window
     docs = iter(documents)
     rows: list[_Row | None] = [None] * B
@@ -223,7 +233,7 @@ def score_documents(model, documents: Iterable[Document], *, modes=("parallel",)
             mask[r, :valid] = True
             row.offset = start + valid
             placed.append((row, start, valid))
-        out, states, diff = _score_window(graphdef, modes, params, states, inputs, targets, mask, reset)
+        out, states, diff = _score_window(graphdef, modes, params, states, start_state, inputs, targets, mask, reset)
         if pending is not None:
             yield from collect(pending)
         pending = (out, diff, placed)
@@ -290,8 +300,9 @@ def position_buckets(sums: np.ndarray, counts: np.ndarray) -> list[dict]:
 
 def evaluate_documents(model, documents: Iterable[Document], *, mode: str = "parallel", batch_size: int = 4,
                        window: int = 512, start_token: int = 0, max_tokens: int = 0,
-                       progress=None) -> dict:
-    """The perplexity report (a JSON-ready dict) of `documents` in `mode` ('parallel', 'rnn', 'both')."""
+                       progress=None, initial_state: RWKVState | None = None) -> dict:
+    """The perplexity report (a JSON-ready dict) of `documents` in `mode` ('parallel', 'rnn', 'both'),
+    every document started from `initial_state` (one row) or the empty state."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     modes = ("parallel", "rnn") if mode == "both" else (mode,)
@@ -299,7 +310,8 @@ def evaluate_documents(model, documents: Iterable[Document], *, mode: str = "par
     max_loss_diff = max_logit_diff = 0.0
     start = time.time()
     for scored in score_documents(model, documents, modes=modes, batch_size=batch_size, window=window,
-                                  start_token=start_token, max_tokens=max_tokens, progress=progress):
+                                  start_token=start_token, max_tokens=max_tokens, progress=progress,
+                                  initial_state=initial_state):
         for m in modes:
             stats[m].add(scored.loss[m], scored.document.num_bytes)
         if mode == "both":
@@ -323,7 +335,8 @@ def evaluate_documents(model, documents: Iterable[Document], *, mode: str = "par
 
 
 def evaluate_lambada(model, examples, tokenizer, *, mode: str = "parallel", batch_size: int = 16,
-                     window: int = 256, start_token: int | None = None) -> dict:
+                     window: int = 256, start_token: int | None = None,
+                     initial_state: RWKVState | None = None) -> dict:
     """Last-word accuracy (every target token the argmax) and perplexity exp(-mean log p(last word)), as
     the RWKV LAMBADA evaluation computes them; the context follows an end-of-text token."""
     if mode not in MODES:
@@ -336,7 +349,8 @@ def evaluate_lambada(model, examples, tokenizer, *, mode: str = "parallel", batc
     max_diff = max_logit_diff = 0.0
     start = time.time()
     for scored in score_documents(model, lambada_documents(examples, tokenizer), modes=modes,
-                                  batch_size=batch_size, window=window, start_token=start_token):
+                                  batch_size=batch_size, window=window, start_token=start_token,
+                                  initial_state=initial_state):
         k = scored.document.score_from
         for m in modes:
             logp_sum[m] -= float(np.sum(scored.loss[m][k:], dtype=np.float64))

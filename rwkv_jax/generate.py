@@ -21,8 +21,9 @@ How it runs:
     top-p (nucleus, p < 1), then a categorical draw keyed by (seed, step).
   * State: the returned state has read the prompt and every generated token (a stop string's tokens
     included; a row that is done stays frozen), and `logits` are the next-token logits there: save both
-    (`save_state`, an .npz of the RWKVState fields) and pass them back to continue, even with an empty
-    prompt.
+    (`save_state`, an .npz of the RWKVState fields, rwkv_jax/state_file.py) and pass them back to
+    continue, even with an empty prompt. A state without logits (a state-tuning run's learned initial
+    state) is a starting point instead: every prompt is read from it, an empty one as end-of-text.
 """
 
 import dataclasses
@@ -37,6 +38,7 @@ from jax.experimental import io_callback
 
 from rwkv_jax.data.tokenizer import check_fits, check_token_ids
 from rwkv_jax.model import RWKV, RWKVState
+from rwkv_jax.state_file import check_state, load_state, save_state  # noqa: F401 (part of this API)
 
 
 @dataclasses.dataclass
@@ -62,46 +64,6 @@ class Generation:
 
     def __iter__(self):
         return iter(self.completions)
-
-
-# --- State files ----------------------------------------------------------------------------------------
-
-def save_state(path, state: RWKVState, logits=None) -> None:
-    """An .npz with the five RWKVState fields ([L, B, *] fp32) and, if given, the next-token logits [B, V]."""
-    arrays = {k: np.asarray(jax.device_get(v)) for k, v in state._asdict().items()}
-    if logits is not None:
-        arrays["logits"] = np.asarray(jax.device_get(logits), np.float32)
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
-
-
-def load_state(path) -> tuple[RWKVState, jax.Array | None]:
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{path}: not an RWKV state file (an .npz written by save_state / --save_state): "
-                         f"{type(e).__name__}: {e}") from e
-    if not hasattr(data, "files"):  # np.load gave one array: not an .npz
-        raise ValueError(f"{path}: not an RWKV state file (a single array, not an .npz of the state fields)")
-    with data:
-        missing = [k for k in RWKVState._fields if k not in data]
-        if missing:
-            raise ValueError(f"{path}: not an RWKV state file (missing {missing}; has {sorted(data.files)})")
-        state = RWKVState(*(jnp.asarray(data[k], jnp.float32) for k in RWKVState._fields))
-        logits = jnp.asarray(data["logits"]) if "logits" in data else None
-    return state, logits
-
-
-def check_state(model: RWKV, state: RWKVState, batch_size: int | None = None, logits=None) -> None:
-    expected = jax.eval_shape(lambda: model.init_state(batch_size or state.att_x.shape[1]))
-    got = {k: tuple(v.shape) for k, v in state._asdict().items()}
-    want = {k: tuple(v.shape) for k, v in expected._asdict().items()}
-    if got != want:
-        raise ValueError(f"the state does not fit this model (or batch): shapes {got}, expected {want}")
-    if logits is not None and tuple(logits.shape) != (state.att_x.shape[1], model.config.vocab_size):
-        raise ValueError(f"the saved logits {tuple(logits.shape)} do not fit this model: a vocabulary of "
-                         f"{logits.shape[-1]} where the model has {model.config.vocab_size} (the state was saved "
-                         "with another model)")
 
 
 # --- Prefill ------------------------------------------------------------------------------------------
@@ -349,11 +311,11 @@ def generate(model: RWKV, tokenizer, prompts: list[str] | str, *, max_new_tokens
     """Complete each prompt (a batch); see the module docstring. `on_token(row, token, text)` is called as
     tokens come (text: the newly decided text, possibly ''; token None for the final flush). `state`
     (with B = 1 or len(prompts) rows) and `logits` continue a saved generation. An empty prompt without
-    a state starts from the end-of-text token, as documents start in training."""
+    saved logits to continue from starts from the end-of-text token, as documents start in training."""
     if isinstance(prompts, str):
         prompts = [prompts]
     check_fits(tokenizer, model.config.vocab_size, fix="it is not this model's tokenizer")
-    ids = [tokenizer.encode(p) if p else ([] if state is not None else [tokenizer.eot_id]) for p in prompts]
+    ids = [tokenizer.encode(p) if p else ([] if logits is not None else [tokenizer.eot_id]) for p in prompts]
     return generate_tokens(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            top_k=top_k, seed=seed, eot_id=tokenizer.eot_id, stop_at_eot=stop_at_eot, stop=stop,
                            decode=tokenizer.decode, on_token=on_token, state=state, logits=logits,

@@ -27,6 +27,7 @@ def default_optim_config() -> ml_collections.ConfigDict:
         "layerwise_lr": False,          # v4neo: time_decay x2, time_first x3
         "max_consecutive_bad_steps": 10,
         "l2wrap_factor": 1e-4,          # 0 disables L2Wrap
+        "trainable": "all",             # 'all' | 'state': state tuning, the model frozen (rwkv_jax/state_tuning.py)
     })
 
 

@@ -14,7 +14,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from rwkv_jax import optim, sharding
+from rwkv_jax import optim, sharding, state_tuning
 from rwkv_jax.model import RWKV, ModelConfig
 
 
@@ -22,62 +22,100 @@ class TrainState(NamedTuple):
     step: jax.Array      # int32 scalar: optimizer steps taken (bad steps included)
     params: Any          # nnx.State of the model's Params
     opt_state: Any
+    initial_state: Any = None  # state tuning (optim.trainable='state'): the learned state; else None
+
+
+TRAINABLE = ("all", "state")  # optim.trainable: every parameter, or the learned initial state alone
 
 
 def train_state_factory(model_config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
-                        seed: int):
+                        seed: int, *, trainable: str = "all"):
     """(graphdef, init, abstract state, shardings). `init()` materialises the state shard by shard on
-    the mesh; a resumed run restores onto `abstract state` and `shardings` without calling it."""
+    the mesh; `init(params)` starts from given parameters (an nnx.State of the model's Params, e.g. a
+    trained model's: `train.init_from`) with a fresh optimizer; a resumed run restores onto `abstract
+    state` and `shardings` without calling it. With trainable='state' the optimizer covers the learned
+    initial state (rwkv_jax/state_tuning.py) alone, and the parameters are only an input."""
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
     abstract_model = nnx.eval_shape(lambda: RWKV(model_config, rngs=nnx.Rngs(seed)))
     graphdef, abstract_params = nnx.split(abstract_model)
     param_shardings = sharding.state_shardings(abstract_params, mesh)
 
-    def init():
-        params = nnx.state(RWKV(model_config, rngs=nnx.Rngs(seed)))
-        params = jax.lax.with_sharding_constraint(params, param_shardings)
+    def build(params):
+        if trainable == "state":
+            learned = state_tuning.init(model_config)
+            return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(learned), learned)
         return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
-    abstract_state = jax.eval_shape(init)
-    # Optimizer moments mirror the parameters they belong to; counters are replicated.
-    opt_shardings = optax.tree_utils.tree_map_params(
-        optimizer, lambda _, param_sharding: param_sharding, abstract_state.opt_state, param_shardings,
-        transform_non_params=lambda _: sharding.replicated(mesh),
-        is_leaf=lambda x: isinstance(x, (nnx.Variable, jax.sharding.Sharding)))
-    shardings = TrainState(sharding.replicated(mesh), param_shardings, opt_shardings)
-    return graphdef, jax.jit(init, out_shardings=shardings), abstract_state, shardings
+    def fresh():
+        params = nnx.state(RWKV(model_config, rngs=nnx.Rngs(seed)))
+        return build(jax.lax.with_sharding_constraint(params, param_shardings))
+
+    abstract_state = jax.eval_shape(fresh)
+    if trainable == "state":  # the learned state and its optimizer state are small: replicated
+        shardings = TrainState(sharding.replicated(mesh), param_shardings, sharding.replicated(mesh),
+                               sharding.replicated(mesh))
+    else:
+        # Optimizer moments mirror the parameters they belong to; counters are replicated.
+        opt_shardings = optax.tree_utils.tree_map_params(
+            optimizer, lambda _, param_sharding: param_sharding, abstract_state.opt_state, param_shardings,
+            transform_non_params=lambda _: sharding.replicated(mesh),
+            is_leaf=lambda x: isinstance(x, (nnx.Variable, jax.sharding.Sharding)))
+        shardings = TrainState(sharding.replicated(mesh), param_shardings, opt_shardings)
+    init_fresh = jax.jit(fresh, out_shardings=shardings)
+    init_from = jax.jit(build, in_shardings=(param_shardings,), out_shardings=shardings, donate_argnums=0)
+
+    def init(params=None):
+        return init_fresh() if params is None else init_from(jax.device_put(params, param_shardings))
+
+    return graphdef, init, abstract_state, shardings
 
 
-def _loss(graphdef, params, inputs_BT, targets_BT, l2wrap_factor, chunk_tokens):
+def _start_state(initial_state, batch_size: int):
+    """The state every window starts from: the learned one (state tuning), else None (the empty state)."""
+    return None if initial_state is None else state_tuning.to_rwkv_state(initial_state, batch_size)
+
+
+def _loss(graphdef, params, initial_state, inputs_BT, targets_BT, l2wrap_factor, chunk_tokens):
     """Mean token cross entropy (with L2Wrap), the head applied chunk by chunk: no [B, T, V] logits."""
     model = nnx.merge(graphdef, params)
-    hidden, _ = model.hidden(inputs_BT)
+    hidden, _ = model.hidden(inputs_BT, _start_state(initial_state, inputs_BT.shape[0]))
     total, count = optim.chunked_token_losses(model.logits, hidden, targets_BT, chunk_tokens=chunk_tokens,
                                               l2wrap_factor=l2wrap_factor)
     return total / count
 
 
 def make_train_step(graphdef, optimizer, schedule, shardings: TrainState, mesh: Mesh, *,
-                    microbatches: int = 1, l2wrap_factor: float = 1e-4, loss_chunk_tokens: int = 2048):
+                    microbatches: int = 1, l2wrap_factor: float = 1e-4, loss_chunk_tokens: int = 2048,
+                    trainable: str = "all"):
     """jit(step)(state, batch) -> (state, metrics). `batch` has 'inputs' and 'targets' [B, T] int32;
-    with microbatches > 1 the gradient is accumulated over B/microbatches rows at a time."""
+    with microbatches > 1 the gradient is accumulated over B/microbatches rows at a time. With
+    trainable='state' only `state.initial_state` is differentiated and updated: the parameters are
+    returned as they came (bit for bit)."""
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
+    tune_state = trainable == "state"
 
-    def grads_of(params, inputs, targets):
-        return jax.value_and_grad(
-            lambda p: _loss(graphdef, p, inputs, targets, l2wrap_factor, loss_chunk_tokens))(params)
+    def grads_of(state: TrainState, inputs, targets):
+        def loss(params, learned):
+            return _loss(graphdef, params, learned, inputs, targets, l2wrap_factor, loss_chunk_tokens)
+        # State tuning differentiates the learned state alone: no gradient of any weight is computed.
+        return jax.value_and_grad(loss, argnums=1 if tune_state else 0)(state.params, state.initial_state)
 
     def step(state: TrainState, batch):
+        trained = state.initial_state if tune_state else state.params
         with sharding.activation_sharding(mesh):
             inputs, targets = batch["inputs"], batch["targets"]
             if microbatches == 1:
-                loss, grads = grads_of(state.params, inputs, targets)
+                loss, grads = grads_of(state, inputs, targets)
             else:
                 split = lambda x: x.reshape(microbatches, -1, *x.shape[1:])
 
                 def accumulate(carry, micro):
-                    loss, grads = grads_of(state.params, *micro)
+                    loss, grads = grads_of(state, *micro)
                     return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
-                zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+                zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trained))
                 (loss, grads), _ = jax.lax.scan(accumulate, zeros, (split(inputs), split(targets)))
                 loss, grads = jax.tree.map(lambda x: x / microbatches, (loss, grads))
         # A non-finite loss must skip the step as a non-finite gradient does: poisoning one gradient leaf
@@ -89,26 +127,28 @@ def make_train_step(graphdef, optimizer, schedule, shardings: TrainState, mesh: 
         grads = jax.tree.unflatten(treedef, leaves)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(grad_norm)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = optimizer.update(grads, state.opt_state, trained)
+        trained = optax.apply_updates(trained, updates)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite,
                    "bad_steps": optim.bad_step_count(opt_state)}
-        return TrainState(state.step + 1, params, opt_state), metrics
+        new = {"initial_state": trained} if tune_state else {"params": trained}
+        return state._replace(step=state.step + 1, opt_state=opt_state, **new), metrics
 
     return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
 def make_eval_step(graphdef, param_shardings, mesh: Mesh, *, loss_chunk_tokens: int = 2048):
-    """jit(step)(params, batch) -> (sum of token losses in nats, token count); batch['mask'] (1 = real
-    target) leaves out padding."""
+    """jit(step)(params, batch, initial_state) -> (sum of token losses in nats, token count); batch['mask']
+    (1 = real target) leaves out padding. `initial_state`: the learned state of a state-tuning run
+    (TrainState.initial_state), or None for the empty state."""
 
-    def step(params, batch):
+    def step(params, batch, initial_state):
         with sharding.activation_sharding(mesh):
             model = nnx.merge(graphdef, params)
-            hidden, _ = model.hidden(batch["inputs"])
+            hidden, _ = model.hidden(batch["inputs"], _start_state(initial_state, batch["inputs"].shape[0]))
             return optim.chunked_token_losses(model.logits, hidden, batch["targets"], batch["mask"],
                                               chunk_tokens=loss_chunk_tokens)
 
-    return jax.jit(step, in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+    return jax.jit(step, in_shardings=(param_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
                    out_shardings=sharding.replicated(mesh))

@@ -2,9 +2,11 @@
 
   1. Setup: the config checked (every value, before any work), the device mesh, the workdir locked.
   2. Data: dataset, tokenizer and batches (rwkv_jax.data).
-  3. State: parameters and optimizer state created sharded, or restored from the latest good checkpoint;
-     a resume whose model or data setup differs from the checkpoint's is refused. Only then is anything
-     written into the workdir (config.json, rwkv_config.json, the tokenizer).
+  3. State: parameters and optimizer state created sharded (or the parameters of `train.init_from`, a
+     trained model), or restored from the latest good checkpoint; a resume whose model or data setup
+     differs from the checkpoint's is refused. Only then is anything written into the workdir
+     (config.json, rwkv_config.json, the tokenizer). State tuning (optim.trainable='state') adds the
+     learned initial state, the only thing trained, also written to WORKDIR/state.npz at every checkpoint.
   4. Steps: the jitted train step, periodic logging, evaluation and async checkpoints; SIGTERM
      (preemption) saves and returns; too many non-finite steps in a row stop the run with an error.
   5. End: a final checkpoint and evaluation, and the loss curves as a PNG.
@@ -19,18 +21,20 @@ import signal
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from flax import nnx
 from jax.experimental import multihost_utils
 
 from rwkv_jax import config as config_lib
 from rwkv_jax import logs
 from rwkv_jax import metrics as metrics_lib
-from rwkv_jax import optim, sharding, train_step, workdir_lock
+from rwkv_jax import optim, sharding, state_file, state_tuning, train_step, weights, workdir_lock
 from rwkv_jax.checkpoint import Checkpointer
 from rwkv_jax.data import make_datasets
-from rwkv_jax.model import ModelConfig
+from rwkv_jax.model import ModelConfig, with_scan_layers
 from rwkv_jax.workdir import Workdir
 
 
@@ -111,15 +115,18 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
     # --- 3. State ---------------------------------------------------------------------------------
     optimizer = optim.make_optimizer(config.optim, t.num_steps)
     schedule = optim.learning_rate(config.optim, t.num_steps)
+    trainable = config.optim.trainable
     graphdef, init, abstract_state, shardings = train_step.train_state_factory(model_config, optimizer, mesh,
-                                                                               t.seed)
+                                                                               t.seed, trainable=trainable)
     checkpointer = Checkpointer(run_dir.checkpoints_dir, keep=config.checkpoint.keep,
                                 async_save=config.checkpoint.async_save)
     if is_main:
         workdir_lock.check_writable(checkpointer.directory)
     restored = checkpointer.restore_latest(abstract_state, shardings)
     if restored is None:
-        state = init()
+        state = init(load_init_params(t.init_from, model_config, abstract_state.params) if t.init_from else None)
+        if is_main and t.init_from:
+            print(f"parameters from {t.init_from}", flush=True)
         start_step = 0
     else:
         state, extra, start_step = restored
@@ -137,11 +144,15 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
     if is_main:
         print(f"{n_params:,} parameters; {t.num_steps} steps of {t.batch_size} x {t.seq_len} tokens", flush=True)
+        if trainable == "state":
+            n_state = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.initial_state))
+            print(f"state tuning: the model is frozen; {n_state:,} values of learned initial state are trained "
+                  f"(written to {run_dir.state_path})", flush=True)
 
     # --- 4. Steps ---------------------------------------------------------------------------------
     step_fn = train_step.make_train_step(graphdef, optimizer, schedule, shardings, mesh,
                                          microbatches=t.microbatches, l2wrap_factor=config.optim.l2wrap_factor,
-                                         loss_chunk_tokens=t.loss_chunk_tokens)
+                                         loss_chunk_tokens=t.loss_chunk_tokens, trainable=trainable)
     eval_fn = train_step.make_eval_step(graphdef, shardings.params, mesh, loss_chunk_tokens=t.loss_chunk_tokens)
     writer = metrics_lib.MetricsWriter(
         run_dir, total_steps=t.num_steps, tokens_per_step=t.batch_size * t.seq_len,
@@ -154,11 +165,16 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
         if eval_batches is None:
             return None
         loss, bpb, tokens = evaluate_loss(eval_fn, state.params, eval_batches, tokenizer, global_batch,
-                                          max_batches=t.eval_batches)
+                                          max_batches=t.eval_batches, initial_state=state.initial_state)
         return writer.eval(step, loss, bpb, tokens)
 
     def save(step):
         checkpointer.save(step, state, {"step": step, "data_seed": config.data.seed, "data": data_setup})
+        if state.initial_state is not None and is_main:
+            state_tuning.save(run_dir.state_path, state.initial_state, model_config)
+
+    if start_step == 0 and t.init_from and t.eval_every:  # the starting model's loss: what tuning improves on
+        evaluate(0)
 
     preemption = _Preemption()
     last, pending, step = {}, [], start_step
@@ -229,13 +245,15 @@ def _check_streak(writer, pending, max_bad_steps: int) -> None:
         _log_pending(writer, pending[:-1], max_bad_steps)  # logs the window and raises BadStepsError
 
 
-def evaluate_loss(eval_fn, params, eval_batches, tokenizer, global_batch, max_batches: int = 0):
-    """(mean loss in nats/token, bits per UTF-8 byte of the targets, token count) over the eval split."""
+def evaluate_loss(eval_fn, params, eval_batches, tokenizer, global_batch, max_batches: int = 0,
+                  initial_state=None):
+    """(mean loss in nats/token, bits per UTF-8 byte of the targets, token count) over the eval split,
+    every window started from `initial_state` (a state-tuning run's learned state) or the empty state."""
     total_loss, total_tokens, total_bytes = 0.0, 0.0, 0
     for i, local in enumerate(eval_batches):
         if max_batches and i >= max_batches:
             break
-        loss_sum, count = eval_fn(params, global_batch(local))
+        loss_sum, count = eval_fn(params, global_batch(local), initial_state)
         total_loss += float(loss_sum)
         total_tokens += float(count)
         for targets, mask in zip(local["targets"], local["mask"]):
@@ -245,6 +263,24 @@ def evaluate_loss(eval_fn, params, eval_batches, tokenizer, global_batch, max_ba
     mean = total_loss / max(total_tokens, 1.0)
     return mean, metrics_lib.bits_per_byte(total_loss, total_bytes), int(total_tokens)
 
+
+
+def load_init_params(path, model_config: ModelConfig, abstract_params):
+    """The parameters of the trained model at `path` (`train.init_from`: a workdir's latest checkpoint, a
+    .pth, an HF or rwkv_jax directory) in the layout and dtypes of `abstract_params`, the training model's.
+    ValueError (one line) when its shape is not `model_config`'s."""
+    loaded = weights.load_model(path)
+    have, want = state_file.model_shape(loaded.config), state_file.model_shape(model_config)
+    if have != want:
+        raise ValueError(f"train.init_from={path} is a model of {state_file.describe_shape(have)}, but config.model "
+                         f"is {state_file.describe_shape(want)}: set config.model's n_layer, d_model, d_att, d_ffn and "
+                         "vocab_size to the model's")
+    loaded = with_scan_layers(loaded, model_config.scan_layers)
+    values = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
+    like = nnx.to_pure_dict(abstract_params)
+    params = jax.tree.map(lambda x: x, abstract_params)  # a copy to fill
+    nnx.replace_by_pure_dict(params, jax.tree.map(lambda a, x: jnp.asarray(x, a.dtype), like, values))
+    return params
 
 
 def describe_data(data_config, tokenizer, train_batches) -> dict:

@@ -9,6 +9,9 @@
     DIR/loss.png             the loss curves, drawn at the end of a run
     DIR/train.log            everything logged (third-party INFO included), the console shows less
     DIR/eval/                eval.py's reports (default place)
+    DIR/state.npz            state tuning (optim.trainable='state'): the learned initial state, written at
+                             every checkpoint and at the end (rwkv_jax/state_file.py; generate --load_state,
+                             eval.py --initial_state)
 
 The trainer writes it; readers (eval, generate, convert, `load_model`) only read it: `load_model`
 restores the parameters of the latest good checkpoint without the optimizer state, opening the
@@ -32,6 +35,7 @@ LOSS_PLOT = "loss.png"
 LOG = "train.log"
 LOCK = "train.lock"  # held by the one trainer of the workdir (rwkv_jax/workdir_lock.py)
 EVAL = "eval"
+STATE = "state.npz"
 
 
 class Workdir:
@@ -51,6 +55,7 @@ class Workdir:
     loss_plot_path = property(lambda self: self.path / LOSS_PLOT)
     log_path = property(lambda self: self.path / LOG)
     eval_dir = property(lambda self: self.path / EVAL)
+    state_path = property(lambda self: self.path / STATE)
 
     @staticmethod
     def is_workdir(path) -> bool:

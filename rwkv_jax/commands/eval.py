@@ -6,6 +6,7 @@
     python eval.py --checkpoint=WORKDIR --binidx=data/pile_val_text_document --max_tokens=1000000
     python eval.py --checkpoint=X.pth --tokenizer=T.json --lambada=lambada_test.jsonl    # last-word accuracy
     python eval.py --checkpoint=WORKDIR --mode=both            # parallel and RNN modes, and their difference
+    python eval.py --checkpoint=BASE --initial_state=TUNED/state.npz --text_files='style/*.txt'  # a tuned state
 
 The checkpoint is a training workdir (its latest good checkpoint, read only: a run may be training in
 it), an official .pth, an HF RWKV directory or an rwkv_jax directory. The tokenizer is the run's copy
@@ -41,6 +42,8 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 4, "Documents evaluated side by
 _MAX_DOCS = flags.DEFINE_integer("max_docs", 0, "Stop after this many documents (0: all).")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 0, "Take no new document after this many tokens (0: all).")
 _REPORT = flags.DEFINE_string("report", "", "Report path prefix: writes PREFIX.json, PREFIX.md, PREFIX.png.")
+_INITIAL_STATE = flags.DEFINE_string("initial_state", "", "A state file (e.g. a state-tuning run's WORKDIR/state.npz): "
+                                     "every document starts from it instead of the empty state.")
 _WKV_FORM = flags.DEFINE_enum("wkv_form", "", ["", "sequential", "parallel", "chunked"], "WKV form override.")
 
 
@@ -69,6 +72,7 @@ def run() -> dict:
     start = time.time()
     loaded, tokenizer = common.load_checkpoint(**({"wkv_form": _WKV_FORM.value} if _WKV_FORM.value else {}))
     model = loaded.model
+    initial_state = _load_initial_state(model)
     print(f"loaded {checkpoint} ({loaded.format}{f', step {loaded.step}' if loaded.step is not None else ''}; "
           f"{model.config.n_layer} layers x {model.config.d_model}, vocab {model.config.vocab_size}) in "
           f"{time.time() - start:.1f}s", flush=True)
@@ -84,7 +88,7 @@ def run() -> dict:
         name, label = "lambada", f"LAMBADA {_LAMBADA.value}"
         report = evaluation.evaluate_lambada(model, evaluation.lambada_examples(_LAMBADA.value), tokenizer,
                                              mode=_MODE.value, batch_size=_BATCH_SIZE.value,
-                                             window=min(_WINDOW.value, 256))
+                                             window=min(_WINDOW.value, 256), initial_state=initial_state)
     else:
         run_data = Workdir(checkpoint).data_config() if loaded.format == "workdir" else None
         spec = data.EvalSpec(text_files=_TEXT_FILES.value, tfds=_TFDS.value, split=_SPLIT.value,
@@ -94,13 +98,30 @@ def run() -> dict:
         name, label = docs.name, docs.label
         report = evaluation.evaluate_documents(model, docs.documents, mode=_MODE.value, batch_size=_BATCH_SIZE.value,
                                                window=_WINDOW.value, start_token=tokenizer.eot_id,
-                                               max_tokens=_MAX_TOKENS.value, progress=progress)
+                                               max_tokens=_MAX_TOKENS.value, progress=progress,
+                                               initial_state=initial_state)
     report = {"checkpoint": str(checkpoint), "format": loaded.format, "checkpoint_step": loaded.step,
-              "data": label, "tokenizer": tokenizer.path, "eval_len": _EVAL_LEN.value, **report}
+              "data": label, "tokenizer": tokenizer.path, "eval_len": _EVAL_LEN.value,
+              **({"initial_state": _INITIAL_STATE.value} if _INITIAL_STATE.value else {}), **report}
     print(eval_report.format_table(report))
     paths = eval_report.write_report(report, _report_prefix(checkpoint, name))
     print("report: " + ", ".join(paths))
     return report
+
+
+def _load_initial_state(model):
+    """The one-row state of --initial_state, checked to fit `model`, or None."""
+    if not _INITIAL_STATE.value:
+        return None
+    from rwkv_jax import state_file
+    try:
+        state, _ = state_file.load_state(_INITIAL_STATE.value, model)
+    except (ValueError, OSError) as e:
+        raise type(e)(f"--initial_state={e}") from None
+    if state.att_x.shape[1] != 1:
+        raise ValueError(f"--initial_state={_INITIAL_STATE.value} holds {state.att_x.shape[1]} states (a batch "
+                         "saved by generate.py); every document starts from one: save a single prompt's state")
+    return state
 
 
 def _report_prefix(checkpoint: Path, name: str) -> str:
@@ -109,6 +130,7 @@ def _report_prefix(checkpoint: Path, name: str) -> str:
     if _REPORT.value:
         return _REPORT.value
     name = name if _MODE.value == "parallel" else f"{name}-{_MODE.value}"
+    name = f"{name}-{Path(_INITIAL_STATE.value).stem}" if _INITIAL_STATE.value else name
     place = Workdir(checkpoint if checkpoint.is_dir() else checkpoint.parent)
     if place.writable():
         return str(place.eval_dir / name)

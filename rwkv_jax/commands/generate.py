@@ -6,6 +6,7 @@ decoded as an RNN (rwkv_jax.generate).
         --prompt="The quick" --prompt="Once upon a time" --temperature=0.8 --top_p=0.9 --stop="\\n\\n"
     python generate.py --checkpoint=X --prompt="..." --save_state=s.npz    # then continue:
     python generate.py --checkpoint=X --load_state=s.npz --prompt=" and then"
+    python generate.py --checkpoint=BASE --load_state=TUNED/state.npz --prompt="..."   # a tuned initial state
 """
 
 import re
@@ -25,7 +26,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STOP = flags.DEFINE_multi_string("stop", [], "Stop string (repeatable), checked on the decoded text.")
 _STOP_AT_EOT = flags.DEFINE_bool("stop_at_eot", True, "Stop a row at the end-of-text token.")
 _SAVE_STATE = flags.DEFINE_string("save_state", "", "Write the final state and logits to this .npz.")
-_LOAD_STATE = flags.DEFINE_string("load_state", "", "Continue from a state .npz written by --save_state.")
+_LOAD_STATE = flags.DEFINE_string("load_state", "", "Continue from a state .npz written by --save_state, or start "
+                                  "every prompt from a state-tuning run's learned state (WORKDIR/state.npz).")
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 256, "Tokens per parallel-mode prefill call (>= 1).")
 
 
@@ -53,11 +55,10 @@ def main(argv):
     model = loaded.model
     state = logits = None
     if _LOAD_STATE.value:
-        state, logits = gen_lib.load_state(_LOAD_STATE.value)
         try:
-            gen_lib.check_state(model, state, logits=logits)
-        except ValueError as e:
-            raise ValueError(f"--load_state={_LOAD_STATE.value}: {e}") from None
+            state, logits = gen_lib.load_state(_LOAD_STATE.value, model)
+        except (ValueError, OSError) as e:
+            raise type(e)(f"--load_state={e}") from None
     prompts = [_unescape(p) for p in _PROMPT.value] or [""]
     for b, prompt in enumerate(prompts):
         if prompt:
@@ -83,7 +84,7 @@ def main(argv):
         for b, c in enumerate(gen):
             print(f"\n--- [{b}] ({c.stop_reason}, {len(c.tokens)} tokens)\n{c.prompt}{c.text}")
     if _SAVE_STATE.value:
-        gen_lib.save_state(_SAVE_STATE.value, gen.state, gen.logits)
+        gen_lib.save_state(_SAVE_STATE.value, gen.state, gen.logits, model_config=model.config)
         print(f"state saved to {_SAVE_STATE.value}")
 
 
