@@ -1,0 +1,153 @@
+"""Tests of document resets inside a packed window (issue 13, point 3).
+
+A packed row with `reset_BT` must equal running each document on its own from the reset state: every WKV
+form (sequential, parallel, chunked with a chunk length that does not divide the documents, and the
+Pallas kernel in interpret mode) in values, final state and gradients (into time_decay, time_first, k, v,
+the initial state and the reset state) against a float64 reference that runs the documents one by one
+without resets; reset at t=0, consecutive resets and no resets. The whole model (scan_layers both ways):
+the logits of a packed row equal each document's logits run separately. The data layer marks the eot
+inputs, and a short training run with data.reset_at_eot=True works.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rwkv_jax.ops.wkv import WKVState, empty_state, wkv, wkv_parallel
+from tests.test_wkv import assert_close, make_inputs
+
+B, T, C = 2, 40, 8
+CHUNK_LEN = 6  # 40 = 6 x 6 + 4: blocks that do not line up with the documents
+GRAD_NAMES = ("time_decay", "time_first", "k", "v", "state.a", "state.b", "state.p",
+              "reset.a", "reset.b", "reset.p")
+# Reset positions per row: several documents, a reset at 0, consecutive resets, resets around the
+# sequential backward's checkpoint every 32 tokens, one reset, the last token, no reset.
+MASKS = {
+    "packed": [[0, 5, 6, 13, 31, 32, 33], [7]],
+    "consecutive": [[3, 4, 5], [1, 2, 39]],
+    "none": [[], []],
+}
+
+
+def reset_mask(name):
+    mask = np.zeros((B, T), bool)
+    for row, positions in enumerate(MASKS[name]):
+        mask[row, positions] = True
+    return jnp.asarray(mask)
+
+
+def reset_state_of(seed, empty):
+    if empty:
+        return empty_state(B, C)
+    rng = np.random.default_rng(seed)
+    return WKVState(*(jnp.asarray(x, jnp.float32) for x in (
+        rng.normal(size=(B, C)), rng.uniform(0.5, 2.0, (B, C)), rng.normal(size=(B, C)))))
+
+
+def weights(seed):
+    rng = np.random.default_rng(seed)
+    return {name: jnp.asarray(rng.normal(size=shape), jnp.float32)
+            for name, shape in (("y", (B, T, C)), ("a", (B, C)), ("b", (B, C)), ("p", (B, C)))}
+
+
+def _loss(y, state, r):
+    return (jnp.sum(y * r["y"]) + jnp.sum(state.a * r["a"]) + jnp.sum(state.b * r["b"])
+            + jnp.sum(state.p * r["p"]))
+
+
+@functools.lru_cache(maxsize=None)
+def value_and_grads(form, **kwargs):
+    """f(time_decay, time_first, k, v, a0, b0, p0, ra, rb, rp, reset_BT, r) -> ((loss, (y, state)),
+    10 gradients) of one form with resets."""
+    def loss(time_decay, time_first, k, v, a0, b0, p0, ra, rb, rp, reset_BT, r):
+        if form.startswith("pallas"):
+            from rwkv_jax.ops.wkv_pallas import wkv_pallas
+            y, state = wkv_pallas(time_decay, time_first, k, v, WKVState(a0, b0, p0), reset_BT=reset_BT,
+                                  interpret=True, **kwargs)
+        else:
+            y, state = wkv(time_decay, time_first, k, v, WKVState(a0, b0, p0), form=form, reset_BT=reset_BT,
+                           reset_state=WKVState(ra, rb, rp), **kwargs)
+        return _loss(y.astype(jnp.float32), state, r), (y, state)
+    return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(10)), has_aux=True))
+
+
+def reference(args, reset_BT):
+    """float64: each row's documents run one by one by `wkv_parallel` without resets (the first from the
+    initial state, the others from the reset state); the loss and its 10 gradients by jax.grad."""
+    mask = np.asarray(reset_BT)
+    with jax.enable_x64(True):
+        args64 = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), args)
+
+        def loss(time_decay, time_first, k, v, a0, b0, p0, ra, rb, rp, r):
+            ys, finals = [], []
+            for row in range(B):
+                starts = sorted({0, *np.flatnonzero(mask[row]).tolist()})
+                state = WKVState(a0[row:row + 1], b0[row:row + 1], p0[row:row + 1])
+                for s, e in zip(starts, starts[1:] + [T]):
+                    if mask[row, s]:
+                        state = WKVState(ra[row:row + 1], rb[row:row + 1], rp[row:row + 1])
+                    y, state = wkv_parallel(time_decay, time_first, k[row:row + 1, s:e], v[row:row + 1, s:e],
+                                            state)
+                    ys.append(y)
+                finals.append(state)
+            y = jnp.concatenate(ys, axis=1).reshape(B, T, C)
+            state = WKVState(*(jnp.concatenate(parts) for parts in zip(*finals)))
+            return _loss(y, state, r), (y, state)
+        (value, (y, state)), grads = jax.value_and_grad(loss, argnums=tuple(range(10)), has_aux=True)(*args64)
+        return value, np.asarray(y), WKVState(*map(np.asarray, state)), [np.asarray(g) for g in grads]
+
+
+def make_args(seed, empty_reset=False):
+    x = make_inputs(seed, T, batch=B, channels=C)
+    return (x["time_decay"], x["time_first"], x["k"], x["v"], *x["state"],
+            *reset_state_of(seed + 1, empty_reset))
+
+
+def check_form(form, mask_name, seed=0, empty_reset=False, rtol=1e-4, **kwargs):
+    args = make_args(seed, empty_reset)
+    reset_BT, r = reset_mask(mask_name), weights(seed + 2)
+    (value, (y, state)), grads = value_and_grads(form, **kwargs)(*args, reset_BT, r)
+    value_ref, y_ref, state_ref, grads_ref = reference(args + (r,), reset_BT)
+    assert_close(y, y_ref, rtol=rtol, atol=1e-5, err_msg=f"{form} y")
+    assert_close(state.p, state_ref.p, rtol=rtol, atol=1e-5, err_msg=f"{form} state.p")
+    assert_close(state.a, state_ref.a, rtol=rtol, atol=1e-5, err_msg=f"{form} state.a")
+    assert_close(state.b, state_ref.b, rtol=rtol, atol=1e-5, err_msg=f"{form} state.b")
+    assert_close(value, value_ref, rtol=rtol)
+    names = GRAD_NAMES if not empty_reset else GRAD_NAMES[:7]
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        assert np.all(np.isfinite(np.asarray(g))), f"{form}: d loss / d {name} is not finite"
+        assert_close(g, g_ref, rtol=rtol, atol=1e-5 * float(np.abs(g_ref).max() + 1),
+                     err_msg=f"{form}: d loss / d {name}")
+    return grads
+
+
+FORM_KWARGS = {"sequential": {}, "parallel": {}, "chunked": {"chunk_len": CHUNK_LEN}}
+
+
+@pytest.mark.parametrize("mask_name", list(MASKS))
+@pytest.mark.parametrize("form", list(FORM_KWARGS))
+def test_forms_equal_documents_run_one_by_one(form, mask_name):
+    check_form(form, mask_name, **FORM_KWARGS[form])
+
+
+@pytest.mark.parametrize("form", list(FORM_KWARGS))
+def test_no_reset_mask_equals_no_resets(form):
+    """An all-False mask changes nothing (and reset_BT=None is the code without resets)."""
+    args = make_args(3)
+    x, state = args[:4], WKVState(*args[4:7])
+    y0, s0 = wkv(*x, state, form=form, **FORM_KWARGS[form])
+    y1, s1 = wkv(*x, state, form=form, reset_BT=jnp.zeros((B, T), bool), **FORM_KWARGS[form])
+    assert_close(y1, y0, rtol=1e-6, atol=1e-7)
+    for a, b in zip(s1, s0):
+        assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_bad_reset_mask_raises():
+    args = make_args(4)
+    with pytest.raises(ValueError, match=r"reset_BT must be \[batch, time\]"):
+        wkv(*args[:4], form="parallel", reset_BT=jnp.zeros((B, T + 1), bool))
+    with pytest.raises(ValueError, match="reset_state was given without reset_BT"):
+        wkv(*args[:4], form="parallel", reset_state=empty_state(B, C))
