@@ -151,3 +151,78 @@ def test_bad_reset_mask_raises():
         wkv(*args[:4], form="parallel", reset_BT=jnp.zeros((B, T + 1), bool))
     with pytest.raises(ValueError, match="reset_state was given without reset_BT"):
         wkv(*args[:4], form="parallel", reset_state=empty_state(B, C))
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+def _random_model(**config):
+    from flax import nnx
+
+    from rwkv_jax.model import RWKV, ModelConfig
+    model = RWKV(ModelConfig(vocab_size=50, d_model=16, n_layer=2, d_ffn=32, **config), rngs=nnx.Rngs(0))
+    state = nnx.state(model)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [x + 0.3 * jax.random.normal(k, x.shape, x.dtype)
+                                                   for x, k in zip(leaves, keys)]))
+    return model
+
+
+def _random_state(model, batch, seed):
+    """A model state with random previous inputs and WKV sums (b > 0)."""
+    from rwkv_jax.model import RWKVState
+    shapes = model.init_state(batch)
+    keys = jax.random.split(jax.random.key(seed), 5)
+    parts = [jax.random.normal(key, x.shape) for key, x in zip(keys, shapes)]
+    parts[2] = jnp.abs(parts[2]) + 0.5
+    return RWKVState(*parts)
+
+
+EOT = 0
+MODEL_TOKENS = np.array([[0, 5, 9, 3, 0, 7, 0, 0, 12, 4, 8, 1, 2, 0, 6, 6],   # reset at 0, consecutive
+                         [3, 4, 11, 0, 9, 9, 2, 5, 7, 1, 3, 8, 0, 44, 2, 7]])  # a first document cut
+
+
+def _documents_one_by_one(model, tokens, state, reset_to):
+    """Each row's documents run separately, as rows of one batch padded at the end (later positions do
+    not change earlier logits): the first document of a row from `state`, each one that starts at an
+    eot from `reset_to` (None: the empty state)."""
+    from rwkv_jax.model import RWKVState
+    empty = model.init_state(tokens.shape[0])
+    documents = []  # (row, start, end, the state it starts from)
+    for row in range(tokens.shape[0]):
+        starts = sorted({0, *np.flatnonzero(tokens[row] == EOT).tolist()})
+        for s, e in zip(starts, starts[1:] + [tokens.shape[1]]):
+            documents.append((row, s, e, (reset_to if tokens[row, s] == EOT else state) or empty))
+    width = max(e - s for _, s, e, _ in documents)
+    batch = np.zeros((len(documents), width), np.int32)
+    for i, (row, s, e, _) in enumerate(documents):
+        batch[i, :e - s] = tokens[row, s:e]
+    initial = RWKVState(*(jnp.stack([d[3][part][:, d[0]] for d in documents], axis=1) for part in range(5)))
+    logits = model(jnp.asarray(batch), initial)[0]
+    return jnp.stack([jnp.concatenate([logits[i, :e - s] for i, (r, s, e, _) in enumerate(documents) if r == row])
+                      for row in range(tokens.shape[0])])
+
+
+@pytest.mark.parametrize("scan_layers, remat, form, with_states", [
+    (False, False, "sequential", False), (True, True, "chunked", True), (False, True, "parallel", True)])
+def test_model_packed_row_equals_documents_run_separately(scan_layers, remat, form, with_states):
+    from flax import nnx
+    model = _random_model(scan_layers=scan_layers, remat=remat, wkv_form=form, wkv_chunk_len=5)
+    tokens = MODEL_TOKENS
+    state = _random_state(model, 2, seed=3) if with_states else None
+    reset_to = _random_state(model, 2, seed=4) if with_states else None
+    packed = nnx.jit(lambda m, t, r, s, s0: m(t, s, reset_BT=r, reset_to=s0))
+    logits, _ = packed(model, jnp.asarray(tokens), jnp.asarray(tokens == EOT), state, reset_to)
+    expected = _documents_one_by_one(model, tokens, state, reset_to)
+    assert_close(logits, expected, rtol=1e-4, atol=1e-4 * float(jnp.abs(expected).max()))
+    # ... and resets change the logits (the row without them sees across documents)
+    assert float(jnp.abs(model(jnp.asarray(tokens), state)[0] - expected).max()) > 1e-2
+
+
+def test_model_step_resets_the_state():
+    """RNN mode (one token) with a reset starts from the empty state whatever state it is given."""
+    model = _random_model()
+    tokens = jnp.asarray([[EOT], [7]])
+    logits, _ = model(tokens, _random_state(model, 2, seed=5), reset_BT=jnp.asarray([[True], [True]]))
+    assert_close(logits, model(tokens)[0], rtol=1e-5, atol=1e-6)
