@@ -47,10 +47,11 @@ def train_state_factory(model_config: ModelConfig, optimizer: optax.GradientTran
     return graphdef, jax.jit(init, out_shardings=shardings), abstract_state, shardings
 
 
-def _loss(graphdef, params, inputs_BT, targets_BT, l2wrap_factor, chunk_tokens):
-    """Mean token cross entropy (with L2Wrap), the head applied chunk by chunk: no [B, T, V] logits."""
+def _loss(graphdef, params, inputs_BT, targets_BT, l2wrap_factor, chunk_tokens, reset_BT=None):
+    """Mean token cross entropy (with L2Wrap), the head applied chunk by chunk: no [B, T, V] logits.
+    `reset_BT`: document resets (config.data.reset_at_eot)."""
     model = nnx.merge(graphdef, params)
-    hidden, _ = model.hidden(inputs_BT)
+    hidden, _ = model.hidden(inputs_BT, reset_BT=reset_BT)
     total, count = optim.chunked_token_losses(model.logits, hidden, targets_BT, chunk_tokens=chunk_tokens,
                                               l2wrap_factor=l2wrap_factor)
     return total / count
@@ -58,18 +59,19 @@ def _loss(graphdef, params, inputs_BT, targets_BT, l2wrap_factor, chunk_tokens):
 
 def make_train_step(graphdef, optimizer, schedule, shardings: TrainState, mesh: Mesh, *,
                     microbatches: int = 1, l2wrap_factor: float = 1e-4, loss_chunk_tokens: int = 2048):
-    """jit(step)(state, batch) -> (state, metrics). `batch` has 'inputs' and 'targets' [B, T] int32;
-    with microbatches > 1 the gradient is accumulated over B/microbatches rows at a time."""
+    """jit(step)(state, batch) -> (state, metrics). `batch` has 'inputs' and 'targets' [B, T] int32, and
+    optionally 'reset' [B, T] (document resets); with microbatches > 1 the gradient is accumulated over
+    B/microbatches rows at a time."""
 
-    def grads_of(params, inputs, targets):
+    def grads_of(params, inputs, targets, reset=None):
         return jax.value_and_grad(
-            lambda p: _loss(graphdef, p, inputs, targets, l2wrap_factor, loss_chunk_tokens))(params)
+            lambda p: _loss(graphdef, p, inputs, targets, l2wrap_factor, loss_chunk_tokens, reset))(params)
 
     def step(state: TrainState, batch):
         with sharding.activation_sharding(mesh):
-            inputs, targets = batch["inputs"], batch["targets"]
+            rows = (batch["inputs"], batch["targets"], *([batch["reset"]] if "reset" in batch else []))
             if microbatches == 1:
-                loss, grads = grads_of(state.params, inputs, targets)
+                loss, grads = grads_of(state.params, *rows)
             else:
                 split = lambda x: x.reshape(microbatches, -1, *x.shape[1:])
 
@@ -78,7 +80,7 @@ def make_train_step(graphdef, optimizer, schedule, shardings: TrainState, mesh: 
                     return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
                 zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-                (loss, grads), _ = jax.lax.scan(accumulate, zeros, (split(inputs), split(targets)))
+                (loss, grads), _ = jax.lax.scan(accumulate, zeros, tuple(map(split, rows)))
                 loss, grads = jax.tree.map(lambda x: x / microbatches, (loss, grads))
         # A non-finite loss must skip the step as a non-finite gradient does: poisoning one gradient leaf
         # makes the global norm NaN, which the optimizer (optim.skip_if_not_finite) acts on. One leaf, not
@@ -101,12 +103,12 @@ def make_train_step(graphdef, optimizer, schedule, shardings: TrainState, mesh: 
 
 def make_eval_step(graphdef, param_shardings, mesh: Mesh, *, loss_chunk_tokens: int = 2048):
     """jit(step)(params, batch) -> (sum of token losses in nats, token count); batch['mask'] (1 = real
-    target) leaves out padding."""
+    target) leaves out padding; batch['reset'], when there, resets the state (document resets)."""
 
     def step(params, batch):
         with sharding.activation_sharding(mesh):
             model = nnx.merge(graphdef, params)
-            hidden, _ = model.hidden(batch["inputs"])
+            hidden, _ = model.hidden(batch["inputs"], reset_BT=batch.get("reset"))
             return optim.chunked_token_losses(model.logits, hidden, batch["targets"], batch["mask"],
                                               chunk_tokens=loss_chunk_tokens)
 

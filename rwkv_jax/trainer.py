@@ -256,7 +256,7 @@ def describe_data(data_config, tokenizer, train_batches) -> dict:
     return {"source": c.source, **{k: c[k] for k in options}, "validation_fraction": c.validation_fraction,
             "train_split": c.train_split, "seed": c.seed, "tokenizer": c.tokenizer,
             "tokenizer_sha256": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
-            "train_tokens": len(train_batches.tokens_N)}
+            "train_tokens": len(train_batches.tokens_N), "reset_at_eot": bool(c.get("reset_at_eot", False))}
 
 
 def check_data_unchanged(extra: dict, current: dict, step: int, directory, allow: bool) -> None:

@@ -226,3 +226,59 @@ def test_model_step_resets_the_state():
     tokens = jnp.asarray([[EOT], [7]])
     logits, _ = model(tokens, _random_state(model, 2, seed=5), reset_BT=jnp.asarray([[True], [True]]))
     assert_close(logits, model(tokens)[0], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- data and training
+
+def test_batches_mark_the_eot_inputs():
+    from rwkv_jax import data
+    rng = np.random.default_rng(0)
+    tokens_N = rng.integers(0, 6, size=400).astype(np.uint16)  # id 0 (the eot here) is frequent
+    batch = data.Batches(tokens_N, seq_len=16, batch_size=4, seed=1, reset_id=0).batch_at(3)
+    assert batch["reset"].dtype == bool and batch["reset"].any()
+    np.testing.assert_array_equal(batch["reset"], batch["inputs"] == 0)
+    plain = data.Batches(tokens_N, seq_len=16, batch_size=4, seed=1).batch_at(3)
+    assert "reset" not in plain  # the default, as the official trainer: no resets
+    np.testing.assert_array_equal(plain["inputs"], batch["inputs"])
+    for evals in data.EvalBatches(tokens_N[:50], seq_len=16, batch_size=4, reset_id=0):
+        # only real inputs: the zero padding of the last windows is not a reset
+        np.testing.assert_array_equal(evals["reset"], (evals["inputs"] == 0) & (evals["mask"] == 1))
+    padding = evals["mask"] == 0  # the last batch's padding: input id 0, the eot id here, and no reset
+    assert padding.any() and (evals["inputs"][padding] == 0).all() and not evals["reset"][padding].any()
+
+
+def test_default_config_does_not_reset():
+    from rwkv_jax.data import default_data_config
+    assert default_data_config().reset_at_eot is False
+
+
+def test_eval_step_passes_the_resets_to_the_model():
+    """The jitted eval step with a 'reset' key scores the packed rows as the model with reset_BT does."""
+    from flax import nnx
+
+    from rwkv_jax import optim, sharding, train_step
+    model = _random_model()
+    graphdef, params = nnx.split(model)
+    mesh = sharding.make_mesh(sharding.default_mesh_config())
+    eval_fn = train_step.make_eval_step(graphdef, sharding.replicated(mesh), mesh)
+    inputs, targets = MODEL_TOKENS[:, :-1], MODEL_TOKENS[:, 1:]
+    batch = {"inputs": inputs, "targets": targets, "mask": np.ones_like(inputs)}
+    total, count = eval_fn(params, dict(batch, reset=inputs == EOT))
+    hidden, _ = model.hidden(jnp.asarray(inputs), reset_BT=jnp.asarray(inputs == EOT))
+    expected, _ = optim.chunked_token_losses(model.logits, hidden, jnp.asarray(targets))
+    assert_close(total, expected, rtol=1e-5)
+    assert abs(float(eval_fn(params, batch)[0]) - float(total)) > 1e-3
+
+
+from tests.test_train import env, make_config, read_records, tiny_overrides  # noqa: E402,F401 (a fixture)
+
+
+def test_training_with_reset_at_eot(env, tmp_path):
+    from rwkv_jax import trainer
+    config = make_config(tiny_overrides(env, train__num_steps=3, train__eval_every=0, data__reset_at_eot=True,
+                                        checkpoint__every_steps=100))
+    result = trainer.train(config, tmp_path)
+    losses = [r["loss"] for r in read_records(tmp_path) if r["kind"] == "train"]
+    assert len(losses) == 3 and all(np.isfinite(losses)) and np.isfinite(result["eval_loss"])
+    meta = (tmp_path / "checkpoints" / "3").rglob("*")
+    assert any(p.is_file() and b'"reset_at_eot": true' in p.read_bytes() for p in meta)
