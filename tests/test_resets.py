@@ -133,6 +133,24 @@ def test_forms_equal_documents_run_one_by_one(form, mask_name):
     check_form(form, mask_name, **FORM_KWARGS[form])
 
 
+PALLAS_KWARGS = {"tpu": dict(backend="tpu", block_c=128, block_t=16),  # 3 T blocks, C padded to 128
+                 "gpu": dict(backend="gpu", block_c=64)}
+
+
+@pytest.mark.parametrize("mask_name", ["packed", pytest.param("consecutive", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backend", ["tpu", pytest.param("gpu", marks=pytest.mark.slow)])
+def test_pallas_kernel_equals_documents_run_one_by_one(backend, mask_name):
+    """The kernels (interpreted) reset to the empty state; the reference runs the documents from it."""
+    check_form("pallas", mask_name, empty_reset=True, **PALLAS_KWARGS[backend])
+
+
+def test_pallas_refuses_a_reset_state_naming_the_alternative():
+    from rwkv_jax.ops.wkv_pallas import wkv_pallas
+    args = make_args(5)
+    with pytest.raises(NotImplementedError, match="empty state only.*'sequential', 'parallel' or 'chunked'"):
+        wkv_pallas(*args[:4], reset_BT=reset_mask("packed"), reset_state=empty_state(B, C), interpret=True)
+
+
 @pytest.mark.parametrize("form", list(FORM_KWARGS))
 def test_no_reset_mask_equals_no_resets(form):
     """An all-False mask changes nothing (and reset_BT=None is the code without resets)."""
