@@ -300,3 +300,18 @@ def test_training_with_reset_at_eot(env, tmp_path):
     assert len(losses) == 3 and all(np.isfinite(losses)) and np.isfinite(result["eval_loss"])
     meta = (tmp_path / "checkpoints" / "3").rglob("*")
     assert any(p.is_file() and b'"reset_at_eot": true' in p.read_bytes() for p in meta)
+
+
+def test_triton_lowering_with_resets():
+    """The GPU kernels with the reset mask lower to Triton IR for CUDA from this CPU host."""
+    from rwkv_jax.ops.wkv_pallas import wkv_pallas
+
+    def loss(time_decay, time_first, k, v, reset_BT):
+        y, state = wkv_pallas(time_decay, time_first, k, v, backend="gpu", interpret=False, reset_BT=reset_BT)
+        return jnp.sum(y.astype(jnp.float32)) + jnp.sum(state.a) + jnp.sum(state.p)
+
+    spec_c = jax.ShapeDtypeStruct((C,), jnp.float32)
+    spec = jax.ShapeDtypeStruct((B, T, C), jnp.bfloat16)
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(
+        spec_c, spec_c, spec, spec, jax.ShapeDtypeStruct((B, T), bool)).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("triton") >= 2  # the forward and the backward kernel
