@@ -294,7 +294,7 @@ from tests.test_train import env, make_config, read_records, tiny_overrides  # n
 def test_training_with_reset_at_eot(env, tmp_path):
     from rwkv_jax import trainer
     config = make_config(tiny_overrides(env, train__num_steps=3, train__eval_every=0, data__reset_at_eot=True,
-                                        checkpoint__every_steps=100))
+                                        train__microbatches=2, checkpoint__every_steps=100))
     result = trainer.train(config, tmp_path)
     losses = [r["loss"] for r in read_records(tmp_path) if r["kind"] == "train"]
     assert len(losses) == 3 and all(np.isfinite(losses)) and np.isfinite(result["eval_loss"])

@@ -519,7 +519,9 @@ def wkv_pallas(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = No
     pad_c = lambda x, value: jnp.pad(x, ((0, 0), (0, Cp - C)), constant_values=value)[:, None, :]
     w = pad_c(-jnp.exp(time_decay.astype(jnp.float32))[None], -1.0)
     u = pad_c(time_first.astype(jnp.float32)[None], 0.0)
-    resets = () if reset_BT is None else (jnp.pad(jnp.asarray(reset_BT, jnp.float32), ((0, 0), (0, Tp - T)))[:, :, None],)
+    resets = ()  # the mask as fp32 [B, Tp, 1]: padding tokens do not reset
+    if reset_BT is not None:
+        resets = (jnp.pad(jnp.asarray(reset_BT, jnp.float32), ((0, 0), (0, Tp - T)))[:, :, None],)
     y, a, b, p = _wkv_padded(cfg, w, u, pad_btc(k_BTC), pad_btc(v_BTC), pad_c(state.a, 0.0), pad_c(state.b, 0.0),
                              pad_c(state.p, EMPTY_EXPONENT), resets)
     return y[:, :T, :C], WKVState(a[:, 0, :C], b[:, 0, :C], p[:, 0, :C])
@@ -540,7 +542,8 @@ def wkv_pallas_sharded(mesh, time_decay, time_first, k_BTC, v_BTC, state: WKVSta
     """`wkv_pallas` on a device mesh: each device runs the kernel on its batch rows x channels inside
     `shard_map` (XLA cannot partition a Mosaic/Triton call). WKV is independent per (row, channel), so
     no communication happens in the forward; in the backward shard_map sums the per-device gradients of
-    the replicated time_decay/time_first over the batch axes."""
+    the replicated time_decay/time_first over the batch axes. A reset mask [B, T] is split by rows."""
+    from jax.sharding import PartitionSpec as P
     if state is None:
         state = empty_state(k_BTC.shape[0], k_BTC.shape[2])
     big, channel, rows = state_specs(mesh, k_BTC.shape)
@@ -549,9 +552,8 @@ def wkv_pallas_sharded(mesh, time_decay, time_first, k_BTC, v_BTC, state: WKVSta
     def local(time_decay, time_first, k_BTC, v_BTC, state, *resets):
         return wkv_pallas(time_decay, time_first, k_BTC, v_BTC, state, reset_BT=resets[0] if resets else None,
                           **kwargs)
-    from jax.sharding import PartitionSpec as P
-    fn = jax.shard_map(local, mesh=mesh,
-                       in_specs=(channel, channel, big, big, WKVState(rows, rows, rows), *[P(big[0], big[1])] * len(resets)),
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(channel, channel, big, big, WKVState(rows, rows, rows),
+                                                   *[P(big[0], big[1])] * len(resets)),
                        out_specs=(big, WKVState(rows, rows, rows)), check_vma=False)
     return fn(time_decay, time_first, k_BTC, v_BTC, WKVState(*state), *resets)
 
