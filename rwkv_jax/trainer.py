@@ -249,7 +249,8 @@ def evaluate_loss(eval_fn, params, eval_batches, tokenizer, global_batch, max_ba
 
 def describe_data(data_config, tokenizer, train_batches) -> dict:
     """What a resumed run must share with the checkpoint for its batches to continue the same stream:
-    the source and its options, the data seed, the tokenizer (kind and file hash) and the token count."""
+    the source and its options, the data seed, the tokenizer (kind and file hash), the token count, and
+    whether windows reset the state at end-of-text (data.reset_at_eot)."""
     c = data_config
     options = {"stdlib": ("stdlib_root",), "text": ("text_files", "text_split"), "tfds": ("tfds_name",),
                "binidx": ("binidx_prefix",)}[c.source]

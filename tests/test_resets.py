@@ -156,8 +156,9 @@ def test_no_reset_mask_equals_no_resets(form):
     """An all-False mask changes nothing (and reset_BT=None is the code without resets)."""
     args = make_args(3)
     x, state = args[:4], WKVState(*args[4:7])
-    y0, s0 = wkv(*x, state, form=form, **FORM_KWARGS[form])
-    y1, s1 = wkv(*x, state, form=form, reset_BT=jnp.zeros((B, T), bool), **FORM_KWARGS[form])
+    run = jax.jit(functools.partial(wkv, form=form, **FORM_KWARGS[form]))
+    y0, s0 = run(*x, state)
+    y1, s1 = run(*x, state, reset_BT=jnp.zeros((B, T), bool))
     assert_close(y1, y0, rtol=1e-6, atol=1e-7)
     for a, b in zip(s1, s0):
         assert_close(a, b, rtol=1e-6, atol=1e-7)
@@ -197,6 +198,13 @@ def _random_state(model, batch, seed):
 
 
 EOT = 0
+
+
+def _forward(model, tokens, state=None, reset_BT=None, reset_to=None):
+    """The model's logits, jitted."""
+    from flax import nnx
+    return nnx.jit(lambda m, t, s, r, s0: m(t, s, reset_BT=r, reset_to=s0)[0])(model, tokens, state, reset_BT,
+                                                                               reset_to)
 MODEL_TOKENS = np.array([[0, 5, 9, 3, 0, 7, 0, 0, 12, 4, 8, 1, 2, 0, 6, 6],   # reset at 0, consecutive
                          [3, 4, 11, 0, 9, 9, 2, 5, 7, 1, 3, 8, 0, 44, 2, 7]])  # a first document cut
 
@@ -217,7 +225,7 @@ def _documents_one_by_one(model, tokens, state, reset_to):
     for i, (row, s, e, _) in enumerate(documents):
         batch[i, :e - s] = tokens[row, s:e]
     initial = RWKVState(*(jnp.stack([d[3][part][:, d[0]] for d in documents], axis=1) for part in range(5)))
-    logits = model(jnp.asarray(batch), initial)[0]
+    logits = _forward(model, jnp.asarray(batch), initial)
     return jnp.stack([jnp.concatenate([logits[i, :e - s] for i, (r, s, e, _) in enumerate(documents) if r == row])
                       for row in range(tokens.shape[0])])
 
@@ -225,17 +233,15 @@ def _documents_one_by_one(model, tokens, state, reset_to):
 @pytest.mark.parametrize("scan_layers, remat, form, with_states", [
     (False, False, "sequential", False), (True, True, "chunked", True), (False, True, "parallel", True)])
 def test_model_packed_row_equals_documents_run_separately(scan_layers, remat, form, with_states):
-    from flax import nnx
     model = _random_model(scan_layers=scan_layers, remat=remat, wkv_form=form, wkv_chunk_len=5)
     tokens = MODEL_TOKENS
     state = _random_state(model, 2, seed=3) if with_states else None
     reset_to = _random_state(model, 2, seed=4) if with_states else None
-    packed = nnx.jit(lambda m, t, r, s, s0: m(t, s, reset_BT=r, reset_to=s0))
-    logits, _ = packed(model, jnp.asarray(tokens), jnp.asarray(tokens == EOT), state, reset_to)
+    logits = _forward(model, jnp.asarray(tokens), state, jnp.asarray(tokens == EOT), reset_to)
     expected = _documents_one_by_one(model, tokens, state, reset_to)
     assert_close(logits, expected, rtol=1e-4, atol=1e-4 * float(jnp.abs(expected).max()))
     # ... and resets change the logits (the row without them sees across documents)
-    assert float(jnp.abs(model(jnp.asarray(tokens), state)[0] - expected).max()) > 1e-2
+    assert float(jnp.abs(_forward(model, jnp.asarray(tokens), state) - expected).max()) > 1e-2
 
 
 def test_model_step_resets_the_state():
