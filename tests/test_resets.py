@@ -396,3 +396,20 @@ def test_tpu_train_step_with_resets_compiles_ahead_of_time():
         capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "WKV pallas" in proc.stdout and "FITS" in proc.stdout
+
+
+@pytest.mark.parametrize("form", ["parallel", "chunked"])
+def test_extreme_inputs_with_resets_are_finite_and_agree(form):
+    """k, v in [-60, 60], w from -3e-4 to -403, time_first in [-10, 10], an empty and a random reset
+    state: finite values and gradients, and the forms agree with the recurrence."""
+    from tests.test_wkv import extreme_inputs
+    x = extreme_inputs(7, T, batch=B, channels=C)
+    args = (x["time_decay"], x["time_first"], x["k"], x["v"], *empty_state(B, C), *reset_state_of(8, False))
+    reset_BT, r = reset_mask("packed"), weights(9)
+    (_, (y, state)), grads = value_and_grads(form, **FORM_KWARGS[form])(*args, reset_BT, r)
+    (_, (y_seq, state_seq)), grads_seq = value_and_grads("sequential")(*args, reset_BT, r)
+    for name, g in zip(GRAD_NAMES, grads + grads_seq):
+        assert np.all(np.isfinite(np.asarray(g))), f"{form}: d loss / d {name} is not finite"
+    assert np.all(np.isfinite(np.asarray(y))) and np.all(np.isfinite(np.asarray(state.p)))
+    assert_close(y, y_seq, rtol=1e-4, atol=1e-4 * float(jnp.abs(y_seq).max()))
+    assert_close(state.p, state_seq.p, rtol=1e-5, atol=1e-3)
