@@ -294,12 +294,23 @@ def test_eval_step_passes_the_resets_to_the_model():
     assert abs(float(eval_fn(params, batch)[0]) - float(total)) > 1e-3
 
 
-from tests.test_train import env, make_config, read_records, tiny_overrides  # noqa: E402,F401 (a fixture)
+@pytest.fixture(scope="module")
+def train_env(tmp_path_factory):
+    """tests/test_train.py's tiny setup: the package's own source as the corpus, a fresh data dir."""
+    import shutil
+    from pathlib import Path
+    repo, root = Path(__file__).resolve().parents[1], tmp_path_factory.mktemp("resets")
+    for path in sorted((repo / "rwkv_jax").rglob("*.py")):
+        dest = root / "corpus" / path.relative_to(repo)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
+    return {"root": root, "corpus": root / "corpus", "data_dir": root / "data"}
 
 
-def test_training_with_reset_at_eot(env, tmp_path):
+def test_training_with_reset_at_eot(train_env, tmp_path):
     from rwkv_jax import trainer
-    config = make_config(tiny_overrides(env, train__num_steps=3, train__eval_every=0, data__reset_at_eot=True,
+    from tests.test_train import make_config, read_records, tiny_overrides
+    config = make_config(tiny_overrides(train_env, train__num_steps=3, train__eval_every=0, data__reset_at_eot=True,
                                         train__microbatches=2, checkpoint__every_steps=100))
     result = trainer.train(config, tmp_path)
     losses = [r["loss"] for r in read_records(tmp_path) if r["kind"] == "train"]
