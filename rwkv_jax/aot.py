@@ -165,10 +165,12 @@ def compile_only(config: ml_collections.ConfigDict, topology: str, *, estimate_c
                                              microbatches=microbatches, l2wrap_factor=config.optim.l2wrap_factor,
                                              loss_chunk_tokens=chunk_tokens, trainable=config.optim.trainable)
         eval_fn = train_step.make_eval_step(graphdef, shardings.params, mesh, loss_chunk_tokens=chunk_tokens)
+        # The batches of config.data.reset_at_eot also carry the reset mask (bool [B, T]).
+        resets = {"reset": tokens.update(dtype=jax.numpy.bool_)} if config.data.get("reset_at_eot") else {}
         compiled, seconds, matmuls = {}, {}, {}
-        for name, fn, args in (("train", step_fn, (abstract_state, {"inputs": tokens, "targets": tokens})),
+        for name, fn, args in (("train", step_fn, (abstract_state, {"inputs": tokens, "targets": tokens, **resets})),
                                ("eval", eval_fn, (abstract_state.params,
-                                                  {"inputs": tokens, "targets": tokens, "mask": tokens},
+                                                  {"inputs": tokens, "targets": tokens, "mask": tokens, **resets},
                                                   abstract_state.initial_state))):
             start = time.perf_counter()
             compiled[name] = fn.lower(*args).compile()

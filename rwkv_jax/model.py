@@ -1,6 +1,7 @@
 """The RWKV-4 language model in Flax NNX.
 
     logits_BTV, state = model(tokens_BT, state=None)   # parallel ("GPT") mode over a sequence
+    logits_BTV, state = model(tokens_BT, reset_BT=...)  # documents packed in a row, each from the empty state
     logits_BV, state = model.step(tokens_B, state)      # RNN mode, one token
     hidden_BTD, state = model.hidden(tokens_BT, state)  # the residual stream after the last block (no head)
     state = model.init_state(batch_size)
@@ -103,9 +104,14 @@ def _layer_norm(width, config: ModelConfig, rngs) -> nnx.LayerNorm:
                          bias_metadata={"logical_axes": ("embed",)}, rngs=rngs)
 
 
-def _token_shift(x_BTC, prev_BC):
-    """x shifted one step right along T, with the previous call's last input in front."""
-    return jnp.concatenate([prev_BC[:, None].astype(x_BTC.dtype), x_BTC[:, :-1]], axis=1)
+def _token_shift(x_BTC, prev_BC, reset_BT=None, reset_prev_BC=None):
+    """x shifted one step right along T, with the previous call's last input in front; at reset positions
+    the reset state's previous input (zeros by default) instead."""
+    shifted = jnp.concatenate([prev_BC[:, None].astype(x_BTC.dtype), x_BTC[:, :-1]], axis=1)
+    if reset_BT is None:
+        return shifted
+    reset_prev = 0.0 if reset_prev_BC is None else reset_prev_BC[:, None].astype(x_BTC.dtype)
+    return jnp.where(reset_BT[:, :, None], reset_prev, shifted)
 
 
 def _mix(x, shifted, mix_C):
@@ -131,18 +137,25 @@ class TimeMix(nnx.Module):
         self.receptance = _linear(D, A, ("embed", "attn"), zeros, config, rngs)
         self.output = _linear(A, D, ("attn", "embed"), zeros, config, rngs)
 
-    def __call__(self, x_BTD, prev_x_BD, wkv_state: wkv_ops.WKVState):
-        shifted = _token_shift(x_BTD, prev_x_BD)
+    def __call__(self, x_BTD, prev_x_BD, wkv_state: wkv_ops.WKVState, reset_BT=None,
+                 reset_to: "LayerState | None" = None):
+        shifted = _token_shift(x_BTD, prev_x_BD, reset_BT, None if reset_to is None else reset_to.att_x)
         k = self.key(_mix(x_BTD, shifted, self.time_mix_k[...]))
         v = self.value(_mix(x_BTD, shifted, self.time_mix_v[...]))
         r = jax.nn.sigmoid(self.receptance(_mix(x_BTD, shifted, self.time_mix_r[...])))
+        reset_wkv = None if reset_to is None else reset_to.wkv
         if x_BTD.shape[1] == 1:  # RNN mode: the one-token recurrence
+            if reset_BT is not None:
+                empty = wkv_ops.empty_state(*wkv_state.a.shape, wkv_state.a.dtype)
+                wkv_state = jax.tree.map(lambda r, s: jnp.where(reset_BT[:, :1], r, s), reset_wkv or empty,
+                                         wkv_state)
             y, wkv_state = wkv_ops.wkv_step(self.time_decay[...], self.time_first[...], k[:, 0], v[:, 0],
                                             wkv_state)
             y = y[:, None]
         else:
             y, wkv_state = wkv_ops.wkv(self.time_decay[...], self.time_first[...], k, v, wkv_state,
-                                       form=self.config.wkv_form, chunk_len=self.config.wkv_chunk_len)
+                                       form=self.config.wkv_form, chunk_len=self.config.wkv_chunk_len,
+                                       reset_BT=reset_BT, reset_state=reset_wkv)
         return self.output(r * y), x_BTD[:, -1].astype(jnp.float32), wkv_state
 
 
@@ -159,8 +172,8 @@ class ChannelMix(nnx.Module):
         self.receptance = _linear(D, D, ("embed", "embed_out"), zeros, config, rngs)
         self.value = _linear(F, D, ("mlp", "embed"), zeros, config, rngs)
 
-    def __call__(self, x_BTD, prev_x_BD):
-        shifted = _token_shift(x_BTD, prev_x_BD)
+    def __call__(self, x_BTD, prev_x_BD, reset_BT=None, reset_prev_BD=None):
+        shifted = _token_shift(x_BTD, prev_x_BD, reset_BT, reset_prev_BD)
         k = jnp.square(jax.nn.relu(self.key(_mix(x_BTD, shifted, self.time_mix_k[...]))))
         r = jax.nn.sigmoid(self.receptance(_mix(x_BTD, shifted, self.time_mix_r[...])))
         return r * self.value(k), x_BTD[:, -1].astype(jnp.float32)
@@ -176,10 +189,12 @@ class Block(nnx.Module):
         self.ln2 = _layer_norm(config.d_model, config, rngs)
         self.ffn = ChannelMix(config, layer_id, rngs=rngs)
 
-    def __call__(self, x_BTD, state: LayerState):
-        att_out, att_x, wkv_state = self.att(self.ln1(x_BTD).astype(self.dtype), state.att_x, state.wkv)
+    def __call__(self, x_BTD, state: LayerState, reset_BT=None, reset_to: LayerState | None = None):
+        att_out, att_x, wkv_state = self.att(self.ln1(x_BTD).astype(self.dtype), state.att_x, state.wkv,
+                                             reset_BT, reset_to)
         x_BTD = x_BTD + att_out.astype(x_BTD.dtype)
-        ffn_out, ffn_x = self.ffn(self.ln2(x_BTD).astype(self.dtype), state.ffn_x)
+        ffn_out, ffn_x = self.ffn(self.ln2(x_BTD).astype(self.dtype), state.ffn_x, reset_BT,
+                                  None if reset_to is None else reset_to.ffn_x)
         x_BTD = x_BTD + ffn_out.astype(x_BTD.dtype)
         return x_BTD, LayerState(att_x, wkv_state, ffn_x)
 
@@ -203,8 +218,14 @@ def check_token_ids(tokens, vocab_size: int, name: str = "tokens") -> None:
                          f"{sorted(set(bad.ravel().tolist()))[:8]}")
 
 
-def _apply_block(block: Block, x_BTD, state: LayerState):
-    return block(x_BTD, state)
+def _apply_block(block: Block, x_BTD, state: LayerState, reset_BT=None, reset_to: LayerState | None = None):
+    return block(x_BTD, state, reset_BT, reset_to)
+
+
+def _layer_state(state: RWKVState, i) -> LayerState:
+    """Layer i's part of a model state."""
+    return LayerState(state.att_x[i], wkv_ops.WKVState(state.wkv_a[i], state.wkv_b[i], state.wkv_p[i]),
+                      state.ffn_x[i])
 
 
 # --- Layers stacked for lax.scan -------------------------------------------------------------------
@@ -280,56 +301,71 @@ class RWKV(nnx.Module):
     def init_state(self, batch_size: int) -> RWKVState:
         return init_state(self.config, batch_size)
 
-    def __call__(self, tokens_BT, state: RWKVState | None = None):
+    def __call__(self, tokens_BT, state: RWKVState | None = None, reset_BT=None,
+                 reset_to: RWKVState | None = None):
         """Logits [B, T, V] (fp32) for every position, and the state after the last token. Concrete
-        token ids outside [0, V) raise ValueError; under jit they are the caller's to check."""
-        hidden_BTD, state = self.hidden(tokens_BT, state)
+        token ids outside [0, V) raise ValueError; under jit they are the caller's to check.
+        `reset_BT`, `reset_to`: document resets (see `hidden`)."""
+        hidden_BTD, state = self.hidden(tokens_BT, state, reset_BT, reset_to)
         return self.logits(hidden_BTD), state
 
     def logits(self, hidden_D):
         """fp32 logits from `hidden` states of any leading shape [..., D]: ln_out, then the head."""
         return self.head(self.ln_out(hidden_D).astype(self.config.dtype)).astype(jnp.float32)
 
-    def hidden(self, tokens_BT, state: RWKVState | None = None):
+    def hidden(self, tokens_BT, state: RWKVState | None = None, reset_BT=None,
+               reset_to: RWKVState | None = None):
         """The final hidden states [B, T, D] (the fp32 residual stream, before ln_out and the head) and
         the state after the last token: `logits(hidden(...)[0])` is `__call__`. Generation takes the
-        logits of the last position only; training applies `logits` to chunks of positions."""
+        logits of the last position only; training applies `logits` to chunks of positions.
+
+        Document resets: where `reset_BT` (bool [B, T]) is True, every layer's state entering position t
+        (WKV sums and both token shifts' previous inputs) is replaced by `reset_to` (default: the empty
+        state of `init_state`) before token t, so documents packed in one row do not see each other."""
         check_token_ids(tokens_BT, self.config.vocab_size)
         if tokens_BT.ndim != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tokens_BT.shape}; "
                              "use model.step(tokens_B, state) for one token per sequence")
+        if reset_BT is not None:
+            if jnp.shape(reset_BT) != tokens_BT.shape:
+                raise ValueError(f"reset_BT must have the tokens' shape {tokens_BT.shape}, got "
+                                 f"{jnp.shape(reset_BT)}")
+            reset_BT = jnp.asarray(reset_BT).astype(bool)
+        elif reset_to is not None:
+            raise ValueError("reset_to was given without reset_BT: pass the positions to reset at")
         if state is None:
             state = self.init_state(tokens_BT.shape[0])
         # The residual stream stays in fp32; sublayers compute in config.dtype.
         x = self.ln0(self.emb(tokens_BT).astype(jnp.float32))
         run = self._scan_blocks if self.config.scan_layers else self._loop_blocks
-        return run(x, state)
+        return run(x, state, reset_BT, reset_to)
 
-    def _loop_blocks(self, x, state: RWKVState):
+    def _loop_blocks(self, x, state: RWKVState, reset_BT=None, reset_to: RWKVState | None = None):
         layer_states = []
         apply_block = nnx.remat(_apply_block) if self.config.remat else _apply_block
         for i, block in enumerate(self.blocks):
-            layer_in = LayerState(state.att_x[i], wkv_ops.WKVState(state.wkv_a[i], state.wkv_b[i],
-                                                                   state.wkv_p[i]), state.ffn_x[i])
-            x, layer_out = apply_block(block, x, layer_in)
+            layer_reset = None if reset_to is None else _layer_state(reset_to, i)
+            x, layer_out = apply_block(block, x, _layer_state(state, i), reset_BT, layer_reset)
             x = sharding.constrain(x, ("batch", "seq", "embed_out"))
             layer_states.append(layer_out)
         stack = lambda get: jnp.stack([get(s) for s in layer_states])
         return x, RWKVState(stack(lambda s: s.att_x), stack(lambda s: s.wkv.a), stack(lambda s: s.wkv.b),
                             stack(lambda s: s.wkv.p), stack(lambda s: s.ffn_x))
 
-    def _scan_blocks(self, x, state: RWKVState):
+    def _scan_blocks(self, x, state: RWKVState, reset_BT=None, reset_to: RWKVState | None = None):
         graphdef, params = nnx.split(self.blocks)
 
-        def body(x, layer):
-            params_l, (att_x, a, b, p, ffn_x) = layer
-            x, out = nnx.merge(graphdef, params_l)(x, LayerState(att_x, wkv_ops.WKVState(a, b, p), ffn_x))
+        def body(x, layer):  # layer: this layer's parameters, state and reset state (or None)
+            params_l, layer_state, layer_reset = layer
+            as_layer = lambda s: _layer_state(RWKVState(*s), ...)  # the scan already took layer i's slice
+            x, out = nnx.merge(graphdef, params_l)(x, as_layer(layer_state), reset_BT,
+                                                   None if layer_reset is None else as_layer(layer_reset))
             x = sharding.constrain(x, ("batch", "seq", "embed_out"))
             return x, RWKVState(out.att_x, out.wkv.a, out.wkv.b, out.wkv.p, out.ffn_x)
 
         if self.config.remat:  # keep only each block's input (the scan carry); recompute the rest
             body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
-        return jax.lax.scan(body, x, (params, tuple(state)))
+        return jax.lax.scan(body, x, (params, tuple(state), None if reset_to is None else tuple(reset_to)))
 
     def step(self, tokens_B, state: RWKVState):
         """RNN mode: one token per sequence. Returns logits [B, V] and the next state."""

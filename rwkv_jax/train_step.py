@@ -76,10 +76,12 @@ def _start_state(initial_state, batch_size: int):
     return None if initial_state is None else state_tuning.to_rwkv_state(initial_state, batch_size)
 
 
-def _loss(graphdef, params, initial_state, inputs_BT, targets_BT, l2wrap_factor, chunk_tokens):
-    """Mean token cross entropy (with L2Wrap), the head applied chunk by chunk: no [B, T, V] logits."""
+def _loss(graphdef, params, initial_state, inputs_BT, targets_BT, l2wrap_factor, chunk_tokens, reset_BT=None):
+    """Mean token cross entropy (with L2Wrap), the head applied chunk by chunk: no [B, T, V] logits.
+    `reset_BT`: document resets (config.data.reset_at_eot), back to the window's start state."""
     model = nnx.merge(graphdef, params)
-    hidden, _ = model.hidden(inputs_BT, _start_state(initial_state, inputs_BT.shape[0]))
+    start = _start_state(initial_state, inputs_BT.shape[0])
+    hidden, _ = model.hidden(inputs_BT, start, reset_BT=reset_BT, reset_to=None if reset_BT is None else start)
     total, count = optim.chunked_token_losses(model.logits, hidden, targets_BT, chunk_tokens=chunk_tokens,
                                               l2wrap_factor=l2wrap_factor)
     return total / count
@@ -88,26 +90,26 @@ def _loss(graphdef, params, initial_state, inputs_BT, targets_BT, l2wrap_factor,
 def make_train_step(graphdef, optimizer, schedule, shardings: TrainState, mesh: Mesh, *,
                     microbatches: int = 1, l2wrap_factor: float = 1e-4, loss_chunk_tokens: int = 2048,
                     trainable: str = "all"):
-    """jit(step)(state, batch) -> (state, metrics). `batch` has 'inputs' and 'targets' [B, T] int32;
-    with microbatches > 1 the gradient is accumulated over B/microbatches rows at a time. With
-    trainable='state' only `state.initial_state` is differentiated and updated: the parameters are
-    returned as they came (bit for bit)."""
+    """jit(step)(state, batch) -> (state, metrics). `batch` has 'inputs' and 'targets' [B, T] int32, and
+    optionally 'reset' [B, T] (document resets); with microbatches > 1 the gradient is accumulated over
+    B/microbatches rows at a time. With trainable='state' only `state.initial_state` is differentiated and
+    updated: the parameters are returned as they came (bit for bit)."""
     if trainable not in TRAINABLE:
         raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
     tune_state = trainable == "state"
 
-    def grads_of(state: TrainState, inputs, targets):
+    def grads_of(state: TrainState, inputs, targets, reset=None):
         def loss(params, learned):
-            return _loss(graphdef, params, learned, inputs, targets, l2wrap_factor, loss_chunk_tokens)
+            return _loss(graphdef, params, learned, inputs, targets, l2wrap_factor, loss_chunk_tokens, reset)
         # State tuning differentiates the learned state alone: no gradient of any weight is computed.
         return jax.value_and_grad(loss, argnums=1 if tune_state else 0)(state.params, state.initial_state)
 
     def step(state: TrainState, batch):
         trained = state.initial_state if tune_state else state.params
         with sharding.activation_sharding(mesh):
-            inputs, targets = batch["inputs"], batch["targets"]
+            rows = (batch["inputs"], batch["targets"], *([batch["reset"]] if "reset" in batch else []))
             if microbatches == 1:
-                loss, grads = grads_of(state, inputs, targets)
+                loss, grads = grads_of(state, *rows)
             else:
                 split = lambda x: x.reshape(microbatches, -1, *x.shape[1:])
 
@@ -116,7 +118,7 @@ def make_train_step(graphdef, optimizer, schedule, shardings: TrainState, mesh: 
                     return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
                 zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trained))
-                (loss, grads), _ = jax.lax.scan(accumulate, zeros, (split(inputs), split(targets)))
+                (loss, grads), _ = jax.lax.scan(accumulate, zeros, tuple(map(split, rows)))
                 loss, grads = jax.tree.map(lambda x: x / microbatches, (loss, grads))
         # A non-finite loss must skip the step as a non-finite gradient does: poisoning one gradient leaf
         # makes the global norm NaN, which the optimizer (optim.skip_if_not_finite) acts on. One leaf, not
@@ -140,13 +142,16 @@ def make_train_step(graphdef, optimizer, schedule, shardings: TrainState, mesh: 
 
 def make_eval_step(graphdef, param_shardings, mesh: Mesh, *, loss_chunk_tokens: int = 2048):
     """jit(step)(params, batch, initial_state) -> (sum of token losses in nats, token count); batch['mask']
-    (1 = real target) leaves out padding. `initial_state`: the learned state of a state-tuning run
-    (TrainState.initial_state), or None for the empty state."""
+    (1 = real target) leaves out padding; batch['reset'], when there, resets the state (document resets).
+    `initial_state`: the learned state of a state-tuning run (TrainState.initial_state), or None for the
+    empty state."""
 
     def step(params, batch, initial_state):
         with sharding.activation_sharding(mesh):
             model = nnx.merge(graphdef, params)
-            hidden, _ = model.hidden(batch["inputs"], _start_state(initial_state, batch["inputs"].shape[0]))
+            start = _start_state(initial_state, batch["inputs"].shape[0])
+            reset = batch.get("reset")
+            hidden, _ = model.hidden(batch["inputs"], start, reset_BT=reset, reset_to=None if reset is None else start)
             return optim.chunked_token_losses(model.logits, hidden, batch["targets"], batch["mask"],
                                               chunk_tokens=loss_chunk_tokens)
 

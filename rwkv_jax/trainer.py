@@ -285,14 +285,15 @@ def load_init_params(path, model_config: ModelConfig, abstract_params):
 
 def describe_data(data_config, tokenizer, train_batches) -> dict:
     """What a resumed run must share with the checkpoint for its batches to continue the same stream:
-    the source and its options, the data seed, the tokenizer (kind and file hash) and the token count."""
+    the source and its options, the data seed, the tokenizer (kind and file hash), the token count, and
+    whether windows reset the state at end-of-text (data.reset_at_eot)."""
     c = data_config
     options = {"stdlib": ("stdlib_root",), "text": ("text_files", "text_split"), "tfds": ("tfds_name",),
                "binidx": ("binidx_prefix",)}[c.source]
     return {"source": c.source, **{k: c[k] for k in options}, "validation_fraction": c.validation_fraction,
             "train_split": c.train_split, "seed": c.seed, "tokenizer": c.tokenizer,
             "tokenizer_sha256": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
-            "train_tokens": len(train_batches.tokens_N)}
+            "train_tokens": len(train_batches.tokens_N), "reset_at_eot": bool(c.get("reset_at_eot", False))}
 
 
 def check_data_unchanged(extra: dict, current: dict, step: int, directory, allow: bool) -> None:

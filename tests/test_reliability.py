@@ -211,7 +211,8 @@ def test_a_workdir_that_is_a_file_is_refused(env, tmp_path):
     ({"model.d_model": 64}, IncompatibleCheckpointError, r"does not match the state to restore"),
     ({"data.seed": 1}, ValueError, r"resume refused: the data setup differs .*: seed 0 -> 1"),
     ({"data.sp_vocab_size": 400}, ValueError, r"resume refused: .*tokenizer_sha256 .*vocab_size 512 -> "),
-], ids=["model", "data_seed", "tokenizer"])
+    ({"data.reset_at_eot": True}, ValueError, r"resume refused: the data setup differs .*: reset_at_eot False -> True"),
+], ids=["model", "data_seed", "tokenizer", "reset_at_eot"])
 def test_a_refused_resume_leaves_the_workdir_byte_identical(env, tmp_path, change, error, message):
     workdir = copy_of_base(env, tmp_path)
     before = file_bytes(workdir)

@@ -61,12 +61,13 @@ def make_datasets(data_config: ml_collections.ConfigDict, *, seq_len: int, batch
     for tokens_N, name in streams:
         if tokens_N is not None and len(tokens_N) <= pipeline.FULL_SCAN_LIMIT:
             pipeline.check_token_ids(tokens_N, model_vocab_size, name)
+    reset_id = tok.eot_id if c.get("reset_at_eot", False) else None  # documents are joined by eot
     train = Batches(train_N, seq_len=seq_len, batch_size=batch_size, seed=c.seed,
                     process_index=process_index, process_count=process_count, vocab_size=model_vocab_size,
-                    source=train_name)
+                    source=train_name, reset_id=reset_id)
     evals = None if eval_N is None else EvalBatches(
         eval_N, seq_len=seq_len, batch_size=batch_size, process_index=process_index,
-        process_count=process_count, vocab_size=model_vocab_size, source=eval_name)
+        process_count=process_count, vocab_size=model_vocab_size, source=eval_name, reset_id=reset_id)
     logging.info("Data ready in %.1fs: %d train tokens, %s eval tokens, vocab %d.", time.time() - start,
                  len(train_N), "no" if eval_N is None else len(eval_N), tok.vocab_size)
     return tok, train, evals

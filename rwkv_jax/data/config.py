@@ -32,4 +32,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.sp_input_sentence_size = 300_000  # Lines sampled for sentencepiece training.
     c.sp_wait_timeout_s = 1800.0  # Multi-host: how long other processes wait for process 0.
     c.seed = 0
+    # Reset the model state at every end-of-text input inside a training/eval window, so that documents
+    # packed into one window do not see each other (the eot then starts the next document, as eval.py's
+    # documents start). Off by default as in the official RWKV-LM trainer, which does not reset: its
+    # windows cross documents joined by eot and the state carries over.
+    c.reset_at_eot = False
     return c

@@ -105,6 +105,15 @@ def _check_length(tokens_N: np.ndarray, seq_len: int, name: str) -> None:
             "lower config.train.seq_len or use a larger corpus (or a larger validation_fraction).")
 
 
+def _resets(inputs_BT: np.ndarray, reset_id: int | None, valid_BT: np.ndarray | None = None) -> dict:
+    """{'reset': bool [B, T], True where the input is `reset_id`} (only real inputs where `valid_BT` is
+    given), or {} when `reset_id` is None."""
+    if reset_id is None:
+        return {}
+    reset_BT = inputs_BT == reset_id
+    return {"reset": reset_BT if valid_BT is None else reset_BT & (valid_BT == 1)}
+
+
 def _process_rows(batch_size: int, process_index: int, process_count: int) -> slice:
     if batch_size % process_count or not 0 <= process_index < process_count:
         raise ValueError(f"The global batch size {batch_size} must split evenly over {process_count} "
@@ -121,11 +130,13 @@ class Batches:
     as in RWKV-LM (windows cross document boundaries, documents are joined by eot). Nothing
     depends on earlier batches, so a run resumed at step n sees exactly the batches an
     uninterrupted run sees. Each process builds only its own rows of the global batch.
+    With `reset_id` (the eot id, config.data.reset_at_eot) batches also carry 'reset': the inputs
+    equal to it, where the model resets its state.
     """
 
     def __init__(self, tokens_N: np.ndarray, *, seq_len: int, batch_size: int, seed: int = 0,
                  process_index: int = 0, process_count: int = 1, vocab_size: int | None = None,
-                 source: str = "the training tokens"):
+                 source: str = "the training tokens", reset_id: int | None = None):
         _check_length(tokens_N, seq_len, "training")
         self.tokens_N = tokens_N
         self.seq_len = seq_len
@@ -133,10 +144,12 @@ class Batches:
         self.seed = seed
         self.vocab_size = vocab_size  # when set, every batch's ids are checked against it (cheap)
         self.source = source
+        self.reset_id = reset_id
         self._rows = _process_rows(batch_size, process_index, process_count)
 
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
-        """{'inputs', 'targets'}: int32 [batch_size // process_count, seq_len], targets shifted by one."""
+        """{'inputs', 'targets'}: int32 [batch_size // process_count, seq_len], targets shifted by one;
+        and 'reset' (bool, same shape) with a `reset_id`."""
         rng = np.random.default_rng((int(self.seed), int(step)))
         offsets_B = rng.integers(0, len(self.tokens_N) - self.seq_len, size=self.batch_size)[self._rows]
         window_BT1 = np.stack([self.tokens_N[o:o + self.seq_len + 1] for o in offsets_B])
@@ -144,8 +157,9 @@ class Batches:
             row = int(np.flatnonzero(((window_BT1 < 0) | (window_BT1 >= self.vocab_size)).any(1))[0])
             check_token_ids(window_BT1[row], self.vocab_size, self.source, offset=int(offsets_B[row]))
         window_BT1 = window_BT1.astype(np.int32)
-        return {"inputs": np.ascontiguousarray(window_BT1[:, :-1]),
-                "targets": np.ascontiguousarray(window_BT1[:, 1:])}
+        inputs_BT = np.ascontiguousarray(window_BT1[:, :-1])
+        return {"inputs": inputs_BT, "targets": np.ascontiguousarray(window_BT1[:, 1:]),
+                **_resets(inputs_BT, self.reset_id)}
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         """Batches 0, 1, ... (a resumed run calls `batch_at` from its checkpoint's step)."""
@@ -157,18 +171,20 @@ class EvalBatches:
 
     Window i holds inputs tokens[i*T : i*T+T] and targets tokens[i*T+1 : i*T+T+1]; global batch
     k holds windows k*B .. k*B+B-1. 'mask' (int32, 1 = real target) zeroes the padding of the
-    last window and of missing windows in the last batch, so shapes never change.
+    last window and of missing windows in the last batch, so shapes never change. With `reset_id`,
+    'reset' marks the real inputs equal to it (as `Batches`).
     """
 
     def __init__(self, tokens_N: np.ndarray, *, seq_len: int, batch_size: int,
                  process_index: int = 0, process_count: int = 1, vocab_size: int | None = None,
-                 source: str = "the eval tokens"):
+                 source: str = "the eval tokens", reset_id: int | None = None):
         _check_length(tokens_N, seq_len, "eval")
         self.tokens_N = tokens_N
         self.vocab_size = vocab_size
         self.source = source
         self.seq_len = seq_len
         self.batch_size = batch_size
+        self.reset_id = reset_id
         self._rows = _process_rows(batch_size, process_index, process_count)
         self.num_windows = -(-(len(tokens_N) - 1) // seq_len)
 
@@ -192,4 +208,5 @@ class EvalBatches:
                     inputs_BT[r, :valid] = self.tokens_N[start:start + valid]
                     targets_BT[r, :valid] = self.tokens_N[start + 1:start + 1 + valid]
                     mask_BT[r, :valid] = 1
-            yield {"inputs": inputs_BT, "targets": targets_BT, "mask": mask_BT}
+            yield {"inputs": inputs_BT, "targets": targets_BT, "mask": mask_BT,
+                   **_resets(inputs_BT, self.reset_id, mask_BT)}

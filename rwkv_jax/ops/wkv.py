@@ -22,6 +22,13 @@ gradients flow into the state):
 
 All inputs may be bf16; the arithmetic and the state are fp32 (float64 for float64 inputs under
 jax_enable_x64) and `y` comes back in v's dtype.
+
+Document resets (every sequence form and the dispatcher): `reset_BT` (bool [B, T]) marks positions where
+the state *entering* token t is replaced by `reset_state` (default: the empty state; else [B, C] per row,
+e.g. a learned initial state broadcast) before token t is processed, so that documents packed in one
+window do not see each other. The result equals running each segment on its own from `reset_state`, in
+values and in gradients (into `reset_state` from every reset position; none into the state before a
+reset). `reset_BT=None` traces exactly the code without resets.
 """
 
 import functools
@@ -29,6 +36,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # log(0) stand-in for an empty state, as in the official `rwkv` package; finite on purpose (see above).
 EMPTY_EXPONENT = -1e30
@@ -70,6 +78,23 @@ def _prepare(time_decay, time_first, k_BTC, v_BTC, state):
         state = empty_state(k_BTC.shape[0], k_BTC.shape[-1], dtype)
     state = WKVState(*(s.astype(dtype) for s in state))
     return w_C, u_C, k_BTC.astype(dtype), v_BTC.astype(dtype), state
+
+
+def _prepare_resets(reset_BT, reset_state, k_BTC, dtype):
+    """(reset_BT as bool [B, T, 1], the reset state in the compute dtype: empty where none was given), or
+    None without resets. ValueError for a mask of the wrong shape."""
+    if reset_BT is None:
+        if reset_state is not None:
+            raise ValueError("reset_state was given without reset_BT: pass the positions to reset at")
+        return None
+    B, T, C = k_BTC.shape
+    if jnp.shape(reset_BT) != (B, T):
+        raise ValueError(f"reset_BT must be [batch, time] = {(B, T)} like k's first two axes, got shape "
+                         f"{jnp.shape(reset_BT)}")
+    if reset_state is None:
+        reset_state = empty_state(B, C, dtype)
+    reset_state = WKVState(*(jnp.broadcast_to(jnp.asarray(s, dtype), (B, C)) for s in reset_state))
+    return jnp.asarray(reset_BT, bool)[:, :, None], reset_state
 
 
 def _mix(p1, a1, b1, p2, a2, b2):
@@ -126,9 +151,21 @@ def _loop(start, length, body, carry, unroll):
                              unroll=max(1, min(unroll, length)))
 
 
-def _recurrence(w_C, u_C, k_BTC, v_BTC, state, unroll, checkpoint_every=None):
+def _reset_at(resets, t, state):
+    """The carry (a, b, anchor, n) entering token t, the reset state where `resets` (the reset mask
+    [B, T, 1], a, b, p of the reset state, ...) marks t; unchanged without resets."""
+    if not resets:
+        return state
+    reset_BT1, ra, rb, rp = resets[:4]
+    r = _at(reset_BT1, t)
+    a, b, anchor, n = state
+    return jnp.where(r, ra, a), jnp.where(r, rb, b), jnp.where(r, rp, anchor), jnp.where(r, 0, n)
+
+
+def _recurrence(w_C, u_C, k_BTC, v_BTC, state, unroll, checkpoint_every=None, resets=()):
     """The forward loop from state (a, b, anchor, n). Returns y [B, T, C], the final (a, b, anchor, n) and,
-    given `checkpoint_every` = L, the state before tokens 0, L, 2L, ... stacked ([ceil(T/L), B, C] each).
+    given `checkpoint_every` = L, the state before tokens 0, L, 2L, ... stacked ([ceil(T/L), B, C] each;
+    taken before the reset of the span's first token, which the backward's recomputation applies again).
 
     The loop reads token t out of [B, T, C] in place (B rows of C contiguous values): on CPU this measured
     faster than a `lax.scan` over time-major copies, whose transposes in and out cost as much as the loop.
@@ -139,7 +176,7 @@ def _recurrence(w_C, u_C, k_BTC, v_BTC, state, unroll, checkpoint_every=None):
 
     def token(t, carry):
         state, y = carry
-        y_t, _, state = _step(w_C, u_C, _at(k_BTC, t), _at(v_BTC, t), *state)
+        y_t, _, state = _step(w_C, u_C, _at(k_BTC, t), _at(v_BTC, t), *_reset_at(resets, t, state))
         return state, _put(y, t, y_t)
 
     def run_span(index, length, carry):
@@ -164,22 +201,30 @@ def _recurrence(w_C, u_C, k_BTC, v_BTC, state, unroll, checkpoint_every=None):
 CHECKPOINT_EVERY = 32
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _sequential(w_C, u_C, k_BTC, v_BTC, a0, b0, p0, unroll):
-    y, (a, b, anchor, n), _ = _recurrence(w_C, u_C, k_BTC, v_BTC, (a0, b0, p0, jnp.zeros_like(p0)), unroll)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _sequential(w_C, u_C, k_BTC, v_BTC, a0, b0, p0, resets, unroll):
+    """`resets`: () without resets, else (mask [B, T, 1], reset a, b, p [B, C], last reset position [B, 1]
+    int32, -1 for none)."""
+    y, (a, b, anchor, n), _ = _recurrence(w_C, u_C, k_BTC, v_BTC, (a0, b0, p0, jnp.zeros_like(p0)), unroll,
+                                          resets=resets)
     return y, (a, b, anchor + n * w_C)
 
 
-def _sequential_fwd(w_C, u_C, k_BTC, v_BTC, a0, b0, p0, unroll):
+def _sequential_fwd(w_C, u_C, k_BTC, v_BTC, a0, b0, p0, resets, unroll):
     y, (a, b, anchor, n), kept = _recurrence(w_C, u_C, k_BTC, v_BTC, (a0, b0, p0, jnp.zeros_like(p0)), unroll,
-                                             checkpoint_every=CHECKPOINT_EVERY)
-    return (y, (a, b, anchor + n * w_C)), (w_C, u_C, k_BTC, v_BTC, kept, (a0, b0), (a, b, n))
+                                             checkpoint_every=CHECKPOINT_EVERY, resets=resets)
+    return (y, (a, b, anchor + n * w_C)), (w_C, u_C, k_BTC, v_BTC, kept, (a0, b0), (a, b, n), resets)
 
 
 def _sequential_bwd(unroll, residuals, cotangents):
     """The reverse recurrence of `wkv_sequential`'s docstring, token T-1 down to 0, one span of
-    CHECKPOINT_EVERY tokens at a time: recompute the span's states from its checkpoint, then go back."""
-    w_C, u_C, k_BTC, v_BTC, kept, (a0, b0), (a_end, b_end, n_end) = residuals
+    CHECKPOINT_EVERY tokens at a time: recompute the span's states from its checkpoint, then go back.
+
+    With resets, the adjoints (alpha, beta) of the state entering a reset position t go to the reset state
+    (dL/da, dL/db, and alpha a + beta b to its p) and the state before t gets none. The final exponent's
+    anchor is the reset state's p when the last reset r came after every token that set it (n_T = T - r);
+    tokens before r never anchor it."""
+    w_C, u_C, k_BTC, v_BTC, kept, (a0, b0), (a_end, b_end, n_end), resets = residuals
     g_BTC, (g_a, g_b, g_p) = cotangents
     B, T, C = k_BTC.shape
     span = CHECKPOINT_EVERY
@@ -188,7 +233,7 @@ def _sequential_bwd(unroll, residuals, cotangents):
     g_p_end = g_p - g_a * a_end - g_b * b_end
 
     def back(t, state_t, carry):
-        alpha, beta, g_w, g_u, g_k, g_v = carry
+        alpha, beta, g_w, g_u, g_k, g_v, *g_reset = carry
         a, b, p = state_t
         k, v, g = _at(k_BTC, t), _at(v_BTC, t), _at(g_BTC, t)
         bonus = u_C + k - p                     # the forward's output weights, recomputed
@@ -206,11 +251,21 @@ def _sequential_bwd(unroll, residuals, cotangents):
         f_state, f_token = jnp.where(k_is_max, f, 1), jnp.where(k_is_max, 1, f)
         # p_T's cotangent into its anchor when that is k_t (n_T = T-1-t).
         anchors_here = n_end == (T - 1 - t).astype(n_end.dtype)
+        if resets:
+            anchors_here = anchors_here & (t >= resets[4])
         g_k_t = g_k_t + f_token * (alpha * v + beta) + jnp.where(anchors_here, g_p_end, 0)
         g_v_t = q * e_token + f_token * alpha
         g_w = g_w + f_state * (alpha * a + beta * b)
         alpha, beta = q * e_state + f_state * alpha, f_state * beta - q * e_state * y
-        return alpha, beta, g_w, g_u, _put(g_k, t, g_k_t), _put(g_v, t, g_v_t)
+        if resets:  # the state entering t was the reset state: its adjoints go there, none before
+            r = _at(resets[0], t)
+            g_ra, g_rb, g_rp = g_reset
+            anchors_reset = r & (n_end == (T - t).astype(n_end.dtype))
+            g_ra, g_rb = g_ra + jnp.where(r, alpha, 0), g_rb + jnp.where(r, beta, 0)
+            g_rp = g_rp + jnp.where(r, alpha * a + beta * b, 0) + jnp.where(anchors_reset, g_p_end, 0)
+            alpha, beta = jnp.where(r, 0, alpha), jnp.where(r, 0, beta)
+            g_reset = (g_ra, g_rb, g_rp)
+        return (alpha, beta, g_w, g_u, _put(g_k, t, g_k_t), _put(g_v, t, g_v_t), *g_reset)
 
     def back_span(index, length, carry):
         start = index * span
@@ -218,6 +273,7 @@ def _sequential_bwd(unroll, residuals, cotangents):
 
         def forward(t, forward_carry):          # the states before each token of the span, [length, B, C]
             state, states = forward_carry
+            state = _reset_at(resets, t, state)
             _, p, next_state = _step(w_C, u_C, _at(k_BTC, t), _at(v_BTC, t), *state)
             states = tuple(jax.lax.dynamic_update_index_in_dim(x, s, t - start, 0)
                            for x, s in zip(states, (state[0], state[1], p)))
@@ -234,22 +290,33 @@ def _sequential_bwd(unroll, residuals, cotangents):
 
     zeros_BC = jnp.zeros_like(g_a)
     carry = (g_a, g_b, zeros_BC, zeros_BC, jnp.zeros_like(k_BTC), jnp.zeros_like(v_BTC))
+    if resets:
+        carry += (zeros_BC,) * 3
     if tail:
         carry = back_span(n_full, tail, carry)
     carry = jax.lax.fori_loop(0, n_full, lambda i, carry: back_span(n_full - 1 - i, span, carry), carry)
-    alpha, beta, g_w, g_u, g_k, g_v = carry
-    g_p0 = alpha * a0 + beta * b0 + jnp.where(n_end == T, g_p_end, 0)  # p_T = p_0 + T w: anchor p_0
+    alpha, beta, g_w, g_u, g_k, g_v, *g_reset = carry
+    p0_anchors = n_end == T                                              # p_T = p_0 + T w: anchor p_0
+    if resets:
+        p0_anchors = p0_anchors & (resets[4] < 0)
+    g_p0 = alpha * a0 + beta * b0 + jnp.where(p0_anchors, g_p_end, 0)
     g_w = g_w + n_end * g_p_end                                          # p_T = anchor + n w
-    return g_w.sum(0), g_u.sum(0), g_k, g_v, alpha, beta, g_p0
+    g_resets = ()
+    if resets:  # no cotangent for the mask and the last-reset index (integers and bools: float0)
+        float0 = lambda x: np.zeros(x.shape, jax.dtypes.float0)
+        g_resets = (float0(resets[0]), *g_reset, float0(resets[4]))
+    return g_w.sum(0), g_u.sum(0), g_k, g_v, alpha, beta, g_p0, g_resets
 
 
 _sequential.defvjp(_sequential_fwd, _sequential_bwd)
 
 
-def wkv_sequential(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = None, *, unroll: int = 2):
+def wkv_sequential(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = None, *, unroll: int = 2,
+                   reset_BT=None, reset_state: WKVState | None = None):
     """The recurrence, one token per loop step, with a hand-written backward. Returns y [B, T, C] and the
     final state. `unroll` tokens go into one loop iteration (2 measured fastest on a 2-core CPU, 1 and 4
-    within 20%, 8 and 16 slower: see benchmarks/wkv.py).
+    within 20%, 8 and 16 slower: see benchmarks/wkv.py). `reset_BT`, `reset_state`: document resets (module
+    docstring; the backward's handling of them is in `_sequential_bwd`).
 
     The exponent is carried as an anchor plus a count of decay steps since it was set (p = anchor + n w),
     so it is rounded once per read instead of accumulating one rounding of `p + w` per token; with a tiny
@@ -291,116 +358,169 @@ def wkv_sequential(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None 
     if unroll < 1:
         raise ValueError(f"unroll must be >= 1, got {unroll}")
     w_C, u_C, k, v, state = _prepare(time_decay, time_first, k_BTC, v_BTC, state)
+    resets = _prepare_resets(reset_BT, reset_state, k, k.dtype)
     if k.shape[1] == 0:
         return v_BTC, state
-    y, (a, b, p) = _sequential(w_C, u_C, k, v, *state, min(unroll, k.shape[1]))
+    if resets is not None:
+        reset_BT1, reset_state = resets
+        positions = jnp.arange(k.shape[1], dtype=jnp.int32)[None, :]
+        last_reset_B1 = jnp.max(jnp.where(reset_BT1[:, :, 0], positions, -1), axis=1, keepdims=True)
+        resets = (reset_BT1, *reset_state, last_reset_B1)
+    y, (a, b, p) = _sequential(w_C, u_C, k, v, *state, resets or (), min(unroll, k.shape[1]))
     return y.astype(v_BTC.dtype), WKVState(a, b, p)
 
 
-def wkv_parallel(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = None):
+def wkv_parallel(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = None, *,
+                 reset_BT=None, reset_state: WKVState | None = None):
     """`lax.associative_scan` form: prefix sums of decayed terms in O(log T) depth.
 
     Element t is the one-token sum (a=v_t, b=1, p=k_t, n=1). Joining a left span with a right span of
     n2 tokens decays the left one by n2 steps (p1 + n2 w) and adds; lengths add. This is associative,
     so the scan gives every prefix sum S_t; the initial state joins as a span of length 0.
+
+    Resets make it a segmented scan: element t at a reset position is the reset state joined with token t
+    and carries a flag; a flagged right span does not take the left one (the join returns it as it is),
+    which keeps the join associative. The state entering a reset position is the reset state.
     """
     w_C, u_C, k, v, state = _prepare(time_decay, time_first, k_BTC, v_BTC, state)
+    resets = _prepare_resets(reset_BT, reset_state, k, k.dtype)
     T = k.shape[1]
     if T == 0:
         return v_BTC, state
 
     def join(left, right):
-        (a1, b1, p1, n1), (a2, b2, p2, n2) = left, right
+        (a1, b1, p1, n1, *flag1), (a2, b2, p2, n2, *flag2) = left, right
         p, a, b = _mix(p1 + n2 * w_C, a1, b1, p2, a2, b2)
-        return a, b, p, n1 + n2
+        if not flag2:
+            return a, b, p, n1 + n2
+        keep = lambda joined, alone: jnp.where(flag2[0], alone, joined)
+        return keep(a, a2), keep(b, b2), keep(p, p2), n1 + n2, flag1[0] | flag2[0]
 
     ones_1T1 = jnp.ones((1, T, 1), k.dtype)
-    a, b, p, n = jax.lax.associative_scan(join, (v, jnp.ones_like(v), k, ones_1T1), axis=1)
+    elements = (v, jnp.ones_like(v), k, ones_1T1)
+    if resets is not None:
+        reset_BT1, reset_state = resets
+        rp, ra, rb = _mix(reset_state.p[:, None] + w_C, reset_state.a[:, None], reset_state.b[:, None], k, v, 1.0)
+        elements = (jnp.where(reset_BT1, ra, v), jnp.where(reset_BT1, rb, 1.0), jnp.where(reset_BT1, rp, k),
+                    ones_1T1, reset_BT1)
+    a, b, p, n, *flags = jax.lax.associative_scan(join, elements, axis=1)
     initial = (state.a[:, None], state.b[:, None], state.p[:, None], jnp.zeros((1, 1, 1), k.dtype))
-    a, b, p, _ = join(initial, (a, b, p, n))  # S_t including the initial state, t = 1..T
+    a, b, p, *_ = join(initial + tuple(False for _ in flags), (a, b, p, n, *flags))  # S_t, t = 1..T
 
-    # The state *before* token t: the initial state, then S_1 .. S_{T-1}.
+    # The state *before* token t: the initial state, then S_1 .. S_{T-1} (the reset state at resets).
     def before(initial_BC, after_BTC):
         return jnp.concatenate([initial_BC[:, None], after_BTC[:, :-1]], axis=1)
 
     prior = WKVState(before(state.a, a), before(state.b, b), before(state.p, p))
+    if resets is not None:
+        prior = WKVState(*(jnp.where(reset_BT1, r[:, None], x) for r, x in zip(reset_state, prior)))
     y = _output(prior, u_C + k, v)
     return y.astype(v_BTC.dtype), WKVState(a[:, -1], b[:, -1], p[:, -1])
 
 
-def _chunk(w_C, u_C, k_BLC, v_BLC, state: WKVState):
-    """One block of L tokens, all pairs at once. Returns y [B, L, C] and the state after the block."""
+def _chunk(w_C, u_C, k_BLC, v_BLC, state: WKVState, resets=None):
+    """One block of L tokens, all pairs at once. Returns y [B, L, C] and the state after the block.
+
+    resets: None, or (mask [B, L, 1], reset state). Position j after the block's last reset s <= j sees
+    only tokens s..j-1 and the reset state decayed j - s steps in place of the incoming state."""
     L = k_BLC.shape[1]
     j = jnp.arange(L, dtype=k_BLC.dtype)
     # Exponent of token i's term in the output at position j (i < j: decayed j-1-i steps; i == j: bonus).
     lag_LL = j[:, None] - 1.0 - j[None, :]
-    lower_LL = lag_LL >= 0
-    logw_BLLC = jnp.where(lower_LL[None, :, :, None], k_BLC[:, None] + lag_LL[None, :, :, None] * w_C,
-                          EMPTY_EXPONENT)
+    pairs = (lag_LL >= 0)[None, :, :, None]
+    # The state that position j's sums start from, and how many steps it has decayed at j: the incoming
+    # state and j, or the reset state at the last reset s <= j and j - s.
+    start = (state.a[:, None], state.b[:, None], state.p[:, None])
+    steps_BL1 = j[None, :, None]
+    if resets is not None:
+        reset_BL1, reset_state = resets
+        last_BL1 = jax.lax.cummax(jnp.where(reset_BL1, steps_BL1, -1.0), axis=1)  # last reset <= j, or -1
+        after_reset = last_BL1 >= 0
+        start = tuple(jnp.where(after_reset, r[:, None], x) for r, x in zip(reset_state, start))
+        steps_BL1 = jnp.where(after_reset, steps_BL1 - last_BL1, steps_BL1)
+        pairs = pairs & (j[None, None, :, None] >= last_BL1[:, :, None])  # token i at or after the reset
+    logw_BLLC = jnp.where(pairs, k_BLC[:, None] + lag_LL[None, :, :, None] * w_C, EMPTY_EXPONENT)
     on_diag = jnp.eye(L, dtype=bool)[None, :, :, None]
     logw_BLLC = jnp.where(on_diag, (u_C + k_BLC)[:, :, None], logw_BLLC)
-    # Incoming state decayed j steps for position j.
-    p_in_BLC = state.p[:, None] + j[None, :, None] * w_C
+    a_in, b_in, p_in = start
+    p_in_BLC = p_in + steps_BL1 * w_C
     q_BLC = jnp.maximum(p_in_BLC, logw_BLLC.max(axis=2))
     e_in = jnp.exp(p_in_BLC - q_BLC)
     e_BLLC = jnp.exp(logw_BLLC - q_BLC[:, :, None])
-    num = e_in * state.a[:, None] + jnp.einsum("bjic,bic->bjc", e_BLLC, v_BLC)
-    den = e_in * state.b[:, None] + e_BLLC.sum(axis=2)
+    num = e_in * a_in + jnp.einsum("bjic,bic->bjc", e_BLLC, v_BLC)
+    den = e_in * b_in + e_BLLC.sum(axis=2)
     y_BLC = num / den
 
-    # State after the block: every token decayed L-1-i steps, the incoming state L steps.
+    # State after the block: every token decayed L-1-i steps, the incoming state L steps (after a reset:
+    # the tokens from the last reset s on, and the reset state L - s steps).
     logw_end_BLC = k_BLC + (L - 1.0 - j)[None, :, None] * w_C
-    p_in_end = state.p + L * w_C
+    a_in, b_in, p_in = state
+    p_in_end = p_in + L * w_C
+    if resets is not None:
+        last_B1 = last_BL1[:, -1]
+        after_reset = last_B1 >= 0
+        a_in, b_in = jnp.where(after_reset, reset_state.a, a_in), jnp.where(after_reset, reset_state.b, b_in)
+        p_in_end = jnp.where(after_reset, reset_state.p + (L - last_B1) * w_C, p_in_end)
+        logw_end_BLC = jnp.where(j[None, :, None] >= last_B1[:, None], logw_end_BLC, EMPTY_EXPONENT)
     p_end = jnp.maximum(p_in_end, logw_end_BLC.max(axis=1))
     e_in_end = jnp.exp(p_in_end - p_end)
     e_end_BLC = jnp.exp(logw_end_BLC - p_end[:, None])
-    a_end = e_in_end * state.a + (e_end_BLC * v_BLC).sum(axis=1)
-    b_end = e_in_end * state.b + e_end_BLC.sum(axis=1)
+    a_end = e_in_end * a_in + (e_end_BLC * v_BLC).sum(axis=1)
+    b_end = e_in_end * b_in + e_end_BLC.sum(axis=1)
     return y_BLC, WKVState(a_end, b_end, p_end)
 
 
-def wkv_chunked(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = None, *, chunk_len: int = 32):
+def wkv_chunked(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = None, *, chunk_len: int = 32,
+                reset_BT=None, reset_state: WKVState | None = None):
     """Blocks of `chunk_len` tokens computed densely, the state carried across blocks by `lax.scan`.
 
     T need not be a multiple of chunk_len: the remainder is one shorter block. Memory per block is
-    O(B * L^2 * C), so keep chunk_len small (16-64).
+    O(B * L^2 * C), so keep chunk_len small (16-64). With resets, a block masks the pairs across a reset
+    and starts the positions after it from the reset state (`_chunk`).
     """
     if chunk_len < 1:
         raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
     w_C, u_C, k, v, state = _prepare(time_decay, time_first, k_BTC, v_BTC, state)
+    resets = _prepare_resets(reset_BT, reset_state, k, k.dtype)
     B, T, C = k.shape
     if T == 0:
         return v_BTC, state
+    streams = (k, v) if resets is None else (k, v, resets[0])
+    reset_state = None if resets is None else resets[1]
+    chunk = lambda state, k, v, reset=None: _chunk(w_C, u_C, k, v, state,
+                                                   None if reset is None else (reset, reset_state))
     n_full = T // chunk_len
     ys = []
     if n_full:
         def to_chunks(x_BTC):  # [B, n*L, C] -> [n, B, L, C]
-            return x_BTC[:, :n_full * chunk_len].reshape(B, n_full, chunk_len, C).swapaxes(0, 1)
+            return x_BTC[:, :n_full * chunk_len].reshape(B, n_full, chunk_len, x_BTC.shape[2]).swapaxes(0, 1)
 
-        def body(carry, kv):
-            y, carry = _chunk(w_C, u_C, kv[0], kv[1], carry)
+        def body(carry, blocks):
+            y, carry = chunk(carry, *blocks)
             return carry, y
 
-        state, y_NBLC = jax.lax.scan(body, state, (to_chunks(k), to_chunks(v)))
+        state, y_NBLC = jax.lax.scan(body, state, tuple(map(to_chunks, streams)))
         ys.append(y_NBLC.swapaxes(0, 1).reshape(B, n_full * chunk_len, C))
     if T % chunk_len:
-        y_tail, state = _chunk(w_C, u_C, k[:, n_full * chunk_len:], v[:, n_full * chunk_len:], state)
+        y_tail, state = chunk(state, *(x[:, n_full * chunk_len:] for x in streams))
         ys.append(y_tail)
     y = ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=1)
     return y.astype(v_BTC.dtype), state
 
 
 def wkv(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = None, *,
-        form: str = "auto", chunk_len: int = 32):
-    """WKV over a sequence in the chosen form ('auto': `default_form()` of the current backend)."""
+        form: str = "auto", chunk_len: int = 32, reset_BT=None, reset_state: WKVState | None = None):
+    """WKV over a sequence in the chosen form ('auto': `default_form()` of the current backend).
+    `reset_BT`, `reset_state`: document resets (module docstring)."""
     form = default_form() if form == "auto" else form
+    resets = dict(reset_BT=reset_BT, reset_state=reset_state)
     if form == "sequential":
-        return wkv_sequential(time_decay, time_first, k_BTC, v_BTC, state)
+        return wkv_sequential(time_decay, time_first, k_BTC, v_BTC, state, **resets)
     if form == "parallel":
-        return wkv_parallel(time_decay, time_first, k_BTC, v_BTC, state)
+        return wkv_parallel(time_decay, time_first, k_BTC, v_BTC, state, **resets)
     if form == "chunked":
-        return wkv_chunked(time_decay, time_first, k_BTC, v_BTC, state, chunk_len=chunk_len)
+        return wkv_chunked(time_decay, time_first, k_BTC, v_BTC, state, chunk_len=chunk_len, **resets)
     if form == "pallas":  # lazy: Pallas is only imported by runs that use the kernel
         from rwkv_jax.ops import wkv_pallas
-        return wkv_pallas.wkv_pallas_auto(time_decay, time_first, k_BTC, v_BTC, state)
+        return wkv_pallas.wkv_pallas_auto(time_decay, time_first, k_BTC, v_BTC, state, **resets)
     raise ValueError(f"unknown WKV form {form!r}: choose one of {FORMS + KERNEL_FORMS} or 'auto'")

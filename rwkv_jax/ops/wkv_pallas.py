@@ -51,6 +51,12 @@ The reverse pass needs, per token, the forward's factors: each CHUNK of tokens i
 checkpoint (a, b, anchor, n), bit for bit the forward's arithmetic, into values held by the program
 (registers / VMEM), then walked backwards.
 
+Document resets (`reset_BT`, see rwkv_jax/ops/wkv.py): to the empty state only. The mask travels as a
+[B, T, 1] fp32 array (one lane per token). The forward empties the carry before a reset token; the
+recomputation in the backward does the same, and the reverse pass, having computed the cotangent of the
+state entering a reset token, drops it (G, H and the pending p_T cotangent become 0): nothing before a reset
+reaches what comes after it. A non-empty reset state needs a pure-JAX form.
+
 Variants: backend='tpu' (Mosaic: T blocks on a sequential grid axis, scratch carry, static row slices)
 and backend='gpu' (Triton: one program per batch row x channel block, T loop inside, power-of-2 blocks,
 each token's row loaded and stored at its own dynamic offset, per-token values kept in registers); the
@@ -83,6 +89,7 @@ class _Config:
     block_t: int
     t_valid: int  # real sequence length; tokens at or after it are padding (state unchanged)
     num_warps: int
+    resets: bool = False  # a reset mask is passed after the big inputs
 
 
 # ------------------------------------------------------------------------------- shared per-token math
@@ -122,6 +129,16 @@ def _backward_token(v, add_a, add_b, e_old, e_new, k_is_max, carry):
     ha, hb = e_old * (ha + ga), e_old * (hb + gb)
     ga, gb = e_old * ga + add_a, e_old * gb + add_b
     return (dk, dv), (ga, gb, ha, hb, pending, gw)
+
+
+def _reset_carry(reset, carry):
+    """The forward carry (a, b, anchor, n) entering a token: the empty state where `reset` ([rows, 1, 1]
+    fp32, 1 = reset) is set."""
+    if reset is None:
+        return carry
+    r = reset > 0.5
+    a, b, anchor, n = carry
+    return jnp.where(r, 0.0, a), jnp.where(r, 0.0, b), jnp.where(r, EMPTY_EXPONENT, anchor), jnp.where(r, 0.0, n)
 
 
 def _keep_valid(valid, new, old):
@@ -182,25 +199,28 @@ def _add_row(x, j, row):
 
 # --------------------------------------------------------------------------------- block bodies (shared)
 
-def _forward_chunks(cfg, w, u, k_ref, v_ref, y_ref, ck_refs, n_chunks, t_start, carry):
+def _forward_chunks(cfg, w, u, k_ref, v_ref, y_ref, ck_refs, n_chunks, t_start, carry, reset_ref=None):
     """Run `n_chunks` chunks of the refs' T axis (the block's tokens start at global index t_start),
-    writing y and the state at each chunk start into ck_refs[chunk]. On GPU the rows of chunk ci + 1 are
-    loaded while chunk ci computes (carried in registers), so the loop waits on no load latency."""
+    writing y and the state at each chunk start into ck_refs[chunk] (before that token's reset). On GPU
+    the rows of chunk ci + 1 are loaded while chunk ci computes (carried in registers), so the loop waits
+    on no load latency."""
     prefetch = cfg.backend == "gpu"
-    load = lambda t0: tuple(_load_chunk(cfg, ref, t0) for ref in (k_ref, v_ref))
+    refs = (k_ref, v_ref) if reset_ref is None else (k_ref, v_ref, reset_ref)
+    load = lambda t0: tuple(_load_chunk(cfg, ref, t0) for ref in refs)
 
     def chunk(ci, carry_and_rows):
         carry, rows = carry_and_rows
         t0 = pl.multiple_of(ci * CHUNK, CHUNK)
         if prefetch:
-            (k_c, v_c), rows = rows, load(pl.multiple_of(jnp.minimum(ci + 1, n_chunks - 1) * CHUNK, CHUNK))
+            (k_c, v_c, *r_c), rows = rows, load(pl.multiple_of(jnp.minimum(ci + 1, n_chunks - 1) * CHUNK, CHUNK))
         else:
-            k_c, v_c = load(t0)
+            k_c, v_c, *r_c = load(t0)
         for ref, value in zip(ck_refs, carry):  # (a, b, anchor, n): the backward resumes bit for bit
             ref[ci] = value
         y_c = _empty_chunk(cfg, carry[0].shape)
         for j in range(CHUNK):
             valid = (t_start + t0 + j < cfg.t_valid) if cfg.t_valid % CHUNK else None
+            carry = _reset_carry(_get_row(r_c[0], j) if r_c else None, carry)
             y, new, _ = _forward_token(w, u, _get_row(k_c, j), _get_row(v_c, j), carry)
             carry = _keep_valid(valid, new, carry)
             y_c = _put_row(y_c, j, y)
@@ -209,13 +229,15 @@ def _forward_chunks(cfg, w, u, k_ref, v_ref, y_ref, ck_refs, n_chunks, t_start, 
     return jax.lax.fori_loop(0, n_chunks, chunk, (carry, load(0) if prefetch else ()))[0]
 
 
-def _backward_chunks(cfg, w, u, k_ref, v_ref, gy_ref, ck_refs, dk_ref, dv_ref, n_chunks, t_start, carry):
+def _backward_chunks(cfg, w, u, k_ref, v_ref, gy_ref, ck_refs, dk_ref, dv_ref, n_chunks, t_start, carry,
+                     reset_ref=None):
     """The reverse pass over `n_chunks` chunks of the refs' T axis, last chunk first. carry is that of
     `_backward_token` plus the dL/du accumulator."""
     def chunk(r, carry):
         ci = n_chunks - 1 - r
         t0 = pl.multiple_of(ci * CHUNK, CHUNK)
         k_c, v_c, g_c = (_load_chunk(cfg, ref, t0) for ref in (k_ref, v_ref, gy_ref))
+        r_c = None if reset_ref is None else _load_chunk(cfg, reset_ref, t0)
         *reverse, gu = carry
         # Recompute the chunk's forward from its checkpoint (the same operations as the forward pass);
         # keep the factors the reverse walk needs, and the token's own (bonus) gradient terms.
@@ -226,6 +248,7 @@ def _backward_chunks(cfg, w, u, k_ref, v_ref, gy_ref, ck_refs, dk_ref, dv_ref, n
             valid = (t_start + t0 + j < cfg.t_valid) if cfg.t_valid % CHUNK else None
             valids.append(valid)
             k, v, g = (_get_row(x, j) for x in (k_c, v_c, g_c))
+            state = _reset_carry(None if r_c is None else _get_row(r_c, j), state)
             y, state, (den, e_state, e_bonus, e_old, e_new, k_is_max) = _forward_token(w, u, k, v, state)
             alpha = g / den  # dL/d(y's numerator), as a mantissa of e^{-q}
             bonus_k = e_bonus * alpha * (v - y)  # through e^{u+k} v / e^{u+k}: dL/dk_i and dL/du parts
@@ -239,6 +262,10 @@ def _backward_chunks(cfg, w, u, k_ref, v_ref, gy_ref, ck_refs, dk_ref, dv_ref, n
             v, add_a, add_b, e_old, e_new, is_max = (_get_row(x, j) for x in
                                                      (v_c, add_a_c, add_b_c, e_old_c, e_new_c, is_max_c))
             (dk, dv), new = _backward_token(v, add_a, add_b, e_old, e_new, is_max > 0.5, tuple(reverse))
+            if r_c is not None:  # the state entering a reset token is the empty state: its cotangent stops
+                reset = _get_row(r_c, j) > 0.5
+                *new_sums, new_gw = new
+                new = (*(jnp.where(reset, 0.0, x) for x in new_sums), new_gw)
             reverse = _keep_valid(valids[j], new, tuple(reverse))
             dk_c, dv_c = _add_row(dk_c, j, dk), _add_row(dv_c, j, dv)
         _store_chunk(cfg, dk_ref, t0, dk_c)
@@ -254,9 +281,9 @@ def _backward_chunks(cfg, w, u, k_ref, v_ref, gy_ref, ck_refs, dk_ref, dv_ref, n
 # a size-1 axis in front of the channels makes every per-token value a [rows, 1, lanes] slab on both
 # backends: no relayout between a state and a row of k.
 
-def _forward_kernel(cfg, n_chunks, w_ref, u_ref, k_ref, v_ref, a0_ref, b0_ref, p0_ref,
-                    y_ref, a_ref, b_ref, p_ref, *ck_refs_and_scratch):
-    ck_refs, scratch = ck_refs_and_scratch[:4], ck_refs_and_scratch[4:]
+def _forward_kernel(cfg, n_chunks, w_ref, u_ref, k_ref, v_ref, a0_ref, b0_ref, p0_ref, *refs):
+    reset_ref, refs = (refs[0], refs[1:]) if cfg.resets else (None, refs)
+    (y_ref, a_ref, b_ref, p_ref), ck_refs, scratch = refs[:4], refs[4:8], refs[8:]
     w, u = w_ref[...], u_ref[...]
     if cfg.backend == "tpu":  # T blocks on the last (sequential) grid axis; the state waits in scratch
         t_block = pl.program_id(2)
@@ -272,7 +299,7 @@ def _forward_kernel(cfg, n_chunks, w_ref, u_ref, k_ref, v_ref, a0_ref, b0_ref, p
     else:  # one program walks the whole sequence
         carry = (a0_ref[...], b0_ref[...], p0_ref[...], jnp.zeros(a0_ref.shape, jnp.float32))
         t_start = 0
-    carry = _forward_chunks(cfg, w, u, k_ref, v_ref, y_ref, ck_refs, n_chunks, t_start, carry)
+    carry = _forward_chunks(cfg, w, u, k_ref, v_ref, y_ref, ck_refs, n_chunks, t_start, carry, reset_ref)
     for ref, value in zip(scratch, carry):
         ref[...] = value
     a, b, anchor, n = carry
@@ -280,6 +307,7 @@ def _forward_kernel(cfg, n_chunks, w_ref, u_ref, k_ref, v_ref, a0_ref, b0_ref, p
 
 
 def _backward_kernel(cfg, n_chunks, n_blocks, w_ref, u_ref, k_ref, v_ref, gy_ref, *refs):
+    reset_ref, refs = (refs[0], refs[1:]) if cfg.resets else (None, refs)
     ck_refs, (ga_ref, gb_ref, pending_ref, dk_ref, dv_ref), outs, scratch = refs[:4], refs[4:9], refs[9:16], refs[16:]
     w, u = w_ref[...], u_ref[...]
     zeros = jnp.zeros(ga_ref.shape, jnp.float32)
@@ -296,7 +324,8 @@ def _backward_kernel(cfg, n_chunks, n_blocks, w_ref, u_ref, k_ref, v_ref, gy_ref
         t_start = (n_blocks - 1 - t_block) * (n_chunks * CHUNK)
     else:
         carry, t_start = initial, 0
-    carry = _backward_chunks(cfg, w, u, k_ref, v_ref, gy_ref, ck_refs, dk_ref, dv_ref, n_chunks, t_start, carry)
+    carry = _backward_chunks(cfg, w, u, k_ref, v_ref, gy_ref, ck_refs, dk_ref, dv_ref, n_chunks, t_start, carry,
+                             reset_ref)
     for ref, value in zip(scratch, carry):
         ref[...] = value
     for ref, value in zip(outs, carry):
@@ -334,6 +363,16 @@ def _specs(cfg, shape, reverse):
     return grid, big, state, channel, ckpt, T // CHUNK, 1
 
 
+def _reset_spec(cfg, shape, reverse):
+    """BlockSpec of the [B, T, 1] reset mask: the big blocks' rows and tokens, the one lane."""
+    B, T, C = shape
+    if cfg.backend == "tpu":
+        nt = T // cfg.block_t
+        tb = (lambda it: nt - 1 - it) if reverse else (lambda it: it)
+        return pl.BlockSpec((cfg.block_b, cfg.block_t, 1), lambda ib, ic, it: (ib, tb(it), 0))
+    return pl.BlockSpec((1, T, 1), lambda ib, ic: (ib, 0, 0))
+
+
 def _compiler_params(cfg):
     if cfg.interpret:
         return None
@@ -351,7 +390,7 @@ def _scratch(cfg, count):
     return [pltpu.VMEM((cfg.block_b, 1, cfg.block_c), jnp.float32)] * count
 
 
-def _forward_call(cfg, w, u, k, v, a0, b0, p0):
+def _forward_call(cfg, w, u, k, v, a0, b0, p0, resets=()):
     shape = k.shape
     B, T, C = shape
     grid, big, state, channel, ckpt, n_chunks, _ = _specs(cfg, shape, reverse=False)
@@ -359,14 +398,14 @@ def _forward_call(cfg, w, u, k, v, a0, b0, p0):
     out_shape = (jax.ShapeDtypeStruct(shape, v.dtype), *[f32((B, 1, C))] * 3, *[f32((T // CHUNK, B, 1, C))] * 4)
     return pl.pallas_call(
         functools.partial(_forward_kernel, cfg, n_chunks), out_shape=out_shape, grid=grid,
-        in_specs=[channel, channel, big, big, state, state, state],
+        in_specs=[channel, channel, big, big, state, state, state, *[_reset_spec(cfg, shape, False)] * len(resets)],
         out_specs=(big, state, state, state, *[ckpt] * 4), scratch_shapes=_scratch(cfg, 4),
         compiler_params=_compiler_params(cfg), interpret=cfg.interpret, name="wkv_forward",
         cost_estimate=_cost(cfg, shape, k.dtype.itemsize, flops=26, transcendentals=4, streams=3),
-    )(w, u, k, v, a0, b0, p0)
+    )(w, u, k, v, a0, b0, p0, *resets)
 
 
-def _backward_call(cfg, w, u, k, v, gy, checkpoints, ga, gb, pending):
+def _backward_call(cfg, w, u, k, v, gy, checkpoints, ga, gb, pending, resets=()):
     shape = k.shape
     B, T, C = shape
     grid, big, state, channel, ckpt, n_chunks, n_blocks = _specs(cfg, shape, reverse=True)
@@ -374,37 +413,40 @@ def _backward_call(cfg, w, u, k, v, gy, checkpoints, ga, gb, pending):
                  *[jax.ShapeDtypeStruct((B, 1, C), jnp.float32)] * 7)
     return pl.pallas_call(
         functools.partial(_backward_kernel, cfg, n_chunks, n_blocks), out_shape=out_shape, grid=grid,
-        in_specs=[channel, channel, big, big, big, *[ckpt] * 4, state, state, state],
+        in_specs=[channel, channel, big, big, big, *[_reset_spec(cfg, shape, True)] * len(resets), *[ckpt] * 4,
+                  state, state, state],
         out_specs=(big, big, *[state] * 7), scratch_shapes=_scratch(cfg, 7),
         compiler_params=_compiler_params(cfg), interpret=cfg.interpret, name="wkv_backward",
         cost_estimate=_cost(cfg, shape, k.dtype.itemsize, flops=70, transcendentals=4, streams=5),
-    )(w, u, k, v, gy, *checkpoints, ga, gb, pending)
+    )(w, u, k, v, gy, *resets, *checkpoints, ga, gb, pending)
 
 
 # ------------------------------------------------------------------------------------------- custom_vjp
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _wkv_padded(cfg, w, u, k, v, a0, b0, p0):
-    y, a, b, p, *_ = _forward_call(cfg, w, u, k, v, a0, b0, p0)
+def _wkv_padded(cfg, w, u, k, v, a0, b0, p0, resets):
+    """`resets`: () or (the [B, T, 1] fp32 reset mask,)."""
+    y, a, b, p, *_ = _forward_call(cfg, w, u, k, v, a0, b0, p0, resets)
     return y, a, b, p
 
 
-def _wkv_padded_fwd(cfg, w, u, k, v, a0, b0, p0):
-    y, a, b, p, *checkpoints = _forward_call(cfg, w, u, k, v, a0, b0, p0)
-    return (y, a, b, p), (w, u, k, v, a0, b0, checkpoints, a, b)
+def _wkv_padded_fwd(cfg, w, u, k, v, a0, b0, p0, resets):
+    y, a, b, p, *checkpoints = _forward_call(cfg, w, u, k, v, a0, b0, p0, resets)
+    return (y, a, b, p), (w, u, k, v, a0, b0, checkpoints, a, b, resets)
 
 
 def _wkv_padded_bwd(cfg, residuals, cotangents):
-    w, u, k, v, a0, b0, checkpoints, a_T, b_T = residuals
+    w, u, k, v, a0, b0, checkpoints, a_T, b_T, resets = residuals
     gy, ga_T, gb_T, gp_T = cotangents
     # a_T = A_T e^{-p_T}, b_T = B_T e^{-p_T}: the cotangent of p_T as a free variable, for its anchor.
     pending = gp_T - ga_T * a_T - gb_T * b_T
-    dk, dv, ga, gb, ha, hb, pending, gw, gu = _backward_call(cfg, w, u, k, v, gy, checkpoints, ga_T, gb_T, pending)
+    dk, dv, ga, gb, ha, hb, pending, gw, gu = _backward_call(cfg, w, u, k, v, gy, checkpoints, ga_T, gb_T, pending,
+                                                             resets)
     # The initial state is token -1 with k = p0; the reverse sums come back as mantissas of e^{-p0}.
     dp0 = a0 * ga + b0 * gb + pending
     dw = (gw + a0 * ha + b0 * hb).sum(axis=0, keepdims=True)
     du = gu.sum(axis=0, keepdims=True)
-    return dw, du, dk, dv, ga, gb, dp0
+    return dw, du, dk, dv, ga, gb, dp0, tuple(jnp.zeros_like(r) for r in resets)
 
 
 _wkv_padded.defvjp(_wkv_padded_fwd, _wkv_padded_bwd)
@@ -427,8 +469,10 @@ def _round_up(n: int, m: int) -> int:
 
 def wkv_pallas(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = None, *,
                backend: str | None = None, interpret: bool | None = None, block_b: int = 8,
-               block_c: int | None = None, block_t: int = 128, num_warps: int = 1):
+               block_c: int | None = None, block_t: int = 128, num_warps: int = 1, reset_BT=None,
+               reset_state: WKVState | None = None):
     """WKV over a sequence as Pallas kernels. Returns y [B, T, C] (v's dtype) and the final state (fp32).
+    `reset_BT` (bool [B, T]): document resets to the empty state (`reset_state` must be None here).
 
     backend: 'tpu' (Mosaic) or 'gpu' (Triton); default from jax.default_backend(). interpret: run the
     kernel in the Pallas interpreter (default: on CPU). Blocks: block_b batch rows (TPU; GPU programs take
@@ -444,6 +488,12 @@ def wkv_pallas(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = No
     B, T, C = k_BTC.shape
     if any(x.dtype == jnp.float64 for x in (time_decay, time_first, k_BTC, v_BTC)):
         raise ValueError("wkv_pallas computes in fp32; for float64 inputs use form='sequential' or 'parallel'")
+    if reset_state is not None:
+        raise NotImplementedError("the Pallas WKV kernel resets to the empty state only: for another reset_state "
+                                  "use wkv_form='sequential', 'parallel' or 'chunked'")
+    if reset_BT is not None and jnp.shape(reset_BT) != (B, T):
+        raise ValueError(f"reset_BT must be [batch, time] = {(B, T)} like k's first two axes, got shape "
+                         f"{jnp.shape(reset_BT)}")
     if state is None:
         state = empty_state(B, C)
     state = WKVState(*(jnp.asarray(s, jnp.float32) for s in state))
@@ -463,14 +513,17 @@ def wkv_pallas(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = No
         if block_c & (block_c - 1) or block_c > LANES:
             raise ValueError(f"GPU blocks: block_c={block_c} must be a power of 2 up to {LANES}")
         bb, bc, bt = 1, block_c, Tp
-    cfg = _Config(backend, bool(interpret), bb, bc, bt, T, num_warps)
+    cfg = _Config(backend, bool(interpret), bb, bc, bt, T, num_warps, resets=reset_BT is not None)
 
     pad_btc = lambda x: jnp.pad(x, ((0, 0), (0, Tp - T), (0, Cp - C)))
     pad_c = lambda x, value: jnp.pad(x, ((0, 0), (0, Cp - C)), constant_values=value)[:, None, :]
     w = pad_c(-jnp.exp(time_decay.astype(jnp.float32))[None], -1.0)
     u = pad_c(time_first.astype(jnp.float32)[None], 0.0)
+    resets = ()  # the mask as fp32 [B, Tp, 1]: padding tokens do not reset
+    if reset_BT is not None:
+        resets = (jnp.pad(jnp.asarray(reset_BT, jnp.float32), ((0, 0), (0, Tp - T)))[:, :, None],)
     y, a, b, p = _wkv_padded(cfg, w, u, pad_btc(k_BTC), pad_btc(v_BTC), pad_c(state.a, 0.0), pad_c(state.b, 0.0),
-                             pad_c(state.p, EMPTY_EXPONENT))
+                             pad_c(state.p, EMPTY_EXPONENT), resets)
     return y[:, :T, :C], WKVState(a[:, 0, :C], b[:, 0, :C], p[:, 0, :C])
 
 
@@ -484,18 +537,25 @@ def state_specs(mesh, shape_BTC):
     return spec, P(spec[2]), P(spec[0], spec[2])
 
 
-def wkv_pallas_sharded(mesh, time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = None, **kwargs):
+def wkv_pallas_sharded(mesh, time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = None, *,
+                       reset_BT=None, **kwargs):
     """`wkv_pallas` on a device mesh: each device runs the kernel on its batch rows x channels inside
     `shard_map` (XLA cannot partition a Mosaic/Triton call). WKV is independent per (row, channel), so
     no communication happens in the forward; in the backward shard_map sums the per-device gradients of
-    the replicated time_decay/time_first over the batch axes."""
+    the replicated time_decay/time_first over the batch axes. A reset mask [B, T] is split by rows."""
+    from jax.sharding import PartitionSpec as P
     if state is None:
         state = empty_state(k_BTC.shape[0], k_BTC.shape[2])
     big, channel, rows = state_specs(mesh, k_BTC.shape)
-    fn = jax.shard_map(functools.partial(wkv_pallas, **kwargs), mesh=mesh,
-                       in_specs=(channel, channel, big, big, WKVState(rows, rows, rows)),
+    resets = () if reset_BT is None else (reset_BT,)
+
+    def local(time_decay, time_first, k_BTC, v_BTC, state, *resets):
+        return wkv_pallas(time_decay, time_first, k_BTC, v_BTC, state, reset_BT=resets[0] if resets else None,
+                          **kwargs)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(channel, channel, big, big, WKVState(rows, rows, rows),
+                                                   *[P(big[0], big[1])] * len(resets)),
                        out_specs=(big, WKVState(rows, rows, rows)), check_vma=False)
-    return fn(time_decay, time_first, k_BTC, v_BTC, WKVState(*state))
+    return fn(time_decay, time_first, k_BTC, v_BTC, WKVState(*state), *resets)
 
 
 def wkv_pallas_auto(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = None, **kwargs):
