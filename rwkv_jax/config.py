@@ -15,7 +15,7 @@ import os
 import jax
 import ml_collections
 
-from rwkv_jax.data import default_data_config
+from rwkv_jax.data import default_data_config, pipeline
 from rwkv_jax import sharding
 from rwkv_jax.model import ModelConfig
 from rwkv_jax.ops import wkv as wkv_ops
@@ -157,6 +157,7 @@ def validate(config: ml_collections.ConfigDict, mesh=None) -> None:
     one_of("data", "tokenizer", ("sentencepiece", "hf_json"))
     one_of("data", "sp_model_type", ("bpe", "unigram"))
     one_of("data", "text_split", ("hash", "all"))
+    one_of("data", "sampling", pipeline.SAMPLINGS)
     need(0 <= d.validation_fraction < 1,
          f"data.validation_fraction must be in [0, 1), got {d.validation_fraction!r}")
     at_least("data", "sp_input_sentence_size", 1)

@@ -10,7 +10,9 @@
   5. End: a final checkpoint and evaluation, and the loss curves as a PNG.
 
 Batch n is a pure function of (data seed, n), so a run resumed from the checkpoint of step n sees
-exactly the batches an uninterrupted run sees: the checkpointed step is the whole data position.
+exactly the batches an uninterrupted run sees: the checkpointed step is the whole data position. With
+config.data.sampling='streams' the recurrent state carried from step to step is part of the train state
+and of its checkpoints, so a resumed stream goes on from the very state it had.
 """
 
 import math
@@ -111,12 +113,16 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
     # --- 3. State ---------------------------------------------------------------------------------
     optimizer = optim.make_optimizer(config.optim, t.num_steps)
     schedule = optim.learning_rate(config.optim, t.num_steps)
+    carry_rows = t.batch_size if config.data.sampling == "streams" else 0
     graphdef, init, abstract_state, shardings = train_step.train_state_factory(model_config, optimizer, mesh,
-                                                                               t.seed)
+                                                                               t.seed, carry_rows=carry_rows)
     checkpointer = Checkpointer(run_dir.checkpoints_dir, keep=config.checkpoint.keep,
                                 async_save=config.checkpoint.async_save)
     if is_main:
         workdir_lock.check_writable(checkpointer.directory)
+    newest = checkpointer.newest_extra()  # before reading any array: the state's layout depends on it
+    if newest is not None:
+        check_sampling_unchanged(newest[0], data_setup, newest[1], checkpointer.directory)
     restored = checkpointer.restore_latest(abstract_state, shardings)
     if restored is None:
         state = init()
@@ -254,7 +260,7 @@ def describe_data(data_config, tokenizer, train_batches) -> dict:
     options = {"stdlib": ("stdlib_root",), "text": ("text_files", "text_split"), "tfds": ("tfds_name",),
                "binidx": ("binidx_prefix",)}[c.source]
     return {"source": c.source, **{k: c[k] for k in options}, "validation_fraction": c.validation_fraction,
-            "train_split": c.train_split, "seed": c.seed, "tokenizer": c.tokenizer,
+            "train_split": c.train_split, "seed": c.seed, "sampling": c.sampling, "tokenizer": c.tokenizer,
             "tokenizer_sha256": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
             "train_tokens": len(train_batches.tokens_N)}
 
@@ -275,6 +281,19 @@ def check_data_unchanged(extra: dict, current: dict, step: int, directory, allow
         f"resume refused: the data setup differs from the one of checkpoint step {step} in {directory}: "
         f"{'; '.join(changed)}. Rerun with the original data settings, use a new --workdir, or pass "
         "--config.train.allow_data_change=True to continue training on the new data.")
+
+
+def check_sampling_unchanged(extra: dict, current: dict, step: int, directory) -> None:
+    """Refuse (ValueError) a resume that changes config.data.sampling, even with allow_data_change: a
+    streamed run's train state holds the carried recurrent state and a random-window run's does not.
+    Checkpoints from before the option existed were written with 'random'."""
+    saved = (extra.get("data") or {}).get("sampling", "random")
+    if saved != current["sampling"]:
+        raise ValueError(
+            f"resume refused: checkpoint step {step} in {directory} was trained with data.sampling={saved!r}, "
+            f"this run asks for {current['sampling']!r}, and the train state differs between them (streams "
+            f"carry each row's recurrent state). Rerun with --config.data.sampling={saved}, or use a new "
+            "--workdir.")
 
 
 def unigram_entropy(tokens_N: np.ndarray, vocab_size: int) -> float:

@@ -145,7 +145,7 @@ BAD_VALUES = [
     ("checkpoint.every_steps", 0), ("checkpoint.keep", 0), ("optim.lr_init", 0.0), ("optim.lr_final", -1e-5),
     ("optim.max_consecutive_bad_steps", 0), ("optim.beta2", 1.0), ("optim.grad_clip", 0.0),
     ("data.sp_vocab_size", 100), ("data.sp_vocab_size", 1024), ("data.validation_fraction", 1.0),
-    ("data.source", "pile"), ("model.wkv_form", "fast"),
+    ("data.source", "pile"), ("data.sampling", "stream"), ("model.wkv_form", "fast"),
 ]
 
 
@@ -211,7 +211,9 @@ def test_a_workdir_that_is_a_file_is_refused(env, tmp_path):
     ({"model.d_model": 64}, IncompatibleCheckpointError, r"does not match the state to restore"),
     ({"data.seed": 1}, ValueError, r"resume refused: the data setup differs .*: seed 0 -> 1"),
     ({"data.sp_vocab_size": 400}, ValueError, r"resume refused: .*tokenizer_sha256 .*vocab_size 512 -> "),
-], ids=["model", "data_seed", "tokenizer"])
+    ({"data.sampling": "streams", "train.allow_data_change": True}, ValueError,
+     r"resume refused: checkpoint step 4 .* data.sampling='random', this run asks for 'streams'"),
+], ids=["model", "data_seed", "tokenizer", "sampling"])
 def test_a_refused_resume_leaves_the_workdir_byte_identical(env, tmp_path, change, error, message):
     workdir = copy_of_base(env, tmp_path)
     before = file_bytes(workdir)

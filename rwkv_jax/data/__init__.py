@@ -63,7 +63,7 @@ def make_datasets(data_config: ml_collections.ConfigDict, *, seq_len: int, batch
             pipeline.check_token_ids(tokens_N, model_vocab_size, name)
     train = Batches(train_N, seq_len=seq_len, batch_size=batch_size, seed=c.seed,
                     process_index=process_index, process_count=process_count, vocab_size=model_vocab_size,
-                    source=train_name)
+                    source=train_name, sampling=c.sampling)
     evals = None if eval_N is None else EvalBatches(
         eval_N, seq_len=seq_len, batch_size=batch_size, process_index=process_index,
         process_count=process_count, vocab_size=model_vocab_size, source=eval_name)

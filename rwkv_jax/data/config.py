@@ -32,4 +32,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.sp_input_sentence_size = 300_000  # Lines sampled for sentencepiece training.
     c.sp_wait_timeout_s = 1800.0  # Multi-host: how long other processes wait for process 0.
     c.seed = 0
+    # How training windows are cut: 'random' (RWKV-LM's: independent windows at random offsets, each
+    # from the empty state) or 'streams' (each batch row reads the corpus in order, window after window
+    # across steps, its recurrent state carried from step to step: long-context training).
+    c.sampling = "random"
     return c
