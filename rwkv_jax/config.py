@@ -45,6 +45,9 @@ def base_config(*, model: ml_collections.ConfigDict, batch_size: int, seq_len: i
         "batch_size": batch_size,      # global batch, in sequences
         "seq_len": seq_len,
         "microbatches": 1,             # gradient accumulation: batch_size / microbatches rows at a time
+        "bptt_windows": 1,             # K > 1: each row reads K consecutive windows of seq_len per step, run by
+                                       # a scan with the gradient flowing across them and one window's
+                                       # activations in memory (remat); eval windows are K x seq_len too
         "loss_chunk_tokens": 2048,     # the head and cross entropy run over this many positions at a time
         "seed": 0,                     # parameter init
         "log_every": 10,
@@ -117,7 +120,8 @@ def validate(config: ml_collections.ConfigDict, mesh=None) -> None:
 
     # --- train
     t = config.train
-    for field in ("num_steps", "batch_size", "seq_len", "microbatches", "log_every", "loss_chunk_tokens"):
+    for field in ("num_steps", "batch_size", "seq_len", "microbatches", "bptt_windows", "log_every",
+                  "loss_chunk_tokens"):
         at_least("train", field, 1)
     at_least("train", "eval_every", 0, " (0: evaluate only at the end)")
     at_least("train", "eval_batches", 0, " (0: the whole validation split)")

@@ -57,25 +57,46 @@ def train_state_factory(model_config: ModelConfig, optimizer: optax.GradientTran
     return graphdef, jax.jit(init, out_shardings=shardings), abstract_state, shardings
 
 
-def _loss(graphdef, params, inputs_BT, targets_BT, carry, l2wrap_factor, chunk_tokens):
+def _loss(graphdef, params, inputs_BT, targets_BT, carry, l2wrap_factor, chunk_tokens, windows=1):
     """(mean token cross entropy (with L2Wrap), final state): the head applied chunk by chunk, no [B, T, V]
-    logits. `carry` (None: the empty state) is where each row starts; no gradient flows into it."""
-    model = nnx.merge(graphdef, params)
-    hidden, final = model.hidden(inputs_BT, None if carry is None else jax.lax.stop_gradient(carry))
-    total, count = optim.chunked_token_losses(model.logits, hidden, targets_BT, chunk_tokens=chunk_tokens,
-                                              l2wrap_factor=l2wrap_factor)
-    return total / count, final
+    logits. `carry` (None: the empty state) is where each row starts; no gradient flows into it.
+
+    `windows` > 1 (train.bptt_windows): the T positions are that many consecutive windows, run one after
+    the other by a lax.scan that passes the state on, each window rematerialised in the backward pass: the
+    loss and gradient of one T-token pass (the gradient flows back across the windows) with the activation
+    memory of one window plus a state per window."""
+    def window(state, xs):
+        model = nnx.merge(graphdef, params)
+        hidden, state = model.hidden(xs[0], state)
+        total, count = optim.chunked_token_losses(model.logits, hidden, xs[1], chunk_tokens=chunk_tokens,
+                                                  l2wrap_factor=l2wrap_factor)
+        return state, (total, count)
+
+    state = None if carry is None else jax.lax.stop_gradient(carry)
+    if windows == 1:
+        final, (total, count) = window(state, (inputs_BT, targets_BT))
+        return total / count, final
+    if state is None:
+        state = init_state(nnx.merge(graphdef, params).config, inputs_BT.shape[0])
+    split = lambda x: jnp.swapaxes(x.reshape(x.shape[0], windows, -1), 0, 1)  # [B, K*W] -> [K, B, W]
+    body = jax.checkpoint(window, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+    final, (totals, counts) = jax.lax.scan(body, state, (split(inputs_BT), split(targets_BT)))
+    # Sums over all windows, divided once: L2Wrap's per-position term is factor / (B * T) as for one pass.
+    return totals.sum() / counts.sum(), final
 
 
 def make_train_step(graphdef, optimizer, schedule, shardings: TrainState, mesh: Mesh, *,
-                    microbatches: int = 1, l2wrap_factor: float = 1e-4, loss_chunk_tokens: int = 2048):
+                    microbatches: int = 1, l2wrap_factor: float = 1e-4, loss_chunk_tokens: int = 2048,
+                    bptt_windows: int = 1):
     """jit(step)(state, batch) -> (state, metrics). `batch` has 'inputs' and 'targets' [B, T] int32;
     with microbatches > 1 the gradient is accumulated over B/microbatches rows at a time. With a carried
-    state (`state.carry`), each row starts from it and the step leaves each row's final state there."""
+    state (`state.carry`), each row starts from it and the step leaves each row's final state there.
+    `bptt_windows` > 1: each row's T tokens run as that many consecutive windows of T / bptt_windows with
+    the gradient flowing across them, one window's activations in memory at a time (see `_loss`)."""
 
     def grads_of(params, inputs, targets, carry):
         (loss, final), grads = jax.value_and_grad(
-            lambda p: _loss(graphdef, p, inputs, targets, carry, l2wrap_factor, loss_chunk_tokens),
+            lambda p: _loss(graphdef, p, inputs, targets, carry, l2wrap_factor, loss_chunk_tokens, bptt_windows),
             has_aux=True)(params)
         return loss, grads, None if carry is None else final
 

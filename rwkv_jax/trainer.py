@@ -101,8 +101,9 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
               f"compute {model_config.dtype}, WKV form {model_config.wkv_form}", flush=True)
 
     # --- 2. Data ----------------------------------------------------------------------------------
+    step_len = t.seq_len * t.bptt_windows  # tokens of each row per step
     tokenizer, train_batches, eval_batches = make_datasets(
-        config.data, seq_len=t.seq_len, batch_size=t.batch_size, model_vocab_size=model_config.vocab_size,
+        config.data, seq_len=step_len, batch_size=t.batch_size, model_vocab_size=model_config.vocab_size,
         process_index=jax.process_index(), process_count=jax.process_count())
     data_setup = describe_data(config.data, tokenizer, train_batches)
     batch_sharding = sharding.batch_sharding(mesh)
@@ -142,15 +143,17 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
               "nats/token (the loss of the best context-free model)", flush=True)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
     if is_main:
-        print(f"{n_params:,} parameters; {t.num_steps} steps of {t.batch_size} x {t.seq_len} tokens", flush=True)
+        windows = f" ({t.bptt_windows} windows of {t.seq_len})" if t.bptt_windows > 1 else ""
+        print(f"{n_params:,} parameters; {t.num_steps} steps of {t.batch_size} x {step_len} tokens{windows}"
+              + (", streamed (state carried across steps)" if carry_rows else ""), flush=True)
 
     # --- 4. Steps ---------------------------------------------------------------------------------
     step_fn = train_step.make_train_step(graphdef, optimizer, schedule, shardings, mesh,
                                          microbatches=t.microbatches, l2wrap_factor=config.optim.l2wrap_factor,
-                                         loss_chunk_tokens=t.loss_chunk_tokens)
+                                         loss_chunk_tokens=t.loss_chunk_tokens, bptt_windows=t.bptt_windows)
     eval_fn = train_step.make_eval_step(graphdef, shardings.params, mesh, loss_chunk_tokens=t.loss_chunk_tokens)
     writer = metrics_lib.MetricsWriter(
-        run_dir, total_steps=t.num_steps, tokens_per_step=t.batch_size * t.seq_len,
+        run_dir, total_steps=t.num_steps, tokens_per_step=t.batch_size * step_len,
         flops_per_token=metrics_lib.flops_per_token(model_config.vocab_size, model_config.d_model,
                                                     model_config.n_layer),
         peak_flops=metrics_lib.peak_flops_per_device(t.peak_flops_per_device), num_devices=jax.device_count(),

@@ -4,6 +4,7 @@
     in order, window after window, from evenly spaced starts, wrapping at the corpus end;
   * the carried state enters the next step: two steps of T tokens equal one model run over the 2T tokens
     (forward values, the final state), with microbatches too, and the gradient stops at the window boundary;
+  * train.bptt_windows=2 equals one pass over the 2T tokens (loss, gradient, update, final state);
   * SIGKILL resume stays bit exact with streaming (tests/test_train.py), a changed sampling on resume is
     refused (tests/test_reliability.py).
 """
@@ -161,3 +162,36 @@ def test_the_gradient_stops_at_the_window_boundary(streamed):
     norm_through = float(optax.global_norm(jax.jit(jax.grad(through))(params0)))
     np.testing.assert_allclose(out[1][1], norm_truncated, rtol=1e-4)
     assert abs(norm_through - norm_truncated) > 1e-3 * norm_truncated  # the comparison can tell them apart
+
+
+# --- train.bptt_windows: consecutive windows in one step, the gradient flowing across them -----------------
+
+@pytest.mark.slow
+def test_bptt_windows_equal_one_pass_over_their_tokens_and_carry_on():
+    """One step over 2 windows of T (scan, remat) gives the loss, gradient and final state of one step over
+    2T tokens: the gradient flows back across the window boundary inside the step. L2Wrap on: its
+    per-position term must not change either."""
+    mesh = sharding.make_mesh(sharding.default_mesh_config())
+    config = optim.default_optim_config()
+    optimizer = optim.make_optimizer(config, 10)
+    graphdef, init, _, shardings = train_step.train_state_factory(MODEL, optimizer, mesh, 0, carry_rows=B)
+    state0 = init()
+    leaves, treedef = jax.tree.flatten(state0.params)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    state0 = state0._replace(params=jax.tree.unflatten(
+        treedef, [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]))
+    tokens, _ = _two_windows()
+    batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}
+    results = {}
+    for windows in (1, 2):
+        step_fn = train_step.make_train_step(graphdef, optimizer, optim.learning_rate(config, 10), shardings, mesh,
+                                             l2wrap_factor=0.5, bptt_windows=windows)
+        state, metrics = step_fn(jax.tree.map(jnp.copy, state0), batch)
+        results[windows] = jax.device_get((metrics["loss"], metrics["grad_norm"], state.carry, state.params))
+    (loss1, norm1, carry1, params1), (loss2, norm2, carry2, params2) = results[1], results[2]
+    np.testing.assert_allclose(loss2, loss1, rtol=1e-5)
+    np.testing.assert_allclose(norm2, norm1, rtol=1e-5)
+    for a, b in zip(carry2, carry1):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(params1)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
