@@ -141,7 +141,7 @@ def test_a_workdir_that_cannot_hold_the_lock_is_one_error_naming_it(tmp_path):
 
 BAD_VALUES = [
     ("train.log_every", 0), ("train.eval_every", -1), ("train.eval_batches", -1), ("train.seq_len", 0),
-    ("train.microbatches", 0), ("train.batch_size", 0), ("train.num_steps", 0),
+    ("train.microbatches", 0), ("train.bptt_windows", 0), ("train.batch_size", 0), ("train.num_steps", 0),
     ("checkpoint.every_steps", 0), ("checkpoint.keep", 0), ("optim.lr_init", 0.0), ("optim.lr_final", -1e-5),
     ("optim.max_consecutive_bad_steps", 0), ("optim.beta2", 1.0), ("optim.grad_clip", 0.0),
     ("data.sp_vocab_size", 100), ("data.sp_vocab_size", 1024), ("data.validation_fraction", 1.0),
