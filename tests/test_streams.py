@@ -195,3 +195,22 @@ def test_bptt_windows_equal_one_pass_over_their_tokens_and_carry_on():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(params1)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_streamed_run_with_bptt_windows_and_microbatches_trains_and_checkpoints_its_carry(tmp_path):
+    from tests.test_train import REPO, make_config, read_records, restore_latest, tiny_overrides
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in sorted((REPO / "rwkv_jax").glob("*.py")):
+        (corpus / path.name).write_text(path.read_text())
+    env = {"corpus": corpus, "data_dir": tmp_path / "data"}
+    config = make_config(tiny_overrides(env, data__sampling="streams", train__bptt_windows=2, train__microbatches=2,
+                                        train__num_steps=4, train__eval_every=0, train__seq_len=16))
+    from rwkv_jax import trainer
+    trainer.train(config, tmp_path / "run")
+    records = [r for r in read_records(tmp_path / "run") if r["kind"] == "train"]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in records)
+    state, extra, step = restore_latest(config, tmp_path / "run")
+    assert step == 4 and extra["data"]["sampling"] == "streams"
+    assert state.carry.wkv_a.shape == (2, 4, 32) and np.any(np.asarray(state.carry.wkv_a))
