@@ -147,7 +147,9 @@ class Batches:
     exactly where that of step n stopped and the trainer carries the row's recurrent state across.
     The corpus is read as a cycle: a stream that reaches the end continues at token 0. The corpus is
     documents each followed by eot, so the wrap is one more document boundary (the state carried
-    over it has just read an eot, as at every other boundary) and needs no special handling.
+    over it has just read an eot, as at every other boundary) and needs no special handling; the
+    carried state is not reset there (nor at other boundaries: resets are data.reset_at_eot's). A
+    binidx file written without eot has none at the wrap either, as between its other documents.
 
     Either way nothing depends on earlier batches, so a run resumed at step n sees exactly the
     batches an uninterrupted run sees. Each process builds only its own rows of the global batch.
