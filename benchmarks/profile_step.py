@@ -85,7 +85,8 @@ def main(argv=None):
     params = holder["state"].params
 
     grad_fn = jax.jit(jax.value_and_grad(
-        lambda p: train_step._loss(graphdef, p, None, batch["inputs"], batch["targets"], optim_config.l2wrap_factor, 2048)))
+        lambda p: train_step._loss(graphdef, p, None, batch["inputs"], batch["targets"], optim_config.l2wrap_factor,
+                                   2048)[0]))
     rows["fwd+bwd"] = timed(grad_fn, params, steps=args.steps)
     _, grads = grad_fn(params)
 

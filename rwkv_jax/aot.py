@@ -154,16 +154,18 @@ def compile_only(config: ml_collections.ConfigDict, topology: str, *, estimate_c
         f"{model_config.scan_layers}, remat={model_config.remat}, WKV {model_config.wkv_form}); batch "
         f"{t.batch_size} x {t.seq_len} as {t.microbatches} microbatch(es)")
 
-    def compile_steps(model_config: ModelConfig, microbatches: int, chunk_tokens: int):
+    def compile_steps(model_config: ModelConfig, microbatches: int, chunk_tokens: int, windows: int):
         optimizer = optim.make_optimizer(config.optim, t.num_steps)
         schedule = optim.learning_rate(config.optim, t.num_steps)
+        carry_rows = t.batch_size if config.data.sampling == "streams" else 0  # as the trainer builds it
         graphdef, _, abstract_state, shardings = train_step.train_state_factory(
-            model_config, optimizer, mesh, t.seed, trainable=config.optim.trainable)
-        tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jax.numpy.int32,
+            model_config, optimizer, mesh, t.seed, trainable=config.optim.trainable, carry_rows=carry_rows)
+        tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len * t.bptt_windows), jax.numpy.int32,
                                       sharding=sharding.batch_sharding(mesh))
         step_fn = train_step.make_train_step(graphdef, optimizer, schedule, shardings, mesh,
                                              microbatches=microbatches, l2wrap_factor=config.optim.l2wrap_factor,
-                                             loss_chunk_tokens=chunk_tokens, trainable=config.optim.trainable)
+                                             loss_chunk_tokens=chunk_tokens, trainable=config.optim.trainable,
+                                             bptt_windows=windows)
         eval_fn = train_step.make_eval_step(graphdef, shardings.params, mesh, loss_chunk_tokens=chunk_tokens)
         # The batches of config.data.reset_at_eot also carry the reset mask (bool [B, T]).
         resets = {"reset": tokens.update(dtype=jax.numpy.bool_)} if config.data.get("reset_at_eot") else {}
@@ -178,26 +180,28 @@ def compile_only(config: ml_collections.ConfigDict, topology: str, *, estimate_c
             matmuls[name] = matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr) / len(devices)
         return compiled, seconds, abstract_state, matmuls
 
-    compiled, seconds, abstract_state, matmuls = compile_steps(model_config, t.microbatches, t.loss_chunk_tokens)
+    compiled, seconds, abstract_state, matmuls = compile_steps(model_config, t.microbatches, t.loss_chunk_tokens,
+                                                               t.bptt_windows)
     report = {"topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
               "mesh": dict(mesh.shape), "batch_size": t.batch_size, "seq_len": t.seq_len,
               "microbatches": t.microbatches, "hbm_gib_per_device": per_device.hbm_bytes / GIB,
               "n_params": sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))}
     for name in ("train", "eval"):
-        report[name] = _analyse(compiled[name]) | {"compile_s": seconds[name],
-                                                                "matmul_flops": matmuls[name]}
+        report[name] = _analyse(compiled[name]) | {"compile_s": seconds[name], "matmul_flops": matmuls[name]}
         log(f"  {name} step compiled in {seconds[name]:.1f}s")
 
-    has_loops = model_config.scan_layers or t.microbatches > 1 or t.batch_size * t.seq_len > t.loss_chunk_tokens
+    step_len = t.seq_len * t.bptt_windows  # tokens of each row per step
+    has_loops = (model_config.scan_layers or t.microbatches > 1 or t.bptt_windows > 1
+                 or t.batch_size * step_len > t.loss_chunk_tokens)
     if estimate_costs and has_loops:
         # XLA's cost analysis counts a loop body once, not once per trip, so the FLOPs and bytes of
         # scanned layers, microbatches and loss chunks come out too small. The layers are identical:
         # compile 1- and 2-layer unrolled models over the whole batch in one microbatch and one loss
-        # chunk (no loops), and extrapolate linearly to n_layer.
+        # chunk and one bptt window (no loops), and extrapolate linearly to n_layer.
         probes = []
         for n in (1, 2):
             small = dataclasses.replace(model_config, n_layer=n, scan_layers=False)
-            probes.append(compile_steps(small, 1, t.batch_size * t.seq_len)[0])
+            probes.append(compile_steps(small, 1, t.batch_size * step_len, 1)[0])
         L = model_config.n_layer
         for name in ("train", "eval"):
             (c1, c2) = (_cost(p[name]) for p in probes)
@@ -211,7 +215,7 @@ def compile_only(config: ml_collections.ConfigDict, topology: str, *, estimate_c
         s = report[name]
         s["roofline_flops"] = max(s["flops"], s["matmul_flops"])
         s["roofline_s"] = max(s["roofline_flops"] / per_device.peak_flops, s["bytes"] / per_device.hbm_bandwidth)
-    tokens_per_device = t.batch_size * t.seq_len / len(devices)
+    tokens_per_device = t.batch_size * step_len / len(devices)
     model_flops = metrics_lib.flops_per_token(model_config.vocab_size, model_config.d_model,
                                               model_config.n_layer) * tokens_per_device
     train = report["train"]

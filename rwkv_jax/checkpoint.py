@@ -152,6 +152,20 @@ class Checkpointer:
         checkpoints exist but none can be read (rather than silently starting from scratch)."""
         return self._restore_newest(abstract_state, shardings, prefix="")
 
+    def newest_extra(self) -> tuple[dict, int] | None:
+        """(extra, step) of the newest checkpoint, read from its JSON metadata alone (no arrays): lets a
+        caller refuse a resume before restoring anything. None when there is no checkpoint or its
+        metadata cannot be read (`restore_latest` then falls back to an older step, or reports it)."""
+        self.wait()
+        steps = self.steps
+        if not steps:
+            return None
+        try:
+            meta = self._manager.restore(steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            return meta["extra"], steps[-1]
+        except Exception:  # noqa: BLE001 - unreadable metadata is restore_latest's to report
+            return None
+
     def restore_params(self, abstract_params, shardings=None) -> tuple[Any, dict, int] | None:
         """(params, extra, step) of the newest readable checkpoint: the `params` entry of the saved state
         alone, read without the optimizer state. `abstract_params` gives its structure, shapes and dtypes;

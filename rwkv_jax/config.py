@@ -15,7 +15,7 @@ import os
 import jax
 import ml_collections
 
-from rwkv_jax.data import default_data_config
+from rwkv_jax.data import default_data_config, pipeline
 from rwkv_jax import sharding
 from rwkv_jax.model import ModelConfig
 from rwkv_jax.ops import wkv as wkv_ops
@@ -46,6 +46,9 @@ def base_config(*, model: ml_collections.ConfigDict, batch_size: int, seq_len: i
         "batch_size": batch_size,      # global batch, in sequences
         "seq_len": seq_len,
         "microbatches": 1,             # gradient accumulation: batch_size / microbatches rows at a time
+        "bptt_windows": 1,             # K > 1: each row reads K consecutive windows of seq_len per step, run by
+                                       # a scan with the gradient flowing across them and one window's
+                                       # activations in memory (remat); eval windows are K x seq_len too
         "loss_chunk_tokens": 2048,     # the head and cross entropy run over this many positions at a time
         "seed": 0,                     # parameter init
         "log_every": 10,
@@ -120,7 +123,8 @@ def validate(config: ml_collections.ConfigDict, mesh=None) -> None:
 
     # --- train
     t = config.train
-    for field in ("num_steps", "batch_size", "seq_len", "microbatches", "log_every", "loss_chunk_tokens"):
+    for field in ("num_steps", "batch_size", "seq_len", "microbatches", "bptt_windows", "log_every",
+                  "loss_chunk_tokens"):
         at_least("train", field, 1)
     at_least("train", "eval_every", 0, " (0: evaluate only at the end)")
     at_least("train", "eval_batches", 0, " (0: the whole validation split)")
@@ -166,6 +170,7 @@ def validate(config: ml_collections.ConfigDict, mesh=None) -> None:
     one_of("data", "tokenizer", ("sentencepiece", "hf_json"))
     one_of("data", "sp_model_type", ("bpe", "unigram"))
     one_of("data", "text_split", ("hash", "all"))
+    one_of("data", "sampling", pipeline.SAMPLINGS)
     need(0 <= d.validation_fraction < 1,
          f"data.validation_fraction must be in [0, 1), got {d.validation_fraction!r}")
     at_least("data", "sp_input_sentence_size", 1)

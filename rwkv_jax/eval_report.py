@@ -1,5 +1,8 @@
 """Evaluation reports as files and text: the console table, PREFIX.json, PREFIX.md and PREFIX.png (loss
-against token position, log axis). The numbers come from rwkv_jax.evaluation."""
+against token position, log axis). The numbers come from rwkv_jax.evaluation.
+
+A report may carry another one's loss by position under 'compare' (eval.py --compare=OTHER.json): the
+tables gain its bucket losses as a column and the PNG draws both curves, each named by its 'label'."""
 
 import json
 import os
@@ -26,16 +29,40 @@ def _summary_rows(report: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def label_of(report: dict) -> str:
+    """The name of a report's curve: its --label, else the checkpoint's file or directory name."""
+    return report.get("label") or Path(str(report.get("checkpoint", ""))).name or "report"
+
+
+def compare_part(other: dict, path) -> dict:
+    """What a report keeps of another one it is compared with (eval.py --compare): its label, source and
+    loss by position. ValueError if `other` has no loss by position."""
+    if not isinstance(other, dict) or not other.get("loss_per_position") or not other.get("loss_by_position"):
+        raise ValueError(f"--compare {path}: not an eval.py report with loss by position (a LAMBADA report, or "
+                         "another file?): give the PREFIX.json of a perplexity evaluation")
+    keys = ("checkpoint", "data", "loss", "tokens", "loss_by_position", "loss_per_position", "tokens_per_position")
+    return {"report": str(path), "label": label_of(other), **{k: other.get(k) for k in keys}}
+
+
+def _compare_losses(report: dict) -> dict[str, float]:
+    """The compared report's bucket losses by bucket name ('' when there is none)."""
+    return {b["positions"]: b["loss"] for b in (report.get("compare") or {}).get("loss_by_position", [])}
+
+
 def format_table(report: dict) -> str:
-    """The report as plain text: the summary, then the loss by position bucket."""
+    """The report as plain text: the summary, then the loss by position bucket (and the compared one's)."""
     head = [f"checkpoint: {report.get('checkpoint', '-')}", f"data: {report.get('data', '-')}",
             f"mode: {report['mode']}"]
     rows = _summary_rows(report)
     width = max(len(k) for k, _ in rows)
     lines = head + [f"  {k:<{width}}  {v}" for k, v in rows]
     if report.get("loss_by_position"):
-        lines += ["", f"  {'positions':>13}  {'tokens':>10}  {'loss':>8}"]
-        lines += [f"  {b['positions']:>13}  {b['tokens']:>10}  {b['loss']:>8.4f}" for b in report["loss_by_position"]]
+        other = _compare_losses(report)
+        extra = lambda b: f"  {other[b['positions']]:>12.4f}" if b["positions"] in other else ""  # noqa: E731
+        title = f"  {'loss (' + report['compare']['label'] + ')':>12}" if other else ""
+        lines += ["", f"  {'positions':>13}  {'tokens':>10}  {'loss':>8}{title}"]
+        lines += [f"  {b['positions']:>13}  {b['tokens']:>10}  {b['loss']:>8.4f}{extra(b)}"
+                  for b in report["loss_by_position"]]
     return "\n".join(lines)
 
 
@@ -45,39 +72,58 @@ def to_markdown(report: dict, plot_name: str | None = None) -> str:
              "| metric | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in _summary_rows(report)]
     if report.get("loss_by_position"):
-        lines += ["", "## Loss by token position (0-based, log-spaced buckets)", "",
-                  "| positions | tokens | loss (nats) |", "| --- | ---: | ---: |"]
-        lines += [f"| {b['positions']} | {b['tokens']} | {b['loss']:.4f} |" for b in report["loss_by_position"]]
+        other = _compare_losses(report)
+        lines += ["", "## Loss by token position (0-based, log-spaced buckets)", ""]
+        if other:
+            lines += [f"Compared with `{report['compare']['report']}` ({report['compare']['label']}).", "",
+                      f"| positions | tokens | loss (nats), {label_of(report)} | loss (nats), "
+                      f"{report['compare']['label']} |", "| --- | ---: | ---: | ---: |"]
+            lines += [f"| {b['positions']} | {b['tokens']} | {b['loss']:.4f} | "
+                      f"{_fmt(other.get(b['positions']))} |" for b in report["loss_by_position"]]
+        else:
+            lines += ["| positions | tokens | loss (nats) |", "| --- | ---: | ---: |"]
+            lines += [f"| {b['positions']} | {b['tokens']} | {b['loss']:.4f} |" for b in report["loss_by_position"]]
     if plot_name:
         lines += ["", f"![loss by position]({plot_name})"]
     return "\n".join(lines) + "\n"
 
 
-def plot_loss_by_position(report: dict, path) -> None:
-    """Loss against token position, log x axis (the paper's long-context figure): the per-position mean,
-    lightly smoothed, and the bucket means."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    per_pos = np.asarray(report["loss_per_position"], np.float64)
-    counts = np.asarray(report["tokens_per_position"], np.float64)
-    x = np.arange(1, len(per_pos) + 1)  # position + 1, so that position 0 shows on a log axis
-    # smoothed over +-10% of the position (a window of constant width on the log axis), token-weighted
+def _smoothed(per_pos: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The per-position loss smoothed over +-10% of the position (a window of constant width on the log
+    axis), token-weighted."""
     sums_cum = np.concatenate([[0.0], np.cumsum(per_pos * counts)])
     counts_cum = np.concatenate([[0.0], np.cumsum(counts)])
     half = (np.arange(len(per_pos)) * 0.1).astype(np.int64)
     lo, hi = np.arange(len(per_pos)) - half, np.minimum(np.arange(len(per_pos)) + half + 1, len(per_pos))
-    smooth = (sums_cum[hi] - sums_cum[lo]) / np.maximum(counts_cum[hi] - counts_cum[lo], 1)
+    return (sums_cum[hi] - sums_cum[lo]) / np.maximum(counts_cum[hi] - counts_cum[lo], 1)
+
+
+def plot_loss_by_position(report: dict, path) -> None:
+    """Loss against token position, log x axis (the paper's long-context figure): the per-position mean,
+    lightly smoothed, and the bucket means; with a compared report, both curves (smoothed and buckets)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(x, per_pos, lw=0.5, alpha=0.2, label="per position")
-    ax.plot(x, smooth, lw=1.2, label="per position, smoothed (+-10%)")
-    buckets = report["loss_by_position"]
-    ax.plot([(b["first"] + min(b["last"], len(per_pos) - 1)) / 2 + 1 for b in buckets],
-            [b["loss"] for b in buckets], "o-", lw=1.5, label="log-spaced buckets")
+    curves = [report] + ([report["compare"]] if report.get("compare") else [])
+    for i, curve in enumerate(curves):
+        per_pos = np.asarray(curve["loss_per_position"], np.float64)
+        counts = np.asarray(curve["tokens_per_position"], np.float64)
+        x = np.arange(1, len(per_pos) + 1)  # position + 1, so that position 0 shows on a log axis
+        name, color = (label_of(curve) + ": " if len(curves) > 1 else ""), f"C{i}"
+        if len(curves) == 1:
+            ax.plot(x, per_pos, lw=0.5, alpha=0.2, color="C0", label="per position")
+            color = "C1"
+        ax.plot(x, _smoothed(per_pos, counts), lw=1.2, color=color, label=f"{name}per position, smoothed (+-10%)")
+        buckets = curve["loss_by_position"]
+        ax.plot([(b["first"] + min(b["last"], len(per_pos) - 1)) / 2 + 1 for b in buckets],
+                [b["loss"] for b in buckets], "o-", lw=1.5, color="C2" if len(curves) == 1 else color,
+                alpha=1.0 if len(curves) == 1 else 0.6, label=f"{name}log-spaced buckets")
     ax.set_xscale("log")
     ax.set_xlabel("token position + 1 (within the document)")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title(f"{Path(str(report.get('checkpoint', ''))).name}: loss by position ({report['tokens']:,} tokens)")
+    title = " vs ".join(label_of(c) for c in curves)
+    ax.set_title(f"{title}: loss by position ({report['tokens']:,} tokens)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -95,6 +95,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(RULES["batch"], None))
 
 
+def recurrent_state_sharding(mesh: Mesh) -> NamedSharding:
+    """An RWKVState carried across training steps, each field [n_layer, B, width]: rows split as the
+    batch's are, so each device holds the state of its own rows."""
+    return NamedSharding(mesh, PartitionSpec(None, RULES["batch"], None))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

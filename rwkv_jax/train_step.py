@@ -4,6 +4,14 @@
 Parameters and optimizer state are created already sharded: the model is built abstractly, shardings
 come from its logical axes, and a jitted initialiser with those out_shardings materialises each shard
 on its own device.
+
+Two optional fields of the train state:
+  * `initial_state` (state tuning, optim.trainable='state'): the learned state every window starts from,
+    the only thing differentiated and updated; the parameters pass through bit for bit.
+  * `carry` (streamed training, config.data.sampling='streams'): the recurrent state of every row of the
+    global batch after its last window. Step n starts each row from it and leaves the row's final state
+    for step n+1; gradients stop at the window boundary (truncated backpropagation through time: the
+    carry is a value, not a function of the parameters being differentiated).
 """
 
 from typing import Any, NamedTuple
@@ -15,26 +23,29 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from rwkv_jax import optim, sharding, state_tuning
-from rwkv_jax.model import RWKV, ModelConfig
+from rwkv_jax.model import RWKV, ModelConfig, RWKVState, init_state
 
 
 class TrainState(NamedTuple):
     step: jax.Array      # int32 scalar: optimizer steps taken (bad steps included)
     params: Any          # nnx.State of the model's Params
     opt_state: Any
-    initial_state: Any = None  # state tuning (optim.trainable='state'): the learned state; else None
+    initial_state: Any = None       # state tuning (optim.trainable='state'): the learned state; else None
+    carry: RWKVState | None = None  # streamed training: each row's state after its last window, else None
 
 
 TRAINABLE = ("all", "state")  # optim.trainable: every parameter, or the learned initial state alone
 
 
 def train_state_factory(model_config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
-                        seed: int, *, trainable: str = "all"):
+                        seed: int, *, trainable: str = "all", carry_rows: int = 0):
     """(graphdef, init, abstract state, shardings). `init()` materialises the state shard by shard on
     the mesh; `init(params)` starts from given parameters (an nnx.State of the model's Params, e.g. a
     trained model's: `train.init_from`) with a fresh optimizer; a resumed run restores onto `abstract
     state` and `shardings` without calling it. With trainable='state' the optimizer covers the learned
-    initial state (rwkv_jax/state_tuning.py) alone, and the parameters are only an input."""
+    initial state (rwkv_jax/state_tuning.py) alone, and the parameters are only an input. `carry_rows` > 0
+    (streamed training: the global batch size) adds the carried recurrent state, empty at init and split
+    over the batch axes as the batch rows are."""
     if trainable not in TRAINABLE:
         raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
     abstract_model = nnx.eval_shape(lambda: RWKV(model_config, rngs=nnx.Rngs(seed)))
@@ -42,26 +53,28 @@ def train_state_factory(model_config: ModelConfig, optimizer: optax.GradientTran
     param_shardings = sharding.state_shardings(abstract_params, mesh)
 
     def build(params):
+        carry = init_state(model_config, carry_rows) if carry_rows else None
         if trainable == "state":
             learned = state_tuning.init(model_config)
-            return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(learned), learned)
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+            return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(learned), learned, carry)
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), None, carry)
 
     def fresh():
         params = nnx.state(RWKV(model_config, rngs=nnx.Rngs(seed)))
         return build(jax.lax.with_sharding_constraint(params, param_shardings))
 
     abstract_state = jax.eval_shape(fresh)
+    carry_sharding = sharding.recurrent_state_sharding(mesh) if carry_rows else None
     if trainable == "state":  # the learned state and its optimizer state are small: replicated
         shardings = TrainState(sharding.replicated(mesh), param_shardings, sharding.replicated(mesh),
-                               sharding.replicated(mesh))
+                               sharding.replicated(mesh), carry_sharding)
     else:
         # Optimizer moments mirror the parameters they belong to; counters are replicated.
         opt_shardings = optax.tree_utils.tree_map_params(
             optimizer, lambda _, param_sharding: param_sharding, abstract_state.opt_state, param_shardings,
             transform_non_params=lambda _: sharding.replicated(mesh),
             is_leaf=lambda x: isinstance(x, (nnx.Variable, jax.sharding.Sharding)))
-        shardings = TrainState(sharding.replicated(mesh), param_shardings, opt_shardings)
+        shardings = TrainState(sharding.replicated(mesh), param_shardings, opt_shardings, None, carry_sharding)
     init_fresh = jax.jit(fresh, out_shardings=shardings)
     init_from = jax.jit(build, in_shardings=(param_shardings,), out_shardings=shardings, donate_argnums=0)
 
@@ -76,50 +89,89 @@ def _start_state(initial_state, batch_size: int):
     return None if initial_state is None else state_tuning.to_rwkv_state(initial_state, batch_size)
 
 
-def _loss(graphdef, params, initial_state, inputs_BT, targets_BT, l2wrap_factor, chunk_tokens, reset_BT=None):
-    """Mean token cross entropy (with L2Wrap), the head applied chunk by chunk: no [B, T, V] logits.
-    `reset_BT`: document resets (config.data.reset_at_eot), back to the window's start state."""
-    model = nnx.merge(graphdef, params)
+def _loss(graphdef, params, initial_state, inputs_BT, targets_BT, l2wrap_factor, chunk_tokens, *,
+          carry=None, reset_BT=None, windows: int = 1):
+    """(mean token cross entropy (with L2Wrap), final state): the head applied chunk by chunk, no [B, T, V]
+    logits.
+
+    Each row starts from `carry` when given (streamed training; no gradient flows into it), else from the
+    learned `initial_state` (state tuning), else from the empty state. `reset_BT` (config.data.reset_at_eot)
+    resets the state to the start state (learned or empty) at end-of-text inputs.
+
+    `windows` > 1 (train.bptt_windows): the T positions are that many consecutive windows, run one after
+    the other by a lax.scan that passes the state on, each window rematerialised in the backward pass: the
+    loss and gradient of one T-token pass (the gradient flows back across the windows) with the activation
+    memory of one window plus a state per window."""
     start = _start_state(initial_state, inputs_BT.shape[0])
-    hidden, _ = model.hidden(inputs_BT, start, reset_BT=reset_BT, reset_to=None if reset_BT is None else start)
-    total, count = optim.chunked_token_losses(model.logits, hidden, targets_BT, chunk_tokens=chunk_tokens,
-                                              l2wrap_factor=l2wrap_factor)
-    return total / count
+    reset_to = None if reset_BT is None else start
+
+    def window(state, xs):
+        inputs, targets, reset = xs
+        model = nnx.merge(graphdef, params)
+        hidden, state = model.hidden(inputs, state, reset_BT=reset, reset_to=reset_to)
+        total, count = optim.chunked_token_losses(model.logits, hidden, targets, chunk_tokens=chunk_tokens,
+                                                  l2wrap_factor=l2wrap_factor)
+        return state, (total, count)
+
+    state = start if carry is None else jax.lax.stop_gradient(carry)
+    if windows == 1:
+        final, (total, count) = window(state, (inputs_BT, targets_BT, reset_BT))
+        return total / count, final
+    if state is None:
+        state = init_state(nnx.merge(graphdef, params).config, inputs_BT.shape[0])
+    split = lambda x: jnp.swapaxes(x.reshape(x.shape[0], windows, -1), 0, 1)  # [B, K*W] -> [K, B, W]
+    body = jax.checkpoint(window, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+    xs = (split(inputs_BT), split(targets_BT), None if reset_BT is None else split(reset_BT))
+    final, (totals, counts) = jax.lax.scan(body, state, xs)
+    # Sums over all windows, divided once: L2Wrap's per-position term is factor / (B * T) as for one pass.
+    return totals.sum() / counts.sum(), final
 
 
 def make_train_step(graphdef, optimizer, schedule, shardings: TrainState, mesh: Mesh, *,
                     microbatches: int = 1, l2wrap_factor: float = 1e-4, loss_chunk_tokens: int = 2048,
-                    trainable: str = "all"):
+                    trainable: str = "all", bptt_windows: int = 1):
     """jit(step)(state, batch) -> (state, metrics). `batch` has 'inputs' and 'targets' [B, T] int32, and
     optionally 'reset' [B, T] (document resets); with microbatches > 1 the gradient is accumulated over
     B/microbatches rows at a time. With trainable='state' only `state.initial_state` is differentiated and
-    updated: the parameters are returned as they came (bit for bit)."""
+    updated: the parameters are returned as they came (bit for bit). With a carried state (`state.carry`),
+    each row starts from it and the step leaves each row's final state there. `bptt_windows` > 1: each
+    row's T tokens run as that many consecutive windows of T / bptt_windows with the gradient flowing
+    across them, one window's activations in memory at a time (see `_loss`)."""
     if trainable not in TRAINABLE:
         raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
     tune_state = trainable == "state"
 
-    def grads_of(state: TrainState, inputs, targets, reset=None):
+    def grads_of(state: TrainState, inputs, targets, reset, carry):
         def loss(params, learned):
-            return _loss(graphdef, params, learned, inputs, targets, l2wrap_factor, loss_chunk_tokens, reset)
+            return _loss(graphdef, params, learned, inputs, targets, l2wrap_factor, loss_chunk_tokens,
+                         carry=carry, reset_BT=reset, windows=bptt_windows)
         # State tuning differentiates the learned state alone: no gradient of any weight is computed.
-        return jax.value_and_grad(loss, argnums=1 if tune_state else 0)(state.params, state.initial_state)
+        (loss, final), grads = jax.value_and_grad(loss, argnums=1 if tune_state else 0, has_aux=True)(
+            state.params, state.initial_state)
+        return loss, grads, None if carry is None else final
 
     def step(state: TrainState, batch):
         trained = state.initial_state if tune_state else state.params
         with sharding.activation_sharding(mesh):
-            rows = (batch["inputs"], batch["targets"], *([batch["reset"]] if "reset" in batch else []))
+            rows = (batch["inputs"], batch["targets"], batch.get("reset"))
             if microbatches == 1:
-                loss, grads = grads_of(state, *rows)
+                loss, grads, final = grads_of(state, *rows, state.carry)
             else:
                 split = lambda x: x.reshape(microbatches, -1, *x.shape[1:])
+                # The state's batch axis is axis 1 ([n_layer, B, width]): microbatch m takes rows m*b..m*b+b-1
+                # of it, as of the batch.
+                split_state = lambda x: jnp.moveaxis(x.reshape(x.shape[0], microbatches, -1, *x.shape[2:]), 1, 0)
+                join_state = lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:])
 
-                def accumulate(carry, micro):
-                    loss, grads = grads_of(state, *micro)
-                    return jax.tree.map(jnp.add, carry, (loss, grads)), None
+                def accumulate(sums, micro):
+                    loss, grads, final = grads_of(state, *micro)
+                    return jax.tree.map(jnp.add, sums, (loss, grads)), final
 
                 zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trained))
-                (loss, grads), _ = jax.lax.scan(accumulate, zeros, tuple(map(split, rows)))
+                carry = None if state.carry is None else jax.tree.map(split_state, state.carry)
+                (loss, grads), finals = jax.lax.scan(accumulate, zeros, (*jax.tree.map(split, rows), carry))
                 loss, grads = jax.tree.map(lambda x: x / microbatches, (loss, grads))
+                final = jax.tree.map(join_state, finals)
         # A non-finite loss must skip the step as a non-finite gradient does: poisoning one gradient leaf
         # makes the global norm NaN, which the optimizer (optim.skip_if_not_finite) acts on. One leaf, not
         # all: a select over every gradient would cost a pass over them, and the norm below is the same
@@ -133,8 +185,14 @@ def make_train_step(graphdef, optimizer, schedule, shardings: TrainState, mesh: 
         trained = optax.apply_updates(trained, updates)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite,
                    "bad_steps": optim.bad_step_count(opt_state)}
+        carry = None
+        if state.carry is not None:
+            # A skipped (non-finite) step may leave a NaN state, which would poison every later window of
+            # its row and cannot be checkpointed: the streams then go on from the empty state.
+            empty = init_state(nnx.merge(graphdef, state.params).config, batch["inputs"].shape[0])
+            carry = jax.tree.map(lambda new, e: jnp.where(finite, new, e), final, empty)
         new = {"initial_state": trained} if tune_state else {"params": trained}
-        return state._replace(step=state.step + 1, opt_state=opt_state, **new), metrics
+        return state._replace(step=state.step + 1, opt_state=opt_state, carry=carry, **new), metrics
 
     return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)

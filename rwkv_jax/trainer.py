@@ -12,7 +12,9 @@
   5. End: a final checkpoint and evaluation, and the loss curves as a PNG.
 
 Batch n is a pure function of (data seed, n), so a run resumed from the checkpoint of step n sees
-exactly the batches an uninterrupted run sees: the checkpointed step is the whole data position.
+exactly the batches an uninterrupted run sees: the checkpointed step is the whole data position. With
+config.data.sampling='streams' the recurrent state carried from step to step is part of the train state
+and of its checkpoints, so a resumed stream goes on from the very state it had.
 """
 
 import math
@@ -103,8 +105,9 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
               f"compute {model_config.dtype}, WKV form {model_config.wkv_form}", flush=True)
 
     # --- 2. Data ----------------------------------------------------------------------------------
+    step_len = t.seq_len * t.bptt_windows  # tokens of each row per step
     tokenizer, train_batches, eval_batches = make_datasets(
-        config.data, seq_len=t.seq_len, batch_size=t.batch_size, model_vocab_size=model_config.vocab_size,
+        config.data, seq_len=step_len, batch_size=t.batch_size, model_vocab_size=model_config.vocab_size,
         process_index=jax.process_index(), process_count=jax.process_count())
     data_setup = describe_data(config.data, tokenizer, train_batches)
     batch_sharding = sharding.batch_sharding(mesh)
@@ -116,12 +119,16 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
     optimizer = optim.make_optimizer(config.optim, t.num_steps)
     schedule = optim.learning_rate(config.optim, t.num_steps)
     trainable = config.optim.trainable
-    graphdef, init, abstract_state, shardings = train_step.train_state_factory(model_config, optimizer, mesh,
-                                                                               t.seed, trainable=trainable)
+    carry_rows = t.batch_size if config.data.sampling == "streams" else 0
+    graphdef, init, abstract_state, shardings = train_step.train_state_factory(
+        model_config, optimizer, mesh, t.seed, trainable=trainable, carry_rows=carry_rows)
     checkpointer = Checkpointer(run_dir.checkpoints_dir, keep=config.checkpoint.keep,
                                 async_save=config.checkpoint.async_save)
     if is_main:
         workdir_lock.check_writable(checkpointer.directory)
+    newest = checkpointer.newest_extra()  # before reading any array: the state's layout depends on it
+    if newest is not None:
+        check_sampling_unchanged(newest[0], data_setup, newest[1], checkpointer.directory)
     restored = checkpointer.restore_latest(abstract_state, shardings)
     if restored is None:
         state = init(load_init_params(t.init_from, model_config, abstract_state.params) if t.init_from else None)
@@ -143,7 +150,9 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
               "nats/token (the loss of the best context-free model)", flush=True)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
     if is_main:
-        print(f"{n_params:,} parameters; {t.num_steps} steps of {t.batch_size} x {t.seq_len} tokens", flush=True)
+        windows = f" ({t.bptt_windows} windows of {t.seq_len})" if t.bptt_windows > 1 else ""
+        print(f"{n_params:,} parameters; {t.num_steps} steps of {t.batch_size} x {step_len} tokens{windows}"
+              + (", streamed (state carried across steps)" if carry_rows else ""), flush=True)
         if trainable == "state":
             n_state = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.initial_state))
             print(f"state tuning: the model is frozen; {n_state:,} values of learned initial state are trained "
@@ -152,10 +161,11 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
     # --- 4. Steps ---------------------------------------------------------------------------------
     step_fn = train_step.make_train_step(graphdef, optimizer, schedule, shardings, mesh,
                                          microbatches=t.microbatches, l2wrap_factor=config.optim.l2wrap_factor,
-                                         loss_chunk_tokens=t.loss_chunk_tokens, trainable=trainable)
+                                         loss_chunk_tokens=t.loss_chunk_tokens, trainable=trainable,
+                                         bptt_windows=t.bptt_windows)
     eval_fn = train_step.make_eval_step(graphdef, shardings.params, mesh, loss_chunk_tokens=t.loss_chunk_tokens)
     writer = metrics_lib.MetricsWriter(
-        run_dir, total_steps=t.num_steps, tokens_per_step=t.batch_size * t.seq_len,
+        run_dir, total_steps=t.num_steps, tokens_per_step=t.batch_size * step_len,
         flops_per_token=metrics_lib.flops_per_token(model_config.vocab_size, model_config.d_model,
                                                     model_config.n_layer),
         peak_flops=metrics_lib.peak_flops_per_device(t.peak_flops_per_device), num_devices=jax.device_count(),
@@ -291,7 +301,7 @@ def describe_data(data_config, tokenizer, train_batches) -> dict:
     options = {"stdlib": ("stdlib_root",), "text": ("text_files", "text_split"), "tfds": ("tfds_name",),
                "binidx": ("binidx_prefix",)}[c.source]
     return {"source": c.source, **{k: c[k] for k in options}, "validation_fraction": c.validation_fraction,
-            "train_split": c.train_split, "seed": c.seed, "tokenizer": c.tokenizer,
+            "train_split": c.train_split, "seed": c.seed, "sampling": c.sampling, "tokenizer": c.tokenizer,
             "tokenizer_sha256": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
             "train_tokens": len(train_batches.tokens_N), "reset_at_eot": bool(c.get("reset_at_eot", False))}
 
@@ -312,6 +322,19 @@ def check_data_unchanged(extra: dict, current: dict, step: int, directory, allow
         f"resume refused: the data setup differs from the one of checkpoint step {step} in {directory}: "
         f"{'; '.join(changed)}. Rerun with the original data settings, use a new --workdir, or pass "
         "--config.train.allow_data_change=True to continue training on the new data.")
+
+
+def check_sampling_unchanged(extra: dict, current: dict, step: int, directory) -> None:
+    """Refuse (ValueError) a resume that changes config.data.sampling, even with allow_data_change: a
+    streamed run's train state holds the carried recurrent state and a random-window run's does not.
+    Checkpoints from before the option existed were written with 'random'."""
+    saved = (extra.get("data") or {}).get("sampling", "random")
+    if saved != current["sampling"]:
+        raise ValueError(
+            f"resume refused: checkpoint step {step} in {directory} was trained with data.sampling={saved!r}, "
+            f"this run asks for {current['sampling']!r}, and the train state differs between them (streams "
+            f"carry each row's recurrent state). Rerun with --config.data.sampling={saved}, or use a new "
+            "--workdir.")
 
 
 def unigram_entropy(tokens_N: np.ndarray, vocab_size: int) -> float:

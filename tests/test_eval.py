@@ -267,3 +267,51 @@ def test_eval_len_max_docs_and_binidx(peers, tokenizer_path, tmp_path):
     assert report["loss"] == pytest.approx(direct["loss"], abs=1e-6)
     nbytes = [len(tok.decode(s[:20].tolist()).encode()) for s in seqs[:2]]
     assert report["bytes"] == sum(nbytes)
+
+
+def test_compare_draws_both_curves_on_one_png_and_tables_them(peers, tokenizer_path, tmp_path, monkeypatch):
+    _, tensors, _ = peers
+    text = tmp_path / "doc.txt"
+    text.write_text("a longer document, to have a few windows of positions. " * 6)
+    for name, scale in (("a", 1.0), ("b", 0.5)):  # two models: b's head is a's, halved
+        weights.write_pth({**tensors, "head.weight": tensors["head.weight"] * scale}, tmp_path / f"{name}.pth")
+    common = (f"--tokenizer={tokenizer_path}", f"--text_files={text}", "--window=64")
+    first = run_eval_script(f"--checkpoint={tmp_path / 'a.pth'}", "--label=streams", f"--report={tmp_path / 'a'}",
+                            *common)
+    import matplotlib.figure
+    drawn = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def spy(fig, path, **kwargs):
+        drawn[str(path)] = {line.get_label(): line.get_ydata() for line in fig.axes[0].get_lines()}
+        return save(fig, path, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    second = run_eval_script(f"--checkpoint={tmp_path / 'b.pth'}", "--label=random", f"--compare={tmp_path / 'a.json'}",
+                             f"--report={tmp_path / 'b'}", *common)
+    assert (tmp_path / "b.png").stat().st_size > 0
+    lines = drawn[str(tmp_path / "b.png")]
+    assert sorted(lines) == sorted(f"{who}: {what}" for who in ("streams", "random")
+                                   for what in ("per position, smoothed (+-10%)", "log-spaced buckets"))
+    np.testing.assert_allclose(lines["streams: log-spaced buckets"], [b["loss"] for b in first["loss_by_position"]])
+    np.testing.assert_allclose(lines["random: log-spaced buckets"], [b["loss"] for b in second["loss_by_position"]])
+    assert first["loss"] != second["loss"]
+    assert second["compare"]["label"] == "streams" and second["compare"]["report"] == str(tmp_path / "a.json")
+    assert json.loads((tmp_path / "b.json").read_text())["compare"]["loss"] == first["loss"]
+    bucket = first["loss_by_position"][-1]
+    assert f"| {bucket['loss']:.4f} |" in (tmp_path / "b.md").read_text()  # a's bucket losses, beside b's
+    assert "| loss (nats), random | loss (nats), streams |" in (tmp_path / "b.md").read_text()
+
+
+def test_compare_with_a_report_without_positions_is_one_error(peers, tokenizer_path, tmp_path):
+    _, tensors, _ = peers
+    weights.write_pth(tensors, tmp_path / "m.pth")
+    lambada = tmp_path / "lambada.json"
+    lambada.write_text(json.dumps({"mode": "parallel", "accuracy": 0.5}))
+    with pytest.raises(ValueError, match=r"--compare .*lambada.json: not an eval.py report with loss by position"):
+        run_eval_script(f"--checkpoint={tmp_path / 'm.pth'}", f"--tokenizer={tokenizer_path}",
+                        f"--text_files={tokenizer_path}", f"--compare={lambada}")
+    from rwkv_jax import cli
+    with pytest.raises(cli.UsageError, match=r"--compare=.*missing.json: no such file"):
+        run_eval_script(f"--checkpoint={tmp_path / 'm.pth'}", f"--tokenizer={tokenizer_path}",
+                        f"--text_files={tokenizer_path}", f"--compare={tmp_path / 'missing.json'}")

@@ -94,7 +94,7 @@ def make_corpus(directory: Path) -> None:
         (directory / f"doc{i:02d}.txt").write_text("\n".join(lines) + "\n")
 
 
-def train_args(workdir: Path, corpus: Path, data_dir: Path) -> list[str]:
+def train_args(workdir: Path, corpus: Path, data_dir: Path, sampling: str = "random") -> list[str]:
     return [
         "train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
         "--config.model.vocab_size=512", "--config.model.d_model=64", "--config.model.n_layer=2",
@@ -103,7 +103,7 @@ def train_args(workdir: Path, corpus: Path, data_dir: Path) -> list[str]:
         "--config.data.sp_wait_timeout_s=120",
         "--config.train.batch_size=8", "--config.train.seq_len=32", f"--config.train.num_steps={NUM_STEPS}",
         "--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.eval_batches=1",
-        "--config.checkpoint.every_steps=2",
+        "--config.checkpoint.every_steps=2", f"--config.data.sampling={sampling}",
     ]
 
 
@@ -123,7 +123,9 @@ def token_caches_ready(data_dir: Path) -> bool:
     return len(list(data_dir.glob("token_cache/*/*.tokens.json"))) >= 2
 
 
-def test_two_processes_train_like_one(tmp_path):
+# Streams: each process reads its rows' streams and carries its rows' state (slow: a second pair of runs).
+@pytest.mark.parametrize("sampling", ["random", pytest.param("streams", marks=pytest.mark.slow)])
+def test_two_processes_train_like_one(tmp_path, sampling):
     corpus, data_dir = tmp_path / "corpus", tmp_path / "data"
     make_corpus(corpus)
     multi_dir, single_dir = tmp_path / "two_processes", tmp_path / "one_process"
@@ -134,14 +136,14 @@ def test_two_processes_train_like_one(tmp_path):
     with processes() as started:
         # Two processes x 2 devices, a fresh data_dir: process 0 builds the dataset and trains the
         # tokenizer while process 1 waits for it; both write the checkpoints together.
-        multi = [start(started, train_args(multi_dir, corpus, data_dir) + [
+        multi = [start(started, train_args(multi_dir, corpus, data_dir, sampling) + [
                      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
                      "--distributed_timeout_s=120"], env_with_devices(2), logs[i]) for i in range(2)]
         wait_all(list(zip(multi, logs)), deadline)
         assert token_caches_ready(data_dir)
         # One process x 4 devices, the same config (reusing the tokenizer and token caches). Run after,
         # not beside, the two: on a 2-core runner overlapping them measured slower (72 s against 53 s).
-        single = start(started, train_args(single_dir, corpus, data_dir), env_with_devices(4), single_log)
+        single = start(started, train_args(single_dir, corpus, data_dir, sampling), env_with_devices(4), single_log)
         wait_all([(single, single_log)], time.monotonic() + RUN_TIMEOUT_S)
 
     assert "devices: 4 x cpu in 2 process(es)" in logs[0].read_text()

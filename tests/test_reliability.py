@@ -141,11 +141,11 @@ def test_a_workdir_that_cannot_hold_the_lock_is_one_error_naming_it(tmp_path):
 
 BAD_VALUES = [
     ("train.log_every", 0), ("train.eval_every", -1), ("train.eval_batches", -1), ("train.seq_len", 0),
-    ("train.microbatches", 0), ("train.batch_size", 0), ("train.num_steps", 0),
+    ("train.microbatches", 0), ("train.bptt_windows", 0), ("train.batch_size", 0), ("train.num_steps", 0),
     ("checkpoint.every_steps", 0), ("checkpoint.keep", 0), ("optim.lr_init", 0.0), ("optim.lr_final", -1e-5),
     ("optim.max_consecutive_bad_steps", 0), ("optim.beta2", 1.0), ("optim.grad_clip", 0.0),
     ("data.sp_vocab_size", 100), ("data.sp_vocab_size", 1024), ("data.validation_fraction", 1.0),
-    ("data.source", "pile"), ("model.wkv_form", "fast"),
+    ("data.source", "pile"), ("data.sampling", "stream"), ("model.wkv_form", "fast"),
 ]
 
 
@@ -212,7 +212,9 @@ def test_a_workdir_that_is_a_file_is_refused(env, tmp_path):
     ({"data.seed": 1}, ValueError, r"resume refused: the data setup differs .*: seed 0 -> 1"),
     ({"data.sp_vocab_size": 400}, ValueError, r"resume refused: .*tokenizer_sha256 .*vocab_size 512 -> "),
     ({"data.reset_at_eot": True}, ValueError, r"resume refused: the data setup differs .*: reset_at_eot False -> True"),
-], ids=["model", "data_seed", "tokenizer", "reset_at_eot"])
+    ({"data.sampling": "streams", "train.allow_data_change": True}, ValueError,
+     r"resume refused: checkpoint step 4 .* data.sampling='random', this run asks for 'streams'"),
+], ids=["model", "data_seed", "tokenizer", "reset_at_eot", "sampling"])
 def test_a_refused_resume_leaves_the_workdir_byte_identical(env, tmp_path, change, error, message):
     workdir = copy_of_base(env, tmp_path)
     before = file_bytes(workdir)

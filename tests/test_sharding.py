@@ -8,7 +8,8 @@
     the train state is created already sharded (each parameter's sharding is the expected
     NamedSharding, its shard on device 0 has the shape the rules give, no stray full copy is left on the
     device); device 0 holds exactly the bytes the rules give (fsdp=4: the fsdp-sharded parameters / 4);
-    and the Adam moments are sharded exactly like their parameters.
+    and the Adam moments are sharded exactly like their parameters; streamed training's carried state is
+    split over the batch axes like the batch and trains to the same losses.
 """
 
 import json
@@ -221,6 +222,22 @@ def test_losses_equal_across_meshes(probes):
                                    err_msg=f"mesh {mesh}")
         assert probes[mesh]["params_keep_sharding_after_steps"], mesh
         assert probes[mesh]["batch_spec"] == [["data", "fsdp"], None]
+
+
+def test_the_carried_state_is_split_like_the_batch_and_trains_alike_on_every_mesh(probes):
+    """Streamed training: the carried state [L, B, D] is split over the batch axes (axis 1) from init on,
+    each device holding its own rows' state, and gives the losses of one device."""
+    reference = probes[(1, 1, 1)]
+    assert reference["streamed_losses"][0] == reference["losses"][0]  # the first step starts empty
+    assert abs(reference["streamed_losses"][1] - reference["losses"][1]) > 1e-4  # the carry counts at step 2
+    for mesh in [(1, 1, 1), *MESHES_8]:
+        run = probes[mesh]
+        assert run["carry_specs"] == {"init": [None, ["data", "fsdp"], None],
+                                      "after_steps": [None, ["data", "fsdp"], None]}, mesh
+        rows = SPEC["batch_size"] // (mesh[0] * mesh[1])
+        assert run["carry_shard0_shape"] == [L, rows, D], mesh
+        np.testing.assert_allclose(run["streamed_losses"], reference["streamed_losses"], rtol=1e-5, err_msg=str(mesh))
+        np.testing.assert_allclose(run["carry_abs_sum"], reference["carry_abs_sum"], rtol=1e-4, err_msg=str(mesh))
 
 
 def test_model_layout_is_the_documented_one(probes):

@@ -76,7 +76,7 @@ def test_gradient_of_the_learned_state_matches_finite_differences(form):
     @jax.jit
     def loss(s):
         return train_step._loss(graphdef, params, s, jnp.asarray(tokens[:, :-1]), jnp.asarray(tokens[:, 1:]), 0.0,
-                                2048)
+                                2048)[0]
 
     grads = jax.grad(loss)(learned)
     rng = np.random.default_rng(3)

@@ -1,7 +1,8 @@
 """End-to-end training on CPU with a tiny model (2 x 32, vocab 512, 4 x 32 tokens a step), against the
 acceptance points of the training loop:
 
-  * a run killed with SIGKILL at a random step and rerun gives bit-identical losses and final state;
+  * a run killed with SIGKILL at a random step and rerun gives bit-identical losses and final state (also
+    with streamed training, data.sampling='streams', whose state carries each row's recurrent state);
   * SIGTERM saves at the current step, exits 0, and the same command resumes from there (bit exact);
   * a corrupt latest checkpoint is skipped with a warning and the run completes from the previous one;
   * non-finite steps are not applied, are logged, stop the run after N in a row; checkpoints stay finite;
@@ -146,7 +147,9 @@ def restore_latest(config, workdir: Path):
     model_config = ModelConfig.from_dict(config.model)
     mesh = sharding.make_mesh(config.mesh)
     optimizer = optim.make_optimizer(config.optim, config.train.num_steps)
-    _, _, abstract, shardings = train_step.train_state_factory(model_config, optimizer, mesh, config.train.seed)
+    carry_rows = config.train.batch_size if config.data.sampling == "streams" else 0
+    _, _, abstract, shardings = train_step.train_state_factory(model_config, optimizer, mesh, config.train.seed,
+                                                               carry_rows=carry_rows)
     with Checkpointer(workdir / "checkpoints") as ckpt:
         return ckpt.restore_latest(abstract, shardings)
 
@@ -188,22 +191,36 @@ def env(tmp_path_factory):
     return {"root": root, "corpus": corpus, "data_dir": root / "data"}
 
 
-@pytest.fixture(scope="module")
-def reference(env):
+def reference_run(env, name: str, **extra) -> dict:
     """An uninterrupted subprocess run of NUM_STEPS steps: the records, final state and console output."""
-    overrides = tiny_overrides(env, train__num_steps=NUM_STEPS, train__peak_flops_per_device=PEAK_FLOPS)
-    workdir = env["root"] / "reference"
+    overrides = tiny_overrides(env, train__num_steps=NUM_STEPS, train__peak_flops_per_device=PEAK_FLOPS, **extra)
+    workdir = env["root"] / name
     run = run_to_completion(workdir, overrides)
     config = make_config(overrides)
     return {"overrides": overrides, "config": config, "workdir": workdir, "run": run,
             "records": read_records(workdir), "final": restore_latest(config, workdir)}
 
 
+@pytest.fixture(scope="module")
+def reference(env):
+    return reference_run(env, "reference")
+
+
+@pytest.fixture(scope="module")
+def streams_reference(env):
+    """The reference run with data.sampling='streams': the carried state is part of the final state."""
+    return reference_run(env, "streams_reference", data__sampling="streams")
+
+
 # --- Exact resume --------------------------------------------------------------------------------------
 
-def test_sigkill_at_a_random_step_then_rerun_is_bit_exact(env, reference):
+@pytest.mark.parametrize("sampling", ["random", pytest.param("streams", marks=pytest.mark.slow)])
+def test_sigkill_at_a_random_step_then_rerun_is_bit_exact(env, sampling, request):
+    reference = request.getfixturevalue("reference" if sampling == "random" else "streams_reference")
+    if sampling == "streams":  # the carry is in the state compared below, and it is not the empty state
+        assert reference["final"][0].carry is not None and np.any(np.asarray(reference["final"][0].carry.wkv_a))
     kill_at = random.Random(20240611).randint(5, NUM_STEPS - 8)
-    workdir = env["root"] / "killed"
+    workdir = env["root"] / f"killed-{sampling}"
     run = Run(workdir, reference["overrides"])
     reached = run.wait_for_step(kill_at)
     run.proc.send_signal(signal.SIGKILL)
@@ -226,7 +243,7 @@ def test_sigkill_at_a_random_step_then_rerun_is_bit_exact(env, reference):
     state, extra, step = restore_latest(reference["config"], workdir)
     ref_state, ref_extra, ref_step = reference["final"]
     assert step == ref_step == NUM_STEPS and extra == ref_extra
-    assert_bit_identical(state, ref_state)  # params, Adam moments, counters
+    assert_bit_identical(state, ref_state)  # params, Adam moments, counters, the carried state
 
 
 def test_sigterm_saves_the_current_step_exits_0_and_resumes_bit_exact(env, reference):

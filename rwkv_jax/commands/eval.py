@@ -7,6 +7,7 @@
     python eval.py --checkpoint=X.pth --tokenizer=T.json --lambada=lambada_test.jsonl    # last-word accuracy
     python eval.py --checkpoint=WORKDIR --mode=both            # parallel and RNN modes, and their difference
     python eval.py --checkpoint=BASE --initial_state=TUNED/state.npz --text_files='style/*.txt'  # a tuned state
+    python eval.py --checkpoint=RUN_B --label=B --compare=RUN_A/eval/validation.json   # both curves, one PNG
 
 The checkpoint is a training workdir (its latest good checkpoint, read only: a run may be training in
 it), an official .pth, an HF RWKV directory or an rwkv_jax directory. The tokenizer is the run's copy
@@ -45,6 +46,9 @@ _REPORT = flags.DEFINE_string("report", "", "Report path prefix: writes PREFIX.j
 _INITIAL_STATE = flags.DEFINE_string("initial_state", "", "A state file (e.g. a state-tuning run's WORKDIR/state.npz): "
                                      "every document starts from it instead of the empty state.")
 _WKV_FORM = flags.DEFINE_enum("wkv_form", "", ["", "sequential", "parallel", "chunked"], "WKV form override.")
+_LABEL = flags.DEFINE_string("label", "", "The name of this report's curve in plots (default: the checkpoint's name).")
+_COMPARE = flags.DEFINE_string("compare", "", "Another report's PREFIX.json (from eval.py): its loss by position "
+                               "is drawn on this report's PNG and tabled beside this one's.")
 
 
 def check_flags() -> None:
@@ -55,6 +59,10 @@ def check_flags() -> None:
         raise cli.UsageError(f"give at most one of --text_files, --tfds, --binidx, --lambada (got {chosen})")
     common.check_non_negative(_EVAL_LEN, _MAX_DOCS, _MAX_TOKENS)
     common.check_positive(_WINDOW, _BATCH_SIZE)
+    if _COMPARE.value and _LAMBADA.value:
+        raise cli.UsageError("--compare needs a perplexity evaluation (loss by position), not --lambada")
+    if _COMPARE.value and not Path(_COMPARE.value).expanduser().is_file():
+        raise cli.UsageError(f"--compare={_COMPARE.value}: no such file (give the PREFIX.json an eval.py run wrote)")
 
 
 def main(argv):
@@ -68,6 +76,7 @@ def run() -> dict:
     from rwkv_jax import data, eval_report, evaluation
     from rwkv_jax.workdir import Workdir
     check_flags()
+    compare = _read_compare(_COMPARE.value) if _COMPARE.value else None  # a bad file fails before the model loads
     checkpoint = Path(common.CHECKPOINT.value).expanduser()
     start = time.time()
     loaded, tokenizer = common.load_checkpoint(**({"wkv_form": _WKV_FORM.value} if _WKV_FORM.value else {}))
@@ -103,6 +112,10 @@ def run() -> dict:
     report = {"checkpoint": str(checkpoint), "format": loaded.format, "checkpoint_step": loaded.step,
               "data": label, "tokenizer": tokenizer.path, "eval_len": _EVAL_LEN.value,
               **({"initial_state": _INITIAL_STATE.value} if _INITIAL_STATE.value else {}), **report}
+    if _LABEL.value:
+        report["label"] = _LABEL.value
+    if compare is not None:
+        report["compare"] = compare
     print(eval_report.format_table(report))
     paths = eval_report.write_report(report, _report_prefix(checkpoint, name))
     print("report: " + ", ".join(paths))
@@ -122,6 +135,18 @@ def _load_initial_state(model):
         raise ValueError(f"--initial_state={_INITIAL_STATE.value} holds {state.att_x.shape[1]} states (a batch "
                          "saved by generate.py); every document starts from one: save a single prompt's state")
     return state
+
+
+def _read_compare(path: str) -> dict:
+    """The part of the --compare report that this one shows; ValueError naming the file if it is not one."""
+    import json
+    from rwkv_jax import eval_report
+    path = Path(path).expanduser()
+    try:
+        other = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--compare {path}: not a JSON report ({e})") from e
+    return eval_report.compare_part(other, path)
 
 
 def _report_prefix(checkpoint: Path, name: str) -> str:

@@ -64,7 +64,7 @@ def make_datasets(data_config: ml_collections.ConfigDict, *, seq_len: int, batch
     reset_id = tok.eot_id if c.get("reset_at_eot", False) else None  # documents are joined by eot
     train = Batches(train_N, seq_len=seq_len, batch_size=batch_size, seed=c.seed,
                     process_index=process_index, process_count=process_count, vocab_size=model_vocab_size,
-                    source=train_name, reset_id=reset_id)
+                    source=train_name, reset_id=reset_id, sampling=c.sampling)
     evals = None if eval_N is None else EvalBatches(
         eval_N, seq_len=seq_len, batch_size=batch_size, process_index=process_index,
         process_count=process_count, vocab_size=model_vocab_size, source=eval_name, reset_id=reset_id)

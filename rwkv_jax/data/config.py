@@ -37,4 +37,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     # documents start). Off by default as in the official RWKV-LM trainer, which does not reset: its
     # windows cross documents joined by eot and the state carries over.
     c.reset_at_eot = False
+    # How training windows are cut: 'random' (RWKV-LM's: independent windows at random offsets, each
+    # from the empty state) or 'streams' (each batch row reads the corpus in order, window after window
+    # across steps, its recurrent state carried from step to step: long-context training).
+    c.sampling = "random"
     return c

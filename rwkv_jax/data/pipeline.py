@@ -122,26 +122,62 @@ def _process_rows(batch_size: int, process_index: int, process_count: int) -> sl
     return slice(process_index * rows, (process_index + 1) * rows)
 
 
+SAMPLINGS = ("random", "streams")
+
+
+def stream_starts(num_tokens: int, batch_size: int, seed: int) -> np.ndarray:
+    """Where each row's stream starts (sampling='streams'): evenly spaced over the corpus, N/B tokens
+    apart, all shifted by one phase drawn from `seed`, so that rows read disjoint stretches for the
+    first N/B tokens of training."""
+    phase = int(np.random.default_rng((int(seed), 0x5EA)).integers(0, num_tokens))
+    return (np.arange(batch_size, dtype=np.int64) * num_tokens // batch_size + phase) % num_tokens
+
+
+def cyclic_window(tokens_N: np.ndarray, start: int, length: int) -> np.ndarray:
+    """tokens[start : start + length] of the stream read as a cycle (past the end it continues at 0)."""
+    n = len(tokens_N)
+    start %= n
+    if start + length <= n:
+        return np.asarray(tokens_N[start:start + length])
+    head = np.asarray(tokens_N[start:])
+    return np.concatenate([head, cyclic_window(tokens_N, 0, length - len(head))])
+
+
 class Batches:
     """Training batches; batch `step` is a pure function of (seed, step, process_index, process_count).
 
-    Sampling: row r of global batch `step` is the window tokens[o : o + seq_len + 1] at an
-    offset o drawn uniformly from [0, N - seq_len - 1] by a generator seeded with (seed, step),
-    as in RWKV-LM (windows cross document boundaries, documents are joined by eot). Nothing
-    depends on earlier batches, so a run resumed at step n sees exactly the batches an
-    uninterrupted run sees. Each process builds only its own rows of the global batch.
+    Sampling 'random' (RWKV-LM's): row r of global batch `step` is the window tokens[o : o + seq_len
+    + 1] at an offset o drawn uniformly from [0, N - seq_len - 1] by a generator seeded with (seed,
+    step) (windows cross document boundaries, documents are joined by eot).
+
+    Sampling 'streams' (long-context training with a carried state): row r of the global batch is a
+    stream that reads the corpus in order from `stream_starts(...)[r]`, one window per step: batch n
+    holds, in row r, tokens[s_r + n*T : s_r + n*T + T + 1], so the window of step n+1 continues
+    exactly where that of step n stopped and the trainer carries the row's recurrent state across.
+    The corpus is read as a cycle: a stream that reaches the end continues at token 0. The corpus is
+    documents each followed by eot, so the wrap is one more document boundary (the state carried
+    over it has just read an eot, as at every other boundary) and needs no special handling; the
+    carried state is not reset there (nor at other boundaries: resets are data.reset_at_eot's). A
+    binidx file written without eot has none at the wrap either, as between its other documents.
+
     With `reset_id` (the eot id, config.data.reset_at_eot) batches also carry 'reset': the inputs
-    equal to it, where the model resets its state.
+    equal to it, where the model resets its state (cut from the same windows in either mode).
+
+    Either way nothing depends on earlier batches, so a run resumed at step n sees exactly the
+    batches an uninterrupted run sees. Each process builds only its own rows of the global batch.
     """
 
     def __init__(self, tokens_N: np.ndarray, *, seq_len: int, batch_size: int, seed: int = 0,
                  process_index: int = 0, process_count: int = 1, vocab_size: int | None = None,
-                 source: str = "the training tokens", reset_id: int | None = None):
+                 source: str = "the training tokens", reset_id: int | None = None, sampling: str = "random"):
         _check_length(tokens_N, seq_len, "training")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {list(SAMPLINGS)}, got {sampling!r}")
         self.tokens_N = tokens_N
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.seed = seed
+        self.sampling = sampling
         self.vocab_size = vocab_size  # when set, every batch's ids are checked against it (cheap)
         self.source = source
         self.reset_id = reset_id
@@ -150,9 +186,15 @@ class Batches:
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
         """{'inputs', 'targets'}: int32 [batch_size // process_count, seq_len], targets shifted by one;
         and 'reset' (bool, same shape) with a `reset_id`."""
-        rng = np.random.default_rng((int(self.seed), int(step)))
-        offsets_B = rng.integers(0, len(self.tokens_N) - self.seq_len, size=self.batch_size)[self._rows]
-        window_BT1 = np.stack([self.tokens_N[o:o + self.seq_len + 1] for o in offsets_B])
+        T = self.seq_len
+        if self.sampling == "streams":
+            starts_B = stream_starts(len(self.tokens_N), self.batch_size, self.seed)[self._rows]
+            offsets_B = (starts_B + int(step) * T) % len(self.tokens_N)
+            window_BT1 = np.stack([cyclic_window(self.tokens_N, int(o), T + 1) for o in offsets_B])
+        else:
+            rng = np.random.default_rng((int(self.seed), int(step)))
+            offsets_B = rng.integers(0, len(self.tokens_N) - T, size=self.batch_size)[self._rows]
+            window_BT1 = np.stack([self.tokens_N[o:o + T + 1] for o in offsets_B])
         if self.vocab_size is not None and (window_BT1.min() < 0 or window_BT1.max() >= self.vocab_size):
             row = int(np.flatnonzero(((window_BT1 < 0) | (window_BT1 >= self.vocab_size)).any(1))[0])
             check_token_ids(window_BT1[row], self.vocab_size, self.source, offset=int(offsets_B[row]))

@@ -110,6 +110,23 @@ def probe(spec: dict) -> dict:
             grad_norms.append(float(metrics["grad_norm"]))
         after_training = [x.sharding == e for x, e in zip(jax.tree.leaves(state.params), flat_expected)]
         param_total_bytes = sum(x.nbytes for x in jax.tree.leaves(state.params))
+        del state
+
+        # Streamed training: the carried state, created and kept split over the batch axes, carried 2 steps.
+        graphdef_s, init_s, _, shardings_s = train_step.train_state_factory(model_config, optimizer, mesh,
+                                                                            spec["seed"], carry_rows=batch_size)
+        step_s = train_step.make_train_step(graphdef_s, optimizer, schedule, shardings_s, mesh,
+                                            l2wrap_factor=optim_config.l2wrap_factor)
+        state = init_s()
+        carry_specs = {"init": [list(a) if isinstance(a, tuple) else a for a in state.carry.wkv_a.sharding.spec]}
+        streamed_losses = []
+        for i in range(2):
+            batch = {"inputs": jax.device_put(tokens[i, :, :-1], batch_sharding),
+                     "targets": jax.device_put(tokens[i, :, 1:], batch_sharding)}
+            state, metrics = step_s(state, batch)
+            streamed_losses.append(float(metrics["loss"]))
+        carry = state.carry.wkv_a
+        carry_specs["after_steps"] = [list(a) if isinstance(a, tuple) else a for a in carry.sharding.spec]
 
         results.append({
             "mesh": dict(mesh.shape), "num_devices": n, "losses": losses, "grad_norms": grad_norms,
@@ -119,6 +136,9 @@ def probe(spec: dict) -> dict:
             "stray_live_arrays_on_device0": [list(s) for s in stray],
             "params_keep_sharding_after_steps": all(after_training),
             "batch_spec": [list(a) if isinstance(a, tuple) else a for a in batch_sharding.spec],
+            "streamed_losses": streamed_losses, "carry_specs": carry_specs,
+            "carry_shard0_shape": list([s for s in carry.addressable_shards if s.device == dev0][0].data.shape),
+            "carry_abs_sum": float(np.abs(np.asarray(carry, np.float64)).sum()),
         })
         del state
     return {"device_count": jax.device_count(), "runs": results}
