@@ -1,8 +1,8 @@
 """Evaluation reports as files and text: the console table, PREFIX.json, PREFIX.md and PREFIX.png (loss
 against token position, log axis). The numbers come from rwkv_jax.evaluation.
 
-A report may carry another one's loss by position under 'compare' (eval.py --compare=OTHER.json): the
-tables gain its bucket losses as a column and the PNG draws both curves, each named by its 'label'."""
+A report may carry other reports' loss by position under 'compare' (eval.py --compare=A.json,B.json): the
+tables gain their bucket losses as columns and the PNG draws every curve, each named by its 'label'."""
 
 import json
 import os
@@ -44,25 +44,27 @@ def compare_part(other: dict, path) -> dict:
     return {"report": str(path), "label": label_of(other), **{k: other.get(k) for k in keys}}
 
 
-def _compare_losses(report: dict) -> dict[str, float]:
-    """The compared report's bucket losses by bucket name ('' when there is none)."""
-    return {b["positions"]: b["loss"] for b in (report.get("compare") or {}).get("loss_by_position", [])}
+def _compared(report: dict) -> list[tuple[str, dict[str, float]]]:
+    """(label, bucket losses by bucket name) of each compared report."""
+    return [(c["label"], {b["positions"]: b["loss"] for b in c.get("loss_by_position", [])})
+            for c in report.get("compare") or []]
 
 
 def format_table(report: dict) -> str:
-    """The report as plain text: the summary, then the loss by position bucket (and the compared one's)."""
+    """The report as plain text: the summary, then the loss by position bucket (and the compared ones')."""
     head = [f"checkpoint: {report.get('checkpoint', '-')}", f"data: {report.get('data', '-')}",
             f"mode: {report['mode']}"]
     rows = _summary_rows(report)
     width = max(len(k) for k, _ in rows)
     lines = head + [f"  {k:<{width}}  {v}" for k, v in rows]
     if report.get("loss_by_position"):
-        other = _compare_losses(report)
-        extra = lambda b: f"  {other[b['positions']]:>12.4f}" if b["positions"] in other else ""  # noqa: E731
-        title = f"  {'loss (' + report['compare']['label'] + ')':>12}" if other else ""
+        others = _compared(report)
+        title = "".join(f"  {'loss (' + label + ')':>12}" for label, _ in others)
         lines += ["", f"  {'positions':>13}  {'tokens':>10}  {'loss':>8}{title}"]
-        lines += [f"  {b['positions']:>13}  {b['tokens']:>10}  {b['loss']:>8.4f}{extra(b)}"
-                  for b in report["loss_by_position"]]
+        for b in report["loss_by_position"]:
+            extra = "".join(f"  {_fmt(losses.get(b['positions'])):>{max(12, len(label) + 7)}}"
+                            for label, losses in others)
+            lines.append(f"  {b['positions']:>13}  {b['tokens']:>10}  {b['loss']:>8.4f}{extra}")
     return "\n".join(lines)
 
 
@@ -72,17 +74,17 @@ def to_markdown(report: dict, plot_name: str | None = None) -> str:
              "| metric | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in _summary_rows(report)]
     if report.get("loss_by_position"):
-        other = _compare_losses(report)
+        others = _compared(report)
         lines += ["", "## Loss by token position (0-based, log-spaced buckets)", ""]
-        if other:
-            lines += [f"Compared with `{report['compare']['report']}` ({report['compare']['label']}).", "",
-                      f"| positions | tokens | loss (nats), {label_of(report)} | loss (nats), "
-                      f"{report['compare']['label']} |", "| --- | ---: | ---: | ---: |"]
-            lines += [f"| {b['positions']} | {b['tokens']} | {b['loss']:.4f} | "
-                      f"{_fmt(other.get(b['positions']))} |" for b in report["loss_by_position"]]
-        else:
-            lines += ["| positions | tokens | loss (nats) |", "| --- | ---: | ---: |"]
-            lines += [f"| {b['positions']} | {b['tokens']} | {b['loss']:.4f} |" for b in report["loss_by_position"]]
+        if others:
+            lines += ["Compared with " + ", ".join(f"`{c['report']}` ({c['label']})" for c in report["compare"])
+                      + ".", ""]
+        lines += ["| positions | tokens | loss (nats)" + (f", {label_of(report)}" if others else "") + " |"
+                  + "".join(f" loss (nats), {label} |" for label, _ in others),
+                  "| --- | ---: | ---: |" + " ---: |" * len(others)]
+        lines += [f"| {b['positions']} | {b['tokens']} | {b['loss']:.4f} |"
+                  + "".join(f" {_fmt(losses.get(b['positions']))} |" for _, losses in others)
+                  for b in report["loss_by_position"]]
     if plot_name:
         lines += ["", f"![loss by position]({plot_name})"]
     return "\n".join(lines) + "\n"
@@ -100,12 +102,12 @@ def _smoothed(per_pos: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 def plot_loss_by_position(report: dict, path) -> None:
     """Loss against token position, log x axis (the paper's long-context figure): the per-position mean,
-    lightly smoothed, and the bucket means; with a compared report, both curves (smoothed and buckets)."""
+    lightly smoothed, and the bucket means; with compared reports, every curve (smoothed and buckets)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    curves = [report] + ([report["compare"]] if report.get("compare") else [])
+    curves = [report] + list(report.get("compare") or [])
     for i, curve in enumerate(curves):
         per_pos = np.asarray(curve["loss_per_position"], np.float64)
         counts = np.asarray(curve["tokens_per_position"], np.float64)

@@ -296,11 +296,18 @@ def test_compare_draws_both_curves_on_one_png_and_tables_them(peers, tokenizer_p
     np.testing.assert_allclose(lines["streams: log-spaced buckets"], [b["loss"] for b in first["loss_by_position"]])
     np.testing.assert_allclose(lines["random: log-spaced buckets"], [b["loss"] for b in second["loss_by_position"]])
     assert first["loss"] != second["loss"]
-    assert second["compare"]["label"] == "streams" and second["compare"]["report"] == str(tmp_path / "a.json")
-    assert json.loads((tmp_path / "b.json").read_text())["compare"]["loss"] == first["loss"]
+    assert second["compare"][0]["label"] == "streams" and second["compare"][0]["report"] == str(tmp_path / "a.json")
+    assert json.loads((tmp_path / "b.json").read_text())["compare"][0]["loss"] == first["loss"]
     bucket = first["loss_by_position"][-1]
     assert f"| {bucket['loss']:.4f} |" in (tmp_path / "b.md").read_text()  # a's bucket losses, beside b's
     assert "| loss (nats), random | loss (nats), streams |" in (tmp_path / "b.md").read_text()
+    # a third curve: --compare takes a list
+    third = run_eval_script(f"--checkpoint={tmp_path / 'b.pth'}", "--label=again",
+                            f"--compare={tmp_path / 'a.json'},{tmp_path / 'b.json'}", f"--report={tmp_path / 'c'}",
+                            *common)
+    assert [c["label"] for c in third["compare"]] == ["streams", "random"]
+    assert sorted({name.split(":")[0] for name in drawn[str(tmp_path / "c.png")]}) == ["again", "random", "streams"]
+    assert "| loss (nats), again | loss (nats), streams | loss (nats), random |" in (tmp_path / "c.md").read_text()
 
 
 def test_compare_with_a_report_without_positions_is_one_error(peers, tokenizer_path, tmp_path):

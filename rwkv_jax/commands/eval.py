@@ -47,8 +47,8 @@ _INITIAL_STATE = flags.DEFINE_string("initial_state", "", "A state file (e.g. a 
                                      "every document starts from it instead of the empty state.")
 _WKV_FORM = flags.DEFINE_enum("wkv_form", "", ["", "sequential", "parallel", "chunked"], "WKV form override.")
 _LABEL = flags.DEFINE_string("label", "", "The name of this report's curve in plots (default: the checkpoint's name).")
-_COMPARE = flags.DEFINE_string("compare", "", "Another report's PREFIX.json (from eval.py): its loss by position "
-                               "is drawn on this report's PNG and tabled beside this one's.")
+_COMPARE = flags.DEFINE_list("compare", [], "Other reports' PREFIX.json files (from eval.py), comma-separated: their "
+                             "loss by position is drawn on this report's PNG and tabled beside this one's.")
 
 
 def check_flags() -> None:
@@ -61,8 +61,9 @@ def check_flags() -> None:
     common.check_positive(_WINDOW, _BATCH_SIZE)
     if _COMPARE.value and _LAMBADA.value:
         raise cli.UsageError("--compare needs a perplexity evaluation (loss by position), not --lambada")
-    if _COMPARE.value and not Path(_COMPARE.value).expanduser().is_file():
-        raise cli.UsageError(f"--compare={_COMPARE.value}: no such file (give the PREFIX.json an eval.py run wrote)")
+    for path in _COMPARE.value:
+        if not Path(path).expanduser().is_file():
+            raise cli.UsageError(f"--compare={path}: no such file (give the PREFIX.json an eval.py run wrote)")
 
 
 def main(argv):
@@ -76,7 +77,7 @@ def run() -> dict:
     from rwkv_jax import data, eval_report, evaluation
     from rwkv_jax.workdir import Workdir
     check_flags()
-    compare = _read_compare(_COMPARE.value) if _COMPARE.value else None  # a bad file fails before the model loads
+    compare = [_read_compare(path) for path in _COMPARE.value]  # a bad file fails before the model loads
     checkpoint = Path(common.CHECKPOINT.value).expanduser()
     start = time.time()
     loaded, tokenizer = common.load_checkpoint(**({"wkv_form": _WKV_FORM.value} if _WKV_FORM.value else {}))
@@ -114,7 +115,7 @@ def run() -> dict:
               **({"initial_state": _INITIAL_STATE.value} if _INITIAL_STATE.value else {}), **report}
     if _LABEL.value:
         report["label"] = _LABEL.value
-    if compare is not None:
+    if compare:
         report["compare"] = compare
     print(eval_report.format_table(report))
     paths = eval_report.write_report(report, _report_prefix(checkpoint, name))
