@@ -336,56 +336,15 @@ def test_triton_lowering_with_resets():
 
 # ------------------------------------------------------------------------------- sharded and compiled
 
-_SHARDED_PROBE = """
-import json, jax, jax.numpy as jnp, numpy as np
-from rwkv_jax import sharding
-from rwkv_jax.ops.wkv import WKVState, wkv, wkv_sequential
-assert jax.device_count() == 4, jax.devices()
-mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 2})
-B, T, C = 4, 40, 256
-rng = np.random.default_rng(0)
-f32 = lambda x: jnp.asarray(x, jnp.float32)
-args = (f32(rng.uniform(-3, 0.5, C)), f32(rng.normal(size=C)), f32(rng.normal(size=(B, T, C))),
-        f32(rng.normal(size=(B, T, C))), f32(rng.normal(size=(B, C))), f32(rng.uniform(0.5, 2, (B, C))),
-        f32(rng.normal(size=(B, C))))
-reset = jnp.asarray(rng.random((B, T)) < 0.1)
-r = f32(rng.normal(size=(B, T, C)))
-def loss_of(run):
-    def loss(td, tf, k, v, a, b, p):
-        y, s = run(td, tf, k, v, WKVState(a, b, p))
-        return jnp.sum(y * r) + jnp.sum(s.a) + jnp.sum(s.b) - jnp.sum(s.p), (y, s)
-    return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True))
-def kernel(*a):
-    with sharding.activation_sharding(mesh):
-        return wkv(*a, form="pallas", reset_BT=reset)
-(_, (y, s)), g = loss_of(kernel)(*args)
-(_, (y0, s0)), g0 = loss_of(lambda *a: wkv_sequential(*a, reset_BT=reset))(*args)
-print(json.dumps({"y": float(jnp.abs(y - y0).max()), "state": [float(jnp.abs(x - x0).max()) for x, x0 in zip(s, s0)],
-                  "grads": [float(jnp.abs(x - x0).max()) for x, x0 in zip(g, g0)],
-                  "scale": [float(jnp.abs(x0).max()) for x0 in g0], "resets": int(reset.sum())}))
-"""
-
-
 @pytest.mark.slow
 def test_sharded_kernel_with_resets_matches_sequential():
-    """wkv(form='pallas') with resets under activation_sharding on 4 simulated CPU devices (shard_map over
-    data 2 x tensor 2): values, state and gradients equal wkv_sequential's with the same resets."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    repo = Path(__file__).resolve().parents[1]
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(repo),
-               XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=4"]))
-    proc = subprocess.run([sys.executable, "-c", _SHARDED_PROBE], cwd=repo, env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    out = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
-    assert out["resets"] > 4 and out["y"] <= 1e-5 and max(out["state"]) <= 1e-5, out
-    for diff, scale in zip(out["grads"], out["scale"]):
-        assert diff <= 2e-6 * scale + 1e-6, out
+    """The Pallas kernel with resets, inside shard_map over data 2 x tensor 2 on 4 simulated CPU devices
+    (directly and through wkv(form='pallas') under activation_sharding): values, state and gradients equal
+    wkv_sequential's with the same resets."""
+    from tests.test_wkv_pallas import assert_sharded_probe_matches, run_sharded_probe
+    out = run_sharded_probe("--resets")
+    assert out["resets"] > 4, out
+    assert_sharded_probe_matches(out)
 
 
 @pytest.mark.slow

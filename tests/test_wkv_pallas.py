@@ -389,21 +389,29 @@ def test_tpu_aot_train_step_of_tiny_config_compiles_with_the_kernel():
 
 # -------------------------------------------------------------------------------------------- sharding
 
-@pytest.mark.slow
-def test_sharded_kernel_on_four_devices_matches_sequential():
-    """shard_map over (data 2, tensor 2) on 4 simulated CPU devices: values, state and every gradient
-    (time_decay/time_first summed over the batch shards) equal wkv_sequential's."""
+def run_sharded_probe(*args) -> dict:
+    """tests/scripts/wkv_pallas_sharded_probe.py on 4 simulated CPU devices; its JSON line."""
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
                XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=4"]))
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "wkv_pallas_sharded_probe.py")],
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "wkv_pallas_sharded_probe.py"), *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    out = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def assert_sharded_probe_matches(out: dict) -> None:
     for name in ("sharded", "dispatcher"):
         assert out[name]["y"] <= 1e-5 and max(out[name]["state"]) <= 1e-5, out[name]
         for grad_name, diff, scale in zip(GRAD_NAMES, out[name]["grads"], out["grad_scale"]):
             assert diff <= 2e-6 * scale + 1e-6, f"{name} d loss / d {grad_name}: {diff} (scale {scale})"
+
+
+@pytest.mark.slow
+def test_sharded_kernel_on_four_devices_matches_sequential():
+    """shard_map over (data 2, tensor 2) on 4 simulated CPU devices: values, state and every gradient
+    (time_decay/time_first summed over the batch shards) equal wkv_sequential's."""
+    assert_sharded_probe_matches(run_sharded_probe())
 
 
 # ------------------------------------------------------------------------------------------ whole model
