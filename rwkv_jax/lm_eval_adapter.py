@@ -287,25 +287,29 @@ class RWKVLM(TemplateLM):
     def _read_contexts(self, contexts):
         """(state, rows, tails) for contexts sorted longest first: row g of the state holds the state after
         the first tokens of contexts[g], and tails[g] the tokens left (at least one) for `_score` to read
-        per continuation. Contexts are read in batches of `batch_size` rows (only the last of a run short
-        of rows), every row of a batch the same tokens (no masks, no padding): its shortest context less
-        one, in chunks of the `_bucket` sizes. A context longer than the batch's first by more than
+        per continuation. Contexts are read in batches of `batch_size` (fewer rows padded to a `_bucket`
+        size), every row of a batch the same tokens (no masks, no padding): its shortest context less one,
+        in chunks of the `_bucket` sizes. A context longer than the batch's first by more than
         max(8, 1/8 of its length) starts a new batch, which bounds each tail."""
-        B = self.batch_size
-        batches, rows = [], []
+        batches = []
         for g, ctx in enumerate(contexts):
-            if not batches or len(batches[-1]) == B or len(contexts[batches[-1][0]]) - len(ctx) > max(8, len(ctx) // 8):
+            first = len(contexts[batches[-1][0]]) if batches else 0
+            if not batches or len(batches[-1]) == self.batch_size or first - len(ctx) > max(8, len(ctx) // 8):
                 batches.append([])
-            rows.append(len(batches) * B - B + len(batches[-1]))
             batches[-1].append(g)
+        sizes = [min(self.batch_size, _bucket(len(batch))) for batch in batches]
+        rows = [0] * len(contexts)
+        for batch, offset in zip(batches, np.cumsum([0] + sizes)):
+            for j, g in enumerate(batch):
+                rows[g] = int(offset) + j
         states, tails = [], [None] * len(contexts)
-        for batch in batches:
+        for batch, size in zip(batches, sizes):
             ids = [contexts[g] for g in batch]
             self._check_ids(np.concatenate([np.asarray(c, np.int64) for c in ids]))
-            state = self.model.init_state(B)
+            state = self.model.init_state(size)
             pos = 0
             for n in _chunks(len(ids[-1]) - 1, self.prefill_chunk):
-                chunk = np.zeros((B, n), np.int32)
+                chunk = np.zeros((size, n), np.int32)
                 chunk[:len(ids)] = [c[pos:pos + n] for c in ids]
                 state = _prefill(self.graphdef, self.params, state, chunk)
                 pos += n
