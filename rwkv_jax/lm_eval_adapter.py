@@ -187,7 +187,7 @@ class RWKVLM(TemplateLM):
     Model args: checkpoint, tokenizer, batch_size (contexts read side by side; 'auto' = 8), window
     (tokens per row of one rolling window), prefill_chunk (longest parallel chunk), max_gen_toks (default
     256), context_prefix ('eot', 'none', 'newline'), dtype / wkv_form (numerics overrides), max_positions
-    (continuation tokens scored per call: bounds the [rows, tokens, vocab] logits)."""
+    (positions scored per call: bounds the [positions, vocab] logits)."""
 
     BLOCK_BATCHES = 16  # prefill batches whose continuation rows are sorted by length together
 
@@ -322,9 +322,9 @@ class RWKVLM(TemplateLM):
 
     def _score_rows(self, state, state_rows, tails, rows, requests):
         """(logp, greedy) of each (group, request index) row: its group's tail and the continuation but its
-        last token, read from its group's state (row state_rows[group]), scored from the tail's last token on.
-        Rows sorted by length, 4 x batch_size per call, at most max_positions scored positions (one row at
-        least)."""
+        last token, read from the group's state (row state_rows[group]), scored from the tail's last token
+        on. Rows sorted by length, 4 x batch_size per call, at most max_positions scored positions (one row
+        at least)."""
         out = [(0.0, True)] * len(rows)  # a continuation with no tokens has probability 1
         todo = []
         for r, (g, i) in enumerate(rows):
@@ -343,8 +343,8 @@ class RWKVLM(TemplateLM):
             group, inputs = np.zeros(R, np.int32), np.zeros((R, T), np.int32)
             at, targets, row_of = np.zeros(P, np.int32), np.zeros(P, np.int32), np.full(P, R, np.int32)
             i = 0
-            for j, (_, g, row_inputs, row_start, cont) in enumerate(take):
-                group[j], inputs[j, :len(row_inputs)] = g, row_inputs
+            for j, (_, state_row, row_inputs, row_start, cont) in enumerate(take):
+                group[j], inputs[j, :len(row_inputs)] = state_row, row_inputs
                 k = len(cont)
                 at[i:i + k], targets[i:i + k], row_of[i:i + k] = j * T + row_start + np.arange(k), cont, j
                 i += k

@@ -278,3 +278,16 @@ def test_harness_argv_and_bad_model_args(setup):
         RWKVLM(checkpoint=model, tokenizer=tok, context_prefix="bos")
     with pytest.raises(ValueError, match="batch_size must be"):
         RWKVLM(checkpoint=model, tokenizer=tok, batch_size="many")
+
+
+def test_shape_buckets():
+    """Padded sizes: at least n, under 25% padding past 8, few per octave; prefill chunks of those sizes
+    summing to n exactly, none longer than the longest allowed."""
+    from rwkv_jax.lm_eval_adapter import _bucket, _chunks
+    sizes = {_bucket(n) for n in range(1, 4097)}
+    assert all(n <= _bucket(n) < max(n * 1.25, n + 1) for n in range(1, 4097))
+    assert len(sizes) == 8 + 4 * 9 and sorted(sizes)[:12] == [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16]
+    for n in range(0, 600):
+        chunks = _chunks(n, 256)
+        assert sum(chunks) == n and all(c in sizes and c <= 256 for c in chunks) and chunks == sorted(chunks)[::-1]
+    assert _chunks(1000, 256) == [256, 256, 256, 224, 8] and _chunks(11, 8) == [8, 3]
