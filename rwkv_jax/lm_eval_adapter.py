@@ -19,11 +19,15 @@ How the three request types run, using the recurrence:
     harness's `TemplateLM`: trailing spaces of the context move to the continuation, context +
     continuation is encoded as one string and split after the tokens of the context alone; an empty
     context becomes the end-of-text token). Requests sharing a context (the endings of a multiple-choice
-    question) form a group: the context is read once, in parallel mode, and its state is copied for each
-    continuation, which is scored from there in one padded, masked parallel call. Contexts are read
-    `batch_size` at a time, sorted by length; rows advance together by power-of-two chunks no longer than
-    the shortest remaining context, and a row whose context is done keeps its state (a masked update),
-    so no padding ever enters a state and at most log2(chunk) + 1 shapes compile.
+    question) form a group: the context is read once and its state copied for each continuation.
+    Contexts are read `batch_size` at a time, sorted by length, in parallel mode: each batch reads the
+    same tokens of every row (no masks, no padding, no head), as many as its shortest context less one;
+    what is left of each context (its "tail", at least its last token) is read at the start of each of
+    its continuation rows. Continuation rows (of 16 batches at a time) are sorted by length and scored
+    4 x batch_size per padded call, the head (with a fp32 logsumexp and the target's logit) applied only
+    at the scored positions: the tail's last position and the continuation's but the last. Chunk lengths,
+    row counts, row lengths and scored positions per call take the sizes 1, 2, ..., 8, 10, 12, 14, 16, 20,
+    ... (four per octave), so few shapes compile and padding stays under a quarter.
   * `loglikelihood_rolling`: each document once, in windows of `window` tokens with the state carried
     (rwkv_jax.evaluation's scorer), the first token predicted from the end-of-text token, as the harness
     does with its prefix token. No window re-reads overlapping context, unlike a transformer.
@@ -114,43 +118,34 @@ def _generate(model, tokenizer, prompts, *, max_new_tokens, stop, temperature, t
 
 
 # --- Jitted pieces of loglikelihood ----------------------------------------------------------------
+# A context of n tokens is read in two parts: its first m tokens in `_prefill` (rows of equal length, no
+# head), the last n - m (the "tail", at least one token) at the start of each continuation row in
+# `_score`, which applies the head only at the positions that are scored.
 
-class _Identity(nnx.Module):
-    def __call__(self, x):
-        return x
+@functools.partial(jax.jit, static_argnums=0)
+def _prefill(graphdef, params, state, tokens_BC):
+    """The state after reading a chunk of tokens, every row the same length: no masks, no head (XLA drops
+    the last block's unused output)."""
+    return nnx.merge(graphdef, params).hidden(tokens_BC, state)[1]
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _advance(graphdef, params, state, last_BV, tokens_BC, active_B, ending_B):
-    """Reads a chunk of tokens in parallel mode into the rows that are `active` (the others keep their
-    state), and keeps the next-token logits of the rows whose context `ending` here. The head runs on the
-    chunk's last position only (swapped out of this traced copy of the model)."""
+def _score(graphdef, params, state, group_R, inputs_RT, at_P, targets_P, row_P):
+    """Log-probability and greedy flag of each row: its tokens read from its group's state
+    (`state[:, group_R]`), then targets_P[i] predicted at flat position at_P[i] (row * T + t) and added to
+    row row_P[i] (R for padding). The head, a fp32 logsumexp and the target's logit run only at those P
+    positions, never over the tails or the padding."""
     model = nnx.merge(graphdef, params)
-    head, model.head = model.head, _Identity()
-    hidden_BCD, new_state = model(tokens_BC, state)
-    logits_BV = head(hidden_BCD[:, -1].astype(model.config.dtype)).astype(jnp.float32)
-    keep = lambda old, new: jnp.where(active_B.reshape((1, -1) + (1,) * (old.ndim - 2)), new, old)  # noqa: E731
-    state = jax.tree.map(keep, state, new_state)
-    return state, jnp.where(ending_B[:, None], logits_BV, last_BV)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _continuations(graphdef, params, state, last_GV, group_R, first_R, inputs_RT, targets_RT, mask_RT):
-    """Log-probability and greedy flag of each continuation row: its first token from its group's
-    next-token logits, the rest from one parallel call on the group's state, copied per row."""
-    logp0_RV = jax.nn.log_softmax(last_GV[group_R], axis=-1)
-    logp_R = jnp.take_along_axis(logp0_RV, first_R[:, None], axis=-1)[:, 0]
-    greedy_R = jnp.argmax(logp0_RV, axis=-1) == first_R
-    if inputs_RT.shape[1]:  # continuations longer than one token
-        model = nnx.merge(graphdef, params)
-        branched = jax.tree.map(lambda s: s[:, group_R], state)
-        logits_RTV, _ = model(inputs_RT, branched)
-        logp_RTV = jax.nn.log_softmax(logits_RTV.astype(jnp.float32), axis=-1)
-        logp_RT = jnp.take_along_axis(logp_RTV, targets_RT[..., None], axis=-1)[..., 0]
-        logp_R = logp_R + jnp.sum(jnp.where(mask_RT, logp_RT, 0.0), axis=1)
-        hit_RT = jnp.argmax(logp_RTV, axis=-1) == targets_RT
-        greedy_R = greedy_R & jnp.all(hit_RT | ~mask_RT, axis=1)
-    return logp_R, greedy_R
+    branched = jax.tree.map(lambda s: s[:, group_R], state)
+    hidden_RTD, _ = model.hidden(inputs_RT, branched)
+    R, T, D = hidden_RTD.shape
+    logits_PV = model.logits(hidden_RTD.reshape(R * T, D)[at_P])  # fp32
+    target_P = jnp.take_along_axis(logits_PV, targets_P[:, None], axis=-1)[:, 0]
+    logp_P = target_P - jax.nn.logsumexp(logits_PV, axis=-1)
+    miss_P = (jnp.argmax(logits_PV, axis=-1) != targets_P).astype(jnp.int32)
+    logp_R = jax.ops.segment_sum(logp_P, row_P, num_segments=R + 1)[:R]  # segment R: the padding
+    misses_R = jax.ops.segment_sum(miss_P, row_P, num_segments=R + 1)[:R]
+    return logp_R, misses_R == 0
 
 
 def _pow2_ceil(n: int) -> int:
@@ -159,6 +154,28 @@ def _pow2_ceil(n: int) -> int:
 
 def _pow2_floor(n: int) -> int:
     return 1 << (n.bit_length() - 1)
+
+
+def _bucket(n: int) -> int:
+    """n rounded up to 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, ... (four sizes per octave): under 25%
+    padding, few distinct shapes to compile."""
+    step = max(_pow2_floor(max(n - 1, 1)) // 4, 1)
+    return -(-n // step) * step
+
+
+def _bucket_floor(n: int) -> int:
+    """The largest `_bucket` size not above n (n >= 1)."""
+    step = max(_pow2_floor(n) // 4, 1)
+    return n // step * step
+
+
+def _chunks(n: int, longest: int) -> list[int]:
+    """Chunk lengths of the `_bucket` sizes, at most `longest`, summing to n, largest first."""
+    out = []
+    while n > 0:
+        out.append(_bucket_floor(min(n, longest)))
+        n -= out[-1]
+    return out
 
 
 # --- The harness model ------------------------------------------------------------------------------
@@ -170,7 +187,9 @@ class RWKVLM(TemplateLM):
     Model args: checkpoint, tokenizer, batch_size (contexts read side by side; 'auto' = 8), window
     (tokens per row of one rolling window), prefill_chunk (longest parallel chunk), max_gen_toks (default
     256), context_prefix ('eot', 'none', 'newline'), dtype / wkv_form (numerics overrides), max_positions
-    (continuation tokens scored per call: bounds the [rows, tokens, vocab] logits)."""
+    (positions scored per call: bounds the [positions, vocab] logits)."""
+
+    BLOCK_BATCHES = 16  # prefill batches whose continuation rows are sorted by length together
 
     def __init__(self, checkpoint=None, tokenizer=None, batch_size=8, window: int = 512,
                  prefill_chunk: int = 256, max_gen_toks: int = 256, context_prefix: str = "eot",
@@ -253,11 +272,12 @@ class RWKVLM(TemplateLM):
         order = sorted(groups, key=len, reverse=True)  # longest first: memory errors show at once
         results = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="rwkv_jax loglikelihood")
-        for start in range(0, len(order), self.batch_size):
-            contexts = order[start:start + self.batch_size]
-            state, last = self._read_contexts(contexts)
+        block = self.batch_size * self.BLOCK_BATCHES
+        for start in range(0, len(order), block):
+            contexts = order[start:start + block]
+            state, state_rows, tails = self._read_contexts(contexts)
             rows = [(g, i) for g, ctx in enumerate(contexts) for i in groups[ctx]]
-            for (g, i), value in zip(rows, self._score_rows(state, last, rows, requests)):
+            for (g, i), value in zip(rows, self._score_rows(state, state_rows, tails, rows, requests)):
                 results[i] = value
                 self.cache_hook.add_partial("loglikelihood", requests[i][0], value)
             bar.update(len(rows))
@@ -265,52 +285,72 @@ class RWKVLM(TemplateLM):
         return results
 
     def _read_contexts(self, contexts):
-        """State and next-token logits after each context (padded to a power-of-two number of rows)."""
-        B = self.batch_size  # one shape; only the last batch has empty rows
-        lengths = np.array([len(c) for c in contexts] + [0] * (B - len(contexts)))
-        tokens = np.zeros((B, int(lengths.max())), np.int32)
-        for b, ctx in enumerate(contexts):
-            tokens[b, :len(ctx)] = ctx
-        self._check_ids(tokens)
-        state = self.model.init_state(B)
-        last = jnp.zeros((B, self.model.config.vocab_size), jnp.float32)
-        pos = np.zeros(B, np.int64)
-        while True:
-            active = pos < lengths
-            if not active.any():
-                return state, last
-            n = min(self.prefill_chunk, _pow2_floor(int((lengths - pos)[active].min())))
-            chunk = np.zeros((B, n), np.int32)
-            for b in np.nonzero(active)[0]:
-                chunk[b] = tokens[b, pos[b]:pos[b] + n]
-            state, last = _advance(self.graphdef, self.params, state, last, chunk, active,
-                                   active & (pos + n == lengths))
-            pos = np.where(active, pos + n, pos)
+        """(state, rows, tails) for contexts sorted longest first: row g of the state holds the state after
+        the first tokens of contexts[g], and tails[g] the tokens left (at least one) for `_score` to read
+        per continuation. Contexts are read in batches of `batch_size` (fewer rows padded to a `_bucket`
+        size), every row of a batch the same tokens (no masks, no padding): its shortest context less one,
+        in chunks of the `_bucket` sizes. A context longer than the batch's first by more than
+        max(8, 1/8 of its length) starts a new batch, which bounds each tail."""
+        batches = []
+        for g, ctx in enumerate(contexts):
+            first = len(contexts[batches[-1][0]]) if batches else 0
+            if not batches or len(batches[-1]) == self.batch_size or first - len(ctx) > max(8, len(ctx) // 8):
+                batches.append([])
+            batches[-1].append(g)
+        sizes = [min(self.batch_size, _bucket(len(batch))) for batch in batches]
+        rows = [0] * len(contexts)
+        for batch, offset in zip(batches, np.cumsum([0] + sizes)):
+            for j, g in enumerate(batch):
+                rows[g] = int(offset) + j
+        states, tails = [], [None] * len(contexts)
+        for batch, size in zip(batches, sizes):
+            ids = [contexts[g] for g in batch]
+            self._check_ids(np.concatenate([np.asarray(c, np.int64) for c in ids]))
+            state = self.model.init_state(size)
+            pos = 0
+            for n in _chunks(len(ids[-1]) - 1, self.prefill_chunk):
+                chunk = np.zeros((size, n), np.int32)
+                chunk[:len(ids)] = [c[pos:pos + n] for c in ids]
+                state = _prefill(self.graphdef, self.params, state, chunk)
+                pos += n
+            states.append(state)
+            for g in batch:
+                tails[g] = contexts[g][pos:]
+        if len(states) > 1:
+            state = jax.tree.map(lambda *s: jnp.concatenate(s, axis=1), *states)
+        return state, rows, tails
 
-    def _score_rows(self, state, last, rows, requests):
-        """(logp, greedy) of each (group, request index) row, in calls of at most max_positions tokens."""
-        conts = [list(requests[i][2]) for _, i in rows]
+    def _score_rows(self, state, state_rows, tails, rows, requests):
+        """(logp, greedy) of each (group, request index) row: its group's tail and the continuation but its
+        last token, read from the group's state (row state_rows[group]), scored from the tail's last token
+        on. Rows sorted by length, 4 x batch_size per call, at most max_positions scored positions (one row
+        at least)."""
         out = [(0.0, True)] * len(rows)  # a continuation with no tokens has probability 1
-        todo = sorted((r for r, c in enumerate(conts) if c), key=lambda r: len(conts[r]))
-        while todo:  # the longest rows first, as many as fit in max_positions at their padded length
-            longest = len(conts[todo[-1]])
-            T = _pow2_ceil(longest - 1) if longest > 1 else 0
-            per_call = _pow2_floor(max(1, self.max_positions // max(T, 1)))
-            take, todo = todo[-per_call:], todo[:-per_call]
-            R = _pow2_ceil(len(take))
-            group = np.zeros(R, np.int32)
-            first = np.zeros(R, np.int32)
-            inputs = np.zeros((R, T), np.int32)
-            targets = np.zeros((R, T), np.int32)
-            mask = np.zeros((R, T), bool)
-            for j, r in enumerate(take):
-                c = conts[r]
-                group[j], first[j] = rows[r][0], c[0]
-                inputs[j, :len(c) - 1], targets[j, :len(c) - 1], mask[j, :len(c) - 1] = c[:-1], c[1:], True
-            self._check_ids(first)
-            logp, greedy = jax.device_get(_continuations(self.graphdef, self.params, state, last, group, first,
-                                                         inputs, targets, mask))
-            for j, r in enumerate(take):
+        todo = []
+        for r, (g, i) in enumerate(rows):
+            cont = list(requests[i][2])
+            if cont:
+                self._check_ids(np.asarray(cont))
+                todo.append((r, state_rows[g], list(tails[g]) + cont[:-1], len(tails[g]) - 1, cont))
+        todo.sort(key=lambda row: (len(row[2]), len(row[4])))
+        while todo:  # the longest rows first
+            n = min(len(todo), 4 * self.batch_size)
+            while n > 1 and _bucket(sum(len(row[4]) for row in todo[-n:])) > self.max_positions:
+                n //= 2
+            take, todo = todo[-n:], todo[:-n]
+            R, T = _bucket(n), _bucket(max(len(row[2]) for row in take))
+            P = _bucket(sum(len(row[4]) for row in take))
+            group, inputs = np.zeros(R, np.int32), np.zeros((R, T), np.int32)
+            at, targets, row_of = np.zeros(P, np.int32), np.zeros(P, np.int32), np.full(P, R, np.int32)
+            i = 0
+            for j, (_, state_row, row_inputs, row_start, cont) in enumerate(take):
+                group[j], inputs[j, :len(row_inputs)] = state_row, row_inputs
+                k = len(cont)
+                at[i:i + k], targets[i:i + k], row_of[i:i + k] = j * T + row_start + np.arange(k), cont, j
+                i += k
+            logp, greedy = jax.device_get(_score(self.graphdef, self.params, state, group, inputs, at, targets,
+                                                 row_of))
+            for j, (r, *_) in enumerate(take):
                 out[r] = (float(logp[j]), bool(greedy[j]))
         return out
 

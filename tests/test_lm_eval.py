@@ -119,16 +119,23 @@ def test_loglikelihood_equals_hf(setup):
         assert abs(logp - want_logp) < 1e-4 and greedy == want_greedy, pair
 
 
-def test_state_branching_equals_scoring_from_scratch(setup):
-    """Groups of 1 to 4 continuations of contexts of many lengths (rows of one batch ending at different
-    chunks, a last batch with empty rows), scored 8 positions per call: the same as each pair scored alone
-    by eval.py's scorer."""
+@pytest.mark.parametrize("layout", ["default", "small"])
+def test_state_branching_equals_scoring_from_scratch(setup, layout):
+    """Groups of 1 to 4 continuations of contexts of many lengths, scored 8 positions per call: the same
+    as each pair scored alone by eval.py's scorer (which applies the head at every position). 'default':
+    batches of 4 contexts (one of them short of rows) read in chunks of up to 8 tokens, tails of 1 to 5
+    tokens, rows of 6 batches sorted together. 'small': batches of 2 read 2 tokens per chunk, a context
+    30 words long (a batch of its own: its tail would be long), one batch's rows per block."""
     _, model, tok, pth, _ = setup
-    lm = RWKVLM(checkpoint=model, tokenizer=tok, **MODEL_ARGS, max_positions=8)
+    small = layout == "small"
+    args = {**MODEL_ARGS, "max_positions": 8, **({"batch_size": 2, "prefill_chunk": 2} if small else {})}
+    lm = RWKVLM(checkpoint=model, tokenizer=tok, **args)
+    if small:
+        lm.BLOCK_BATCHES = 1
     rng = np.random.default_rng(0)
     words = "the a river stone house light quiet green old runs falls sings over under near far".split()
     pairs = []
-    for n_ctx in (1, 2, 5, 9, 13, 3):
+    for n_ctx in (1, 2, 5, 9, 13, 3) + ((30, 12) if small else (12, 11, 10)):
         context = " ".join(rng.choice(words, n_ctx))
         for _ in range(rng.integers(1, 5)):
             pairs.append((context, " " + " ".join(rng.choice(words, rng.integers(1, 7)))))
@@ -143,7 +150,7 @@ def test_state_branching_equals_scoring_from_scratch(setup):
         k = docs[i].score_from
         assert logp == pytest.approx(-float(np.sum(scored[i].loss["parallel"][k:], dtype=np.float64)), abs=1e-5)
         assert greedy == bool(np.all(scored[i].hit["parallel"][k:]))
-    assert len({p[0] for p in pairs}) == 6 and len(pairs) > 6
+    assert len({p[0] for p in pairs}) >= 8 and len(pairs) > 8
 
 
 def test_lambada_task_equals_eval_lambada(setup, tmp_path, monkeypatch):
@@ -271,3 +278,16 @@ def test_harness_argv_and_bad_model_args(setup):
         RWKVLM(checkpoint=model, tokenizer=tok, context_prefix="bos")
     with pytest.raises(ValueError, match="batch_size must be"):
         RWKVLM(checkpoint=model, tokenizer=tok, batch_size="many")
+
+
+def test_shape_buckets():
+    """Padded sizes: at least n, under 25% padding past 8, few per octave; prefill chunks of those sizes
+    summing to n exactly, none longer than the longest allowed."""
+    from rwkv_jax.lm_eval_adapter import _bucket, _chunks
+    sizes = {_bucket(n) for n in range(1, 4097)}
+    assert all(n <= _bucket(n) < max(n * 1.25, n + 1) for n in range(1, 4097))
+    assert len(sizes) == 8 + 4 * 9 and sorted(sizes)[:12] == [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16]
+    for n in range(0, 600):
+        chunks = _chunks(n, 256)
+        assert sum(chunks) == n and all(c in sizes and c <= 256 for c in chunks) and chunks == sorted(chunks)[::-1]
+    assert _chunks(1000, 256) == [256, 256, 256, 224, 8] and _chunks(11, 8) == [8, 3]
