@@ -125,9 +125,10 @@ def plot_loss_by_position(report: dict, path) -> None:
     ax.set_xlabel("token position + 1 (within the document)")
     ax.set_ylabel("loss (nats/token)")
     title = " vs ".join(label_of(c) for c in curves)
-    ax.set_title(f"{title}: loss by position ({report['tokens']:,} tokens)")
+    ax.set_title(f"{title}: loss by position ({report['tokens']:,} tokens)", fontsize=10 if len(curves) == 1 else 8,
+                 wrap=True)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="medium" if len(curves) == 1 else "x-small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
