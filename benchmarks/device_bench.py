@@ -21,7 +21,6 @@ lack grain/tfds. If ml_collections is missing, a minimal stand-in (attribute-acc
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import types
@@ -48,6 +47,7 @@ except ImportError:
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from probes import median_time  # noqa: E402  (this folder: jax and numpy only)
 import numpy as np  # noqa: E402
 
 SMALL = os.environ.get("RWKV_DEVICE_BENCH_SMALL") == "1"
@@ -69,18 +69,6 @@ def record(path, **row):
     print("RESULT " + json.dumps(row), flush=True)
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
-
-
-def median_time(fn, warmup: int, repeats: int) -> float:
-    """Median seconds of `repeats` calls of fn() (which blocks) after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def wkv_inputs(shape, dtype, seed=0):
@@ -149,8 +137,8 @@ def section_wkv(args):
         try:
             forward = jax.jit(run)
             backward = jax.jit(jax.value_and_grad(wkv_loss(run), argnums=(0, 1, 2, 3)))
-            t_fwd = median_time(lambda: jax.block_until_ready(forward(td, tf, k, v)), 2, args.repeats)
-            t_bwd = median_time(lambda: jax.block_until_ready(backward(td, tf, k, v, r)), 2, args.repeats)
+            t_fwd = median_time(lambda: forward(td, tf, k, v), repeats=args.repeats, warmup=2)
+            t_bwd = median_time(lambda: backward(td, tf, k, v, r), repeats=args.repeats, warmup=2)
             record(args.results, section="wkv", form=form, shape=WKV_SHAPE, fwd_s=t_fwd, fwd_bwd_s=t_bwd)
         except Exception as error:  # noqa: BLE001 - report and go on to the next form
             print(f"wkv {form}: ERROR {type(error).__name__}: {str(error)[:500]}", flush=True)
@@ -168,8 +156,8 @@ def _sweep_gpu_kernel_blocks(args, td, tf, k, v, r):
         try:
             forward = jax.jit(run)
             backward = jax.jit(jax.value_and_grad(wkv_loss(run), argnums=(0, 1, 2, 3)))
-            t_fwd = median_time(lambda: jax.block_until_ready(forward(td, tf, k, v)), 2, args.repeats)
-            t_bwd = median_time(lambda: jax.block_until_ready(backward(td, tf, k, v, r)), 2, args.repeats)
+            t_fwd = median_time(lambda: forward(td, tf, k, v), repeats=args.repeats, warmup=2)
+            t_bwd = median_time(lambda: backward(td, tf, k, v, r), repeats=args.repeats, warmup=2)
             record(args.results, section="wkv_blocks", block_c=block_c, num_warps=num_warps, shape=WKV_SHAPE,
                    fwd_s=t_fwd, fwd_bwd_s=t_bwd)
         except Exception as error:  # noqa: BLE001 - report and go on to the next blocks
@@ -213,7 +201,7 @@ def section_train(args):
             start = time.perf_counter()
             one()
             compile_s = time.perf_counter() - start
-            step_s = median_time(one, 1, args.repeats)
+            step_s = median_time(one, repeats=args.repeats, warmup=1)
             assert all(np.isfinite(losses)), losses
             tokens_s = batch * seq / step_s
             peak = metrics.peak_flops_per_device()
@@ -250,7 +238,7 @@ def section_decode(args):
                 holder["tokens"], holder["state"] = step(params, holder["tokens"], holder["state"])
                 jax.block_until_ready(holder["tokens"])
 
-            token_s = median_time(one, 3, args.repeats * 10)
+            token_s = median_time(one, repeats=args.repeats * 10, warmup=3)
             record(args.results, section="decode", model="169m", batch=batch, token_s=token_s,
                    tokens_per_s=batch / token_s)
         except Exception as error:  # noqa: BLE001

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _times(fn, *args, repeats: int) -> list[float]:
-    """Seconds of `repeats` calls of `fn(*args)` (each blocked on), after one untimed call."""
-    jax.block_until_ready(fn(*args))
+def _times(fn, *args, repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of `repeats` calls of `fn(*args)` (each blocked on), after `warmup` untimed calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -24,8 +25,8 @@ def best_time(fn, *args, repeats: int = 5) -> float:
     return min(_times(fn, *args, repeats=repeats))
 
 
-def median_time(fn, *args, repeats: int = 5) -> float:
-    return statistics.median(_times(fn, *args, repeats=repeats))
+def median_time(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
+    return statistics.median(_times(fn, *args, repeats=repeats, warmup=warmup))
 
 
 def matmul_flops(n: int = 2048) -> float:
