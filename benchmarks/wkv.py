@@ -4,6 +4,7 @@
                                                   # parallel, chunked L=32, a scan of wkv_step
     python benchmarks/wkv.py --quick              # tiny shapes, a smoke run
     python benchmarks/wkv.py -B 4 -T 2048 -C 1024 --unrolls 1,4 --chunk-lens 32 --rounds 3 --repeats 10
+    python benchmarks/wkv.py --resets 0.01        # each form also with document resets at 1% of positions
 
 Steady state is the median of `--repeats` calls, each ended with `block_until_ready`, in wall time and in
 process CPU time (the steadier figure on a shared machine); with `--rounds` > 1
@@ -49,13 +50,18 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; the fastest is shown")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of k, v")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resets", type=float, default=0.0,
+                        help="> 0: also run each form (but the scan of wkv_step) with document resets at this "
+                             "fraction of positions (random), as rows of their own")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: B=2 T=64 C=32, unrolls 1,4, chunk length 16, 3 repeats")
+                        help="smoke run: B=2 T=64 C=32, unrolls 1 and the default, chunk length 16, 3 repeats")
     args = parser.parse_args(argv)
+    if not 0 <= args.resets < 1:
+        parser.error(f"--resets is a fraction of positions in [0, 1), got {args.resets}")
     if args.quick:
         args.batch, args.seq_len, args.channels, args.repeats = 2, 64, 32, 3
-        args.unrolls, args.chunk_lens = "1,4", "16"
+        args.unrolls, args.chunk_lens = f"1,{DEFAULT_UNROLL}", "16"
     for name in ("batch", "seq_len", "channels", "repeats", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -190,6 +196,10 @@ def main(argv=None):
           f"best of {args.rounds} round(s)")
 
     rows = rows_to_run(args)
+    if args.resets:  # the same forms with a reset mask: the cost of document resets (config.data.reset_at_eot)
+        reset_BT = jnp.asarray(np.random.default_rng(args.seed + 1).random((B, T)) < args.resets)
+        rows += [(f"{name} + resets {args.resets:g}", functools.partial(run, reset_BT=reset_BT))
+                 for name, run in rows if run is not scan_of_steps]
     baseline = args.baseline
     inputs = make_inputs(B, T, C, jnp.dtype(args.dtype), args.seed)
     compiled = {name: compile_row(run) for name, run in rows}
@@ -244,7 +254,7 @@ def main(argv=None):
         def max_diff(y):
             return float(jnp.max(jnp.abs(y.astype(jnp.float32) - base["y"].astype(jnp.float32))))
         print("max |y - y_base|: " + ", ".join(f"{name}: {max_diff(r['y']):.1e}" for name, r in ok.items()
-                                               if name != baseline))
+                                               if name != baseline and "+ resets" not in name))
     if args.json:
         import json
         row = lambda name: {"label": name, "fwd_ms": 1e3 * ok[name]["fwd"], "fwdbwd_ms": 1e3 * ok[name]["bwd"]}  # noqa: E731
