@@ -9,14 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _times(fn, *args, repeats: int, warmup: int = 1) -> list[float]:
-    """Seconds of `repeats` calls of `fn(*args)` (each blocked on), after `warmup` untimed calls."""
+def _times(fn, *args, repeats: int, warmup: int = 1, fresh_args=None) -> list[float]:
+    """Seconds of `repeats` calls of `fn(*args)` (each blocked on), after `warmup` untimed calls.
+    `fresh_args`: a function giving each call its own arguments, called before the clock starts (for a
+    function that donates its inputs)."""
+    arguments = (lambda: args) if fresh_args is None else fresh_args
     for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
+        jax.block_until_ready(fn(*arguments()))
     times = []
     for _ in range(repeats):
+        call_args = arguments()
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        jax.block_until_ready(fn(*call_args))
         times.append(time.perf_counter() - start)
     return times
 
@@ -25,8 +29,8 @@ def best_time(fn, *args, repeats: int = 5) -> float:
     return min(_times(fn, *args, repeats=repeats))
 
 
-def median_time(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
-    return statistics.median(_times(fn, *args, repeats=repeats, warmup=warmup))
+def median_time(fn, *args, repeats: int = 5, warmup: int = 1, fresh_args=None) -> float:
+    return statistics.median(_times(fn, *args, repeats=repeats, warmup=warmup, fresh_args=fresh_args))
 
 
 def matmul_flops(n: int = 2048) -> float:
@@ -37,20 +41,30 @@ def matmul_flops(n: int = 2048) -> float:
 
 
 def memory_bandwidth(n_bytes: int = 512 * 2**20) -> float:
-    """Bytes/s of the best of five copies of an fp32 array far larger than the caches (numpy, counting the
-    bytes read and the bytes written): the DRAM ceiling. (XLA:CPU's own elementwise passes reach about a
-    third of it on the 2-core machine of this project: see `xla_elementwise_bandwidth`.)"""
+    """Bytes/s (read + write) of the faster of two in-place passes over an fp32 array far larger than the
+    caches: a numpy copy into an existing array (one thread) and XLA's elementwise pass writing over its
+    donated input (all threads). The DRAM ceiling every bytes-based limit here is measured against."""
     a = np.random.default_rng(0).standard_normal(n_bytes // 4).astype(np.float32)
     b = np.empty_like(a)
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        np.copyto(b, a)
-        times.append(time.perf_counter() - start)
-    return 2 * n_bytes / min(times)
+    copy = 2 * n_bytes / best_time(np.copyto, b, a)
+    return max(copy, xla_elementwise_bandwidth(n_bytes, in_place=True))
 
 
-def xla_elementwise_bandwidth(n_bytes: int = 512 * 2**20) -> float:
-    """Bytes/s (read + write) of XLA's elementwise pass over an fp32 array far larger than the caches."""
+def xla_elementwise_bandwidth(n_bytes: int = 512 * 2**20, *, in_place: bool = False) -> float:
+    """Bytes/s (read + write) of XLA's elementwise pass over an fp32 array far larger than the caches.
+
+    `in_place`: the input is donated and the output takes its buffer, as the train step's state does.
+    Otherwise each call writes a newly allocated buffer, as an undonated jitted call's outputs and XLA's
+    temporaries are: XLA:CPU maps such large buffers afresh for each call (Linux, glibc), and the first
+    write to every 4 KiB page faults, which held this pass to about a fifth of the in-place one on the
+    2-core machine of this project."""
     x = jnp.asarray(np.random.default_rng(0).standard_normal(n_bytes // 4), jnp.float32)
-    return 2 * n_bytes / best_time(jax.jit(lambda x: x * 1.000001 + 1e-7), x)
+    if not in_place:
+        return 2 * n_bytes / best_time(jax.jit(lambda x: x * 1.000001 + 1e-7), x)
+    fn = jax.jit(lambda x: x * 1.000001 + 1e-7, donate_argnums=0)
+    holder = [fn(x)]
+
+    def step():  # each call's output is the next call's (donated) input
+        holder[0] = fn(holder[0])
+        return holder[0]
+    return 2 * n_bytes / best_time(step)

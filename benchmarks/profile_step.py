@@ -7,29 +7,39 @@
 Parts (median of --steps calls after a warm-up, each a separately jitted function over the same shapes):
   step          the whole jitted train step (forward, backward, clip, Adam, apply)
   fwd+bwd       value_and_grad of the loss over the parameters
-  update        the optimizer update and apply, given gradients
+  update        the optimizer update and apply, given gradients, donated as in the step
   head+CE       forward+backward of the head matmul and cross entropy, given hidden states
   WKV           forward+backward of the WKV operator of every layer, given k and v
   matmuls       forward+backward of every block's projections (7 per layer), given inputs
   rest of f+b   fwd+bwd minus head+CE, WKV and matmuls: layer norms, token shift, gates, embedding
 Limits printed beside: matmul FLOPs over the probed matmul peak; the update's bytes (read gradients,
-parameters and both Adam moments, write the last three) over the probed memory bandwidth.
+parameters and both Adam moments, write the last three: 7 x 4 bytes per parameter) over the probed memory
+bandwidth. XLA:CPU does not fuse passes with several outputs, so optim.make_optimizer's update is three
+passes (11 x 4 bytes per parameter, with the gradient norm 12): the floor it can reach here is 12/7 of
+that limit.
 """
 
 import argparse
 import os
 import json
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 import probes
 from rwkv_jax import optim, sharding, train_step
 from rwkv_jax.model import ModelConfig
 from rwkv_jax.ops import wkv as wkv_ops
+
+
+def _apply(optimizer, grads, opt_state, params):
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
 
 
 def timed(fn, *args, steps=5):
@@ -90,11 +100,14 @@ def main(argv=None):
     rows["fwd+bwd"] = timed(grad_fn, params, steps=args.steps)
     _, grads = grad_fn(params)
 
-    @jax.jit
-    def update(grads, opt_state, params):
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return jax.tree.map(jnp.add, params, updates), opt_state
-    rows["update"] = timed(update, grads, holder["state"].opt_state, params, steps=args.steps)
+    # Donated as in the train step: the moments and parameters are updated in place, and the gradients
+    # (temporaries inside the step) may be overwritten. Each call gets fresh copies, made before the clock.
+    # With four donated trees of the same shapes for three outputs, jax warns that one is left unused.
+    warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+    update = jax.jit(lambda grads, opt_state, params: _apply(optimizer, grads, opt_state, params),
+                     donate_argnums=(0, 1, 2))
+    copies = lambda: jax.block_until_ready(jax.tree.map(jnp.copy, (grads, holder["state"].opt_state, params)))  # noqa: E731
+    rows["update"] = probes.median_time(update, repeats=args.steps, fresh_args=copies)
 
     model = nnx.merge(graphdef, params)
     hidden = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)

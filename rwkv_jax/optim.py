@@ -62,12 +62,16 @@ def param_groups(params):
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """Clip, Adam, optional decay, layer-wise multipliers and the schedule, with non-finite steps skipped.
+    """Clip, Adam, optional decay, layer-wise multipliers and the schedule, with non-finite steps skipped:
+    `reference_optimizer`'s state and updates (to rounding), computed by `_fused_update` in one pass per
+    parameter that XLA can run in place (see there)."""
+    reference = reference_optimizer(config, total_steps)
+    return optax.GradientTransformation(
+        reference.init, functools.partial(_fused_update, config, learning_rate(config, total_steps)))
 
-    Built so that XLA fuses the whole update of a parameter into one pass over (gradient, parameter,
-    moments) after one reduction over the gradients (their global norm): no transformation here reduces
-    over its own output. (optax.partition and optax.apply_if_finite each add whole-tree passes: the
-    update of a 169M model took 2.8x as long with them; benchmarks/profile_step.py.)"""
+
+def reference_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    """The recipe as an optax chain: the definition `make_optimizer` follows, and its state's layout."""
     schedule = learning_rate(config, total_steps)
     steps = [optax.clip_by_global_norm(config.grad_clip),
              optax.scale_by_adam(b1=config.beta1, b2=config.beta2, eps=config.eps)]
@@ -75,10 +79,61 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax
         steps.append(optax.add_decayed_weights(
             config.weight_decay, mask=lambda p: jax.tree.map(lambda g: g == "matrix", param_groups(p))))
     if config.layerwise_lr:  # v4neo's layerwise_lr: time_decay x2, time_first x3
-        steps.append(_scale_by_group({"time_decay": 2.0, "time_first": 3.0}))
+        steps.append(_scale_by_group(LAYERWISE_LR))
     steps.append(optax.scale_by_learning_rate(schedule))
     # Never apply a non-finite update: the training loop stops after max_consecutive_bad_steps instead.
     return skip_if_not_finite(optax.chain(*steps))
+
+
+LAYERWISE_LR = {"time_decay": 2.0, "time_first": 3.0}
+
+
+def _fused_update(config: ml_collections.ConfigDict, schedule: optax.Schedule, grads, state, params):
+    """`reference_optimizer`'s update, written so the whole optimizer costs one reduction over the gradients
+    (their global norm) and three in-place passes per parameter: the new first moment (reads it and the
+    gradient), the new second moment (the same), then the update, which reads the parameter and the two
+    new moments; `optax.apply_updates` in the train step fuses into the last. The optimization barrier keeps
+    XLA from recomputing the moments inside the update pass: with the chain, it did, so every pass read the
+    old moments, and with the state donated XLA first copied the parameter and both moments to keep them,
+    and wrote the clipped gradient out: about 3.5x the bytes of these passes (benchmarks/profile_step.py,
+    "update"). Per element the arithmetic is the chain's, in the same order."""
+    b1, b2, eps, eps_root = config.beta1, config.beta2, config.eps, 0.0
+    adam, lr_state = state.inner_state[1], state.inner_state[-1]
+    norm = optax.global_norm(grads)
+    finite = jnp.isfinite(norm)
+    # optax.clip_by_global_norm computes (g / norm) * grad_clip per element; one factor per step instead
+    # (equal to rounding) lets XLA fuse the clip into both moment passes rather than write the clipped
+    # gradients out.
+    clip = jnp.where(norm < config.grad_clip, 1.0, config.grad_clip / norm)
+    count = optax.safe_increment(adam.count)
+    step_size = -schedule(lr_state.count)
+    groups = param_groups(params)
+
+    def one(g, mu, nu, p, group):
+        g = g * clip.astype(g.dtype)
+        mu_new = jnp.where(finite, (1 - b1) * g + b1 * mu, mu)
+        nu_new = jnp.where(finite, (1 - b2) * (g ** 2) + b2 * nu, nu)
+        mu_new, nu_new = jax.lax.optimization_barrier((mu_new, nu_new))
+        mu_hat = mu_new / (1 - b1 ** count).astype(mu.dtype)
+        nu_hat = nu_new / (1 - b2 ** count).astype(nu.dtype)
+        u = mu_hat / (jnp.sqrt(nu_hat + eps_root) + eps)
+        if config.weight_decay > 0 and group == "matrix":
+            u = u + config.weight_decay * p
+        if config.layerwise_lr and group in LAYERWISE_LR:
+            u = u * LAYERWISE_LR[group]
+        u = jnp.array(step_size, dtype=u.dtype) * u
+        return jnp.where(finite, u, jnp.zeros_like(u)), mu_new, nu_new
+
+    treedef = jax.tree.structure(grads)
+    columns = zip(*map(one, *(jax.tree.leaves(t) for t in (grads, adam.mu, adam.nu, params, groups))))
+    updates, mu, nu = (treedef.unflatten(column) for column in columns)
+    inner = list(state.inner_state)
+    inner[1] = optax.ScaleByAdamState(count=jnp.where(finite, count, adam.count), mu=mu, nu=nu)
+    inner[-1] = lr_state._replace(count=jnp.where(finite, optax.safe_increment(lr_state.count), lr_state.count))
+    bad = jnp.logical_not(finite).astype(jnp.int32)
+    return updates, optax.ApplyIfFiniteState(
+        notfinite_count=jnp.where(finite, 0, state.notfinite_count + 1), last_finite=finite,
+        total_notfinite=state.total_notfinite + bad, inner_state=tuple(inner))
 
 
 def _scale_by_group(multipliers: dict[str, float]) -> optax.GradientTransformation:

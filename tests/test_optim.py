@@ -113,3 +113,29 @@ def test_non_finite_gradient_is_not_applied_and_counted():
     good = jax.tree.map(jnp.ones_like, params)
     updates, state = tx.update(good, state, params)
     assert int(optim.bad_step_count(state)) == 0 and np.all(np.isfinite(optax.global_norm(updates)))
+
+
+@pytest.mark.parametrize("weight_decay,layerwise_lr", [(0.0, False), (0.1, True)])
+def test_fused_update_equals_the_optax_chain(weight_decay, layerwise_lr):
+    """make_optimizer's hand-fused update against reference_optimizer, the optax chain it implements, over
+    steps that clip and do not clip, with a non-finite step in between; jitted, as the train step runs it.
+    They differ by rounding: the fused update clips with one factor grad_clip / norm where optax divides each
+    element by the norm, a float32 ulp per element that Adam's ratio can grow to a few."""
+    config = optim.default_optim_config()
+    config.warmup_steps, config.weight_decay, config.layerwise_lr = 2, weight_decay, layerwise_lr
+    fused, reference = optim.make_optimizer(config, 10), optim.reference_optimizer(config, 10)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), _params())
+    states = [tx.init(params) for tx in (fused, reference)]
+    all_params = [params, params]
+    for scale in (0.01, 10.0, float("nan"), 0.3, 5.0):  # the global norm below and above grad_clip = 1
+        grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape) * scale, jnp.float32), params)
+        out = [jax.jit(tx.update)(grads, s, p) for tx, s, p in zip((fused, reference), states, all_params)]
+        (u_fused, s_fused), (u_ref, s_ref) = out
+        for a, b in zip(jax.tree.leaves((u_fused, s_fused)), jax.tree.leaves((u_ref, s_ref))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-12)
+        assert jax.tree.structure(s_fused) == jax.tree.structure(s_ref)
+        states = [s_fused, s_ref]
+        all_params = [optax.apply_updates(p, u) for p, u in zip(all_params, (u_fused, u_ref))]
+    assert int(optim.bad_step_count(states[0])) == 0 and int(states[0].total_notfinite) == 1
+    assert int(states[0].inner_state[1].count) == 4  # the non-finite step did not count
