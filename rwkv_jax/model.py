@@ -92,9 +92,48 @@ def _param(value, axes: tuple[str, ...]) -> nnx.Param:
     return nnx.Param(jnp.asarray(value), logical_axes=axes)
 
 
+@jax.custom_vjp
+def _dot_fp32_accumulate(x, w):
+    """x [..., K] @ w [K, N] with low-precision inputs, accumulated in fp32 and rounded to x's dtype; its
+    gradients are products of the same kind (the cotangent in x's dtype against x or w)."""
+    return _dot_last(x, w).astype(x.dtype)
+
+
+def _dot_last(x, w):
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_fwd(x, w):
+    return _dot_fp32_accumulate(x, w), (x, w)
+
+
+def _dot_bwd(residuals, g):
+    x, w = residuals
+    g = g.astype(x.dtype)
+    dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    leading = tuple(range(x.ndim - 1))
+    dw = jax.lax.dot_general(x, g, ((leading, leading), ((), ())), preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_dot_fp32_accumulate.defvjp(_dot_fwd, _dot_bwd)
+
+
+def _low_precision_dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=None,
+                               out_sharding=None):
+    """nnx.Linear's dot_general in bf16 models: XLA:CPU multiplies bf16 matrices fast (AMX, AVX512-BF16)
+    only when asked for an fp32 result, and autodiff of such a product gives mixed bf16 x fp32 products
+    in the backward pass, which take the slow path; `_dot_fp32_accumulate` keeps all three products
+    bf16 x bf16 -> fp32. On TPU and GPU the products are the same as a plain bf16 dot's."""
+    del dimension_numbers, precision, preferred_element_type, out_sharding  # always x's last axis with w's first
+    return _dot_fp32_accumulate(x, w)
+
+
 def _linear(fan_in, fan_out, axes, kernel_init, config: ModelConfig, rngs) -> nnx.Linear:
+    low_precision = jnp.dtype(config.dtype) != jnp.float32
     return nnx.Linear(fan_in, fan_out, use_bias=False, kernel_init=kernel_init, dtype=config.dtype,
-                      param_dtype=config.param_dtype, kernel_metadata={"logical_axes": axes}, rngs=rngs)
+                      param_dtype=config.param_dtype, kernel_metadata={"logical_axes": axes}, rngs=rngs,
+                      **({"dot_general": _low_precision_dot_general} if low_precision else {}))
 
 
 def _layer_norm(width, config: ModelConfig, rngs) -> nnx.LayerNorm:

@@ -181,6 +181,30 @@ def test_bf16_compute_keeps_fp32_state_and_tracks_fp32(random_model):
     assert np.abs(np.asarray(logits) - np.asarray(ref)).max() < 0.1 * max(1.0, np.abs(ref).max())
 
 
+def test_bf16_products_accumulate_in_fp32_forward_and_backward():
+    """The bf16 model's matmuls (model._dot_fp32_accumulate): the product and both gradients equal fp32
+    products of the same bf16 inputs, rounded to bf16 once; a plain bf16 dot's backward would mix a bf16
+    and an fp32 operand (XLA:CPU's slow path)."""
+    from rwkv_jax import model as model_lib
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((2, 7, 48)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((48, 40)), jnp.bfloat16)
+    g = jnp.asarray(rng.standard_normal((2, 7, 40)), jnp.bfloat16)
+    y, vjp = jax.vjp(model_lib._dot_fp32_accumulate, x, w)
+    dx, dw = vjp(g)
+    assert (y.dtype, dx.dtype, dw.dtype) == (jnp.bfloat16,) * 3
+    x64, w64, g64 = (np.asarray(a, np.float64) for a in (x, w, g))
+    for ours, exact in ((y, x64 @ w64), (dx, g64 @ w64.T), (dw, np.einsum("btk,btn->kn", x64, g64))):
+        # One rounding to bf16 (8 mantissa bits) of an fp32-accurate sum: within half a bf16 ulp, 2^-9.
+        np.testing.assert_allclose(np.asarray(ours, np.float64), exact, rtol=2.0 ** -8, atol=1e-6)
+    # Both gradients: two products, each bf16 x bf16 -> fp32.
+    jaxpr = jax.make_jaxpr(lambda x, w: jax.vjp(model_lib._dot_fp32_accumulate, x, w)[1](g))(x, w).jaxpr
+    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 2
+    for e in dots:
+        assert [v.aval.dtype for v in e.invars] == [jnp.bfloat16] * 2 and e.outvars[0].aval.dtype == jnp.float32
+
+
 def test_wrong_token_rank_is_a_clear_error(random_model):
     with pytest.raises(ValueError, match="model.step"):
         random_model(jnp.zeros((3,), jnp.int32))
