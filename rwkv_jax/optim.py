@@ -150,21 +150,23 @@ def cross_entropy(logits_BTV, targets_BT, l2wrap_factor: float = 1e-4):
     return loss
 
 
-def chunked_token_losses(head, hidden_BTD, targets_BT, weights_BT=None, *, chunk_tokens: int = 2048,
+def chunked_token_losses(normed_BTD, kernel_DV, targets_BT, weights_BT=None, *, chunk_tokens: int = 2048,
                          l2wrap_factor: float = 0.0):
-    """(sum of weighted token cross entropies in nats, sum of weights) with the head applied to about
-    `chunk_tokens` positions at a time, so no [B, T, V] logits exist: each chunk's logits are made,
-    reduced and dropped, and made again in the backward pass (jax.checkpoint). Chunks are spans of T
-    for all B rows at once, so a batch sharded over devices stays sharded. `head` maps hidden states
-    [..., D] to logits [..., V]. With l2wrap_factor > 0, each chunk's logits get v4neo's L2Wrap
-    gradient; divided by the token count, the sum's gradient equals `cross_entropy`'s."""
-    B, T, D = hidden_BTD.shape
+    """(sum of weighted token cross entropies in nats, sum of weights) of the logits normed @ kernel: the
+    head's input in the compute dtype and its kernel as stored (`RWKV.head_operands`), multiplied in the
+    compute dtype as nnx.Linear does. About `chunk_tokens` positions at a time, so no [B, T, V] logits
+    exist; chunks are spans of T for all B rows at once, so a batch sharded over devices stays sharded.
+    Each chunk is `_chunk_loss`: its logits are made once in the forward and once in the backward pass,
+    stay in the compute dtype, and no fp32 [N, V] array is formed. With l2wrap_factor > 0, each position
+    gets v4neo's L2Wrap gradient (see `l2wrap`); divided by the token count, the sum's gradient equals
+    `cross_entropy`'s. Zero-weight positions (masked or padding) get no L2Wrap term."""
+    B, T, D = normed_BTD.shape
     weights = jnp.ones((B, T), jnp.float32) if weights_BT is None else weights_BT.astype(jnp.float32)
     span = max(1, min(chunk_tokens // max(B, 1), T))
     n_chunks = -(-T // span)
     pad = n_chunks * span - T
 
-    def to_chunks(x):  # [B, T, ...] -> [n_chunks, B, span, ...], padded with zeros
+    def to_chunks(x):  # [B, T, ...] -> [n_chunks, B, span, ...], padded with zeros (zero weight)
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         return x.reshape(B, n_chunks, span, *x.shape[2:]).swapaxes(0, 1)
 
@@ -172,18 +174,59 @@ def chunked_token_losses(head, hidden_BTD, targets_BT, weights_BT=None, *, chunk
     # once the caller divides the sum by the token count, which gives `cross_entropy`'s factor / (B * T).
     scale = float(l2wrap_factor)
 
-    @functools.partial(jax.checkpoint, prevent_cse=False)
-    def chunk_loss(h_BSD, t_BS, w_BS):
-        logits = head(h_BSD).astype(jnp.float32)
-        loss = (optax.softmax_cross_entropy_with_integer_labels(logits, t_BS) * w_BS).sum()
-        if scale > 0:
-            # Padded positions (zero weight) and masked ones get no L2Wrap gradient.
-            loss = l2wrap(loss, logits if weights_BT is None and not pad else logits * (w_BS[..., None] > 0), scale)
-        return loss
-
     def body(total, xs):
-        return total + chunk_loss(*xs), None
+        return total + _chunk_loss(*xs, kernel_DV, scale), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
-                            (to_chunks(hidden_BTD), to_chunks(targets_BT), to_chunks(weights)))
+                            (to_chunks(normed_BTD), to_chunks(targets_BT), to_chunks(weights)))
     return total, weights.sum()
+
+
+def _logits(normed_BSD, kernel_DV):
+    """The head's matmul as nnx.Linear (no bias) computes it: [B, S, V] in the compute dtype."""
+    return jax.lax.dot_general(normed_BSD, kernel_DV.astype(normed_BSD.dtype), (((2,), (0,)), ((), ())))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunk_loss(normed_BSD, targets_BS, weights_BS, kernel_DV, l2wrap_scale: float):
+    """sum over positions of weight * cross entropy of the logits normed @ kernel; with l2wrap_scale > 0
+    the gradient also has L2Wrap's term, scale * g * max logit at each nonzero-weight position's argmax."""
+    return _chunk_loss_fwd(normed_BSD, targets_BS, weights_BS, kernel_DV, l2wrap_scale)[0]
+
+
+def _chunk_loss_fwd(normed_BSD, targets_BS, weights_BS, kernel_DV, l2wrap_scale):
+    logits_BSV = _logits(normed_BSD, kernel_DV)  # compute dtype; the reductions convert as they read
+    max_BS = logits_BSV.max(-1).astype(jnp.float32)
+    # log sum exp in optax's order (log_softmax of the shifted logits), so fp32 models round as before
+    log_sum_BS = jnp.log(jnp.exp(logits_BSV.astype(jnp.float32) - max_BS[..., None]).sum(-1))
+    # The target's logit from its head column, not from a gather over [B, S, V]: fp32 products and sum,
+    # rounded to the compute dtype as the matmul rounds its output.
+    columns_BSD = jnp.take(kernel_DV.astype(normed_BSD.dtype), targets_BS, axis=1, mode="clip").transpose(1, 2, 0)
+    target_BS = (normed_BSD.astype(jnp.float32) * columns_BSD.astype(jnp.float32)).sum(-1)
+    losses_BS = log_sum_BS - (target_BS.astype(normed_BSD.dtype).astype(jnp.float32) - max_BS)
+    # L2Wrap's argmax comes from this pass (with the max): the backward reduces over no [B, S, V] array.
+    argmax_BS = logits_BSV.argmax(-1) if l2wrap_scale > 0 else None
+    residuals = (normed_BSD, targets_BS, weights_BS, kernel_DV, log_sum_BS, losses_BS, max_BS, argmax_BS)
+    return (losses_BS * weights_BS).sum(), residuals
+
+
+def _chunk_loss_bwd(l2wrap_scale, residuals, g):
+    normed_BSD, targets_BS, weights_BS, kernel_DV, log_sum_BS, losses_BS, max_BS, argmax_BS = residuals
+    logits_BSV = _logits(normed_BSD, kernel_DV).astype(jnp.float32)
+    vocab_BSV = jax.lax.broadcasted_iota(jnp.int32, logits_BSV.shape, 2)
+    # d(weight * cross entropy) / d logits = weight * (softmax - onehot(target)), times g.
+    softmax_BSV = jnp.exp((logits_BSV - max_BS[..., None]) - log_sum_BS[..., None])
+    d_logits_BSV = (softmax_BSV - (vocab_BSV == targets_BS[..., None])) * (weights_BS * g)[..., None]
+    if l2wrap_scale > 0:  # v4neo's L2Wrap: scale * g * max logit at the argmax of each position
+        l2wrap_BS = jnp.where(weights_BS > 0, max_BS * (l2wrap_scale * g), 0.0)
+        d_logits_BSV = d_logits_BSV + jnp.where(vocab_BSV == argmax_BS[..., None], l2wrap_BS[..., None], 0.0)
+    # One elementwise expression in the compute dtype feeds both matmuls (as autodiff of the matmul would).
+    d_logits_BSV = d_logits_BSV.astype(normed_BSD.dtype)
+    d_normed = jax.lax.dot_general(d_logits_BSV, kernel_DV.astype(normed_BSD.dtype), (((2,), (1,)), ((), ())))
+    # The kernel's gradient straight in its own dtype (fp32 accumulation), so chunks add up in fp32.
+    d_kernel = jax.lax.dot_general(normed_BSD, d_logits_BSV, (((0, 1), (0, 1)), ((), ())),
+                                   preferred_element_type=kernel_DV.dtype)
+    return d_normed, None, losses_BS * g, d_kernel
+
+
+_chunk_loss.defvjp(_chunk_loss_fwd, _chunk_loss_bwd)

@@ -113,3 +113,50 @@ def test_non_finite_gradient_is_not_applied_and_counted():
     good = jax.tree.map(jnp.ones_like, params)
     updates, state = tx.update(good, state, params)
     assert int(optim.bad_step_count(state)) == 0 and np.all(np.isfinite(optax.global_norm(updates)))
+
+
+def _whole_logits_loss(normed, kernel, targets, weights, factor):
+    """The plain definition: fp32 logits of the whole [B, T, V] (the matmul in the operands' dtype, as the
+    head computes it), optax's cross entropy, and `optim.l2wrap` on the logits of nonzero-weight positions."""
+    logits = (normed @ kernel.astype(normed.dtype)).astype(jnp.float32)
+    total = (optax.softmax_cross_entropy_with_integer_labels(logits, targets) * weights).sum()
+    return optim.l2wrap(total, logits * (weights > 0)[..., None], factor) if factor > 0 else total
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunked_token_losses_equal_the_whole_logits_definition(dtype, factor):
+    """Value and gradients (into the head's input, its fp32 kernel and the weights) of the chunked loss
+    equal the whole-logits definition: with fractional and zero weights, and chunks (2 positions of 3
+    rows) that leave T = 11 padded. fp32 to rounding; bf16 to its precision (the reference rounds each
+    gradient of the kernel to bf16, the chunked loss keeps it in fp32)."""
+    rng = np.random.default_rng(4)
+    B, T, D, V = 3, 11, 16, 37
+    normed = jnp.asarray(rng.normal(size=(B, T, D)), dtype)
+    kernel = jnp.asarray(rng.normal(size=(D, V)) * 0.8, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
+    weights = jnp.asarray(rng.choice([0.0, 0.5, 1.0], (B, T), p=[0.3, 0.2, 0.5]), jnp.float32)
+    assert (weights == 0).any() and (weights == 0.5).any()
+
+    def chunked(n, k, w):
+        return optim.chunked_token_losses(n, k, targets, w, chunk_tokens=6, l2wrap_factor=factor)[0] / (B * T)
+
+    def whole(n, k, w):  # divided as a mean is: the upstream gradient g of the sums is not 1
+        return _whole_logits_loss(n, k, targets, w, factor) / (B * T)
+
+    value, grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1, 2)))(normed, kernel, weights)
+    expected, expected_grads = jax.jit(jax.value_and_grad(whole, argnums=(0, 1, 2)))(normed, kernel, weights)
+    for g, e in zip(grads, expected_grads):
+        assert g.dtype == e.dtype
+    if dtype == "float32":
+        np.testing.assert_allclose(value, expected, rtol=1e-6)
+        for g, e in zip(grads, expected_grads):
+            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-7)
+    else:
+        np.testing.assert_allclose(value, expected, rtol=2e-3)
+        for g, e in zip(grads, expected_grads):
+            g, e = np.asarray(g, np.float32), np.asarray(e, np.float32)
+            np.testing.assert_allclose(g, e, rtol=0, atol=2e-2 * np.abs(e).max())
+    if factor:  # the L2Wrap term is really in the gradients compared above
+        plain = jax.grad(_whole_logits_loss, argnums=1)(normed, kernel, targets, weights, 0.0)
+        assert np.abs(np.asarray(grads[1] - plain / (B * T))).max() > 1e-4
