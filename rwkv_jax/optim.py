@@ -195,19 +195,39 @@ def _chunk_loss(normed_BSD, targets_BS, weights_BS, kernel_DV, l2wrap_scale: flo
 
 
 def _chunk_loss_fwd(normed_BSD, targets_BS, weights_BS, kernel_DV, l2wrap_scale):
-    logits_BSV = _logits(normed_BSD, kernel_DV)  # compute dtype; the reductions convert as they read
-    max_BS = logits_BSV.max(-1).astype(jnp.float32)
-    # log sum exp in optax's order (log_softmax of the shifted logits), so fp32 models round as before
-    log_sum_BS = jnp.log(jnp.exp(logits_BSV.astype(jnp.float32) - max_BS[..., None]).sum(-1))
+    logits_BSV = _logits(normed_BSD, kernel_DV)  # compute dtype: the one reduction converts as it reads
+    max_BS, sum_BS, argmax_BS = _softmax_statistics(logits_BSV, with_argmax=l2wrap_scale > 0)
+    log_sum_BS = jnp.log(sum_BS)  # cross entropy = log_sum - (logit[target] - max), in optax's order
     # The target's logit from its head column, not from a gather over [B, S, V]: fp32 products and sum,
     # rounded to the compute dtype as the matmul rounds its output.
     columns_BSD = jnp.take(kernel_DV.astype(normed_BSD.dtype), targets_BS, axis=1, mode="clip").transpose(1, 2, 0)
     target_BS = (normed_BSD.astype(jnp.float32) * columns_BSD.astype(jnp.float32)).sum(-1)
     losses_BS = log_sum_BS - (target_BS.astype(normed_BSD.dtype).astype(jnp.float32) - max_BS)
-    # L2Wrap's argmax comes from this pass (with the max): the backward reduces over no [B, S, V] array.
-    argmax_BS = logits_BSV.argmax(-1) if l2wrap_scale > 0 else None
     residuals = (normed_BSD, targets_BS, weights_BS, kernel_DV, log_sum_BS, losses_BS, max_BS, argmax_BS)
     return (losses_BS * weights_BS).sum(), residuals
+
+
+def _softmax_statistics(logits_BSV, *, with_argmax: bool):
+    """(max, sum of exp(logit - max), first argmax or None) over V, in fp32, from ONE pass over the logits:
+    a reduction whose partial results are (running max, sum rescaled to it, index), as in an online
+    softmax. (Max first and the sum after would read [B, S, V] twice.) L2Wrap's argmax and max come from
+    here, so its backward needs no reduction over [B, S, V]."""
+    def combine(a, b):
+        top = jnp.maximum(a[0], b[0])
+        rescale = jnp.exp(jnp.minimum(a[0], b[0]) - top)  # the smaller max's sum, rescaled to the larger
+        total = jnp.where(a[0] >= b[0], a[1] + b[1] * rescale, b[1] + a[1] * rescale)
+        if not with_argmax:
+            return top, total
+        first = jnp.where(a[0] > b[0], a[2], jnp.where(b[0] > a[0], b[2], jnp.minimum(a[2], b[2])))
+        return top, total, first
+
+    x_BSV = logits_BSV.astype(jnp.float32)
+    # The empty partial result: a finite lowest max (never -inf, whose difference with itself is NaN), sum 0.
+    operands, inits = (x_BSV, jnp.ones_like(x_BSV)), (jnp.finfo(jnp.float32).min, jnp.float32(0))
+    if with_argmax:
+        operands, inits = operands + (jax.lax.broadcasted_iota(jnp.int32, x_BSV.shape, 2),), inits + (jnp.int32(0),)
+    stats = jax.lax.reduce(operands, inits, combine, (2,))
+    return stats if with_argmax else (*stats, None)
 
 
 def _chunk_loss_bwd(l2wrap_scale, residuals, g):

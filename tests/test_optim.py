@@ -160,3 +160,20 @@ def test_chunked_token_losses_equal_the_whole_logits_definition(dtype, factor):
     if factor:  # the L2Wrap term is really in the gradients compared above
         plain = jax.grad(_whole_logits_loss, argnums=1)(normed, kernel, targets, weights, 0.0)
         assert np.abs(np.asarray(grads[1] - plain / (B * T))).max() > 1e-4
+
+
+@pytest.mark.parametrize("with_argmax", [True, False])
+def test_one_pass_softmax_statistics_equal_max_sum_and_first_argmax(with_argmax):
+    """The chunk loss's single reduction: max, sum of exp(x - max) and the FIRST argmax (as jnp.argmax and
+    torch.max pick), over rows with many ties (bf16 values of few levels) and a row of equal values."""
+    rng = np.random.default_rng(7)
+    logits = jnp.asarray(rng.integers(-6, 7, (3, 5, 1000)) * 0.75, jnp.bfloat16).at[1, 2].set(2.0)
+    top, total, first = jax.jit(lambda x: optim._softmax_statistics(x, with_argmax=with_argmax))(logits)
+    x = np.asarray(logits, np.float64)
+    np.testing.assert_array_equal(top, x.max(-1))
+    np.testing.assert_allclose(total, np.exp(x - x.max(-1, keepdims=True)).sum(-1), rtol=1e-5)  # fp32 sums
+    if with_argmax:
+        np.testing.assert_array_equal(first, x.argmax(-1))
+        assert int(first[1, 2]) == 0
+    else:
+        assert first is None
