@@ -243,9 +243,9 @@ def _chunk_loss_bwd(l2wrap_scale, residuals, g):
     # One elementwise expression in the compute dtype feeds both matmuls (as autodiff of the matmul would).
     d_logits_BSV = d_logits_BSV.astype(normed_BSD.dtype)
     d_normed = jax.lax.dot_general(d_logits_BSV, kernel_DV.astype(normed_BSD.dtype), (((2,), (1,)), ((), ())))
-    # The kernel's gradient straight in its own dtype (fp32 accumulation), so chunks add up in fp32.
-    d_kernel = jax.lax.dot_general(normed_BSD, d_logits_BSV, (((0, 1), (0, 1)), ((), ())),
-                                   preferred_element_type=kernel_DV.dtype)
+    # The kernel's gradient in the compute dtype, as autodiff of the head gives it (and a data-parallel
+    # all-reduce moves it), then in the kernel's dtype: chunks add up in fp32.
+    d_kernel = jax.lax.dot_general(normed_BSD, d_logits_BSV, (((0, 1), (0, 1)), ((), ()))).astype(kernel_DV.dtype)
     return d_normed, None, losses_BS * g, d_kernel
 
 

@@ -128,8 +128,7 @@ def _whole_logits_loss(normed, kernel, targets, weights, factor):
 def test_chunked_token_losses_equal_the_whole_logits_definition(dtype, factor):
     """Value and gradients (into the head's input, its fp32 kernel and the weights) of the chunked loss
     equal the whole-logits definition: with fractional and zero weights, and chunks (2 positions of 3
-    rows) that leave T = 11 padded. fp32 to rounding; bf16 to its precision (the reference rounds each
-    gradient of the kernel to bf16, the chunked loss keeps it in fp32)."""
+    rows) that leave T = 11 padded. fp32 to rounding; bf16 to its precision."""
     rng = np.random.default_rng(4)
     B, T, D, V = 3, 11, 16, 37
     normed = jnp.asarray(rng.normal(size=(B, T, D)), dtype)
