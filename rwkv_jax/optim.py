@@ -203,6 +203,7 @@ def _chunk_loss_fwd(normed_BSD, targets_BS, weights_BS, kernel_DV, l2wrap_scale)
     columns_BSD = jnp.take(kernel_DV.astype(normed_BSD.dtype), targets_BS, axis=1, mode="clip").transpose(1, 2, 0)
     target_BS = (normed_BSD.astype(jnp.float32) * columns_BSD.astype(jnp.float32)).sum(-1)
     losses_BS = log_sum_BS - (target_BS.astype(normed_BSD.dtype).astype(jnp.float32) - max_BS)
+    # No logits saved: [B, S] statistics, the chunk's input and the (loop-invariant) kernel.
     residuals = (normed_BSD, targets_BS, weights_BS, kernel_DV, log_sum_BS, losses_BS, max_BS, argmax_BS)
     return (losses_BS * weights_BS).sum(), residuals
 
@@ -246,7 +247,7 @@ def _chunk_loss_bwd(l2wrap_scale, residuals, g):
     # The kernel's gradient in the compute dtype, as autodiff of the head gives it (and a data-parallel
     # all-reduce moves it), then in the kernel's dtype: chunks add up in fp32.
     d_kernel = jax.lax.dot_general(normed_BSD, d_logits_BSV, (((0, 1), (0, 1)), ((), ()))).astype(kernel_DV.dtype)
-    return d_normed, None, losses_BS * g, d_kernel
+    return d_normed, None, losses_BS * g, d_kernel  # targets: integers; weights: d sum / d weight = loss
 
 
 _chunk_loss.defvjp(_chunk_loss_fwd, _chunk_loss_bwd)
