@@ -352,6 +352,12 @@ class RWKV(nnx.Module):
         """fp32 logits from `hidden` states of any leading shape [..., D]: ln_out, then the head."""
         return self.head(self.ln_out(hidden_D).astype(self.config.dtype)).astype(jnp.float32)
 
+    def head_operands(self, hidden_D):
+        """(ln_out(hidden) [..., D] in the compute dtype, the head's kernel [D, V] as stored): `logits` is
+        their product in the compute dtype, cast to fp32. The training loss takes these
+        (optim.chunked_token_losses) to make each chunk's logits, and each target's logit, itself."""
+        return self.ln_out(hidden_D).astype(self.config.dtype), self.head.kernel[...]
+
     def hidden(self, tokens_BT, state: RWKVState | None = None, reset_BT=None,
                reset_to: RWKVState | None = None):
         """The final hidden states [B, T, D] (the fp32 residual stream, before ln_out and the head) and

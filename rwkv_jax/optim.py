@@ -213,21 +213,23 @@ def cross_entropy(logits_BTV, targets_BT, l2wrap_factor: float = 1e-4):
     return loss
 
 
-def chunked_token_losses(head, hidden_BTD, targets_BT, weights_BT=None, *, chunk_tokens: int = 2048,
+def chunked_token_losses(normed_BTD, kernel_DV, targets_BT, weights_BT=None, *, chunk_tokens: int = 2048,
                          l2wrap_factor: float = 0.0):
-    """(sum of weighted token cross entropies in nats, sum of weights) with the head applied to about
-    `chunk_tokens` positions at a time, so no [B, T, V] logits exist: each chunk's logits are made,
-    reduced and dropped, and made again in the backward pass (jax.checkpoint). Chunks are spans of T
-    for all B rows at once, so a batch sharded over devices stays sharded. `head` maps hidden states
-    [..., D] to logits [..., V]. With l2wrap_factor > 0, each chunk's logits get v4neo's L2Wrap
-    gradient; divided by the token count, the sum's gradient equals `cross_entropy`'s."""
-    B, T, D = hidden_BTD.shape
+    """(sum of weighted token cross entropies in nats, sum of weights) of the logits normed @ kernel: the
+    head's input in the compute dtype and its kernel as stored (`RWKV.head_operands`), multiplied in the
+    compute dtype as nnx.Linear does. About `chunk_tokens` positions at a time, so no [B, T, V] logits
+    exist; chunks are spans of T for all B rows at once, so a batch sharded over devices stays sharded.
+    Each chunk is `_chunk_loss`: its logits are made once in the forward and once in the backward pass,
+    stay in the compute dtype, and no fp32 [N, V] array is formed. With l2wrap_factor > 0, each position
+    gets v4neo's L2Wrap gradient (see `l2wrap`); divided by the token count, the sum's gradient equals
+    `cross_entropy`'s. Zero-weight positions (masked or padding) get no L2Wrap term."""
+    B, T, D = normed_BTD.shape
     weights = jnp.ones((B, T), jnp.float32) if weights_BT is None else weights_BT.astype(jnp.float32)
     span = max(1, min(chunk_tokens // max(B, 1), T))
     n_chunks = -(-T // span)
     pad = n_chunks * span - T
 
-    def to_chunks(x):  # [B, T, ...] -> [n_chunks, B, span, ...], padded with zeros
+    def to_chunks(x):  # [B, T, ...] -> [n_chunks, B, span, ...], padded with zeros (zero weight)
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         return x.reshape(B, n_chunks, span, *x.shape[2:]).swapaxes(0, 1)
 
@@ -235,18 +237,86 @@ def chunked_token_losses(head, hidden_BTD, targets_BT, weights_BT=None, *, chunk
     # once the caller divides the sum by the token count, which gives `cross_entropy`'s factor / (B * T).
     scale = float(l2wrap_factor)
 
-    @functools.partial(jax.checkpoint, prevent_cse=False)
-    def chunk_loss(h_BSD, t_BS, w_BS):
-        logits = head(h_BSD).astype(jnp.float32)
-        loss = (optax.softmax_cross_entropy_with_integer_labels(logits, t_BS) * w_BS).sum()
-        if scale > 0:
-            # Padded positions (zero weight) and masked ones get no L2Wrap gradient.
-            loss = l2wrap(loss, logits if weights_BT is None and not pad else logits * (w_BS[..., None] > 0), scale)
-        return loss
-
     def body(total, xs):
-        return total + chunk_loss(*xs), None
+        return total + _chunk_loss(*xs, kernel_DV, scale), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
-                            (to_chunks(hidden_BTD), to_chunks(targets_BT), to_chunks(weights)))
+                            (to_chunks(normed_BTD), to_chunks(targets_BT), to_chunks(weights)))
     return total, weights.sum()
+
+
+def _logits(normed_BSD, kernel_DV):
+    """The head's matmul as the model's linears compute it: [B, S, V] in the compute dtype."""
+    return _product(normed_BSD, kernel_DV.astype(normed_BSD.dtype), (((2,), (0,)), ((), ())))
+
+
+def _product(a, b, dimension_numbers):
+    """a . b accumulated in fp32 and rounded to a's dtype: for bf16 operands the product XLA:CPU runs on its
+    fast bf16 path (as model._dot_fp32_accumulate); the same product as a plain dot on TPU and GPU."""
+    return jax.lax.dot_general(a, b, dimension_numbers, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunk_loss(normed_BSD, targets_BS, weights_BS, kernel_DV, l2wrap_scale: float):
+    """sum over positions of weight * cross entropy of the logits normed @ kernel; with l2wrap_scale > 0
+    the gradient also has L2Wrap's term, scale * g * max logit at each nonzero-weight position's argmax."""
+    return _chunk_loss_fwd(normed_BSD, targets_BS, weights_BS, kernel_DV, l2wrap_scale)[0]
+
+
+def _chunk_loss_fwd(normed_BSD, targets_BS, weights_BS, kernel_DV, l2wrap_scale):
+    logits_BSV = _logits(normed_BSD, kernel_DV)  # compute dtype: the one reduction converts as it reads
+    max_BS, sum_BS, argmax_BS = _softmax_statistics(logits_BSV, with_argmax=l2wrap_scale > 0)
+    log_sum_BS = jnp.log(sum_BS)  # cross entropy = log_sum - (logit[target] - max), in optax's order
+    # The target's logit from its head column, not from a gather over [B, S, V]: fp32 products and sum,
+    # rounded to the compute dtype as the matmul rounds its output.
+    columns_BSD = jnp.take(kernel_DV.astype(normed_BSD.dtype), targets_BS, axis=1, mode="clip").transpose(1, 2, 0)
+    target_BS = (normed_BSD.astype(jnp.float32) * columns_BSD.astype(jnp.float32)).sum(-1)
+    losses_BS = log_sum_BS - (target_BS.astype(normed_BSD.dtype).astype(jnp.float32) - max_BS)
+    # No logits saved: [B, S] statistics, the chunk's input and the (loop-invariant) kernel.
+    residuals = (normed_BSD, targets_BS, weights_BS, kernel_DV, log_sum_BS, losses_BS, max_BS, argmax_BS)
+    return (losses_BS * weights_BS).sum(), residuals
+
+
+def _softmax_statistics(logits_BSV, *, with_argmax: bool):
+    """(max, sum of exp(logit - max), first argmax or None) over V, in fp32, from ONE pass over the logits:
+    a reduction whose partial results are (running max, sum rescaled to it, index), as in an online
+    softmax. (Max first and the sum after would read [B, S, V] twice.) L2Wrap's argmax and max come from
+    here, so its backward needs no reduction over [B, S, V]."""
+    def combine(a, b):
+        top = jnp.maximum(a[0], b[0])
+        rescale = jnp.exp(jnp.minimum(a[0], b[0]) - top)  # the smaller max's sum, rescaled to the larger
+        total = jnp.where(a[0] >= b[0], a[1] + b[1] * rescale, b[1] + a[1] * rescale)
+        if not with_argmax:
+            return top, total
+        first = jnp.where(a[0] > b[0], a[2], jnp.where(b[0] > a[0], b[2], jnp.minimum(a[2], b[2])))
+        return top, total, first
+
+    x_BSV = logits_BSV.astype(jnp.float32)
+    # The empty partial result: a finite lowest max (never -inf, whose difference with itself is NaN), sum 0.
+    operands, inits = (x_BSV, jnp.ones_like(x_BSV)), (jnp.finfo(jnp.float32).min, jnp.float32(0))
+    if with_argmax:
+        operands, inits = operands + (jax.lax.broadcasted_iota(jnp.int32, x_BSV.shape, 2),), inits + (jnp.int32(0),)
+    stats = jax.lax.reduce(operands, inits, combine, (2,))
+    return stats if with_argmax else (*stats, None)
+
+
+def _chunk_loss_bwd(l2wrap_scale, residuals, g):
+    normed_BSD, targets_BS, weights_BS, kernel_DV, log_sum_BS, losses_BS, max_BS, argmax_BS = residuals
+    logits_BSV = _logits(normed_BSD, kernel_DV).astype(jnp.float32)
+    vocab_BSV = jax.lax.broadcasted_iota(jnp.int32, logits_BSV.shape, 2)
+    # d(weight * cross entropy) / d logits = weight * (softmax - onehot(target)), times g.
+    softmax_BSV = jnp.exp((logits_BSV - max_BS[..., None]) - log_sum_BS[..., None])
+    d_logits_BSV = (softmax_BSV - (vocab_BSV == targets_BS[..., None])) * (weights_BS * g)[..., None]
+    if l2wrap_scale > 0:  # v4neo's L2Wrap: scale * g * max logit at the argmax of each position
+        l2wrap_BS = jnp.where(weights_BS > 0, max_BS * (l2wrap_scale * g), 0.0)
+        d_logits_BSV = d_logits_BSV + jnp.where(vocab_BSV == argmax_BS[..., None], l2wrap_BS[..., None], 0.0)
+    # One elementwise expression in the compute dtype feeds both matmuls (as autodiff of the matmul would).
+    d_logits_BSV = d_logits_BSV.astype(normed_BSD.dtype)
+    d_normed = _product(d_logits_BSV, kernel_DV.astype(normed_BSD.dtype), (((2,), (1,)), ((), ())))
+    # The kernel's gradient in the compute dtype, as autodiff of the head gives it (and a data-parallel
+    # all-reduce moves it), then in the kernel's dtype: chunks add up in fp32.
+    d_kernel = _product(normed_BSD, d_logits_BSV, (((0, 1), (0, 1)), ((), ()))).astype(kernel_DV.dtype)
+    return d_normed, None, losses_BS * g, d_kernel  # targets: integers; weights: d sum / d weight = loss
+
+
+_chunk_loss.defvjp(_chunk_loss_fwd, _chunk_loss_bwd)

@@ -109,8 +109,8 @@ def _loss(graphdef, params, initial_state, inputs_BT, targets_BT, l2wrap_factor,
         inputs, targets, reset = xs
         model = nnx.merge(graphdef, params)
         hidden, state = model.hidden(inputs, state, reset_BT=reset, reset_to=reset_to)
-        total, count = optim.chunked_token_losses(model.logits, hidden, targets, chunk_tokens=chunk_tokens,
-                                                  l2wrap_factor=l2wrap_factor)
+        total, count = optim.chunked_token_losses(*model.head_operands(hidden), targets,
+                                                  chunk_tokens=chunk_tokens, l2wrap_factor=l2wrap_factor)
         return state, (total, count)
 
     state = start if carry is None else jax.lax.stop_gradient(carry)
@@ -210,7 +210,7 @@ def make_eval_step(graphdef, param_shardings, mesh: Mesh, *, loss_chunk_tokens: 
             start = _start_state(initial_state, batch["inputs"].shape[0])
             reset = batch.get("reset")
             hidden, _ = model.hidden(batch["inputs"], start, reset_BT=reset, reset_to=None if reset is None else start)
-            return optim.chunked_token_losses(model.logits, hidden, batch["targets"], batch["mask"],
+            return optim.chunked_token_losses(*model.head_operands(hidden), batch["targets"], batch["mask"],
                                               chunk_tokens=loss_chunk_tokens)
 
     return jax.jit(step, in_shardings=(param_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),

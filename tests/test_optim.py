@@ -139,3 +139,66 @@ def test_fused_update_equals_the_optax_chain(weight_decay, layerwise_lr):
         all_params = [optax.apply_updates(p, u) for p, u in zip(all_params, (u_fused, u_ref))]
     assert int(optim.bad_step_count(states[0])) == 0 and int(states[0].total_notfinite) == 1
     assert int(states[0].inner_state[1].count) == 4  # the non-finite step did not count
+
+
+def _whole_logits_loss(normed, kernel, targets, weights, factor):
+    """The plain definition: fp32 logits of the whole [B, T, V] (the matmul in the operands' dtype, as the
+    head computes it), optax's cross entropy, and `optim.l2wrap` on the logits of nonzero-weight positions."""
+    logits = (normed @ kernel.astype(normed.dtype)).astype(jnp.float32)
+    total = (optax.softmax_cross_entropy_with_integer_labels(logits, targets) * weights).sum()
+    return optim.l2wrap(total, logits * (weights > 0)[..., None], factor) if factor > 0 else total
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunked_token_losses_equal_the_whole_logits_definition(dtype, factor):
+    """Value and gradients (into the head's input, its fp32 kernel and the weights) of the chunked loss
+    equal the whole-logits definition: with fractional and zero weights, and chunks (2 positions of 3
+    rows) that leave T = 11 padded. fp32 to rounding; bf16 to its precision."""
+    rng = np.random.default_rng(4)
+    B, T, D, V = 3, 11, 16, 37
+    normed = jnp.asarray(rng.normal(size=(B, T, D)), dtype)
+    kernel = jnp.asarray(rng.normal(size=(D, V)) * 0.8, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
+    weights = jnp.asarray(rng.choice([0.0, 0.5, 1.0], (B, T), p=[0.3, 0.2, 0.5]), jnp.float32)
+    assert (weights == 0).any() and (weights == 0.5).any()
+
+    def chunked(n, k, w):
+        return optim.chunked_token_losses(n, k, targets, w, chunk_tokens=6, l2wrap_factor=factor)[0] / (B * T)
+
+    def whole(n, k, w):  # divided as a mean is: the upstream gradient g of the sums is not 1
+        return _whole_logits_loss(n, k, targets, w, factor) / (B * T)
+
+    value, grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1, 2)))(normed, kernel, weights)
+    expected, expected_grads = jax.jit(jax.value_and_grad(whole, argnums=(0, 1, 2)))(normed, kernel, weights)
+    for g, e in zip(grads, expected_grads):
+        assert g.dtype == e.dtype
+    if dtype == "float32":
+        np.testing.assert_allclose(value, expected, rtol=1e-6)
+        for g, e in zip(grads, expected_grads):
+            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-7)
+    else:
+        np.testing.assert_allclose(value, expected, rtol=2e-3)
+        for g, e in zip(grads, expected_grads):
+            g, e = np.asarray(g, np.float32), np.asarray(e, np.float32)
+            np.testing.assert_allclose(g, e, rtol=0, atol=2e-2 * np.abs(e).max())
+    if factor:  # the L2Wrap term is really in the gradients compared above
+        plain = jax.grad(_whole_logits_loss, argnums=1)(normed, kernel, targets, weights, 0.0)
+        assert np.abs(np.asarray(grads[1] - plain / (B * T))).max() > 1e-4
+
+
+@pytest.mark.parametrize("with_argmax", [True, False])
+def test_one_pass_softmax_statistics_equal_max_sum_and_first_argmax(with_argmax):
+    """The chunk loss's single reduction: max, sum of exp(x - max) and the FIRST argmax (as jnp.argmax and
+    torch.max pick), over rows with many ties (bf16 values of few levels) and a row of equal values."""
+    rng = np.random.default_rng(7)
+    logits = jnp.asarray(rng.integers(-6, 7, (3, 5, 1000)) * 0.75, jnp.bfloat16).at[1, 2].set(2.0)
+    top, total, first = jax.jit(lambda x: optim._softmax_statistics(x, with_argmax=with_argmax))(logits)
+    x = np.asarray(logits, np.float64)
+    np.testing.assert_array_equal(top, x.max(-1))
+    np.testing.assert_allclose(total, np.exp(x - x.max(-1, keepdims=True)).sum(-1), rtol=1e-5)  # fp32 sums
+    if with_argmax:
+        np.testing.assert_array_equal(first, x.argmax(-1))
+        assert int(first[1, 2]) == 0
+    else:
+        assert first is None

@@ -289,7 +289,7 @@ def test_eval_step_passes_the_resets_to_the_model():
     batch = {"inputs": inputs, "targets": targets, "mask": np.ones_like(inputs)}
     total, count = eval_fn(params, dict(batch, reset=inputs == EOT), None)
     hidden, _ = model.hidden(jnp.asarray(inputs), reset_BT=jnp.asarray(inputs == EOT))
-    expected, _ = optim.chunked_token_losses(model.logits, hidden, jnp.asarray(targets))
+    expected, _ = optim.chunked_token_losses(*model.head_operands(hidden), jnp.asarray(targets))
     assert_close(total, expected, rtol=1e-5)
     assert abs(float(eval_fn(params, batch, None)[0]) - float(total)) > 1e-3
 

@@ -108,7 +108,7 @@ def test_chunked_cross_entropy_equals_the_whole_logits_loss(chunk_tokens, l2wrap
     def chunked(p):
         m = nnx.merge(graphdef, p)
         hidden, _ = m.hidden(tokens)
-        total, count = optim.chunked_token_losses(m.logits, hidden, targets, chunk_tokens=chunk_tokens,
+        total, count = optim.chunked_token_losses(*m.head_operands(hidden), targets, chunk_tokens=chunk_tokens,
                                                   l2wrap_factor=l2wrap_factor)
         return total / count
 
@@ -125,6 +125,6 @@ def test_chunked_losses_with_a_mask_equal_masked_token_losses():
     logits, _ = model(tokens)
     expected = (optax.softmax_cross_entropy_with_integer_labels(logits, tokens) * mask).sum()
     hidden, _ = model.hidden(tokens)
-    total, count = optim.chunked_token_losses(model.logits, hidden, tokens, mask, chunk_tokens=5)
+    total, count = optim.chunked_token_losses(*model.head_operands(hidden), tokens, mask, chunk_tokens=5)
     np.testing.assert_allclose(total, expected, rtol=1e-6)
     assert float(count) == 19
