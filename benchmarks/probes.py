@@ -33,11 +33,13 @@ def median_time(fn, *args, repeats: int = 5, warmup: int = 1, fresh_args=None) -
     return statistics.median(_times(fn, *args, repeats=repeats, warmup=warmup, fresh_args=fresh_args))
 
 
-def matmul_flops(n: int = 2048) -> float:
-    """FLOP/s of the best of five n x n fp32 jnp.dot calls on the default device."""
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-    b = jnp.asarray(np.random.default_rng(1).standard_normal((n, n)), jnp.float32)
-    return 2 * n ** 3 / best_time(jax.jit(jnp.dot), a, b)
+def matmul_flops(n: int = 2048, dtype=jnp.float32) -> float:
+    """FLOP/s of the best of five n x n jnp.dot calls on the default device, in `dtype` with an fp32 result
+    (for bf16: the product XLA:CPU runs on AMX / AVX512-BF16 where the CPU has them)."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
+    b = jnp.asarray(np.random.default_rng(1).standard_normal((n, n)), dtype)
+    dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    return 2 * n ** 3 / best_time(dot, a, b)
 
 
 def memory_bandwidth(n_bytes: int = 512 * 2**20) -> float:

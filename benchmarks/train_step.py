@@ -12,15 +12,17 @@ Each step is timed on its own (ended with block_until_ready / a synchronous torc
 steps (the first jax one compiles); the table shows the median. tokens/s = B * T / median step time.
 MFU = tokens/s * 6 (V D + 13 D^2 L) / (peak FLOP/s x devices), the paper's training cost per token, the
 same count for both implementations. The peak is --peak-flops, else the table in rwkv_jax/metrics.py for
-GPUs/TPUs, else (CPU) a probe: the best time of a large fp32 jnp.dot on this machine.
+GPUs/TPUs, else (CPU) a probe: the best time of a large jnp.dot in the model's dtype on this machine.
 
-Fairness on CPU: torch gets as many intra-op threads as XLA:CPU uses (the schedulable CPUs), both fp32.
+Fairness on CPU: torch gets as many intra-op threads as XLA:CPU uses (the schedulable CPUs), both fp32, or
+with --dtype=bfloat16 both mixed precision (fp32 weights, bf16 matmuls: torch.autocast for HF).
 HF on CPU runs its Python-loop WKV (its CUDA kernel needs a GPU); in train mode HF does not rescale
 (rescale_every only applies in eval mode). On a GPU/TPU jax backend HF is skipped unless --hf=on (the
 installed torch runs on CPU, so the ratio would compare different hardware).
 """
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -30,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import probes
 from rwkv_jax import metrics, optim, sharding, train_step
 from rwkv_jax.model import ModelConfig
 from rwkv_jax.ops import wkv as wkv_ops
@@ -49,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first jax one compiles)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"),
-                   help="rwkv_jax compute dtype (master weights are fp32); HF always runs fp32")
+                   help="compute dtype (master weights are fp32); bfloat16 runs HF under torch.autocast(bf16)")
     p.add_argument("--wkv-form", default="auto", help="rwkv_jax WKV form: auto|sequential|parallel|chunked")
     p.add_argument("--peak-flops", type=float, default=0.0,
                    help="peak FLOP/s per device for MFU; 0: device table, or a matmul probe on CPU")
@@ -82,20 +85,6 @@ def median_step_time(step, warmup: int, steps: int) -> tuple[float, float]:
         step()
         times.append(time.perf_counter() - start)
     return first, statistics.median(times)
-
-
-def probe_peak_flops(n: int, repeats: int = 5) -> float:
-    """FLOP/s of the best of `repeats` n x n fp32 jnp.dot calls on the default device."""
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-    b = jnp.asarray(np.random.default_rng(1).standard_normal((n, n)), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    dot(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dot(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
 
 
 def random_tokens(vocab: int, batch: int, seq: int, seed: int = 0) -> np.ndarray:
@@ -148,9 +137,14 @@ def bench_hf(shape: dict, batch: int, seq: int, args) -> dict:
     inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
     losses = []
 
+    # --dtype=bfloat16: torch's mixed precision on CPU (fp32 weights, bf16 matmuls), as rwkv_jax's bf16 compute.
+    bf16 = args.dtype == "bfloat16"
+    precision = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
     def step():
-        logits = model(input_ids=inputs, use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        with precision:
+            logits = model(input_ids=inputs, use_cache=False).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -159,7 +153,8 @@ def bench_hf(shape: dict, batch: int, seq: int, args) -> dict:
 
     first, median = median_step_time(step, args.warmup, args.steps)
     assert all(np.isfinite(losses)), losses
-    return {"first_s": first, "step_s": median, "loss0": losses[0], "note": "fp32, Python-loop WKV (CPU)"}
+    return {"first_s": first, "step_s": median, "loss0": losses[0],
+            "note": f"{'bf16 autocast' if bf16 else 'fp32'}, Python-loop WKV (CPU)"}
 
 
 def main(argv=None):
@@ -182,7 +177,11 @@ def main(argv=None):
     elif metrics.peak_flops_per_device() is not None:
         peak, peak_source = metrics.peak_flops_per_device(), f"table entry for {device.device_kind} (dense bf16)"
     else:
-        peak, peak_source = probe_peak_flops(args.probe_size), f"probe: best {args.probe_size}^3 fp32 jnp.dot"
+        # The peak of the dtype the model multiplies in: bf16 products run several times faster than fp32
+        # ones on CPUs with AMX or AVX512-BF16.
+        dtype = "bfloat16" if args.dtype == "bfloat16" else "float32"
+        peak = probes.matmul_flops(args.probe_size, jnp.dtype(dtype))
+        peak_source = f"probe: best {args.probe_size}^3 {dtype} jnp.dot (fp32 result)"
 
     load = ", load average %.1f %.1f %.1f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
     print(f"host: {platform.node()} {platform.processor() or platform.machine()}, {schedulable_cpus()} schedulable CPUs"

@@ -251,9 +251,14 @@ def _logits(normed_BSD, kernel_DV):
 
 
 def _product(a, b, dimension_numbers):
-    """a . b accumulated in fp32 and rounded to a's dtype: for bf16 operands the product XLA:CPU runs on its
-    fast bf16 path (as model._dot_fp32_accumulate); the same product as a plain dot on TPU and GPU."""
-    return jax.lax.dot_general(a, b, dimension_numbers, preferred_element_type=jnp.float32).astype(a.dtype)
+    """a . b in a's dtype. On CPU accumulated in fp32 and rounded once, the product XLA:CPU runs on its fast
+    bf16 path for bf16 operands (as model._dot_fp32_accumulate); elsewhere the plain product."""
+    def cpu(a, b):
+        return jax.lax.dot_general(a, b, dimension_numbers, preferred_element_type=jnp.float32).astype(a.dtype)
+
+    def plain(a, b):
+        return jax.lax.dot_general(a, b, dimension_numbers)
+    return jax.lax.platform_dependent(a, b, cpu=cpu, default=plain)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
