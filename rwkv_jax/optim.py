@@ -63,8 +63,8 @@ def param_groups(params):
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
     """Clip, Adam, optional decay, layer-wise multipliers and the schedule, with non-finite steps skipped:
-    `reference_optimizer`'s state and updates (to rounding), computed by `_fused_update` in one pass per
-    parameter that XLA can run in place (see there)."""
+    `reference_optimizer`'s state and updates (to rounding), computed by `_fused_update` in passes that
+    XLA runs in place over the donated state (see there)."""
     reference = reference_optimizer(config, total_steps)
     return optax.GradientTransformation(
         reference.init, functools.partial(_fused_update, config, learning_rate(config, total_steps)))
@@ -96,7 +96,7 @@ def _materialised_on_cpu(x):
     return jax.lax.platform_dependent(x, cpu=jax.lax.optimization_barrier, default=lambda x: x)
 
 
-def _fused_update(config: ml_collections.ConfigDict, schedule: optax.Schedule, grads, state, params):
+def _fused_update(config: ml_collections.ConfigDict, schedule: optax.Schedule, grads, state, params=None):
     """`reference_optimizer`'s update, written so the whole optimizer costs one reduction over the gradients
     (their global norm) and three in-place passes per parameter: the new first moment (reads it and the
     gradient), the new second moment (the same), then the update, which reads the parameter and the two
@@ -115,7 +115,10 @@ def _fused_update(config: ml_collections.ConfigDict, schedule: optax.Schedule, g
     clip = jnp.where(norm < config.grad_clip, 1.0, config.grad_clip / norm)
     count = optax.safe_increment(adam.count)
     step_size = -schedule(lr_state.count)
-    groups = param_groups(params)
+    groups = param_groups(grads)  # the parameters' labels: the same tree paths
+    if params is None and config.weight_decay > 0:
+        raise ValueError("weight decay needs the parameters: call update(grads, state, params)")
+    params = grads if params is None else params  # read only by weight decay
 
     def one(g, mu, nu, p, group):
         g = g * clip.astype(g.dtype)
