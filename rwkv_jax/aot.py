@@ -23,6 +23,7 @@ libtpu is an optional extra (`pip install -e .[tpu-aot]`), needed only here.
 import dataclasses
 import math
 import os
+import re
 import time
 
 import jax
@@ -181,8 +182,20 @@ def compile_only(config: ml_collections.ConfigDict, topology: str, *, estimate_c
             matmuls[name] = matmul_flops(traced.jaxpr.jaxpr) / len(devices)
         return compiled, seconds, abstract_state, matmuls
 
-    compiled, seconds, abstract_state, matmuls = compile_steps(model_config, t.microbatches, t.loss_chunk_tokens,
-                                                               t.bptt_windows)
+    try:
+        compiled, seconds, abstract_state, matmuls = compile_steps(model_config, t.microbatches, t.loss_chunk_tokens,
+                                                                   t.bptt_windows)
+    except Exception as e:  # noqa: BLE001 - libtpu reports an over-budget program as a generic runtime error
+        overflow = _hbm_overflow(str(e))
+        if overflow is None:
+            raise
+        needed, available = overflow
+        log(f"per device ({devices[0].device_kind}, {per_device.hbm_bytes / GIB:.1f} GiB HBM): XLA stopped "
+            f"compiling: the step's temporaries need {needed:.2f} GiB where {available:.2f} GiB are free")
+        log(f"train step: DOES NOT FIT\n{_shortfall_advice(needed - available)}")
+        return {"topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
+                "mesh": dict(mesh.shape), "hbm_gib_per_device": per_device.hbm_bytes / GIB, "fits": False,
+                "temp_gib_needed": needed, "temp_gib_free": available}
     report = {"topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
               "mesh": dict(mesh.shape), "batch_size": t.batch_size, "seq_len": t.seq_len,
               "microbatches": t.microbatches, "hbm_gib_per_device": per_device.hbm_bytes / GIB,
@@ -229,6 +242,25 @@ def compile_only(config: ml_collections.ConfigDict, topology: str, *, estimate_c
     return report
 
 
+def _shortfall_advice(short_gib: float) -> str:
+    return (f"short by {short_gib:.2f} GiB per device: shard parameters and optimizer state wider "
+            "(--config.mesh.fsdp=-1), raise --config.train.microbatches, turn on --config.model.remat=True, "
+            "or pick a topology with more chips")
+
+
+_OVERFLOW = re.compile(r"\(([0-9.]+)([KMG])\) exceeds available HBM \(([0-9.]+)([KMG])\)")
+
+
+def _hbm_overflow(message: str) -> tuple[float, float] | None:
+    """(GiB needed, GiB free) from libtpu's error for a program over the chip's memory, e.g. "Used memory
+    ... for HLO temporaries (24.91G) exceeds available HBM (15.75G)"; None for any other error."""
+    m = _OVERFLOW.search(message)
+    if m is None:
+        return None
+    scale = {"K": 2.0**-20, "M": 2.0**-10, "G": 1.0}
+    return float(m.group(1)) * scale[m.group(2)], float(m.group(3)) * scale[m.group(4)]
+
+
 def format_report(r: dict) -> str:
     hbm = r["hbm_gib_per_device"]
     lines = [f"per device ({r['device_kind']}, {hbm:.1f} GiB HBM):",
@@ -249,7 +281,5 @@ def format_report(r: dict) -> str:
                  f"device per step); {'FITS' if r['fits'] else 'DOES NOT FIT'}")
     if not r["fits"]:
         worst = max(r["train"]["peak_gib"], r["eval"]["peak_gib"])
-        lines.append(f"short by {worst - hbm:.2f} GiB per device: shard parameters and optimizer state wider "
-                     "(--config.mesh.fsdp=-1), raise --config.train.microbatches, turn on "
-                     "--config.model.remat=True, or pick a topology with more chips")
+        lines.append(_shortfall_advice(worst - hbm))
     return "\n".join(lines)

@@ -82,3 +82,16 @@ def test_169m_plans_on_v5e_2x4_and_an_oversized_plan_fails_naming_the_shortfall(
                           "--config.train.batch_size=4", "--config.train.microbatches=1")
     assert result.returncode == 1, result.stderr[-3000:]
     assert "DOES NOT FIT" in result.stdout and "short by" in result.stdout and "fsdp" in result.stdout
+
+
+def test_hbm_overflow_is_read_from_libtpus_error():
+    """libtpu stops compiling a program over the chip's memory with a generic error; compile_only reads
+    the sizes out of it to report the shortfall (the slow test above runs the real case)."""
+    from rwkv_jax import aot
+    message = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
+               "Used memory 25.11G of 15.75G hbm. Used memory for HLO temporaries (24.91G) exceeds available "
+               "HBM (15.75G).")
+    assert aot._hbm_overflow(message) == (24.91, 15.75)
+    assert aot._hbm_overflow("(512M) exceeds available HBM (1G)") == (0.5, 1.0)
+    assert aot._hbm_overflow("INTERNAL: something else") is None
+    assert "short by 9.16 GiB" in aot._shortfall_advice(24.91 - 15.75)
