@@ -490,6 +490,43 @@ def test_gradient_accumulation_equals_one_big_batch(env, l2wrap_factor):
         assert abs(without[2][0] - full[2][0]) > 1e-3 * full[2][0]
 
 
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_gradient_buffers_give_the_plain_steps_results_and_hold_the_gradients(env, microbatches):
+    """On CPU the step writes its gradients into donated buffers kept between steps
+    (train_step._StepWithGradientBuffers): the same states as the plain step, and the gradients are no
+    longer temporaries of the compiled program."""
+    config = make_config(tiny_overrides(env))
+    model_config = ModelConfig.from_dict(config.model)
+    mesh = sharding.make_mesh(config.mesh)
+    optimizer = optim.make_optimizer(config.optim, 10)
+    graphdef, init, abstract, shardings = train_step.train_state_factory(model_config, optimizer, mesh, 0)
+    tokens = np.random.default_rng(0).integers(0, 512, size=(4, 33), dtype=np.int32)
+    batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}
+    steps = {kept: train_step.make_train_step(graphdef, optimizer, optim.learning_rate(config.optim, 10),
+                                              shardings, mesh, microbatches=microbatches, gradient_buffers=kept)
+             for kept in (False, True)}
+    assert isinstance(steps[True], train_step._StepWithGradientBuffers)
+    assert isinstance(train_step.make_train_step(graphdef, optimizer, optim.learning_rate(config.optim, 10),
+                                                 shardings, mesh), train_step._StepWithGradientBuffers)  # CPU default
+    results = {}
+    for kept, step_fn in steps.items():
+        state, losses = init(), []
+        for _ in range(3):
+            state, metrics = step_fn(state, batch)
+            losses.append(float(metrics["loss"]))
+        results[kept] = (jax.device_get(state), losses)
+    assert results[True][1] == results[False][1]
+    for a, b in zip(jax.tree.leaves(results[True][0]), jax.tree.leaves(results[False][0])):
+        np.testing.assert_array_equal(a, b)
+
+    gradient_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract.params))
+    memory = {kept: step_fn.lower(abstract, batch).compile().memory_analysis() for kept, step_fn in steps.items()}
+    assert memory[True].alias_size_in_bytes >= memory[False].alias_size_in_bytes + gradient_bytes
+    # The accumulation's per-microbatch gradients stay temporaries; the final ones leave them.
+    saved = gradient_bytes // 2 if microbatches == 1 else 1
+    assert memory[True].temp_size_in_bytes <= memory[False].temp_size_in_bytes - saved
+
+
 def test_l2wrap_under_accumulation_scales_with_the_upstream_gradient():
     """Documents our L2Wrap: its gradient is factor / (B_micro * T) * max logit, times the upstream
     gradient g. Averaging M micro-batch losses gives g = 1/M, so the term is factor / (B * T) per position,
