@@ -54,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"),
                    help="compute dtype (master weights are fp32); bfloat16 runs HF under torch.autocast(bf16)")
     p.add_argument("--wkv-form", default="auto", help="rwkv_jax WKV form: auto|sequential|parallel|chunked")
+    p.add_argument("--scan-layers", default="config", choices=("config", "on", "off"),
+                   help="rwkv_jax layers scanned (lax.scan over stacked parameters) or unrolled; config: as "
+                        "configs/tiny.py (unrolled) and configs/169m.py (scanned) have them")
     p.add_argument("--peak-flops", type=float, default=0.0,
                    help="peak FLOP/s per device for MFU; 0: device table, or a matmul probe on CPU")
     p.add_argument("--probe-size", type=int, default=2048, help="n of the n x n fp32 matmul probe")
@@ -92,6 +95,8 @@ def random_tokens(vocab: int, batch: int, seq: int, seed: int = 0) -> np.ndarray
 
 
 def bench_jax(shape: dict, batch: int, seq: int, args) -> dict:
+    if args.scan_layers != "config":
+        shape = dict(shape, scan_layers=args.scan_layers == "on")
     model_config = ModelConfig.from_dict(dict(shape, dtype=args.dtype, wkv_form=args.wkv_form))
     shape = {k: v for k, v in shape.items() if k in ("vocab_size", "n_layer", "d_model")}
     form = wkv_ops.default_form() if model_config.wkv_form == "auto" else model_config.wkv_form
@@ -117,7 +122,7 @@ def bench_jax(shape: dict, batch: int, seq: int, args) -> dict:
     assert all(np.isfinite(losses)), losses
     del holder["state"]
     return {"first_s": first, "step_s": median, "loss0": losses[0],
-            "note": f"{model_config.dtype} compute, WKV {form}"}
+            "note": f"{model_config.dtype} compute, WKV {form}, layers {'scanned' if model_config.scan_layers else 'unrolled'}"}
 
 
 def bench_hf(shape: dict, batch: int, seq: int, args) -> dict:

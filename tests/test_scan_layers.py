@@ -29,6 +29,25 @@ def randomized(config, seed=0):
 forward = nnx.jit(lambda model, tokens, state=None: model(tokens, state))
 
 
+def test_scanned_layers_compile_unrolled_on_cpu():
+    """On CPU the scan over layers is unrolled when compiled (model.RWKV._scan_blocks): the compiled forward
+    has the unstacked model's loops (each layer's WKV loop over time), not one loop over the layers around
+    one layer's."""
+    tokens = jnp.zeros((2, 5), jnp.int32)
+
+    def loops(model):
+        graphdef, state = nnx.split(model)
+        hlo = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens)[0]).lower(state, tokens)
+        return hlo.compile().as_text().count(" while(")
+
+    unrolled = RWKV(CONFIG, rngs=nnx.Rngs(0))
+    assert loops(with_scan_layers(unrolled, True)) == loops(unrolled)
+    # The loop itself is in the program, for the platforms that keep it.
+    graphdef, state = nnx.split(with_scan_layers(unrolled, True))
+    jaxpr = jax.make_jaxpr(lambda state: nnx.merge(graphdef, state)(tokens)[0])(state)
+    assert "scan[" in str(jaxpr) and "platform_index" in str(jaxpr)
+
+
 def test_scanned_model_equals_the_unrolled_one():
     unrolled = randomized(CONFIG)
     scanned = with_scan_layers(unrolled, True)
