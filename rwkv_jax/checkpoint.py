@@ -152,17 +152,18 @@ class Checkpointer:
         checkpoints exist but none can be read (rather than silently starting from scratch)."""
         return self._restore_newest(abstract_state, shardings, prefix="")
 
-    def newest_extra(self) -> tuple[dict, int] | None:
-        """(extra, step) of the newest checkpoint, read from its JSON metadata alone (no arrays): lets a
-        caller refuse a resume before restoring anything. None when there is no checkpoint or its
-        metadata cannot be read (`restore_latest` then falls back to an older step, or reports it)."""
+    def newest_extra(self) -> tuple[dict, list[str], int] | None:
+        """(extra, names of the saved arrays, step) of the newest checkpoint, read from its JSON metadata
+        alone (no arrays): lets a caller refuse a resume before restoring anything. None when there is no
+        checkpoint or its metadata cannot be read (`restore_latest` then falls back to an older step, or
+        reports it)."""
         self.wait()
         steps = self.steps
         if not steps:
             return None
         try:
             meta = self._manager.restore(steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-            return meta["extra"], steps[-1]
+            return meta["extra"], list(meta["arrays"]), steps[-1]
         except Exception:  # noqa: BLE001 - unreadable metadata is restore_latest's to report
             return None
 

@@ -87,9 +87,10 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names every such field and the fix."""
 
 
-def validate(config: ml_collections.ConfigDict, mesh=None) -> None:
+def validate(config: ml_collections.ConfigDict, mesh=None, *, resuming: bool = False) -> None:
     """Raise ConfigError (one line) if any value of a training config cannot work. Called before the data
-    is prepared and before anything is compiled or written. `mesh` (optional) adds the batch-split check."""
+    is prepared and before anything is compiled or written. `mesh` (optional) adds the batch-split check.
+    `resuming`: the workdir holds a checkpoint, so `train.init_from` is not read and need not exist."""
     problems = []
 
     def need(ok: bool, message: str) -> None:
@@ -158,7 +159,8 @@ def validate(config: ml_collections.ConfigDict, mesh=None) -> None:
     need(o.trainable != "state" or bool(init_from),
          "optim.trainable='state' tunes the initial state of a trained model: set train.init_from to its workdir, "
          ".pth, HF or rwkv_jax directory")
-    need(not init_from or os.path.exists(init_from), f"train.init_from={t.init_from!r} does not exist")
+    # A resumed run restores its parameters from its own checkpoint: the model it started from may be gone.
+    need(not init_from or resuming or os.path.exists(init_from), f"train.init_from={t.init_from!r} does not exist")
 
     # --- checkpoint
     at_least("checkpoint", "every_steps", 1)

@@ -67,9 +67,9 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
     is_main = jax.process_index() == 0
     model_config = ModelConfig.from_dict(config.model)
     mesh = sharding.make_mesh(config.mesh)
-    config_lib.validate(config, mesh)
     if workdir.exists() and not workdir.is_dir():
         raise NotADirectoryError(f"--workdir {workdir} is a file, not a directory")
+    config_lib.validate(config, mesh, resuming=bool(run_dir.steps()))
     workdir.mkdir(parents=True, exist_ok=True)
     lock = _lock_workdir(workdir, is_main)
     try:
@@ -128,7 +128,9 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
         workdir_lock.check_writable(checkpointer.directory)
     newest = checkpointer.newest_extra()  # before reading any array: the state's layout depends on it
     if newest is not None:
-        check_sampling_unchanged(newest[0], data_setup, newest[1], checkpointer.directory)
+        extra, saved_arrays, newest_step = newest
+        check_sampling_unchanged(extra, data_setup, newest_step, checkpointer.directory)
+        check_trainable_unchanged(saved_arrays, trainable, newest_step, checkpointer.directory)
     restored = checkpointer.restore_latest(abstract_state, shardings)
     if restored is None:
         state = init(load_init_params(t.init_from, model_config, abstract_state.params) if t.init_from else None)
@@ -335,6 +337,20 @@ def check_sampling_unchanged(extra: dict, current: dict, step: int, directory) -
             f"this run asks for {current['sampling']!r}, and the train state differs between them (streams "
             f"carry each row's recurrent state). Rerun with --config.data.sampling={saved}, or use a new "
             "--workdir.")
+
+
+def check_trainable_unchanged(saved_arrays: list[str], trainable: str, step: int, directory) -> None:
+    """Refuse (ValueError) a resume that changes config.optim.trainable: a state-tuning run's train state
+    holds the learned initial state and an optimizer state for it alone, a full run's an optimizer state
+    for every weight. Read from the checkpoint's array names (no arrays), so older checkpoints are told
+    apart too."""
+    saved = "state" if any(name.startswith("initial_state") for name in saved_arrays) else "all"
+    if saved != trainable:
+        raise ValueError(
+            f"resume refused: checkpoint step {step} in {directory} was trained with optim.trainable={saved!r}, "
+            f"this run asks for {trainable!r}, and their train states differ (what the optimizer updates). "
+            f"Rerun with --config.optim.trainable={saved}, or use a new --workdir (with --config.train.init_from="
+            f"{Path(directory).parent} to start from this run's model).")
 
 
 def unigram_entropy(tokens_N: np.ndarray, vocab_size: int) -> float:

@@ -217,6 +217,32 @@ def test_init_from_a_missing_path_or_without_the_tokenizer_is_a_config_error(tmp
                                     optim__trainable="state"))
 
 
+def test_a_resumed_run_needs_neither_its_init_from_model_nor_accepts_another_trainable(tmp_path):
+    """The starting model is read once, at step 0; a resumed run restores from its own checkpoint, so moving
+    or deleting that model must not stop it (a ConfigError before), while a fresh run still needs it. A
+    resume that changes optim.trainable is refused, naming the setting to rerun with (before: a layout
+    error listing arrays)."""
+    env = {"root": tmp_path, "corpus": REPO / "rwkv_jax" / "data", "data_dir": tmp_path / "data"}
+    base = tmp_path / "base"
+    trainer.train(make_config(tiny_overrides(env, train__num_steps=2, train__eval_every=0)), base)
+    tune = dict(train__init_from=str(base), data__tokenizer_path=str(base / "tokenizer.model"),
+                train__eval_every=0, checkpoint__every_steps=2, optim__trainable="state")
+    first = trainer.train(make_config(tiny_overrides(env, train__num_steps=2, **tune)), tmp_path / "tuned")
+    base.rename(tmp_path / "moved")
+    (tmp_path / "moved" / "tokenizer.model").rename(tmp_path / "tokenizer.model")
+    tune["data__tokenizer_path"] = str(tmp_path / "tokenizer.model")
+    resumed = trainer.train(make_config(tiny_overrides(env, train__num_steps=4, **tune)), tmp_path / "tuned")
+    assert first["step"] == 2 and resumed["step"] == 4
+    with pytest.raises(config_lib.ConfigError, match=f"train.init_from='{base}' does not exist"):
+        trainer.train(make_config(tiny_overrides(env, train__num_steps=2, **tune)), tmp_path / "fresh")
+    with pytest.raises(ValueError, match=r"resume refused: .* optim.trainable='state', this run asks for 'all'"
+                                         r".* Rerun with --config.optim.trainable=state"):
+        trainer.train(make_config(tiny_overrides(env, train__num_steps=6, **(tune | {"optim__trainable": "all"}))),
+                      tmp_path / "tuned")
+    with pytest.raises(ValueError, match=r"optim.trainable='all', this run asks for 'state'"):
+        trainer.train(make_config(tiny_overrides(env, train__num_steps=4, **tune)), tmp_path / "moved")
+
+
 # --- train.init_from: the parameters of a trained model, in the training model's layout -----------------
 
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["list", "scan_layers"])
