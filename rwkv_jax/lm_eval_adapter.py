@@ -74,7 +74,7 @@ def _load(checkpoint, tokenizer, overrides: dict):
     """(model, tokenizer, description) from paths or objects."""
     from rwkv_jax import weights
     from rwkv_jax.data.tokenizer import check_fits
-    from rwkv_jax.model import RWKV
+    from rwkv_jax.model import RWKV, with_kernels_in_compute_dtype
     if isinstance(checkpoint, RWKV):
         model, name = checkpoint, "<RWKV module>"
         if overrides:
@@ -88,6 +88,7 @@ def _load(checkpoint, tokenizer, overrides: dict):
         model = weights.load_model(name, **overrides)
         if isinstance(model, tuple):  # load_model returning (model, info)
             model = model[0]
+    model = with_kernels_in_compute_dtype(model)  # only read here: cast bf16 kernels once, not per call
     if tokenizer is None or isinstance(tokenizer, str):
         if isinstance(checkpoint, RWKV) and not tokenizer:
             raise ValueError("a loaded model needs tokenizer=PATH or a Tokenizer object")

@@ -181,6 +181,26 @@ def test_bf16_compute_keeps_fp32_state_and_tracks_fp32(random_model):
     assert np.abs(np.asarray(logits) - np.asarray(ref)).max() < 0.1 * max(1.0, np.abs(ref).max())
 
 
+def test_kernels_cast_once_for_bf16_inference_give_the_same_results(random_model):
+    """model.with_kernels_in_compute_dtype: the linears' kernels stored in bf16 (cast once, for evaluation
+    and generation) give bit-identical logits and states in both modes; vectors, embedding and LayerNorms
+    stay fp32; an fp32 model is returned unchanged."""
+    from rwkv_jax.model import with_kernels_in_compute_dtype
+    assert with_kernels_in_compute_dtype(random_model) is random_model
+    bf16_model = rebuild(random_model, dtype="bfloat16")
+    cast = with_kernels_in_compute_dtype(bf16_model)
+    dtypes = jax.tree_util.tree_map_with_path(lambda path, x: (getattr(path[-1], "key", None), x.dtype),
+                                              nnx.to_pure_dict(nnx.state(cast)))
+    kinds = {(name == "kernel", dtype) for name, dtype in jax.tree.leaves(dtypes, is_leaf=lambda x: isinstance(x, tuple))}
+    assert kinds == {(True, jnp.dtype(jnp.bfloat16)), (False, jnp.dtype(jnp.float32))}
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, 64, (2, 17)))
+    for a, b in zip(jax.tree.leaves(forward(bf16_model, tokens)), jax.tree.leaves(forward(cast, tokens))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    state = bf16_model.init_state(2)
+    for a, b in zip(jax.tree.leaves(bf16_model.step(tokens[:, 0], state)), jax.tree.leaves(cast.step(tokens[:, 0], state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_bf16_products_accumulate_in_fp32_forward_and_backward():
     """The bf16 model's matmuls (model._dot_fp32_accumulate): the product and both gradients equal fp32
     products of the same bf16 inputs, rounded to bf16 once; a plain bf16 dot's backward would mix a bf16

@@ -1,5 +1,6 @@
 """Flags and steps that several commands share: the checkpoint to read, its tokenizer, numerics."""
 
+import dataclasses
 from pathlib import Path
 
 from absl import flags
@@ -39,6 +40,7 @@ def load_checkpoint(**overrides):
     The checkpoint is only read (a workdir may be training at the same time)."""
     from rwkv_jax import weights
     from rwkv_jax.data.tokenizer import check_fits
+    from rwkv_jax.model import with_kernels_in_compute_dtype
     checkpoint = Path(require(CHECKPOINT)).expanduser()
     if DTYPE.value:
         overrides["dtype"] = DTYPE.value
@@ -46,4 +48,5 @@ def load_checkpoint(**overrides):
     tokenizer = weights.find_tokenizer(checkpoint, TOKENIZER.value)
     loaded = weights.load(checkpoint, **overrides)
     check_fits(tokenizer, loaded.model.config.vocab_size, fix="it is not this model's tokenizer (pass --tokenizer)")
-    return loaded, tokenizer
+    # Evaluation and generation only read the model: kernels in a bf16 compute dtype are cast once here.
+    return dataclasses.replace(loaded, model=with_kernels_in_compute_dtype(loaded.model)), tokenizer
