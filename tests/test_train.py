@@ -455,17 +455,22 @@ def test_batch_not_divisible_by_microbatches_is_a_value_error(env, tmp_path):
 
 # --- Gradient accumulation -----------------------------------------------------------------------------
 
+def step_setup(env, **overrides):
+    """(config, mesh, optimizer, train_state_factory's four results, one batch of 4 x 32 tokens) for the
+    tiny config: what the tests that call the train step directly share."""
+    config = make_config(tiny_overrides(env, **overrides))
+    mesh = sharding.make_mesh(config.mesh)
+    optimizer = optim.make_optimizer(config.optim, 10)
+    factory = train_step.train_state_factory(ModelConfig.from_dict(config.model), optimizer, mesh, 0)
+    tokens = np.random.default_rng(0).integers(0, 512, size=(4, 33), dtype=np.int32)
+    return config, mesh, optimizer, factory, {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}
+
+
 @pytest.mark.parametrize("l2wrap_factor", [0.0, pytest.param(0.5, marks=pytest.mark.slow)],
                          ids=["l2wrap_off", "l2wrap_on"])
 def test_gradient_accumulation_equals_one_big_batch(env, l2wrap_factor):
     # emb_init_scale 1: logits large enough at init that a large L2Wrap factor visibly moves the gradient.
-    config = make_config(tiny_overrides(env, model__emb_init_scale=1.0))
-    model_config = ModelConfig.from_dict(config.model)
-    mesh = sharding.make_mesh(config.mesh)
-    optimizer = optim.make_optimizer(config.optim, 10)
-    graphdef, init, _, shardings = train_step.train_state_factory(model_config, optimizer, mesh, 0)
-    tokens = np.random.default_rng(0).integers(0, 512, size=(4, 33), dtype=np.int32)
-    batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}
+    config, mesh, optimizer, (graphdef, init, _, shardings), batch = step_setup(env, model__emb_init_scale=1.0)
 
     def two_steps(microbatches, factor):
         step_fn = train_step.make_train_step(graphdef, optimizer, optim.learning_rate(config.optim, 10), shardings,
@@ -495,13 +500,7 @@ def test_gradient_buffers_give_the_plain_steps_results_and_hold_the_gradients(en
     """On CPU the step writes its gradients into donated buffers kept between steps
     (train_step._StepWithGradientBuffers): the same states as the plain step, and the gradients are no
     longer temporaries of the compiled program."""
-    config = make_config(tiny_overrides(env))
-    model_config = ModelConfig.from_dict(config.model)
-    mesh = sharding.make_mesh(config.mesh)
-    optimizer = optim.make_optimizer(config.optim, 10)
-    graphdef, init, abstract, shardings = train_step.train_state_factory(model_config, optimizer, mesh, 0)
-    tokens = np.random.default_rng(0).integers(0, 512, size=(4, 33), dtype=np.int32)
-    batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}
+    config, mesh, optimizer, (graphdef, init, abstract, shardings), batch = step_setup(env)
     steps = {kept: train_step.make_train_step(graphdef, optimizer, optim.learning_rate(config.optim, 10),
                                               shardings, mesh, microbatches=microbatches, gradient_buffers=kept)
              for kept in (False, True)}
