@@ -28,6 +28,22 @@ def _times(fn, *args, repeats: int, warmup: int = 1, fresh_args=None) -> list[fl
     return times
 
 
+def kept_outputs(fn, *args):
+    """A call of jit(fn)(*args) that writes its outputs over the previous call's (donated), as the train step
+    on CPU writes its gradients (train_step._StepWithGradientBuffers): without this, large outputs land in
+    newly mapped memory and the time includes faulting every page of them."""
+    jitted = jax.jit(lambda buffers, *args: fn(*args), donate_argnums=0, keep_unused=True)
+    # The first buffers as the outputs will be (placed on the device): uncommitted zeros would make the
+    # second call compile again.
+    holder = [jax.device_put(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(fn, *args)),
+                             jax.devices()[0])]
+
+    def call():
+        holder[0] = jitted(holder[0], *args)
+        return holder[0]
+    return call
+
+
 def best_time(fn, *args, repeats: int = 5) -> float:
     return min(_times(fn, *args, repeats=repeats))
 

@@ -47,20 +47,6 @@ def timed(fn, *args, steps=5):
     return probes.median_time(fn, *args, repeats=steps)
 
 
-def kept_outputs(fn, *args):
-    """A call of jit(fn)(*args) whose outputs are written over the previous call's (donated), as the step on
-    CPU writes its gradients (train_step._StepWithGradientBuffers): without this, a part's large outputs
-    (the gradients of the embedding and head) would land in newly mapped memory and its time would include
-    faulting every page of them, which the step does not pay."""
-    jitted = jax.jit(lambda buffers, *args: fn(*args), donate_argnums=0, keep_unused=True)
-    holder = [jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(fn, *args))]
-
-    def call():
-        holder[0] = jitted(holder[0], *args)
-        return holder[0]
-    return call
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vocab", type=int, default=50277)
@@ -112,7 +98,7 @@ def main(argv=None):
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults  # each maps one page of fresh memory
     params = holder["state"].params
 
-    grad_fn = kept_outputs(jax.value_and_grad(
+    grad_fn = probes.kept_outputs(jax.value_and_grad(
         lambda p: train_step._loss(graphdef, p, None, batch["inputs"], batch["targets"], optim_config.l2wrap_factor,
                                    2048)[0]), params)
     rows["fwd+bwd"] = timed(grad_fn, steps=args.steps)
@@ -131,7 +117,7 @@ def main(argv=None):
     hidden = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
     head_ce = jax.grad(lambda h, kernel: optim.chunked_token_losses(
         h.astype(config.dtype), kernel, batch["targets"], l2wrap_factor=1e-4)[0], argnums=(0, 1))
-    rows["head+CE"] = timed(kept_outputs(head_ce, hidden, model.head.kernel[...]), steps=args.steps)
+    rows["head+CE"] = timed(probes.kept_outputs(head_ce, hidden, model.head.kernel[...]), steps=args.steps)
 
     k = jnp.asarray(rng.standard_normal((L, B, T, D)), jnp.float32)
     v = jnp.asarray(rng.standard_normal((L, B, T, D)), jnp.float32)
@@ -140,7 +126,8 @@ def main(argv=None):
 
     def all_wkv(decay, first, k, v):
         return sum(wkv_ops.wkv(decay[i], first[i], k[i], v[i], form=config.wkv_form)[0].sum() for i in range(L))
-    rows["WKV"] = timed(kept_outputs(jax.grad(all_wkv, argnums=(0, 1, 2, 3)), decay, first, k, v), steps=args.steps)
+    wkv_grads = jax.grad(all_wkv, argnums=(0, 1, 2, 3))
+    rows["WKV"] = timed(probes.kept_outputs(wkv_grads, decay, first, k, v), steps=args.steps)
 
     x = jnp.asarray(rng.standard_normal((B * T, D)), jnp.float32)
     x4 = jnp.asarray(rng.standard_normal((B * T, 4 * D)), jnp.float32)
@@ -149,7 +136,8 @@ def main(argv=None):
 
     def all_matmuls(mats, x, x4):
         return sum(((x if m.shape[1] == D else x4) @ m[i]).sum() for i in range(L) for m in mats)
-    rows["matmuls"] = timed(kept_outputs(jax.grad(all_matmuls, argnums=(0, 1, 2)), mats, x, x4), steps=args.steps)
+    matmul_grads = jax.grad(all_matmuls, argnums=(0, 1, 2))
+    rows["matmuls"] = timed(probes.kept_outputs(matmul_grads, mats, x, x4), steps=args.steps)
     rows["rest of f+b"] = rows["fwd+bwd"] - rows["head+CE"] - rows["WKV"] - rows["matmuls"]
 
     matmul_flops = 6 * B * T * 13 * D * D * L
@@ -166,7 +154,8 @@ def main(argv=None):
     print(f"tokens/s {B * T / rows['step']:.1f}; MFU {(matmul_flops + head_flops) / rows['step'] / peak:.1%}; "
           f"{faults:,} page faults per step")
     result = {"shape": f"{L}x{D} V{V} B{B} T{T}", "seconds": rows, "limits_s": limits, "peak_flops": peak,
-              "bandwidth": bandwidth, "n_params": n_params, "update_bytes": update_bytes, "page_faults_per_step": faults,
+              "bandwidth": bandwidth, "n_params": n_params, "update_bytes": update_bytes,
+              "page_faults_per_step": faults,
               "load": os.getloadavg()}
     if args.json:
         with open(args.json, "w") as f:

@@ -231,10 +231,13 @@ class _StepWithGradientBuffers:
         self._buffers = None
 
     def __call__(self, state: TrainState, batch):
-        # A call that failed after donating them leaves deleted buffers: start again from new ones.
-        if self._buffers is None or any(x.is_deleted() for x in jax.tree.leaves(self._buffers)):
+        if self._buffers is None:
             self._buffers = self._zeros(self._trained_of(state))
-        state, metrics, self._buffers = self._jitted(state, batch, self._buffers)
+        try:
+            state, metrics, self._buffers = self._jitted(state, batch, self._buffers)
+        except BaseException:
+            self._buffers = None  # a failed call may have consumed them: the next one starts from new ones
+            raise
         return state, metrics
 
     def lower(self, state, batch):
