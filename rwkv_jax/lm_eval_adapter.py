@@ -20,12 +20,15 @@ How the three request types run, using the recurrence:
     continuation is encoded as one string and split after the tokens of the context alone; an empty
     context becomes the end-of-text token). Requests sharing a context (the endings of a multiple-choice
     question) form a group: the context is read once and its state copied for each continuation.
-    Contexts are read `batch_size` at a time, sorted by length, in parallel mode: each batch reads the
-    same tokens of every row (no masks, no padding, no head), as many as its shortest context less one;
-    what is left of each context (its "tail", at least its last token) is read at the start of each of
-    its continuation rows. Continuation rows (of 16 batches at a time) are sorted by length and scored
-    4 x batch_size per padded call, the head (with a fp32 logsumexp and the target's logit) applied only
-    at the scored positions: the tail's last position and the continuation's but the last. Chunk lengths,
+    Contexts are read `batch_size` at a time, sorted by length, in parallel mode and with no head, all
+    but their last token: the rows of a batch are left-padded to its longest and reset to the empty state
+    at their first token (training's document resets), so a batch's state holds each context's own state
+    (padding is read once per context; reading only the tokens all rows share, and the rest at the start of
+    every continuation row, would read those again per continuation).
+    Each continuation row reads its context's last token, then the continuation but its last token.
+    Continuation rows (of 16 batches at a time) are sorted by length and scored 4 x batch_size per padded
+    call, the head (with a fp32 logsumexp and the target's logit) applied only at the scored positions:
+    the context's last token's and the continuation's but the last. Chunk lengths,
     row counts, row lengths and scored positions per call take the sizes 1, 2, ..., 8, 10, 12, 14, 16, 20,
     ... (four per octave), so few shapes compile and padding stays under a quarter.
   * `loglikelihood_rolling`: each document once, in windows of `window` tokens with the state carried
@@ -124,10 +127,11 @@ def _generate(model, tokenizer, prompts, *, max_new_tokens, stop, temperature, t
 # `_score`, which applies the head only at the positions that are scored.
 
 @functools.partial(jax.jit, static_argnums=0)
-def _prefill(graphdef, params, state, tokens_BC):
-    """The state after reading a chunk of tokens, every row the same length: no masks, no head (XLA drops
-    the last block's unused output)."""
-    return nnx.merge(graphdef, params).hidden(tokens_BC, state)[1]
+def _prefill(graphdef, params, state, tokens_BC, reset_BC=None):
+    """The state after reading a chunk of tokens, no head (XLA drops the last block's unused output). Rows
+    are left-padded to one length: where reset_BC is True (a row's first token) the state entering it is
+    the empty state, so the padding before it leaves no trace (the document resets of training)."""
+    return nnx.merge(graphdef, params).hidden(tokens_BC, state, reset_BT=reset_BC)[1]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -287,15 +291,16 @@ class RWKVLM(TemplateLM):
 
     def _read_contexts(self, contexts):
         """(state, rows, tails) for contexts sorted longest first: row g of the state holds the state after
-        the first tokens of contexts[g], and tails[g] the tokens left (at least one) for `_score` to read
-        per continuation. Contexts are read in batches of `batch_size` (fewer rows padded to a `_bucket`
-        size), every row of a batch the same tokens (no masks, no padding): its shortest context less one,
-        in chunks of the `_bucket` sizes. A context longer than the batch's first by more than
-        max(8, 1/8 of its length) starts a new batch, which bounds each tail."""
+        all but the last token of contexts[g], and tails[g] that last token, which `_score` reads at the
+        start of each continuation row (its logits score the continuation's first token). Contexts are read
+        in batches of `batch_size` (fewer rows padded to a `_bucket` size), left-padded to the batch's
+        longest and reset to the empty state at their first token, in chunks of the `_bucket` sizes. A
+        context shorter than the batch's first by more than max(8, a quarter of it) starts a new batch,
+        which bounds the padding."""
         batches = []
         for g, ctx in enumerate(contexts):
             first = len(contexts[batches[-1][0]]) if batches else 0
-            if not batches or len(batches[-1]) == self.batch_size or first - len(ctx) > max(8, len(ctx) // 8):
+            if not batches or len(batches[-1]) == self.batch_size or first - len(ctx) > max(8, first // 4):
                 batches.append([])
             batches[-1].append(g)
         sizes = [min(self.batch_size, _bucket(len(batch))) for batch in batches]
@@ -303,23 +308,30 @@ class RWKVLM(TemplateLM):
         for batch, offset in zip(batches, np.cumsum([0] + sizes)):
             for j, g in enumerate(batch):
                 rows[g] = int(offset) + j
-        states, tails = [], [None] * len(contexts)
+        states = []
         for batch, size in zip(batches, sizes):
-            ids = [contexts[g] for g in batch]
-            self._check_ids(np.concatenate([np.asarray(c, np.int64) for c in ids]))
-            state = self.model.init_state(size)
-            pos = 0
-            for n in _chunks(len(ids[-1]) - 1, self.prefill_chunk):
-                chunk = np.zeros((size, n), np.int32)
-                chunk[:len(ids)] = [c[pos:pos + n] for c in ids]
-                state = _prefill(self.graphdef, self.params, state, chunk)
-                pos += n
+            ids = [contexts[g][:-1] for g in batch]
+            self._check_ids(np.concatenate([np.asarray(contexts[g], np.int64) for g in batch]))
+            n = len(ids[0])
+            tokens, reset = np.zeros((size, n), np.int32), np.zeros((size, n), bool)
+            for j, c in enumerate(ids):
+                if c:  # (a one-token context has nothing to read here: see below)
+                    tokens[j, n - len(c):], reset[j, n - len(c)] = c, True
+            reset[:, 0] = False  # the state entering the first token is empty already
+            state, pos = self.model.init_state(size), 0
+            for k in _chunks(n, self.prefill_chunk):
+                resets = reset[:, pos:pos + k]
+                state = _prefill(self.graphdef, self.params, state, tokens[:, pos:pos + k],
+                                 resets if resets.any() else None)
+                pos += k
+            unread = np.zeros(size, bool)
+            unread[:len(ids)] = [not c for c in ids]
+            if n and unread.any():  # a one-token context: its row read only padding
+                empty = self.model.init_state(size)
+                state = jax.tree.map(lambda s, e: jnp.where(unread[None, :, None], e, s), state, empty)
             states.append(state)
-            for g in batch:
-                tails[g] = contexts[g][pos:]
-        if len(states) > 1:
-            state = jax.tree.map(lambda *s: jnp.concatenate(s, axis=1), *states)
-        return state, rows, tails
+        state = states[0] if len(states) == 1 else jax.tree.map(lambda *s: jnp.concatenate(s, axis=1), *states)
+        return state, rows, [ctx[-1:] for ctx in contexts]
 
     def _score_rows(self, state, state_rows, tails, rows, requests):
         """(logp, greedy) of each (group, request index) row: its group's tail and the continuation but its

@@ -123,9 +123,10 @@ def test_loglikelihood_equals_hf(setup):
 def test_state_branching_equals_scoring_from_scratch(setup, layout):
     """Groups of 1 to 4 continuations of contexts of many lengths, scored 8 positions per call: the same
     as each pair scored alone by eval.py's scorer (which applies the head at every position). 'default':
-    batches of 4 contexts (one of them short of rows) read in chunks of up to 8 tokens, tails of 1 to 5
-    tokens, rows of 6 batches sorted together. 'small': batches of 2 read 2 tokens per chunk, a context
-    30 words long (a batch of its own: its tail would be long), one batch's rows per block."""
+    batches of 4 contexts (one of them short of rows) read in chunks of up to 8 tokens, three of a batch's
+    rows left-padded, rows of 6 batches sorted together. 'small': batches of 2 read 2 tokens per chunk, so
+    that a padded row's reset falls in a later chunk, at its first position or inside it; a context 30
+    words long (a batch of its own: the padding would be long), one batch's rows per block."""
     _, model, tok, pth, _ = setup
     small = layout == "small"
     args = {**MODEL_ARGS, "max_positions": 8, **({"batch_size": 2, "prefill_chunk": 2} if small else {})}
