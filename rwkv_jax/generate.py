@@ -265,6 +265,7 @@ def generate_tokens(model: RWKV, prompts: list[list[int]], *, max_new_tokens: in
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got {temperature}, {top_p}, {top_k}")
+    top_k = 0 if top_k >= model.config.vocab_size else int(top_k)  # k >= the vocabulary keeps every token
     stop = tuple(s for s in stop if s)
     if stop and decode is None:
         raise ValueError("stop strings need a tokenizer to decode the tokens")
@@ -281,7 +282,7 @@ def generate_tokens(model: RWKV, prompts: list[list[int]], *, max_new_tokens: in
             try:
                 out = _decode(graphdef, params, state, logits, jax.random.key(seed),
                               jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.int32(eot_id), max_new_tokens=max_new_tokens,
-                              greedy=temperature == 0, top_k=int(top_k), use_top_p=top_p < 1, stream=stream,
+                              greedy=temperature == 0, top_k=top_k, use_top_p=top_p < 1, stream=stream,
                               stop_at_eot=stop_at_eot)
                 tokens, lengths, state, logits = jax.block_until_ready(out)
             finally:

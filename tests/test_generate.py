@@ -101,6 +101,13 @@ def test_seed_top_k_1_and_reproducibility(peers):
     assert [x.tokens for x in a] != [x.tokens for x in c]
 
 
+def test_top_k_at_or_above_the_vocabulary_keeps_every_token(peers):
+    _, model, _ = peers
+    sample = lambda k: gen_lib.generate_tokens(model, [[5, 6]], max_new_tokens=6, top_k=k, seed=2,  # noqa: E731
+                                               stop_at_eot=False)[0].tokens
+    assert sample(VOCAB) == sample(VOCAB + 1) == sample(10 ** 6) == sample(0)
+
+
 def test_stop_strings_streaming_and_eot(peers):
     _, model, tok = peers
     free = gen_lib.generate(model, tok, ["ab"], max_new_tokens=24, temperature=0, stop_at_eot=False)[0]
