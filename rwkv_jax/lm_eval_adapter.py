@@ -220,6 +220,23 @@ class RWKVLM(TemplateLM):
         # process that runs JAX (multithreaded) can deadlock.
         os.environ.setdefault("DISABLE_MULTIPROC", "1")
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        from lm_eval.utils import simple_parse_args_string
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """The harness passes its own batch_size (its command line's default: 1) beside the model args:
+        `batch_size` in the model args wins over that default; two different sizes are an error."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        if "batch_size" in arg_dict and "batch_size" in extra:
+            ours, theirs = arg_dict["batch_size"], extra.pop("batch_size")
+            if str(theirs) not in ("1", str(ours)):
+                raise ValueError(f"batch_size given twice: --model_args batch_size={ours} and --batch_size {theirs}: "
+                                 "give one of them")
+        return cls(**arg_dict, **extra)
+
     @staticmethod
     def _parse_batch_size(value) -> int:
         text = str(value if value is not None else 8)

@@ -281,6 +281,18 @@ def test_harness_argv_and_bad_model_args(setup):
         RWKVLM(checkpoint=model, tokenizer=tok, batch_size="many")
 
 
+def test_batch_size_as_a_model_arg_beside_the_harness_batch_size(setup):
+    """README lists batch_size among the model args; the harness also passes its own --batch_size (1 unless
+    given) to the constructor: the model arg wins over that default, and two different sizes are an error."""
+    _, model, tok, pth, _ = setup
+    harness = {"batch_size": 1, "max_batch_size": None, "device": None}
+    assert RWKVLM.create_from_arg_obj({"checkpoint": model, "tokenizer": tok, "batch_size": 3}, harness).batch_size == 3
+    lm = RWKVLM.create_from_arg_string(f"checkpoint={pth},tokenizer={TOKENIZER},batch_size=5", harness)
+    assert lm.batch_size == 5
+    with pytest.raises(ValueError, match="batch_size given twice"):
+        RWKVLM.create_from_arg_obj({"checkpoint": model, "tokenizer": tok, "batch_size": 3}, {**harness, "batch_size": 8})
+
+
 def test_shape_buckets():
     """Padded sizes: at least n, under 25% padding past 8, few per octave; prefill chunks of those sizes
     summing to n exactly, none longer than the longest allowed."""
