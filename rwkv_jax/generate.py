@@ -263,7 +263,7 @@ def generate_tokens(model: RWKV, prompts: list[list[int]], *, max_new_tokens: in
         raise ValueError("no prompts")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+    if not temperature >= 0 or not 0 < top_p <= 1 or top_k < 0:  # (NaN fails the comparisons)
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got {temperature}, {top_p}, {top_k}")
     top_k = 0 if top_k >= model.config.vocab_size else int(top_k)  # k >= the vocabulary keeps every token
     stop = tuple(s for s in stop if s)

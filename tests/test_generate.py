@@ -160,6 +160,8 @@ def test_bad_inputs(peers, tmp_path):
         gen_lib.load_state(tmp_path / "junk.npz")
     with pytest.raises(ValueError, match="top_p"):
         gen_lib.generate_tokens(model, [[1]], max_new_tokens=2, top_p=0.0)
+    with pytest.raises(ValueError, match="temperature >= 0"):  # NaN logits sampled end-of-text at once
+        gen_lib.generate_tokens(model, [[1]], max_new_tokens=2, temperature=float("nan"))
 
 
 def test_command_line_streams_and_saves_state(peers, tmp_path):
