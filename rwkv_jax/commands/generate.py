@@ -11,6 +11,7 @@ decoded as an RNN (rwkv_jax.generate).
 
 import re
 import sys
+from pathlib import Path
 
 from absl import flags
 
@@ -38,6 +39,13 @@ def check_flags() -> None:
     common.check_non_negative(_MAX_NEW_TOKENS, _TOP_K, _TEMPERATURE)
     if not 0 < _TOP_P.value <= 1:
         raise cli.UsageError(f"--top_p must be in (0, 1], got {_TOP_P.value}")
+    if _SAVE_STATE.value:  # found out before the generation, not after it
+        path = Path(_SAVE_STATE.value).expanduser()
+        if path.is_dir():
+            raise cli.UsageError(f"--save_state={_SAVE_STATE.value} is a directory: give a file path (e.g. state.npz)")
+        if not path.parent.is_dir():
+            raise cli.UsageError(f"--save_state={_SAVE_STATE.value}: the directory {path.parent} does not exist: "
+                                 "create it first")
 
 
 def _unescape(text: str) -> str:
