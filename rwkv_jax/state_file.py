@@ -47,9 +47,14 @@ def save_state(path, state: RWKVState, logits=None, model_config=None) -> None:
         arrays[MODEL_SHAPE] = np.asarray(model_shape(model_config), np.int64)
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:  # a failed write leaves no half file beside `path`
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_state(path, model=None) -> tuple[RWKVState, jax.Array | None]:

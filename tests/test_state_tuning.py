@@ -141,6 +141,13 @@ def test_trainable_all_keeps_no_learned_state():
 
 # --- State files ---------------------------------------------------------------------------------------
 
+def test_a_failed_state_file_write_leaves_nothing_behind(tmp_path):
+    (tmp_path / "taken").mkdir()  # os.replace cannot put a file over a directory
+    with pytest.raises(OSError):
+        state_file.save_state(tmp_path / "taken", RWKV(TINY, rngs=nnx.Rngs(0)).init_state(1), model_config=TINY)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
 def test_state_file_of_another_model_is_a_one_line_error_naming_both_shapes(tmp_path):
     path = tmp_path / "state.npz"
     state_tuning.save(path, state_tuning.init(TINY), TINY)
