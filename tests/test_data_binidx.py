@@ -122,3 +122,15 @@ def test_make_binidx_empty_input_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="No non-empty documents"):
         make_binidx.make_binidx(str(tmp_path / "empty.txt"), str(tmp_path / "o"), word_level_json(tmp_path / "tok.json"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "tok.json"]
+
+
+def test_make_binidx_keeps_an_existing_pair_unless_overwrite(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world hello\n")
+    (tmp_path / "b.txt").write_text("world\n")
+    tok = word_level_json(tmp_path / "tok.json")
+    make_binidx.make_binidx(str(tmp_path / "a.txt"), str(tmp_path / "o"), tok)
+    with pytest.raises(FileExistsError, match="o.bin already exists.*--overwrite"):
+        make_binidx.make_binidx(str(tmp_path / "b.txt"), str(tmp_path / "o"), tok)
+    assert binidx.MMapIndexedDataset(str(tmp_path / "o"))[0].tolist() == [2, 3, 2, 0]  # the first corpus, intact
+    make_binidx.make_binidx(str(tmp_path / "b.txt"), str(tmp_path / "o"), tok, overwrite=True)
+    assert binidx.MMapIndexedDataset(str(tmp_path / "o"))[0].tolist() == [3, 0]

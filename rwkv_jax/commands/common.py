@@ -12,6 +12,8 @@ CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, official
 TOKENIZER = flags.DEFINE_string("tokenizer", "", "Tokenizer file: .json (HF tokenizers, e.g. the GPT-NeoX-20B "
                                 "tokenizer of the official Pile models) or .model (sentencepiece); default: the "
                                 "workdir's copy or the HF directory's tokenizer.json.")
+OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output (convert's DST, make_binidx's "
+                              "OUTPUT_PREFIX.bin/.idx).")
 DTYPE = flags.DEFINE_enum("dtype", "", ["", "float32", "bfloat16"], "Compute dtype override (default: the "
                           "checkpoint's).")
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from absl import flags
 
 from rwkv_jax import cli
+from rwkv_jax.commands import common
 
 _TO = flags.DEFINE_enum("to", "", ["", "pth", "hf", "rwkv_jax"], "Destination format (default: from the path).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing destination.")
 
 
 def _destination_format(dst: str, to: str) -> str:
@@ -38,9 +38,9 @@ def main(argv):
     c = model.config
     print(f"model: {c.n_layer} layers, d_model={c.d_model}, d_ffn={c.ffn_width}, vocab={c.vocab_size}", flush=True)
     print(f"writing {dst} ({fmt})", flush=True)
-    weights.write_model(model, dst, fmt, overwrite=_OVERWRITE.value)
+    weights.write_model(model, dst, fmt, overwrite=common.OVERWRITE.value)
     print(f"done in {time.perf_counter() - start:.1f}s", flush=True)
 
 
 def entry_point():
-    cli.run(main)
+    cli.run(main, shared_flags=(common.OVERWRITE,))

@@ -28,10 +28,11 @@ def main(argv):
     from rwkv_jax.data.make_binidx import make_binidx
     written = make_binidx(_INPUT.value, _OUTPUT_PREFIX.value, common.TOKENIZER.value,
                           sp_vocab_size=_SP_VOCAB_SIZE.value, sp_model_type=_SP_MODEL_TYPE.value, eot=_EOT.value,
+                          overwrite=common.OVERWRITE.value,
                           log=lambda line: print(line, flush=True))
     print(f"Wrote {written.documents} documents, {written.tokens} tokens in {written.seconds:.1f}s; "
           f"{written.invalid_bytes} non-UTF-8 bytes replaced, {written.empty} empty documents skipped.")
 
 
 def entry_point():
-    cli.run(main, shared_flags=(common.TOKENIZER,))
+    cli.run(main, shared_flags=(common.TOKENIZER, common.OVERWRITE))

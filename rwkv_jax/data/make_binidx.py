@@ -35,9 +35,14 @@ def _documents(files, stats):
 
 
 def make_binidx(inputs: str, output_prefix: str, tokenizer_path: str, *, sp_vocab_size: int = 4096,
-                sp_model_type: str = "bpe", eot: bool = True, log=print) -> Written:
+                sp_model_type: str = "bpe", eot: bool = True, overwrite: bool = False, log=print) -> Written:
     """Tokenize the documents of `inputs` (comma-separated files, directories or globs) into
-    OUTPUT_PREFIX.bin/.idx. Raises ValueError, writing nothing, when there is no non-empty document."""
+    OUTPUT_PREFIX.bin/.idx. Raises ValueError, writing nothing, when there is no non-empty document, and
+    FileExistsError, before any work, when the pair exists and `overwrite` is False."""
+    for suffix in (".bin", ".idx"):
+        if os.path.exists(output_prefix + suffix) and not overwrite:
+            raise FileExistsError(f"{output_prefix}{suffix} already exists; remove it, choose another output prefix "
+                                  "or pass overwrite=True (--overwrite)")
     files = text_files.find_text_files(inputs)
     if tokenizer_lib.kind_of_file(tokenizer_path) == "sentencepiece" and not os.path.exists(tokenizer_path):
         tok = tokenizer_lib.train_sentencepiece(_documents(files, text_files.ReadStats()), tokenizer_path,
