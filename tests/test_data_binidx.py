@@ -134,3 +134,11 @@ def test_make_binidx_keeps_an_existing_pair_unless_overwrite(tmp_path):
     assert binidx.MMapIndexedDataset(str(tmp_path / "o"))[0].tolist() == [2, 3, 2, 0]  # the first corpus, intact
     make_binidx.make_binidx(str(tmp_path / "b.txt"), str(tmp_path / "o"), tok, overwrite=True)
     assert binidx.MMapIndexedDataset(str(tmp_path / "o"))[0].tolist() == [3, 0]
+
+
+def test_make_binidx_refuses_a_directory_as_the_output_prefix(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world\n")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ValueError, match="names a directory.*e.g. .*out/corpus"):  # it wrote hidden out/.bin, out/.idx
+        make_binidx.make_binidx(str(tmp_path / "a.txt"), f"{tmp_path}/out/", word_level_json(tmp_path / "tok.json"))
+    assert not list((tmp_path / "out").iterdir())

@@ -39,6 +39,9 @@ def make_binidx(inputs: str, output_prefix: str, tokenizer_path: str, *, sp_voca
     """Tokenize the documents of `inputs` (comma-separated files, directories or globs) into
     OUTPUT_PREFIX.bin/.idx. Raises ValueError, writing nothing, when there is no non-empty document, and
     FileExistsError, before any work, when the pair exists and `overwrite` is False."""
+    if not os.path.basename(output_prefix):
+        raise ValueError(f"the output prefix {output_prefix!r} names a directory: give the path of the pair without "
+                         f"its suffix, e.g. {os.path.join(output_prefix, 'corpus')}")
     for suffix in (".bin", ".idx"):
         if os.path.exists(output_prefix + suffix) and not overwrite:
             raise FileExistsError(f"{output_prefix}{suffix} already exists; remove it, choose another output prefix "
