@@ -59,6 +59,9 @@ def check_flags() -> None:
         raise cli.UsageError(f"give at most one of --text_files, --tfds, --binidx, --lambada (got {chosen})")
     common.check_non_negative(_EVAL_LEN, _MAX_DOCS, _MAX_TOKENS)
     common.check_positive(_WINDOW, _BATCH_SIZE)
+    if _REPORT.value.endswith("/") or (_REPORT.value and not Path(_REPORT.value).name):
+        raise cli.UsageError(f"--report={_REPORT.value} names a directory: give a path prefix such as "
+                             f"{Path(_REPORT.value) / 'report'} (writes .json, .md and .png)")
     if _COMPARE.value and _LAMBADA.value:
         raise cli.UsageError("--compare needs a perplexity evaluation (loss by position), not --lambada")
     for path in _COMPARE.value:
