@@ -334,7 +334,7 @@ class RWKVLM(TemplateLM):
             for j, c in enumerate(ids):
                 if c:  # (a one-token context has nothing to read here: see below)
                     tokens[j, n - len(c):], reset[j, n - len(c)] = c, True
-            reset[:, 0] = False  # the state entering the first token is empty already
+            reset[:, :1] = False  # the state entering the first token is empty already (none when n = 0)
             state, pos = self.model.init_state(size), 0
             for k in _chunks(n, self.prefill_chunk):
                 resets = reset[:, pos:pos + k]

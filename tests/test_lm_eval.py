@@ -293,6 +293,17 @@ def test_batch_size_as_a_model_arg_beside_the_harness_batch_size(setup):
         RWKVLM.create_from_arg_obj({"checkpoint": model, "tokenizer": tok, "batch_size": 3}, {**harness, "batch_size": 8})
 
 
+def test_empty_contexts_alone_in_a_batch(setup):
+    """Contexts of one token (an empty context: the end-of-text token) batched alone have nothing to read
+    before their continuation rows (this was an IndexError); the score is that of the rolling scorer."""
+    _, model, tok, _, _ = setup
+    lm = RWKVLM(checkpoint=model, tokenizer=tok, batch_size=1, window=16, prefill_chunk=8)
+    got = lm.loglikelihood(requests("loglikelihood", [("", "hello world"), ("", "the end")]), disable_tqdm=True)
+    rolling = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [("hello world",), ("the end",)]),
+                                       disable_tqdm=True)
+    np.testing.assert_allclose([g[0] for g in got], rolling, rtol=1e-5)
+
+
 def test_shape_buckets():
     """Padded sizes: at least n, under 25% padding past 8, few per octave; prefill chunks of those sizes
     summing to n exactly, none longer than the longest allowed."""
