@@ -64,6 +64,15 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 CONTEXT_PREFIXES = ("eot", "none", "newline")
+DTYPES = ("float32", "bfloat16", "float16", "auto")  # the model's compute dtypes (config.model.dtype)
+
+
+def _int_arg(name: str, value) -> int:
+    """An integer model arg (the harness passes them as strings); ValueError naming the arg."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an integer, not {value!r}") from None
 
 
 # --- The rwkv_jax internals this adapter uses (all of them, in one place) ------------------------------
@@ -207,12 +216,19 @@ class RWKVLM(TemplateLM):
                              "max_positions")
         if context_prefix not in CONTEXT_PREFIXES:
             raise ValueError(f"context_prefix must be one of {CONTEXT_PREFIXES}, not {context_prefix!r}")
+        from rwkv_jax.ops.wkv import FORMS, KERNEL_FORMS
+        for name, value, choices in (("dtype", dtype, DTYPES), ("wkv_form", wkv_form, (*FORMS, *KERNEL_FORMS, "auto"))):
+            if value and value not in choices:  # found before the model loads, not at the first request
+                raise ValueError(f"{name} must be one of {list(choices)}, not {value!r}")
+        sizes = {name: _int_arg(name, value) for name, value in (("window", window), ("prefill_chunk", prefill_chunk),
+                                                                 ("max_gen_toks", max_gen_toks),
+                                                                 ("max_positions", max_positions))}
         overrides = {k: v for k, v in (("dtype", dtype), ("wkv_form", wkv_form)) if v}
         self.model, self.tokenizer, self.checkpoint = _load(checkpoint, tokenizer, overrides)
         self.graphdef, self.params = nnx.split(self.model)
         self.batch_size = self._parse_batch_size(batch_size)
-        self.window, self.prefill_chunk = int(window), _pow2_floor(max(int(prefill_chunk), 1))
-        self._max_gen_toks, self.max_positions = int(max_gen_toks), int(max_positions)
+        self.window, self.prefill_chunk = sizes["window"], _pow2_floor(max(sizes["prefill_chunk"], 1))
+        self._max_gen_toks, self.max_positions = sizes["max_gen_toks"], sizes["max_positions"]
         if min(self.window, self._max_gen_toks, self.max_positions) < 1:
             raise ValueError("window, max_gen_toks and max_positions must be >= 1")
         self.context_prefix = context_prefix

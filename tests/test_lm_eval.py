@@ -279,6 +279,13 @@ def test_harness_argv_and_bad_model_args(setup):
         RWKVLM(checkpoint=model, tokenizer=tok, context_prefix="bos")
     with pytest.raises(ValueError, match="batch_size must be"):
         RWKVLM(checkpoint=model, tokenizer=tok, batch_size="many")
+    _, _, _, pth, _ = setup  # numerics overrides and sizes are checked when the model is made, naming the arg
+    with pytest.raises(ValueError, match="wkv_form must be one of .*'bogus'"):  # was an error at the first request
+        RWKVLM(checkpoint=str(pth), tokenizer=tok, wkv_form="bogus")
+    with pytest.raises(ValueError, match="dtype must be one of .*'float64'"):  # was accepted
+        RWKVLM(checkpoint=str(pth), tokenizer=tok, dtype="float64")
+    with pytest.raises(ValueError, match="max_gen_toks must be an integer, not 'abc'"):
+        RWKVLM(checkpoint=model, tokenizer=tok, max_gen_toks="abc")
 
 
 def test_batch_size_as_a_model_arg_beside_the_harness_batch_size(setup):
