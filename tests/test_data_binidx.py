@@ -142,3 +142,8 @@ def test_make_binidx_refuses_a_directory_as_the_output_prefix(tmp_path):
     with pytest.raises(ValueError, match="names a directory.*e.g. .*out/corpus"):  # it wrote hidden out/.bin, out/.idx
         make_binidx.make_binidx(str(tmp_path / "a.txt"), f"{tmp_path}/out/", word_level_json(tmp_path / "tok.json"))
     assert not list((tmp_path / "out").iterdir())
+
+
+def test_make_binidx_names_its_flag_for_a_missing_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"^--input: .*missing.txt' does not exist"):  # not config.data.text_files
+        make_binidx.make_binidx(str(tmp_path / "missing.txt"), str(tmp_path / "o"), word_level_json(tmp_path / "t.json"))

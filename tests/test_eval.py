@@ -244,6 +244,9 @@ def test_bad_inputs(peers, tokenizer_path, tmp_path):
         ev.evaluate_documents(model, docs_lib.documents_from_texts(["", ""], HFJsonTokenizer(tokenizer_path)))
     with pytest.raises(ValueError, match="pass --tokenizer"):
         weights.find_tokenizer(pth)
+    with pytest.raises(FileNotFoundError, match=r"^--text_files: .*missing.txt' does not exist"):  # the flag, not
+        run_eval_script(f"--checkpoint={pth}", f"--tokenizer={tokenizer_path}",  # config.data.text_files
+                        f"--text_files={tmp_path}/missing.txt")
 
 
 def test_eval_len_max_docs_and_binidx(peers, tokenizer_path, tmp_path):

@@ -176,7 +176,7 @@ def eval_documents(spec: EvalSpec, tokenizer: Tokenizer, vocab_size: int = 0) ->
     data_dir = os.path.expanduser(spec.data_dir or (spec.run_data.data_dir if spec.run_data is not None
                                                    else default_data_dir()))
     if spec.text_files:
-        files = text_files.find_text_files(spec.text_files)
+        files = text_files.find_text_files(spec.text_files, what="--text_files")
         return EvalData("text", f"{len(files)} text file(s): {spec.text_files}",
                         documents_from_texts(_texts_of(files), tokenizer, **limits))
     if spec.tfds:

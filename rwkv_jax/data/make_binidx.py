@@ -46,7 +46,7 @@ def make_binidx(inputs: str, output_prefix: str, tokenizer_path: str, *, sp_voca
         if os.path.exists(output_prefix + suffix) and not overwrite:
             raise FileExistsError(f"{output_prefix}{suffix} already exists; remove it, choose another output prefix "
                                   "or pass overwrite=True (--overwrite)")
-    files = text_files.find_text_files(inputs)
+    files = text_files.find_text_files(inputs, what="--input")
     if tokenizer_lib.kind_of_file(tokenizer_path) == "sentencepiece" and not os.path.exists(tokenizer_path):
         tok = tokenizer_lib.train_sentencepiece(_documents(files, text_files.ReadStats()), tokenizer_path,
                                                 vocab_size=sp_vocab_size, model_type=sp_model_type)

@@ -50,15 +50,16 @@ def stdlib_files(root: str = "") -> list[SourceFile]:
     return files
 
 
-def find_text_files(spec: str) -> list[SourceFile]:
+def find_text_files(spec: str, what: str = "config.data.text_files") -> list[SourceFile]:
     """Files named by a comma-separated list of files, directories and globs.
 
     Directories are searched recursively for the supported suffixes; files and glob matches
-    are taken as given. A missing path, a glob matching nothing or an empty list is an error.
+    are taken as given. A missing path, a glob matching nothing or an empty list is an error, naming
+    `what` (the config field or flag that gave `spec`).
     """
     items = [s.strip() for s in spec.split(",") if s.strip()]
     if not items:
-        raise ValueError("config.data.text_files is empty: give files, directories or globs "
+        raise ValueError(f"{what} is empty: give files, directories or globs "
                          "(comma-separated), e.g. text_files='~/corpus/*.txt'.")
     files = {}
     for item in items:
@@ -67,16 +68,16 @@ def find_text_files(spec: str) -> list[SourceFile]:
             base = os.path.abspath(_glob_base(item))
             matches = sorted(m for m in glob.glob(item, recursive=True) if os.path.isfile(m))
             if not matches:
-                raise FileNotFoundError(f"config.data.text_files: the glob {item!r} matches no file.")
+                raise FileNotFoundError(f"{what}: the glob {item!r} matches no file.")
             found = [SourceFile(os.path.abspath(m), os.path.relpath(os.path.abspath(m), base)) for m in matches]
         elif os.path.isdir(item):
             found = _walk(os.path.abspath(item), SUFFIXES, frozenset())
             if not found:
-                raise ValueError(f'config.data.text_files: no {"/".join(SUFFIXES)} files in {item!r}.')
+                raise ValueError(f'{what}: no {"/".join(SUFFIXES)} files in {item!r}.')
         elif os.path.isfile(item):
             found = [SourceFile(os.path.abspath(item), os.path.basename(item))]
         else:
-            raise FileNotFoundError(f"config.data.text_files: {item!r} does not exist.")
+            raise FileNotFoundError(f"{what}: {item!r} does not exist.")
         for f in found:
             files.setdefault(f.path, f)
     return sorted(files.values(), key=lambda f: (f.rel, f.path))
