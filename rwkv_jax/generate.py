@@ -147,6 +147,8 @@ def sample_logits(key, logits_BV, *, temperature=1.0, top_k: int = 0, top_p=1.0,
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+MAX_NEW_TOKENS_LIMIT = 2 ** 31  # the decode loop's step counter is an int32
+
 _SINK_LOCK = threading.Lock()
 _SINK = [None]  # the host side of the running decode loop (one at a time)
 
@@ -261,8 +263,9 @@ def generate_tokens(model: RWKV, prompts: list[list[int]], *, max_new_tokens: in
     """`generate` on token ids; `decode` (tokens -> text) is needed for stop strings and text output."""
     if not prompts:
         raise ValueError("no prompts")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not 0 <= max_new_tokens < MAX_NEW_TOKENS_LIMIT:
+        raise ValueError(f"max_new_tokens must be >= 0 and < 2**31 (the decode loop counts in int32), got "
+                         f"{max_new_tokens}")
     if not temperature >= 0 or not 0 < top_p <= 1 or top_k < 0:  # (NaN fails the comparisons)
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got {temperature}, {top_p}, {top_k}")
     top_k = 0 if top_k >= model.config.vocab_size else int(top_k)  # k >= the vocabulary keeps every token

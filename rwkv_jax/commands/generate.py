@@ -37,6 +37,9 @@ def check_flags() -> None:
     common.require(common.CHECKPOINT)
     common.check_positive(_PREFILL_CHUNK)
     common.check_non_negative(_MAX_NEW_TOKENS, _TOP_K, _TEMPERATURE)
+    if _MAX_NEW_TOKENS.value >= 2 ** 31:
+        raise cli.UsageError(f"--max_new_tokens must be < 2**31 (the decode loop counts in int32), got "
+                             f"{_MAX_NEW_TOKENS.value}")
     if not 0 < _TOP_P.value <= 1:
         raise cli.UsageError(f"--top_p must be in (0, 1], got {_TOP_P.value}")
     if _SAVE_STATE.value:  # found out before the generation, not after it
