@@ -270,6 +270,10 @@ def test_eval_len_max_docs_and_binidx(peers, tokenizer_path, tmp_path):
     assert report["loss"] == pytest.approx(direct["loss"], abs=1e-6)
     nbytes = [len(tok.decode(s[:20].tolist()).encode()) for s in seqs[:2]]
     assert report["bytes"] == sum(nbytes)
+    # a path with its suffix: the error names the flag (not config.data.binidx_prefix) and the prefix to give
+    with pytest.raises(FileNotFoundError, match=r"--binidx=.*corpus.bin: .*corpus.bin.idx' not found.*give "
+                                                r"--binidx=.*corpus,"):
+        run_eval_script(f"--checkpoint={pth}", f"--tokenizer={tokenizer_path}", f"--binidx={tmp_path}/corpus.bin")
 
 
 def test_compare_draws_both_curves_on_one_png_and_tables_them(peers, tokenizer_path, tmp_path, monkeypatch):

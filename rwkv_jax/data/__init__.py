@@ -186,7 +186,7 @@ def eval_documents(spec: EvalSpec, tokenizer: Tokenizer, vocab_size: int = 0) ->
         return EvalData(f"tfds-{spec.tfds.replace('/', '_')}-{spec.split}", f"TFDS {spec.tfds} split {spec.split}",
                         documents_from_texts(pipeline.split_texts(builder, spec.split, key), tokenizer, **limits))
     if spec.binidx:
-        ds = binidx.MMapIndexedDataset(os.path.expanduser(spec.binidx))
+        ds = binidx.MMapIndexedDataset(os.path.expanduser(spec.binidx), what="--binidx")
         return EvalData("binidx", f"binidx {spec.binidx} ({len(ds)} sequences)", documents_from_tokens(
             (ds[i] for i in range(len(ds))), tokenizer, vocab_size=vocab_size, source=f"binidx {spec.binidx}",
             **limits))

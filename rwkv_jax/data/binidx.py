@@ -25,12 +25,15 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
 class MMapIndexedDataset:
     """Read-only view of a `.bin`/`.idx` pair; `tokens` is the flat memmapped token stream."""
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, what: str = "config.data.binidx_prefix"):
+        """`what`: the config field or flag that gave `prefix`, for the error of a missing file."""
         idx_path, bin_path = prefix + ".idx", prefix + ".bin"
         for p in (idx_path, bin_path):
             if not os.path.isfile(p):
-                raise FileNotFoundError(f"binidx file {p!r} not found (config.data.binidx_prefix={prefix!r}, "
-                                        "the path without .bin/.idx).")
+                stem, suffix = os.path.splitext(prefix)
+                fix = (f"give {what}={stem}, the path without .bin/.idx" if suffix in (".bin", ".idx")
+                       else "the path without .bin/.idx")
+                raise FileNotFoundError(f"{what}={prefix}: binidx file {p!r} not found ({fix}).")
         self._idx = np.memmap(idx_path, np.uint8, mode="r")
         if self._idx.size < _HEADER.size:
             raise ValueError(f"{idx_path!r} is too short to be a binidx index.")
