@@ -317,7 +317,9 @@ def detect_format(path) -> str:
     if workdir_lib.Workdir.is_workdir(path):
         return "workdir"
     if (path / CONFIG_FILE).exists():
-        return "rwkv_jax"
+        raise FileNotFoundError(f"{path} has {CONFIG_FILE} but neither {PARAMS_DIR}/ (an rwkv_jax directory: copy it "
+                                f"whole, or write it with `python -m rwkv_jax.convert SRC {path}`) nor checkpoints/ "
+                                "(a training workdir)")
     if (path / "config.json").exists():
         return "hf"
     raise ValueError(f"{path}: directory with neither {CONFIG_FILE} (rwkv_jax) nor config.json (HF)")

@@ -375,6 +375,15 @@ def test_directory_without_a_config_is_an_error(tmp_path):
         weights.load_model(tmp_path / "empty")
 
 
+def test_config_without_parameters_is_an_error_naming_what_is_missing(sources, tmp_path):
+    """rwkv_config.json without params/ (a training workdir whose checkpoints/ was removed, or a partly
+    copied directory): orbax said only 'Checkpoint at DIR/params not found.'"""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / weights.CONFIG_FILE).write_text((sources["rwkv_jax"] / weights.CONFIG_FILE).read_text())
+    with pytest.raises(FileNotFoundError, match=r"has rwkv_config.json but neither params/ .* nor checkpoints/"):
+        weights.load_model(tmp_path / "d")
+
+
 def test_unknown_output_format_is_an_error_and_writes_nothing(loaded, tmp_path):
     with pytest.raises(ValueError, match="unknown format 'gguf'"):
         weights.write_model(loaded["pth"], tmp_path / "x", "gguf")
