@@ -268,6 +268,8 @@ def generate_tokens(model: RWKV, prompts: list[list[int]], *, max_new_tokens: in
                          f"{max_new_tokens}")
     if not temperature >= 0 or not 0 < top_p <= 1 or top_k < 0:  # (NaN fails the comparisons)
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got {temperature}, {top_p}, {top_k}")
+    if not -2 ** 63 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be in [-2**63, 2**63) (an int64), got {seed}")
     top_k = 0 if top_k >= model.config.vocab_size else int(top_k)  # k >= the vocabulary keeps every token
     stop = tuple(s for s in stop if s)
     if stop and decode is None:

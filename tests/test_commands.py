@@ -84,12 +84,13 @@ def test_console_scripts_name_the_commands():
     (generate_command.main, ["--checkpoint=x", "--prefill_chunk=0"], "--prefill_chunk must be >= 1, got 0"),
     (generate_command.main, ["--checkpoint=x", "--top_p=0"], "--top_p must be in"),
     (generate_command.main, ["--checkpoint=x", "--max_new_tokens=3000000000"], "--max_new_tokens must be < 2**31"),
+    (generate_command.main, ["--checkpoint=x", "--seed=99999999999999999999"], "--seed must be in [-2**63, 2**63)"),
     (generate_command.main, ["--checkpoint=x", "--save_state=."], "--save_state=. is a directory"),
     (generate_command.main, ["--checkpoint=x", "--save_state=/no/such/dir/s.npz"], "/no/such/dir does not exist"),
     (convert_command.main, ["only_src"], "expected SRC and DST"),
     (make_binidx_command.main, ["--output_prefix=o", "--tokenizer=t.json"], "--input is required"),
 ], ids=["eval_checkpoint", "eval_len", "window", "two_sources", "report_dir", "not_an_int", "prefill_negative", "prefill_zero",
-        "top_p", "max_new_tokens_huge", "save_state_dir", "save_state_no_parent", "convert_args", "make_binidx_input"])
+        "top_p", "max_new_tokens_huge", "seed_huge", "save_state_dir", "save_state_no_parent", "convert_args", "make_binidx_input"])
 def test_usage_errors_exit_2_before_any_work(main, args, message, capsys):
     start = time.time()
     assert cli.call(main, ["prog", *args]) == 2

@@ -162,6 +162,8 @@ def test_bad_inputs(peers, tmp_path):
         gen_lib.generate_tokens(model, [[1]], max_new_tokens=2, top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 0 and < 2\\*\\*31"):  # was an OverflowError in jit
         gen_lib.generate_tokens(model, [[1]], max_new_tokens=3_000_000_000)
+    with pytest.raises(ValueError, match=r"seed must be in \[-2\*\*63, 2\*\*63\)"):  # was an OverflowError
+        gen_lib.generate_tokens(model, [[1]], max_new_tokens=2, seed=2 ** 64)
     with pytest.raises(ValueError, match="temperature >= 0"):  # NaN logits sampled end-of-text at once
         gen_lib.generate_tokens(model, [[1]], max_new_tokens=2, temperature=float("nan"))
 

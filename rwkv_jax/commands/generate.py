@@ -42,6 +42,8 @@ def check_flags() -> None:
                              f"{_MAX_NEW_TOKENS.value}")
     if not 0 < _TOP_P.value <= 1:
         raise cli.UsageError(f"--top_p must be in (0, 1], got {_TOP_P.value}")
+    if not -2 ** 63 <= _SEED.value < 2 ** 63:
+        raise cli.UsageError(f"--seed must be in [-2**63, 2**63) (an int64), got {_SEED.value}")
     if _SAVE_STATE.value:  # found out before the generation, not after it
         path = Path(_SAVE_STATE.value).expanduser()
         if path.is_dir():
