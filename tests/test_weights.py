@@ -6,6 +6,7 @@ mismatched tensor; no half-written outputs; the CLI; low-precision checkpoints."
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -492,6 +493,18 @@ def test_cli_corrupt_pth_fails_cleanly(tmp_path, capsys):
     (tmp_path / "corrupt.pth").write_bytes(b"not a torch checkpoint")
     assert convert_main([str(tmp_path / "corrupt.pth"), str(tmp_path / "out")]) == 1
     assert "error:" in capsys.readouterr().err
+
+
+def test_cli_refuses_to_overwrite_its_source_or_a_directory_holding_it(sources, tmp_path, capsys):
+    """`convert WORKDIR WORKDIR --overwrite` replaced the training run (checkpoints, metrics) by an rwkv_jax
+    directory; `convert DIR/own PARENT --overwrite` would replace the parent with everything in it."""
+    src = tmp_path / "own"
+    shutil.copytree(sources["rwkv_jax"], src)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for dst in (src, tmp_path, f"{src}/"):
+        assert convert_main([str(src), str(dst), "--overwrite"]) == 2
+        assert "would replace SRC" in capsys.readouterr().err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 def test_cli_existing_destination_needs_overwrite(sources, pth_tensors, tmp_path, capsys):

@@ -31,6 +31,10 @@ def main(argv):
         raise cli.UsageError(f"expected SRC and DST, got {argv[1:] or 'nothing'}")
     from rwkv_jax import weights
     src, dst = argv[1:]
+    src_path, dst_path = Path(src).expanduser().resolve(), Path(dst).expanduser().resolve()
+    if dst_path == src_path or dst_path in src_path.parents:
+        raise cli.UsageError(f"DST {dst} is SRC or a directory holding it: writing there would replace SRC; choose "
+                             "another destination")
     fmt = _destination_format(dst, _TO.value)
     start = time.perf_counter()
     print(f"reading {src} ({weights.detect_format(src)})", flush=True)
