@@ -69,6 +69,12 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     if workdir.exists() and not workdir.is_dir():
         raise NotADirectoryError(f"--workdir {workdir} is a file, not a directory")
+    if workdir.is_dir() and not run_dir.checkpoints_dir.is_dir():  # every run makes checkpoints/ before these
+        kept = [p.name for p in (run_dir.config_path, run_dir.model_config_path, run_dir.metrics_path) if p.exists()]
+        if kept:
+            raise FileExistsError(f"--workdir {workdir} holds {', '.join(kept)} but no checkpoints/: it is not a "
+                                  "training run's workdir (a model directory?) and the run would overwrite them: use a "
+                                  "new --workdir")
     config_lib.validate(config, mesh, resuming=bool(run_dir.steps()))
     workdir.mkdir(parents=True, exist_ok=True)
     lock = _lock_workdir(workdir, is_main)

@@ -205,6 +205,18 @@ def test_a_workdir_that_is_a_file_is_refused(env, tmp_path):
         trainer.train(make_config(env["overrides"]), workdir)
 
 
+def test_a_model_directory_as_the_workdir_is_refused_and_kept(env, tmp_path):
+    """An HF or rwkv_jax model directory (config.json / rwkv_config.json, no checkpoints/) given as --workdir:
+    the run wrote its own config.json over the model's."""
+    model_dir = tmp_path / "hf_model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "rwkv"}')
+    with pytest.raises(FileExistsError, match=r"holds config.json but no checkpoints/.*use a new --workdir"):
+        trainer.train(make_config(env["overrides"]), model_dir)
+    assert sorted(p.name for p in model_dir.iterdir()) == ["config.json"]
+    assert (model_dir / "config.json").read_text() == '{"model_type": "rwkv"}'
+
+
 # --- Resume refused before anything is written ----------------------------------------------------------
 
 @pytest.mark.parametrize("change, error, message", [
