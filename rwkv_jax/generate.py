@@ -99,6 +99,10 @@ def prefill(model: RWKV, prompts: list[list[int]], state: RWKVState | None = Non
     graphdef, params = nnx.split(model)
     B = len(prompts)
     if state is not None:
+        rows = state.att_x.shape[1]
+        if rows not in (1, B):
+            raise ValueError(f"the saved state holds {rows} rows (one per prompt of the generation that saved it) but "
+                             f"{B} prompts were given: give {rows} prompts (an empty one continues its row)")
         if state.att_x.shape[1] == 1 and B > 1:  # one saved state for every prompt
             state = jax.tree.map(lambda x: jnp.repeat(x, B, axis=1), state)
             logits = None if logits is None else jnp.repeat(logits, B, axis=0)

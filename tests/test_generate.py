@@ -154,7 +154,10 @@ def test_bad_inputs(peers, tmp_path):
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
         gen_lib.generate_tokens(model, [[VOCAB + 3]], max_new_tokens=2)
     with pytest.raises(ValueError, match="does not fit this model"):
-        gen_lib.generate_tokens(model, [[1]], max_new_tokens=2, state=model.init_state(3))
+        one_layer = jax.tree.map(lambda x: x[:1], model.init_state(1))
+        gen_lib.generate_tokens(model, [[1]], max_new_tokens=2, state=one_layer)
+    with pytest.raises(ValueError, match=r"holds 2 rows .* but 3 prompts were given: give 2 prompts"):
+        gen_lib.generate_tokens(model, [[1], [2], [3]], max_new_tokens=2, state=model.init_state(2))
     np.savez(tmp_path / "junk.npz", x=np.zeros(3))
     with pytest.raises(ValueError, match="not an RWKV state file"):
         gen_lib.load_state(tmp_path / "junk.npz")
