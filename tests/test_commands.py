@@ -98,6 +98,14 @@ def test_usage_errors_exit_2_before_any_work(main, args, message, capsys):
     assert time.time() - start < 10  # refused before loading anything (the prefill_chunk=-3 run hung before)
 
 
+def test_train_refuses_compile_only_flags_without_compile_only(tmp_path):
+    """--topology without --compile_only was ignored: a real training run started in the workdir."""
+    result = run(["train.py", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}", "--topology=v5e:2x2"])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--topology is for --compile_only" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "w").exists()
+
+
 def test_expected_errors_are_one_line_and_traceback_shows_the_trace(tmp_path):
     missing = tmp_path / "missing.pth"
     plain = run(["eval.py", f"--checkpoint={missing}", "--text_files=x.txt"])

@@ -95,6 +95,12 @@ def main(argv):
         from rwkv_jax import aot  # after flag parsing: jax starts here
         report = aot.compile_only(load_config(), _TOPOLOGY.value, estimate_costs=_ESTIMATE_COSTS.value)
         return 0 if report["fits"] else 1
+    planning = [f"--{name}" for name, given in (("topology", _TOPOLOGY.value),
+                                                 ("noestimate_costs", not _ESTIMATE_COSTS.value)) if given]
+    if planning:
+        raise cli.UsageError(f"{' and '.join(planning)} {'is' if len(planning) == 1 else 'are'} for --compile_only "
+                             "(planning a TPU run without training): add --compile_only, or drop "
+                             f"{'it' if len(planning) == 1 else 'them'} to train")
     missing = [f"--{flag.name}" for flag in (_CONFIG, _WORKDIR) if not flag.value]
     if missing:
         raise cli.UsageError(f"{' and '.join(missing)} must have a value (e.g. --config=configs/tiny.py "
