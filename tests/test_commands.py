@@ -79,6 +79,8 @@ def test_console_scripts_name_the_commands():
     (eval_command.main, ["--checkpoint=x", "--window=0"], "--window must be >= 1"),
     (eval_command.main, ["--checkpoint=x", "--text_files=a", "--binidx=b"], "at most one of"),
     (eval_command.main, ["--checkpoint=x", "--report=out/"], "--report=out/ names a directory"),
+    (eval_command.main, ["--checkpoint=x", "--text_files=a", "--split=test"], "--split is for --tfds"),
+    (eval_command.main, ["--checkpoint=x", "--lambada=a", "--max_docs=5"], "--max_docs does not apply to --lambada"),
     (eval_command.main, ["--checkpoint=x", "--window=abc"], "--window"),
     (generate_command.main, ["--checkpoint=x", "--prefill_chunk=-3"], "--prefill_chunk must be >= 1, got -3"),
     (generate_command.main, ["--checkpoint=x", "--prefill_chunk=0"], "--prefill_chunk must be >= 1, got 0"),
@@ -89,7 +91,7 @@ def test_console_scripts_name_the_commands():
     (generate_command.main, ["--checkpoint=x", "--save_state=/no/such/dir/s.npz"], "/no/such/dir does not exist"),
     (convert_command.main, ["only_src"], "expected SRC and DST"),
     (make_binidx_command.main, ["--output_prefix=o", "--tokenizer=t.json"], "--input is required"),
-], ids=["eval_checkpoint", "eval_len", "window", "two_sources", "report_dir", "not_an_int", "prefill_negative", "prefill_zero",
+], ids=["eval_checkpoint", "eval_len", "window", "two_sources", "report_dir", "split_without_tfds", "lambada_max_docs", "not_an_int", "prefill_negative", "prefill_zero",
         "top_p", "max_new_tokens_huge", "seed_huge", "save_state_dir", "save_state_no_parent", "convert_args", "make_binidx_input"])
 def test_usage_errors_exit_2_before_any_work(main, args, message, capsys):
     start = time.time()

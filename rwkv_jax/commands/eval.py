@@ -58,6 +58,12 @@ def check_flags() -> None:
     if len(chosen) > 1:
         raise cli.UsageError(f"give at most one of --text_files, --tfds, --binidx, --lambada (got {chosen})")
     common.check_non_negative(_EVAL_LEN, _MAX_DOCS, _MAX_TOKENS)
+    if flags.FLAGS["split"].present and not _TFDS.value:  # flags the chosen data would ignore
+        raise cli.UsageError(f"--split is for --tfds (got --split={_SPLIT.value} without it)")
+    if _LAMBADA.value:
+        for flag in (_EVAL_LEN, _MAX_DOCS, _MAX_TOKENS):
+            if flag.value:
+                raise cli.UsageError(f"--{flag.name} does not apply to --lambada (every example is scored): drop it")
     common.check_positive(_WINDOW, _BATCH_SIZE)
     if _REPORT.value.endswith("/") or (_REPORT.value and not Path(_REPORT.value).name):
         raise cli.UsageError(f"--report={_REPORT.value} names a directory: give a path prefix such as "
