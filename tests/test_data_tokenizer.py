@@ -74,6 +74,9 @@ def test_missing_tokenizer_files_are_clear_errors(tmp_path):
         tokenizer_lib.load_tokenizer("sentencepiece", str(tmp_path / "none.model"))
     with pytest.raises(ValueError, match="must be 'sentencepiece' or 'hf_json'"):
         tokenizer_lib.load_tokenizer("bytes", str(tmp_path / "x"))
+    (tmp_path / "hf_dir").mkdir()  # an HF model directory as --tokenizer: it said "tokenizer DIR not found"
+    with pytest.raises(IsADirectoryError, match=r"hf_dir is a directory: give the tokenizer file in it"):
+        tokenizer_lib.load_tokenizer_file(str(tmp_path / "hf_dir"))
 
 
 def test_fingerprint_follows_the_file(tmp_path):

@@ -164,6 +164,9 @@ def kind_of_file(path: str) -> str:
 
 def load_tokenizer_file(path: str) -> Tokenizer:
     """An existing tokenizer file, its kind from the name: .json (HF tokenizers) or .model (sentencepiece)."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"tokenizer {path} is a directory: give the tokenizer file in it (e.g. "
+                                f"{os.path.join(path, 'tokenizer.json')})")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer {path} not found")
     return load_tokenizer(kind_of_file(path), str(path))
