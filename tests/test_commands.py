@@ -3,6 +3,7 @@
 checked against the model's vocabulary, readers that never modify a workdir (reports elsewhere when it is
 read-only), and eval reading a workdir while a run trains in it."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -148,6 +149,17 @@ def test_generate_refuses_a_state_of_another_vocabulary_in_one_line(files, tmp_p
     assert f"has {VOCAB}" in first
 
 
+def test_eval_reports_of_two_pth_files_in_one_directory_are_both_kept(files, tmp_path):
+    """The default report of a .pth is named after it: a second checkpoint beside it wrote over the first's."""
+    for name, seed in (("a.pth", 0), ("b.pth", 1)):
+        path = pth_of(tmp_path, name=name, seed=seed)
+        assert cli.call(eval_command.main, ["eval.py", f"--checkpoint={path}", f"--tokenizer={files['tokenizer']}",
+                                            f"--text_files={files['text']}", "--window=16"]) == 0
+    reports = {p.name: json.loads(p.read_text()) for p in (tmp_path / "eval").glob("*.json")}
+    assert sorted(reports) == ["a-text.json", "b-text.json"]
+    assert reports["a-text.json"]["loss"] != reports["b-text.json"]["loss"]
+
+
 def test_a_prefill_chunk_below_one_is_refused_by_the_library(files):
     model = weights.load_model(files["pth"])
     for chunk in (0, -3):
@@ -195,7 +207,7 @@ def test_readers_of_a_read_only_place_write_nothing_there(files):
         assert result.returncode == 0, result.stderr[-3000:]
         fallback = tmpdir / "rwkv_jax-eval" / "ro"
         assert f"{ro} is read-only: writing the report under {fallback}" in result.stdout
-        assert (fallback / "text.json").is_file() and (fallback / "text.png").is_file()
+        assert (fallback / "m-text.json").is_file() and (fallback / "m-text.png").is_file()
         converted = subprocess.run(as_unprivileged(["-m", "rwkv_jax.convert", f"{ro}/m.pth", f"{ro}/out"], home),
                                    cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
         assert converted.returncode == 1

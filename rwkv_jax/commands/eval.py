@@ -12,9 +12,9 @@
 The checkpoint is a training workdir (its latest good checkpoint, read only: a run may be training in
 it), an official .pth, an HF RWKV directory or an rwkv_jax directory. The tokenizer is the run's copy
 in a workdir, an HF directory's tokenizer.json, or --tokenizer. The report is printed and written to
---report.json/.md/.png (default: CHECKPOINT_DIR/eval/<data>; when that directory is read-only, under
-$TMPDIR/rwkv_jax-eval/, printed). Documents of any length are evaluated in windows of --window tokens
-with the state carried across, so memory does not grow with --eval_len.
+--report.json/.md/.png (default: CHECKPOINT_DIR/eval/<data>, or <stem>-<data> for a .pth file; when that
+directory is read-only, under $TMPDIR/rwkv_jax-eval/, printed). Documents of any length are evaluated in
+windows of --window tokens with the state carried across, so memory does not grow with --eval_len.
 """
 
 import tempfile
@@ -166,6 +166,7 @@ def _report_prefix(checkpoint: Path, name: str) -> str:
         return _REPORT.value
     name = name if _MODE.value == "parallel" else f"{name}-{_MODE.value}"
     name = f"{name}-{Path(_INITIAL_STATE.value).stem}" if _INITIAL_STATE.value else name
+    name = name if checkpoint.is_dir() else f"{checkpoint.stem}-{name}"  # .pth files side by side keep their reports
     place = Workdir(checkpoint if checkpoint.is_dir() else checkpoint.parent)
     if place.writable():
         return str(place.eval_dir / name)
