@@ -92,8 +92,9 @@ def test_console_scripts_name_the_commands():
     (generate_command.main, ["--checkpoint=x", "--save_state=/no/such/dir/s.npz"], "/no/such/dir does not exist"),
     (convert_command.main, ["only_src"], "expected SRC and DST"),
     (make_binidx_command.main, ["--output_prefix=o", "--tokenizer=t.json"], "--input is required"),
-], ids=["eval_checkpoint", "eval_len", "window", "two_sources", "report_dir", "split_without_tfds", "lambada_max_docs", "not_an_int", "prefill_negative", "prefill_zero",
-        "top_p", "max_new_tokens_huge", "seed_huge", "save_state_dir", "save_state_no_parent", "convert_args", "make_binidx_input"])
+], ids=["eval_checkpoint", "eval_len", "window", "two_sources", "report_dir", "split_without_tfds",
+        "lambada_max_docs", "not_an_int", "prefill_negative", "prefill_zero", "top_p", "max_new_tokens_huge",
+        "seed_huge", "save_state_dir", "save_state_no_parent", "convert_args", "make_binidx_input"])
 def test_usage_errors_exit_2_before_any_work(main, args, message, capsys):
     start = time.time()
     assert cli.call(main, ["prog", *args]) == 2

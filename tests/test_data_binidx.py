@@ -145,5 +145,6 @@ def test_make_binidx_refuses_a_directory_as_the_output_prefix(tmp_path):
 
 
 def test_make_binidx_names_its_flag_for_a_missing_input(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"^--input: .*missing.txt' does not exist"):  # not config.data.text_files
-        make_binidx.make_binidx(str(tmp_path / "missing.txt"), str(tmp_path / "o"), word_level_json(tmp_path / "t.json"))
+    tok = word_level_json(tmp_path / "t.json")
+    with pytest.raises(FileNotFoundError, match=r"^--input: .*missing.txt' does not exist"):  # not config.data...
+        make_binidx.make_binidx(str(tmp_path / "missing.txt"), str(tmp_path / "o"), tok)

@@ -297,7 +297,8 @@ def test_batch_size_as_a_model_arg_beside_the_harness_batch_size(setup):
     lm = RWKVLM.create_from_arg_string(f"checkpoint={pth},tokenizer={TOKENIZER},batch_size=5", harness)
     assert lm.batch_size == 5
     with pytest.raises(ValueError, match="batch_size given twice"):
-        RWKVLM.create_from_arg_obj({"checkpoint": model, "tokenizer": tok, "batch_size": 3}, {**harness, "batch_size": 8})
+        RWKVLM.create_from_arg_obj({"checkpoint": model, "tokenizer": tok, "batch_size": 3},
+                                   {**harness, "batch_size": 8})
 
 
 def test_empty_contexts_alone_in_a_batch(setup):
