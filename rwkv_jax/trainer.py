@@ -34,7 +34,7 @@ from rwkv_jax import config as config_lib
 from rwkv_jax import logs
 from rwkv_jax import metrics as metrics_lib
 from rwkv_jax import optim, sharding, state_file, state_tuning, train_step, weights, workdir_lock
-from rwkv_jax.checkpoint import Checkpointer
+from rwkv_jax.checkpoint import Checkpointer, IncompatibleCheckpointError
 from rwkv_jax.data import make_datasets
 from rwkv_jax.model import ModelConfig, with_scan_layers
 from rwkv_jax.workdir import Workdir
@@ -137,6 +137,7 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
         extra, saved_arrays, newest_step = newest
         check_sampling_unchanged(extra, data_setup, newest_step, checkpointer.directory)
         check_trainable_unchanged(saved_arrays, trainable, newest_step, checkpointer.directory)
+        check_model_unchanged(run_dir, model_config, newest_step, checkpointer.directory)
     restored = checkpointer.restore_latest(abstract_state, shardings)
     if restored is None:
         state = init(load_init_params(t.init_from, model_config, abstract_state.params) if t.init_from else None)
@@ -330,6 +331,19 @@ def check_data_unchanged(extra: dict, current: dict, step: int, directory, allow
         f"resume refused: the data setup differs from the one of checkpoint step {step} in {directory}: "
         f"{'; '.join(changed)}. Rerun with the original data settings, use a new --workdir, or pass "
         "--config.train.allow_data_change=True to continue training on the new data.")
+
+
+def check_model_unchanged(run_dir: Workdir, model_config: ModelConfig, step: int, directory) -> None:
+    """Refuse (IncompatibleCheckpointError, both shapes and the fix named) a resume with another model shape
+    than the run's (its rwkv_config.json, written by every run once its resume was accepted)."""
+    if not run_dir.model_config_path.is_file():
+        return
+    have, want = state_file.model_shape(run_dir.model_config()), state_file.model_shape(model_config)
+    if have != want:
+        raise IncompatibleCheckpointError(
+            f"resume refused: checkpoint step {step} in {directory} holds a model of "
+            f"{state_file.describe_shape(have)}, config.model is {state_file.describe_shape(want)}: rerun with the run's config.model (its "
+            f"{run_dir.model_config_path.name}) or use a new --workdir")
 
 
 def check_sampling_unchanged(extra: dict, current: dict, step: int, directory) -> None:

@@ -220,7 +220,9 @@ def test_a_model_directory_as_the_workdir_is_refused_and_kept(env, tmp_path):
 # --- Resume refused before anything is written ----------------------------------------------------------
 
 @pytest.mark.parametrize("change, error, message", [
-    ({"model.d_model": 64}, IncompatibleCheckpointError, r"does not match the state to restore"),
+    ({"model.d_model": 64}, IncompatibleCheckpointError,  # was a list of 72 mismatched arrays, with no fix
+     r"resume refused: checkpoint step 4 in .* holds a model of 2 layers x 32 .*, config.model is 2 layers x 64 "
+     r".*: rerun with the run's config.model .* or use a new --workdir"),
     ({"data.seed": 1}, ValueError, r"resume refused: the data setup differs .*: seed 0 -> 1"),
     ({"data.sp_vocab_size": 400}, ValueError, r"resume refused: .*tokenizer_sha256 .*vocab_size 512 -> "),
     ({"data.reset_at_eot": True}, ValueError, r"resume refused: the data setup differs .*: reset_at_eot False -> True"),
