@@ -83,6 +83,10 @@ def paper_config(*, n_layer: int, d_model: int, lr_init: float, lr_final: float)
     return config
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "auto")  # model.dtype
+WKV_FORMS = (*wkv_ops.FORMS, *wkv_ops.KERNEL_FORMS, "auto")  # model.wkv_form
+
+
 class ConfigError(ValueError):
     """A config value that cannot work; the message names every such field and the fix."""
 
@@ -118,9 +122,9 @@ def validate(config: ml_collections.ConfigDict, mesh=None, *, resuming: bool = F
     for field in ("d_att", "d_ffn"):
         need(m[field] is None or m[field] >= 1, f"model.{field} must be None or >= 1, got {m[field]!r}")
     positive("model", "layer_norm_eps")
-    one_of("model", "dtype", ("float32", "bfloat16", "float16", "auto"))
+    one_of("model", "dtype", COMPUTE_DTYPES)
     one_of("model", "param_dtype", ("float32", "bfloat16", "float16"))
-    one_of("model", "wkv_form", (*wkv_ops.FORMS, *wkv_ops.KERNEL_FORMS, "auto"))
+    one_of("model", "wkv_form", WKV_FORMS)
 
     # --- train
     t = config.train

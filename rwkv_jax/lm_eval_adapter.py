@@ -64,7 +64,6 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 CONTEXT_PREFIXES = ("eot", "none", "newline")
-DTYPES = ("float32", "bfloat16", "float16", "auto")  # the model's compute dtypes (config.model.dtype)
 
 
 def _int_arg(name: str, value) -> int:
@@ -216,8 +215,8 @@ class RWKVLM(TemplateLM):
                              "max_positions")
         if context_prefix not in CONTEXT_PREFIXES:
             raise ValueError(f"context_prefix must be one of {CONTEXT_PREFIXES}, not {context_prefix!r}")
-        from rwkv_jax.ops.wkv import FORMS, KERNEL_FORMS
-        for name, value, choices in (("dtype", dtype, DTYPES), ("wkv_form", wkv_form, (*FORMS, *KERNEL_FORMS, "auto"))):
+        from rwkv_jax.config import COMPUTE_DTYPES, WKV_FORMS
+        for name, value, choices in (("dtype", dtype, COMPUTE_DTYPES), ("wkv_form", wkv_form, WKV_FORMS)):
             if value and value not in choices:  # found before the model loads, not at the first request
                 raise ValueError(f"{name} must be one of {list(choices)}, not {value!r}")
         sizes = {name: _int_arg(name, value) for name, value in (("window", window), ("prefill_chunk", prefill_chunk),
@@ -329,11 +328,13 @@ class RWKVLM(TemplateLM):
         in batches of `batch_size` (fewer rows padded to a `_bucket` size), left-padded to the batch's
         longest and reset to the empty state at their first token, in chunks of the `_bucket` sizes. A
         context shorter than the batch's first by more than max(8, a quarter of it) starts a new batch,
-        which bounds the padding."""
+        which bounds the padding; so does the first one-token context (nothing to read: its batch's state
+        stays empty)."""
         batches = []
         for g, ctx in enumerate(contexts):
             first = len(contexts[batches[-1][0]]) if batches else 0
-            if not batches or len(batches[-1]) == self.batch_size or first - len(ctx) > max(8, first // 4):
+            if (not batches or len(batches[-1]) == self.batch_size or first - len(ctx) > max(8, first // 4)
+                    or (len(ctx) == 1 < first)):
                 batches.append([])
             batches[-1].append(g)
         sizes = [min(self.batch_size, _bucket(len(batch))) for batch in batches]
@@ -348,20 +349,15 @@ class RWKVLM(TemplateLM):
             n = len(ids[0])
             tokens, reset = np.zeros((size, n), np.int32), np.zeros((size, n), bool)
             for j, c in enumerate(ids):
-                if c:  # (a one-token context has nothing to read here: see below)
+                if c:  # (empty only in a batch of one-token contexts, where n is 0)
                     tokens[j, n - len(c):], reset[j, n - len(c)] = c, True
-            reset[:, :1] = False  # the state entering the first token is empty already (none when n = 0)
+            reset[:, :1] = False  # the state entering the first token is empty already
             state, pos = self.model.init_state(size), 0
             for k in _chunks(n, self.prefill_chunk):
                 resets = reset[:, pos:pos + k]
                 state = _prefill(self.graphdef, self.params, state, tokens[:, pos:pos + k],
                                  resets if resets.any() else None)
                 pos += k
-            unread = np.zeros(size, bool)
-            unread[:len(ids)] = [not c for c in ids]
-            if n and unread.any():  # a one-token context: its row read only padding
-                empty = self.model.init_state(size)
-                state = jax.tree.map(lambda s, e: jnp.where(unread[None, :, None], e, s), state, empty)
             states.append(state)
         state = states[0] if len(states) == 1 else jax.tree.map(lambda *s: jnp.concatenate(s, axis=1), *states)
         return state, rows, [ctx[-1:] for ctx in contexts]
