@@ -37,9 +37,10 @@ from rwkv_jax import metrics, optim, sharding, train_step
 from rwkv_jax.model import ModelConfig
 from rwkv_jax.ops import wkv as wkv_ops
 
-# The model shapes of configs/tiny.py and configs/169m.py, with their scan_layers settings.
+# The model shapes of configs/tiny.py and configs/169m.py, with their scan_layers settings ('auto': stacked
+# and scanned on GPU/TPU, a list on CPU).
 SHAPES = {"tiny": dict(vocab_size=4096, n_layer=4, d_model=128),
-          "169m": dict(vocab_size=50277, n_layer=12, d_model=768, scan_layers=True)}
+          "169m": dict(vocab_size=50277, n_layer=12, d_model=768, scan_layers="auto")}
 
 
 def parse_args(argv=None):
@@ -55,8 +56,8 @@ def parse_args(argv=None):
                    help="compute dtype (master weights are fp32); bfloat16 runs HF under torch.autocast(bf16)")
     p.add_argument("--wkv-form", default="auto", help="rwkv_jax WKV form: auto|sequential|parallel|chunked")
     p.add_argument("--scan-layers", default="config", choices=("config", "on", "off"),
-                   help="rwkv_jax layers scanned (lax.scan over stacked parameters) or unrolled; config: as "
-                        "configs/tiny.py (unrolled) and configs/169m.py (scanned) have them")
+                   help="rwkv_jax layers stacked and scanned (lax.scan), or a list; config: as configs/tiny.py "
+                        "(a list) and configs/169m.py ('auto': a list on CPU, scanned on GPU/TPU) have them")
     p.add_argument("--peak-flops", type=float, default=0.0,
                    help="peak FLOP/s per device for MFU; 0: device table, or a matmul probe on CPU")
     p.add_argument("--probe-size", type=int, default=2048, help="n of the n x n fp32 matmul probe")

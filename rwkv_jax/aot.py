@@ -32,7 +32,7 @@ import ml_collections
 
 from rwkv_jax import metrics as metrics_lib
 from rwkv_jax import optim, sharding, train_step
-from rwkv_jax.model import ModelConfig
+from rwkv_jax.model import ModelConfig, resolve_scan_layers
 from rwkv_jax.ops import wkv as wkv_ops
 
 GIB = 2**30
@@ -148,6 +148,7 @@ def compile_only(config: ml_collections.ConfigDict, topology: str, *, estimate_c
         model_values["dtype"] = "bfloat16"
     if model_values.get("wkv_form") == "auto":
         model_values["wkv_form"] = wkv_ops.default_form("tpu")
+    model_values["scan_layers"] = resolve_scan_layers(model_values.get("scan_layers", False), "tpu")
     model_config = ModelConfig.from_dict(model_values)
     t = config.train
     log(f"compile-only for {topology}: {len(devices)} x {devices[0].device_kind}, mesh {dict(mesh.shape)}; "

@@ -17,7 +17,7 @@ import ml_collections
 
 from rwkv_jax.data import default_data_config, pipeline
 from rwkv_jax import sharding
-from rwkv_jax.model import ModelConfig
+from rwkv_jax.model import ModelConfig, resolve_scan_layers
 from rwkv_jax.ops import wkv as wkv_ops
 from rwkv_jax.optim import default_optim_config
 from rwkv_jax.sharding import default_mesh_config
@@ -74,9 +74,10 @@ def paper_config(*, n_layer: int, d_model: int, lr_init: float, lr_final: float)
     with the GPT-NeoX tokenizer. The global batch of 8 sequences runs as 8 microbatches of one, so that
     it fits one CPU (XLA:CPU keeps ~1.5 GiB of activations per layer for 8 x 1024 tokens); on accelerators
     raise `train.batch_size` with the mesh and lower `train.microbatches` (the official runs used far
-    larger global batches)."""
+    larger global batches). Layers are stacked and scanned on GPU/TPU and a list on CPU
+    (`scan_layers='auto'`, see `model.resolve_scan_layers`)."""
     model = model_config(vocab_size=50277, n_layer=n_layer, d_model=d_model, emb_init_scale=lr_init,
-                         dtype="auto", remat=True, scan_layers=True)
+                         dtype="auto", remat=True, scan_layers="auto")
     config = base_config(model=model, batch_size=8, seq_len=1024, num_steps=100_000, lr_init=lr_init,
                          lr_final=lr_final)
     config.train.microbatches = 8
@@ -125,6 +126,10 @@ def validate(config: ml_collections.ConfigDict, mesh=None, *, resuming: bool = F
     one_of("model", "dtype", COMPUTE_DTYPES)
     one_of("model", "param_dtype", ("float32", "bfloat16", "float16"))
     one_of("model", "wkv_form", WKV_FORMS)
+    try:
+        resolve_scan_layers(m.scan_layers, "cpu")
+    except ValueError:
+        need(False, f"model.scan_layers must be one of True, False, 'auto', got {m.scan_layers!r}")
 
     # --- train
     t = config.train

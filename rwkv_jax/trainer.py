@@ -17,6 +17,7 @@ config.data.sampling='streams' the recurrent state carried from step to step is 
 and of its checkpoints, so a resumed stream goes on from the very state it had.
 """
 
+import dataclasses
 import math
 import shutil
 import signal
@@ -75,7 +76,10 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
             raise FileExistsError(f"--workdir {workdir} holds {', '.join(kept)} but no checkpoints/: it is not a "
                                   "training run's workdir (a model directory?) and the run would overwrite them: use a "
                                   "new --workdir")
-    config_lib.validate(config, mesh, resuming=bool(run_dir.steps()))
+    resuming = bool(run_dir.steps())
+    config_lib.validate(config, mesh, resuming=resuming)
+    if resuming:
+        model_config = layers_as_stored(run_dir, config.model.scan_layers, model_config)
     workdir.mkdir(parents=True, exist_ok=True)
     lock = _lock_workdir(workdir, is_main)
     try:
@@ -108,7 +112,8 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
     if is_main:
         print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} in {jax.process_count()} "
               f"process(es); mesh {dict(mesh.shape)}; model {model_config.n_layer} x {model_config.d_model}, "
-              f"compute {model_config.dtype}, WKV form {model_config.wkv_form}", flush=True)
+              f"compute {model_config.dtype}, WKV form {model_config.wkv_form}, layers "
+              f"{'stacked (scanned)' if model_config.scan_layers else 'a list'}", flush=True)
 
     # --- 2. Data ----------------------------------------------------------------------------------
     step_len = t.seq_len * t.bptt_windows  # tokens of each row per step
@@ -331,6 +336,23 @@ def check_data_unchanged(extra: dict, current: dict, step: int, directory, allow
         f"resume refused: the data setup differs from the one of checkpoint step {step} in {directory}: "
         f"{'; '.join(changed)}. Rerun with the original data settings, use a new --workdir, or pass "
         "--config.train.allow_data_change=True to continue training on the new data.")
+
+
+def layers_as_stored(run_dir: Workdir, requested, model_config: ModelConfig) -> ModelConfig:
+    """A resumed run keeps the layout its checkpoints hold, layers stacked or a list: with
+    scan_layers='auto' whichever platform resumes it (a run begun on CPU resumes with a list on TPU).
+    An explicit True/False that differs is refused (IncompatibleCheckpointError, the fix named)."""
+    if not run_dir.model_config_path.is_file() and run_dir.run_config() is None:
+        return model_config
+    stored = run_dir.model_config().scan_layers
+    if stored == model_config.scan_layers:
+        return model_config
+    if str(requested).strip().lower() == "auto":
+        return dataclasses.replace(model_config, scan_layers=stored)
+    raise IncompatibleCheckpointError(
+        f"resume refused: the run's checkpoints hold its layers {'stacked' if stored else 'as a list'} "
+        f"(model.scan_layers={stored}), this config asks for scan_layers={model_config.scan_layers}: rerun with "
+        f"--config.model.scan_layers={stored}, or use a new --workdir")
 
 
 def check_model_unchanged(run_dir: Workdir, model_config: ModelConfig, step: int, directory) -> None:

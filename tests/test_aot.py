@@ -77,6 +77,7 @@ def test_169m_plans_on_v5e_2x4_and_an_oversized_plan_fails_naming_the_shortfall(
                           "--config.mesh.data=1", "--config.train.batch_size=16", "--config.train.microbatches=1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FITS" in result.stdout
+    assert "scan_layers=True" in result.stdout  # the config's 'auto', resolved for the TPU, not this CPU
     # 1.5B replicated on every chip (pure data parallelism): fp32 params + Adam + grads do not fit 16 GB.
     result = compile_only("--config=configs/1b5.py", "--topology=v5e:2x2", "--config.mesh.data=-1",
                           "--config.train.batch_size=4", "--config.train.microbatches=1")

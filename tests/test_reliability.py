@@ -16,6 +16,7 @@ The tiny setup and the subprocess helpers are those of tests/test_train.py.
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -223,12 +224,15 @@ def test_a_model_directory_as_the_workdir_is_refused_and_kept(env, tmp_path):
     ({"model.d_model": 64}, IncompatibleCheckpointError,  # was a list of 72 mismatched arrays, with no fix
      r"resume refused: checkpoint step 4 in .* holds a model of 2 layers x 32 .*, config.model is 2 layers x 64 "
      r".*: rerun with the run's config.model .* or use a new --workdir"),
+    ({"model.scan_layers": True}, IncompatibleCheckpointError,  # was the layout listing of every array
+     r"resume refused: the run's checkpoints hold its layers as a list \(model.scan_layers=False\), this config "
+     r"asks for scan_layers=True: rerun with --config.model.scan_layers=False, or use a new --workdir"),
     ({"data.seed": 1}, ValueError, r"resume refused: the data setup differs .*: seed 0 -> 1"),
     ({"data.sp_vocab_size": 400}, ValueError, r"resume refused: .*tokenizer_sha256 .*vocab_size 512 -> "),
     ({"data.reset_at_eot": True}, ValueError, r"resume refused: the data setup differs .*: reset_at_eot False -> True"),
     ({"data.sampling": "streams", "train.allow_data_change": True}, ValueError,
      r"resume refused: checkpoint step 4 .* data.sampling='random', this run asks for 'streams'"),
-], ids=["model", "data_seed", "tokenizer", "reset_at_eot", "sampling"])
+], ids=["model", "scan_layers", "data_seed", "tokenizer", "reset_at_eot", "sampling"])
 def test_a_refused_resume_leaves_the_workdir_byte_identical(env, tmp_path, change, error, message):
     workdir = copy_of_base(env, tmp_path)
     before = file_bytes(workdir)
@@ -237,6 +241,30 @@ def test_a_refused_resume_leaves_the_workdir_byte_identical(env, tmp_path, chang
         trainer.train(config, workdir)
     assert file_bytes(workdir) == before  # config.json, rwkv_config.json, tokenizer.model, metrics.jsonl
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+
+
+def test_scan_layers_auto_resumes_the_layout_the_checkpoints_hold(env, tmp_path, capsys):
+    """scan_layers='auto' is a list of layers on CPU; a run whose checkpoints hold them stacked (begun with
+    scan_layers=True, or on a GPU/TPU) resumes stacked, and says so in its rwkv_config.json."""
+    def config_with(scan_layers, num_steps):
+        config = make_config(dict(env["overrides"], **{"train.num_steps": num_steps}))
+        config.model = config_lib.model_config(**dict(config.model.to_dict(), scan_layers=scan_layers))
+        return config
+
+    assert ModelConfig.from_dict(config_with("auto", 2).model).scan_layers is False  # on this CPU
+    workdir = tmp_path / "stacked"
+    trainer.train(config_with(True, 2), workdir)
+    capsys.readouterr()
+    result = trainer.train(config_with("auto", 4), workdir)
+    assert "resumed from the checkpoint of step 2" in capsys.readouterr().out
+    assert result["step"] == 4 and math.isfinite(result["loss"])
+    assert json.loads((workdir / "rwkv_config.json").read_text())["scan_layers"] is True
+    stacked = nnx.state(nnx.eval_shape(lambda: RWKV(ModelConfig.from_dict(config_with(True, 4).model),
+                                                    rngs=nnx.Rngs(0))))
+    with Checkpointer(workdir / "checkpoints", read_only=True) as reader:
+        params, _, step = reader.restore_params(stacked)
+    assert step == 4
+    assert params["blocks"]["att"]["key"]["kernel"].shape[0] == 2  # [n_layer, ...]: still stacked
 
 
 def test_a_data_change_is_accepted_with_the_override(env, tmp_path, caplog):

@@ -9,8 +9,9 @@ import optax
 import pytest
 from flax import nnx
 
+from rwkv_jax import config as config_lib
 from rwkv_jax import optim, weights
-from rwkv_jax.model import RWKV, ModelConfig, with_scan_layers
+from rwkv_jax.model import RWKV, ModelConfig, resolve_scan_layers, with_scan_layers
 
 CONFIG = ModelConfig(vocab_size=97, d_model=32, n_layer=3, d_ffn=64)
 
@@ -27,6 +28,21 @@ def randomized(config, seed=0):
 
 
 forward = nnx.jit(lambda model, tokens, state=None: model(tokens, state))
+
+
+def test_scan_layers_auto_is_a_list_on_cpu_and_stacked_on_gpu_and_tpu():
+    assert [resolve_scan_layers("auto", p) for p in ("cpu", "gpu", "tpu")] == [False, True, True]
+    # the command line gives strings when the config's field is one ('auto' in the paper configs)
+    assert [resolve_scan_layers(v, "tpu") for v in ("True", "false", " AUTO ", True, False)] == [
+        True, False, True, True, False]
+    with pytest.raises(ValueError, match=r"model.scan_layers must be one of True, False, 'auto', got 'yes'"):
+        resolve_scan_layers("yes", "cpu")
+    config = config_lib.paper_config(n_layer=2, d_model=32, lr_init=1e-3, lr_final=1e-4)
+    assert config.model.scan_layers == "auto"
+    assert ModelConfig.from_dict(config.model).scan_layers is (jax.default_backend() != "cpu")
+    config.model.scan_layers = "maybe"
+    with pytest.raises(config_lib.ConfigError, match=r"model.scan_layers must be one of True, False, 'auto'"):
+        config_lib.validate(config)
 
 
 def test_scanned_layers_compile_unrolled_on_cpu():
