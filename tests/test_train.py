@@ -27,6 +27,7 @@ import struct
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -524,6 +525,24 @@ def test_gradient_buffers_give_the_plain_steps_results_and_hold_the_gradients(en
     # The accumulation's per-microbatch gradients stay temporaries; the final ones leave them.
     saved = gradient_bytes // 2 if microbatches == 1 else 1
     assert memory[True].temp_size_in_bytes <= memory[False].temp_size_in_bytes - saved
+
+
+def test_cpu_steps_are_compiled_with_temporaries_in_small_heaps(env, monkeypatch):
+    """On CPU the train and eval steps are compiled with train_step.CPU_COMPILER_OPTIONS (temporaries in
+    heaps malloc reuses, not one block mapped anew per call); for other platforms (TPU ahead of time) with
+    none. Its effect on page faults and time is benchmarks/profile_step.py's."""
+    config, mesh, optimizer, (graphdef, init, abstract, shardings), batch = step_setup(env)
+    seen, jit = [], jax.jit
+    monkeypatch.setattr(jax, "jit",
+                        lambda fn, **kwargs: seen.append(kwargs.get("compiler_options")) or jit(fn, **kwargs))
+    for buffers in (True, False):
+        train_step.make_train_step(graphdef, optimizer, optim.learning_rate(config.optim, 10), shardings, mesh,
+                                   gradient_buffers=buffers)
+    train_step.make_eval_step(graphdef, shardings.params, mesh)
+    assert train_step.CPU_COMPILER_OPTIONS == {"xla_multiheap_size_constraint_per_heap": 4 * 2**20}
+    assert seen.count(train_step.CPU_COMPILER_OPTIONS) == 3, seen
+    tpu_mesh = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="tpu")]))
+    assert train_step.compiler_options(tpu_mesh) == {}
 
 
 def test_l2wrap_under_accumulation_scales_with_the_upstream_gradient():
