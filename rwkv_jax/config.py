@@ -30,7 +30,7 @@ MIN_SP_VOCAB_SIZE = 260
 def model_config(**overrides) -> ml_collections.ConfigDict:
     """The `config.model` section: every ModelConfig field, defaults overridden by `overrides`."""
     values = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    ModelConfig.from_dict({**values, **overrides})  # fail fast on an unknown key
+    ModelConfig.check_keys({**values, **overrides})  # fail fast on an unknown key (no backend started)
     values.update(overrides)
     return ml_collections.ConfigDict(values)
 

@@ -23,6 +23,7 @@ Bits per byte = total nats / ln 2 / UTF-8 bytes of the evaluated text (the decod
 import dataclasses
 import functools
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -112,6 +113,38 @@ def _score_window(graphdef, modes, params, states, start_state, inputs_BW, targe
     return out, new_states, max_diff
 
 
+def window_bytes(config, batch_size: int, window: int) -> int:
+    """About the memory one scored window takes (fp32): logits, log-probabilities and the softmax's pass
+    over them [B, W, V], a block's activations [B, W, ~12 D + 2 FFN width], and every row's state."""
+    c = config
+    state = 5 * c.n_layer * batch_size * max(c.d_model, c.att_width) * 4
+    return batch_size * window * (3 * c.vocab_size + 12 * c.d_model + 2 * c.ffn_width) * 4 + state
+
+
+def device_memory_bytes() -> int | None:
+    """The default device's memory: its allocator's limit on GPU/TPU, the machine's RAM on CPU."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_window_fits(config, batch_size: int, window: int) -> None:
+    """ValueError naming --batch_size and --window when one window of that size cannot fit the device
+    (the arrays are sized from them, not from the documents): a clear error instead of an out-of-memory
+    abort or the kernel killing the process."""
+    need, have = window_bytes(config, batch_size, window), device_memory_bytes()
+    if have is not None and need > have:
+        raise ValueError(f"batch_size x window = {batch_size:,} x {window:,} tokens per scored window needs about "
+                         f"{need / 2**30:,.1f} GiB (logits over the {config.vocab_size:,}-token vocabulary, "
+                         f"activations, states), more than this device's {have / 2**30:,.1f} GiB: lower "
+                         "--batch_size or --window (the state is carried from window to window, so a smaller "
+                         "window loses nothing)")
+
+
 @dataclasses.dataclass
 class ScoredDocument:
     index: int                 # order in the input
@@ -161,6 +194,7 @@ def score_documents(model, documents: Iterable[Document], *, modes=("parallel",)
     if batch_size < 1 or window < 1 or max_tokens < 0:
         raise ValueError(f"batch_size and window must be >= 1 and max_tokens >= 0, got {batch_size}, {window} "
                          f"and {max_tokens}")
+    check_window_fits(model.config, batch_size, window)
     graphdef, params = nnx.split(model)
     vocab = model.config.vocab_size
     if initial_state is None:

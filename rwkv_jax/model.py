@@ -54,32 +54,38 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values) -> "ModelConfig":
-        """Build from a dict/ConfigDict, naming any unknown key and resolving dtype='auto'."""
+        """Build from a dict/ConfigDict, naming any unknown key and resolving dtype='auto' and
+        scan_layers='auto' for the default backend (which starts it: not before jax.distributed)."""
         values = dict(values)
+        cls.check_keys(values)
+        if values.get("dtype") == "auto":
+            values["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        if "scan_layers" in values:
+            values["scan_layers"] = resolve_scan_layers(values["scan_layers"])
+        return cls(**values)
+
+    @classmethod
+    def check_keys(cls, values) -> None:
+        """ValueError naming any key of `values` that is not a field (nothing resolved, no backend started)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown model config key(s) {unknown}; valid keys are {sorted(known)}")
-        if values.get("dtype") == "auto":
-            values["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-        if "scan_layers" in values:
-            values["scan_layers"] = resolve_scan_layers(values["scan_layers"], jax.default_backend())
-        return cls(**values)
 
 
 SCAN_LAYERS = (True, False, "auto")  # ModelConfig.scan_layers; the command line may spell them as strings
 
 
-def resolve_scan_layers(value, platform: str) -> bool:
-    """`scan_layers` as a bool for a program compiled for `platform` ('cpu', 'gpu', 'tpu'); True/False
-    also as the strings the command line gives ('true', 'False', ...). 'auto' stacks the layers on GPU and
+def resolve_scan_layers(value, platform: str | None = None) -> bool:
+    """`scan_layers` as a bool for a program compiled for `platform` ('cpu', 'gpu', 'tpu'; default: the
+    default backend's, asked only for 'auto'); True/False also as the strings the command line gives. 'auto' stacks the layers on GPU and
     TPU (compile time independent of depth) and keeps them a list on CPU: XLA:CPU unrolls the scan anyway
     (`RWKV._scan_blocks`) but still copies every layer's weights out of the stack and its gradients back
     in, a tenth of the 169M step at B=1 T=128, for a few seconds less compile."""
     if isinstance(value, str):
         value = {"true": True, "false": False, "auto": "auto"}.get(value.strip().lower(), value)
     if value == "auto":
-        return platform != "cpu"
+        return (platform or jax.default_backend()) != "cpu"
     if not isinstance(value, bool):
         raise ValueError(f"model.scan_layers must be one of True, False, 'auto', got {value!r}")
     return value

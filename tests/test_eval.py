@@ -247,6 +247,16 @@ def test_bad_inputs(peers, tokenizer_path, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"^--text_files: .*missing.txt' does not exist"):  # the flag, not
         run_eval_script(f"--checkpoint={pth}", f"--tokenizer={tokenizer_path}",  # config.data.text_files
                         f"--text_files={tmp_path}/missing.txt")
+    # A window no device could hold: a clear error, not an out-of-memory abort or the process killed (the
+    # arrays are sized from the flags); nothing is written.
+    text = tmp_path / "one.txt"
+    text.write_text("a short document")
+    for flag in ("--window=100000000", "--batch_size=100000000"):
+        with pytest.raises(ValueError, match=r"batch_size x window = .* tokens per scored window needs about .* GiB"
+                                             r".*more than this device's .* GiB: lower --batch_size or --window"):
+            run_eval_script(f"--checkpoint={pth}", f"--tokenizer={tokenizer_path}", f"--text_files={text}", flag,
+                            f"--report={tmp_path}/huge")
+    assert not list(tmp_path.glob("huge*"))
 
 
 def test_eval_len_max_docs_and_binidx(peers, tokenizer_path, tmp_path):

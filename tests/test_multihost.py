@@ -245,3 +245,19 @@ def test_initialize_single_process_is_a_no_op(monkeypatch):
     assert distributed.initialize(auto=True) is None
     import jax
     assert jax.process_count() == 1
+
+
+def test_loading_a_config_file_starts_no_jax_backend():
+    """train.py reads its --config file while parsing flags, before jax.distributed.initialize, which must
+    come before any backend starts. A config's 'auto' choices (dtype, scan_layers) are resolved later, by the
+    trainer; loading configs/169m.py used to start the backend by resolving them."""
+    script = ("import importlib.util, pathlib; from jax._src import xla_bridge\n"
+              "for path in sorted(pathlib.Path('configs').glob('*.py')):\n"
+              "    spec = importlib.util.spec_from_file_location('config', path)\n"
+              "    module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+              "    module.get_config()\n"
+              "    assert not xla_bridge.backends_are_initialized(), path\n"
+              "print('ok')")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env_with_devices(1), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
