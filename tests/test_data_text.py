@@ -140,16 +140,23 @@ def test_grain_reads_documents_in_stored_order(tmp_path):
     assert list(pipeline.split_texts(b, "train")) == [r["text"].decode() for r in b.as_data_source("train")]
 
 
-def test_offline_tfds_download_error_points_to_local_text(tmp_path, monkeypatch):
+def test_offline_tfds_download_fails_at_once_pointing_to_local_text(tmp_path, monkeypatch):
+    """Offline, tfds's downloader retried each URL with backoff for minutes (eval.py --tfds looked hung);
+    the download is now not attempted, and the error names the setting and what to use instead."""
     from tensorflow_datasets.core.download import downloader
 
     def no_dns(*args, **kwargs):
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known (offline test)")
 
-    monkeypatch.setattr(downloader, "MAX_RETRIES", 0)  # tfds backs off for minutes otherwise.
+    for key in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)  # Offline, even on a machine that is not.
-    with pytest.raises(RuntimeError, match="tiny_shakespeare.*source='text'"):
+    monkeypatch.setattr(downloader, "_open_url", lambda *a, **k: pytest.fail("a download was tried offline"))
+    with pytest.raises(RuntimeError, match=r"'tiny_shakespeare' \(config.data.tfds_name\): it is not prepared in .* "
+                                           r"resolves no host name.*source='text'"):
         catalog.build_catalog("tiny_shakespeare", data_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"'tiny_shakespeare' \(--tfds\).*--text_files=.*--binidx"):
+        catalog.build_catalog("tiny_shakespeare", data_dir=str(tmp_path), asked_by=catalog.EVAL)
 
 
 def test_unknown_tfds_name_is_a_clear_error(tmp_path):

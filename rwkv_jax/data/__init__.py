@@ -180,7 +180,7 @@ def eval_documents(spec: EvalSpec, tokenizer: Tokenizer, vocab_size: int = 0) ->
         return EvalData("text", f"{len(files)} text file(s): {spec.text_files}",
                         documents_from_texts(_texts_of(files), tokenizer, **limits))
     if spec.tfds:
-        builder = catalog.build_catalog(spec.tfds, data_dir=os.path.join(data_dir, "tfds"))
+        builder = catalog.build_catalog(spec.tfds, data_dir=os.path.join(data_dir, "tfds"), asked_by=catalog.EVAL)
         catalog.num_examples(builder, spec.split)  # a clear error for an unknown split, before any work
         key = catalog.text_key(builder)
         return EvalData(f"tfds-{spec.tfds.replace('/', '_')}-{spec.split}", f"TFDS {spec.tfds} split {spec.split}",
