@@ -73,15 +73,12 @@ class ModelConfig:
             raise ValueError(f"unknown model config key(s) {unknown}; valid keys are {sorted(known)}")
 
 
-SCAN_LAYERS = (True, False, "auto")  # ModelConfig.scan_layers; the command line may spell them as strings
-
-
 def resolve_scan_layers(value, platform: str | None = None) -> bool:
     """`scan_layers` as a bool for a program compiled for `platform` ('cpu', 'gpu', 'tpu'; default: the
-    default backend's, asked only for 'auto'); True/False also as the strings the command line gives. 'auto' stacks the layers on GPU and
-    TPU (compile time independent of depth) and keeps them a list on CPU: XLA:CPU unrolls the scan anyway
-    (`RWKV._scan_blocks`) but still copies every layer's weights out of the stack and its gradients back
-    in, a tenth of the 169M step at B=1 T=128, for a few seconds less compile."""
+    default backend's, asked only for 'auto'); True/False also as the strings the command line gives.
+    'auto' stacks the layers on GPU and TPU (compile time independent of depth) and keeps them a list on
+    CPU: XLA:CPU unrolls the scan anyway (`RWKV._scan_blocks`) but still copies every layer's weights out
+    of the stack and its gradients back in, a tenth of the 169M step at B=1 T=128."""
     if isinstance(value, str):
         value = {"true": True, "false": False, "auto": "auto"}.get(value.strip().lower(), value)
     if value == "auto":
