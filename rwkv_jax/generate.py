@@ -103,7 +103,7 @@ def prefill(model: RWKV, prompts: list[list[int]], state: RWKVState | None = Non
         if rows not in (1, B):
             raise ValueError(f"the saved state holds {rows} rows (one per prompt of the generation that saved it) but "
                              f"{B} prompts were given: give {rows} prompts (an empty one continues its row)")
-        if state.att_x.shape[1] == 1 and B > 1:  # one saved state for every prompt
+        if rows == 1 and B > 1:  # one saved state for every prompt
             state = jax.tree.map(lambda x: jnp.repeat(x, B, axis=1), state)
             logits = None if logits is None else jnp.repeat(logits, B, axis=0)
         check_state(model, state, B, logits)
@@ -152,6 +152,7 @@ def sample_logits(key, logits_BV, *, temperature=1.0, top_k: int = 0, top_p=1.0,
 
 
 MAX_NEW_TOKENS_LIMIT = 2 ** 31  # the decode loop's step counter is an int32
+SEED_LIMIT = 2 ** 63  # seeds are int64: [-SEED_LIMIT, SEED_LIMIT)
 
 _SINK_LOCK = threading.Lock()
 _SINK = [None]  # the host side of the running decode loop (one at a time)
@@ -272,7 +273,7 @@ def generate_tokens(model: RWKV, prompts: list[list[int]], *, max_new_tokens: in
                          f"{max_new_tokens}")
     if not temperature >= 0 or not 0 < top_p <= 1 or top_k < 0:  # (NaN fails the comparisons)
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got {temperature}, {top_p}, {top_k}")
-    if not -2 ** 63 <= seed < 2 ** 63:
+    if not -SEED_LIMIT <= seed < SEED_LIMIT:
         raise ValueError(f"seed must be in [-2**63, 2**63) (an int64), got {seed}")
     top_k = 0 if top_k >= model.config.vocab_size else int(top_k)  # k >= the vocabulary keeps every token
     stop = tuple(s for s in stop if s)

@@ -364,8 +364,8 @@ def check_model_unchanged(run_dir: Workdir, model_config: ModelConfig, step: int
     if have != want:
         raise IncompatibleCheckpointError(
             f"resume refused: checkpoint step {step} in {directory} holds a model of "
-            f"{state_file.describe_shape(have)}, config.model is {state_file.describe_shape(want)}: rerun with the run's config.model (its "
-            f"{run_dir.model_config_path.name}) or use a new --workdir")
+            f"{state_file.describe_shape(have)}, config.model is {state_file.describe_shape(want)}: rerun with the "
+            f"run's config.model (its {run_dir.model_config_path.name}) or use a new --workdir")
 
 
 def check_sampling_unchanged(extra: dict, current: dict, step: int, directory) -> None:

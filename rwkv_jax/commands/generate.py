@@ -36,13 +36,14 @@ def check_flags() -> None:
     """Usage errors, before anything is loaded."""
     common.require(common.CHECKPOINT)
     common.check_positive(_PREFILL_CHUNK)
+    from rwkv_jax.generate import MAX_NEW_TOKENS_LIMIT, SEED_LIMIT  # the library's limits, checked before loading
     common.check_non_negative(_MAX_NEW_TOKENS, _TOP_K, _TEMPERATURE)
-    if _MAX_NEW_TOKENS.value >= 2 ** 31:
+    if _MAX_NEW_TOKENS.value >= MAX_NEW_TOKENS_LIMIT:
         raise cli.UsageError(f"--max_new_tokens must be < 2**31 (the decode loop counts in int32), got "
                              f"{_MAX_NEW_TOKENS.value}")
     if not 0 < _TOP_P.value <= 1:
         raise cli.UsageError(f"--top_p must be in (0, 1], got {_TOP_P.value}")
-    if not -2 ** 63 <= _SEED.value < 2 ** 63:
+    if not -SEED_LIMIT <= _SEED.value < SEED_LIMIT:
         raise cli.UsageError(f"--seed must be in [-2**63, 2**63) (an int64), got {_SEED.value}")
     if _SAVE_STATE.value:  # found out before the generation, not after it
         path = Path(_SAVE_STATE.value).expanduser()
