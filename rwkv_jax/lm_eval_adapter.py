@@ -20,15 +20,16 @@ How the three request types run, using the recurrence:
     continuation is encoded as one string and split after the tokens of the context alone; an empty
     context becomes the end-of-text token). Requests sharing a context (the endings of a multiple-choice
     question) form a group: the context is read once and its state copied for each continuation.
-    Contexts are read `batch_size` at a time, sorted by length, in parallel mode and with no head, all
-    but their last token: the rows of a batch are left-padded to its longest and reset to the empty state
-    at their first token (training's document resets), so a batch's state holds each context's own state
-    (padding is read once per context; reading only the tokens all rows share, and the rest at the start of
-    every continuation row, would read those again per continuation).
-    Each continuation row reads its context's last token, then the continuation but its last token.
-    Continuation rows (of 16 batches at a time) are sorted by length and scored 4 x batch_size per padded
-    call, the head (with a fp32 logsumexp and the target's logit) applied only at the scored positions:
-    the context's last token's and the continuation's but the last. Chunk lengths,
+    Contexts are read `batch_size` at a time, sorted by length, in parallel mode: the rows of a batch are
+    left-padded to its longest and reset to the empty state at their first token (training's document
+    resets), so a batch's state holds each context's own state (padding is read once per context; reading
+    only the tokens all rows share, and the rest at the start of every continuation row, would read those
+    again per continuation). The head runs once per context, at its last token: those log-probabilities
+    score the first token of every continuation of the context.
+    Each continuation row then reads the continuation but its last token (a one-token continuation reads
+    nothing). Continuation rows (of 16 batches at a time) are sorted by length and scored 4 x batch_size
+    per padded call, the head (with a fp32 logsumexp and the target's logit) applied only at the scored
+    positions, never over the padding. Chunk lengths,
     row counts, row lengths and scored positions per call take the sizes 1, 2, ..., 8, 10, 12, 14, 16, 20,
     ... (four per octave), so few shapes compile and padding stays under a quarter.
   * `loglikelihood_rolling`: each document once, in windows of `window` tokens with the state carried
@@ -143,6 +144,18 @@ def _prefill(graphdef, params, state, tokens_BC, reset_BC=None):
 
 
 @functools.partial(jax.jit, static_argnums=0)
+def _prefill_last(graphdef, params, state, tokens_BC, reset_BC, targets_BE):
+    """`_prefill` of a batch's last chunk, and the head at each row's last token scoring targets_BE (the
+    first tokens of the row's continuations): (state, log-probabilities [B, E] from a fp32 log-softmax,
+    greedy flags [B, E])."""
+    model = nnx.merge(graphdef, params)
+    hidden_BCD, state = model.hidden(tokens_BC, state, reset_BT=reset_BC)
+    logp_BV = jax.nn.log_softmax(model.logits(hidden_BCD[:, -1]), axis=-1)  # fp32
+    greedy_BE = jnp.argmax(logp_BV, axis=-1)[:, None] == targets_BE
+    return state, jnp.take_along_axis(logp_BV, targets_BE, axis=-1), greedy_BE
+
+
+@functools.partial(jax.jit, static_argnums=0)
 def _score(graphdef, params, state, group_R, inputs_RT, at_P, targets_P, row_P):
     """Log-probability and greedy flag of each row: its tokens read from its group's state
     (`state[:, group_R]`), then targets_P[i] predicted at flat position at_P[i] (row * T + t) and added to
@@ -176,19 +189,13 @@ def _bucket(n: int) -> int:
     return -(-n // step) * step
 
 
-def _bucket_floor(n: int) -> int:
-    """The largest `_bucket` size not above n (n >= 1)."""
-    step = max(_pow2_floor(n) // 4, 1)
-    return n // step * step
-
-
 def _chunks(n: int, longest: int) -> list[int]:
-    """Chunk lengths of the `_bucket` sizes, at most `longest`, summing to n, largest first."""
-    out = []
-    while n > 0:
-        out.append(_bucket_floor(min(n, longest)))
-        n -= out[-1]
-    return out
+    """Chunk lengths for reading n tokens, left-padded: the remainder past whole `longest` chunks padded up
+    to a `_bucket` size, then the whole chunks (`longest` a power of two). One call per chunk, so padding a
+    context of 13 tokens to 14 costs a column where a chunk of 1 would cost a call, which reads every
+    weight once more."""
+    whole, rest = divmod(n, longest)
+    return ([_bucket(rest)] if rest else []) + [longest] * whole
 
 
 # --- The harness model ------------------------------------------------------------------------------
@@ -300,7 +307,7 @@ class RWKVLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         """(log p(continuation | context), greedy) of each ((context, continuation), context ids,
         continuation ids): contexts read once per group, the state branched per continuation."""
-        groups = collections.defaultdict(list)  # context ids -> request indices
+        groups = collections.defaultdict(list)  # context ids (at least one) -> request indices
         for i, ((context, _), ctx, _) in enumerate(requests):
             # An empty context arrives as [prefix_token_id] (the end-of-text token) already; one of only
             # spaces arrives with no tokens (its spaces moved to the continuation) and is treated alike.
@@ -309,32 +316,35 @@ class RWKVLM(TemplateLM):
         order = sorted(groups, key=len, reverse=True)  # longest first: memory errors show at once
         results = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="rwkv_jax loglikelihood")
+        if requests:
+            self._check_ids(np.concatenate([np.asarray(cont, np.int64) for *_, cont in requests]))
         block = self.batch_size * self.BLOCK_BATCHES
         for start in range(0, len(order), block):
             contexts = order[start:start + block]
-            state, state_rows, tails = self._read_contexts(contexts)
-            rows = [(g, i) for g, ctx in enumerate(contexts) for i in groups[ctx]]
-            for (g, i), value in zip(rows, self._score_rows(state, state_rows, tails, rows, requests)):
+            members = [groups[ctx] for ctx in contexts]
+            state, state_rows, first = self._read_contexts(contexts, [[requests[i][2][:1] for i in m]
+                                                                      for m in members])
+            rows = [(g, i, first[g][k]) for g, m in enumerate(members) for k, i in enumerate(m)]
+            for (g, i, _), value in zip(rows, self._score_rows(state, state_rows, rows, requests)):
                 results[i] = value
                 self.cache_hook.add_partial("loglikelihood", requests[i][0], value)
             bar.update(len(rows))
         bar.close()
         return results
 
-    def _read_contexts(self, contexts):
-        """(state, rows, tails) for contexts sorted longest first: row g of the state holds the state after
-        all but the last token of contexts[g], and tails[g] that last token, which `_score` reads at the
-        start of each continuation row (its logits score the continuation's first token). Contexts are read
+    def _read_contexts(self, contexts, firsts):
+        """(state, rows, first) for contexts sorted longest first, and firsts[g] the first tokens of the
+        continuations of contexts[g] (each a list of one token, or empty): row rows[g] of the state holds
+        the state after contexts[g], and first[g][k] is (log-probability, greedy flag) of firsts[g][k] after
+        it ((0.0, True) for an empty one), from the head at the context's last token. Contexts are read
         in batches of `batch_size` (fewer rows padded to a `_bucket` size), left-padded to the batch's
-        longest and reset to the empty state at their first token, in chunks of the `_bucket` sizes. A
+        longest and on to the length of its `_chunks`, and reset to the empty state at their first token. A
         context shorter than the batch's first by more than max(8, a quarter of it) starts a new batch,
-        which bounds the padding; so does the first one-token context (nothing to read: its batch's state
-        stays empty)."""
+        which bounds the padding."""
         batches = []
         for g, ctx in enumerate(contexts):
             first = len(contexts[batches[-1][0]]) if batches else 0
-            if (not batches or len(batches[-1]) == self.batch_size or first - len(ctx) > max(8, first // 4)
-                    or (len(ctx) == 1 < first)):
+            if not batches or len(batches[-1]) == self.batch_size or first - len(ctx) > max(8, first // 4):
                 batches.append([])
             batches[-1].append(g)
         sizes = [min(self.batch_size, _bucket(len(batch))) for batch in batches]
@@ -342,58 +352,63 @@ class RWKVLM(TemplateLM):
         for batch, offset in zip(batches, np.cumsum([0] + sizes)):
             for j, g in enumerate(batch):
                 rows[g] = int(offset) + j
-        states = []
+        states, first = [], [None] * len(contexts)
         for batch, size in zip(batches, sizes):
-            ids = [contexts[g][:-1] for g in batch]
-            self._check_ids(np.concatenate([np.asarray(contexts[g], np.int64) for g in batch]))
-            n = len(ids[0])
+            ids = [contexts[g] for g in batch]
+            self._check_ids(np.concatenate([np.asarray(c, np.int64) for c in ids]))
+            chunks = _chunks(len(ids[0]), self.prefill_chunk)
+            n = sum(chunks)
             tokens, reset = np.zeros((size, n), np.int32), np.zeros((size, n), bool)
             for j, c in enumerate(ids):
-                if c:  # (empty only in a batch of one-token contexts, where n is 0)
-                    tokens[j, n - len(c):], reset[j, n - len(c)] = c, True
+                tokens[j, n - len(c):], reset[j, n - len(c)] = c, True
             reset[:, :1] = False  # the state entering the first token is empty already
             state, pos = self.model.init_state(size), 0
-            for k in _chunks(n, self.prefill_chunk):
+            for k in chunks[:-1]:
                 resets = reset[:, pos:pos + k]
                 state = _prefill(self.graphdef, self.params, state, tokens[:, pos:pos + k],
                                  resets if resets.any() else None)
                 pos += k
+            targets = np.zeros((size, _bucket(max(len(firsts[g]) for g in batch))), np.int32)
+            for j, g in enumerate(batch):
+                targets[j, :len(firsts[g])] = [t[0] if t else 0 for t in firsts[g]]
+            resets = reset[:, pos:]
+            state, logp, greedy = jax.device_get(_prefill_last(self.graphdef, self.params, state, tokens[:, pos:],
+                                                               resets if resets.any() else None, targets))
+            for j, g in enumerate(batch):
+                first[g] = [(float(logp[j, k]), bool(greedy[j, k])) if t else (0.0, True)
+                            for k, t in enumerate(firsts[g])]
             states.append(state)
         state = states[0] if len(states) == 1 else jax.tree.map(lambda *s: jnp.concatenate(s, axis=1), *states)
-        return state, rows, [ctx[-1:] for ctx in contexts]
+        return state, rows, first
 
-    def _score_rows(self, state, state_rows, tails, rows, requests):
-        """(logp, greedy) of each (group, request index) row: its group's tail and the continuation but its
-        last token, read from the group's state (row state_rows[group]), scored from the tail's last token
-        on. Rows sorted by length, 4 x batch_size per call, at most max_positions scored positions (one row
-        at least)."""
-        out = [(0.0, True)] * len(rows)  # a continuation with no tokens has probability 1
-        todo = []
-        for r, (g, i) in enumerate(rows):
-            cont = list(requests[i][2])
-            if cont:
-                self._check_ids(np.asarray(cont))
-                todo.append((r, state_rows[g], list(tails[g]) + cont[:-1], len(tails[g]) - 1, cont))
-        todo.sort(key=lambda row: (len(row[2]), len(row[4])))
+    def _score_rows(self, state, state_rows, rows, requests):
+        """(logp, greedy) of each (group, request index, first) row: `first` scores the continuation's
+        first token (see `_read_contexts`), and the rest is scored by reading the continuation but its last
+        token from the group's state (row state_rows[group]). Rows sorted by length, 4 x batch_size per
+        call, at most max_positions scored positions (one row at least)."""
+        out = [first for _, _, first in rows]  # (0.0, True) for a continuation with no tokens
+        todo = [(r, state_rows[g], list(requests[i][2][:-1]), list(requests[i][2][1:]))
+                for r, (g, i, _) in enumerate(rows) if len(requests[i][2]) > 1]
+        todo.sort(key=lambda row: len(row[2]))
         while todo:  # the longest rows first
             n = min(len(todo), 4 * self.batch_size)
-            while n > 1 and _bucket(sum(len(row[4]) for row in todo[-n:])) > self.max_positions:
+            while n > 1 and _bucket(sum(len(row[3]) for row in todo[-n:])) > self.max_positions:
                 n //= 2
             take, todo = todo[-n:], todo[:-n]
             R, T = _bucket(n), _bucket(max(len(row[2]) for row in take))
-            P = _bucket(sum(len(row[4]) for row in take))
+            P = _bucket(sum(len(row[3]) for row in take))
             group, inputs = np.zeros(R, np.int32), np.zeros((R, T), np.int32)
             at, targets, row_of = np.zeros(P, np.int32), np.zeros(P, np.int32), np.full(P, R, np.int32)
             i = 0
-            for j, (_, state_row, row_inputs, row_start, cont) in enumerate(take):
+            for j, (_, state_row, row_inputs, row_targets) in enumerate(take):
                 group[j], inputs[j, :len(row_inputs)] = state_row, row_inputs
-                k = len(cont)
-                at[i:i + k], targets[i:i + k], row_of[i:i + k] = j * T + row_start + np.arange(k), cont, j
+                k = len(row_targets)  # == len(row_inputs): input t predicts target t
+                at[i:i + k], targets[i:i + k], row_of[i:i + k] = j * T + np.arange(k), row_targets, j
                 i += k
             logp, greedy = jax.device_get(_score(self.graphdef, self.params, state, group, inputs, at, targets,
                                                  row_of))
             for j, (r, *_) in enumerate(take):
-                out[r] = (float(logp[j]), bool(greedy[j]))
+                out[r] = (out[r][0] + float(logp[j]), out[r][1] and bool(greedy[j]))
         return out
 
     def _check_ids(self, ids):

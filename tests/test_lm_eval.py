@@ -312,14 +312,26 @@ def test_empty_contexts_alone_in_a_batch(setup):
     np.testing.assert_allclose([g[0] for g in got], rolling, rtol=1e-5)
 
 
+def test_token_ids_outside_the_vocabulary_are_refused(setup):
+    """A continuation (or context) token the model has no row for fails with the cause named, before
+    anything is read: the first token is looked up in the head's output, where an index past the end
+    would be clamped silently."""
+    _, _, _, _, lm = setup
+    for ctx, cont in (([5, 6], [VOCAB + 3]), ([5, 6], [7, VOCAB]), ([VOCAB + 1], [7])):
+        with pytest.raises(ValueError, match=f"token id {max(ctx + cont)} is outside the model's vocabulary"):
+            lm._loglikelihood_tokens([(("a", " b"), ctx, cont)])
+
+
 def test_shape_buckets():
-    """Padded sizes: at least n, under 25% padding past 8, few per octave; prefill chunks of those sizes
-    summing to n exactly, none longer than the longest allowed."""
+    """Padded sizes: at least n, under 25% padding past 8, few per octave. Prefill chunks of those sizes,
+    none longer than the longest allowed: one per whole `longest` and one for the rest, padded (the
+    padding read once, left of the context) rather than split into more calls."""
     from rwkv_jax.lm_eval_adapter import _bucket, _chunks
     sizes = {_bucket(n) for n in range(1, 4097)}
     assert all(n <= _bucket(n) < max(n * 1.25, n + 1) for n in range(1, 4097))
     assert len(sizes) == 8 + 4 * 9 and sorted(sizes)[:12] == [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16]
     for n in range(0, 600):
         chunks = _chunks(n, 256)
-        assert sum(chunks) == n and all(c in sizes and c <= 256 for c in chunks) and chunks == sorted(chunks)[::-1]
-    assert _chunks(1000, 256) == [256, 256, 256, 224, 8] and _chunks(11, 8) == [8, 3]
+        assert len(chunks) == -(-n // 256) and all(c in sizes and c <= 256 for c in chunks)
+        assert n <= sum(chunks) == n // 256 * 256 + _bucket(n % 256)
+    assert _chunks(1000, 256) == [256, 256, 256, 256] and _chunks(11, 8) == [3, 8] and _chunks(13, 256) == [14]
