@@ -343,8 +343,8 @@ class RWKVLM(TemplateLM):
         which bounds the padding."""
         batches = []
         for g, ctx in enumerate(contexts):
-            first = len(contexts[batches[-1][0]]) if batches else 0
-            if not batches or len(batches[-1]) == self.batch_size or first - len(ctx) > max(8, first // 4):
+            longest = len(contexts[batches[-1][0]]) if batches else 0
+            if not batches or len(batches[-1]) == self.batch_size or longest - len(ctx) > max(8, longest // 4):
                 batches.append([])
             batches[-1].append(g)
         sizes = [min(self.batch_size, _bucket(len(batch))) for batch in batches]
@@ -352,7 +352,7 @@ class RWKVLM(TemplateLM):
         for batch, offset in zip(batches, np.cumsum([0] + sizes)):
             for j, g in enumerate(batch):
                 rows[g] = int(offset) + j
-        states, first = [], [None] * len(contexts)
+        states, scores = [], []
         for batch, size in zip(batches, sizes):
             ids = [contexts[g] for g in batch]
             self._check_ids(np.concatenate([np.asarray(c, np.int64) for c in ids]))
@@ -372,12 +372,15 @@ class RWKVLM(TemplateLM):
             for j, g in enumerate(batch):
                 targets[j, :len(firsts[g])] = [t[0] if t else 0 for t in firsts[g]]
             resets = reset[:, pos:]
-            state, logp, greedy = jax.device_get(_prefill_last(self.graphdef, self.params, state, tokens[:, pos:],
-                                                               resets if resets.any() else None, targets))
+            state, logp, greedy = _prefill_last(self.graphdef, self.params, state, tokens[:, pos:],
+                                                resets if resets.any() else None, targets)
+            states.append(state)
+            scores.append((logp, greedy))
+        first = [None] * len(contexts)
+        for batch, (logp, greedy) in zip(batches, jax.device_get(scores)):  # one wait, after every batch
             for j, g in enumerate(batch):
                 first[g] = [(float(logp[j, k]), bool(greedy[j, k])) if t else (0.0, True)
                             for k, t in enumerate(firsts[g])]
-            states.append(state)
         state = states[0] if len(states) == 1 else jax.tree.map(lambda *s: jnp.concatenate(s, axis=1), *states)
         return state, rows, first
 
