@@ -90,8 +90,12 @@ def _score_window(graphdef, modes, params, states, start_state, inputs_BW, targe
     out, new_states, parallel_logits = {}, {}, None
     if "parallel" in modes:
         state = _reset(states["parallel"], reset_B, start_state)
-        parallel_logits, new_states["parallel"] = model(inputs_BW, state)
-        out["parallel"] = _token_scores(parallel_logits, targets_BW)
+        hidden_BWD, new_states["parallel"] = model.hidden(inputs_BW, state)
+        B, W, D = hidden_BWD.shape
+        logp, hit = model.token_logprobs(hidden_BWD.reshape(B * W, D), targets_BW.reshape(B * W))
+        out["parallel"] = (-logp.reshape(B, W), hit.reshape(B, W))
+        if "rnn" in modes:  # compared with the recurrence's logits below
+            parallel_logits = model.logits(hidden_BWD)
     max_diff = jnp.zeros((), jnp.float32)
     if "rnn" in modes:
         state = _reset(states["rnn"], reset_B, start_state)

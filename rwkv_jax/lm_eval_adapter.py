@@ -159,16 +159,14 @@ def _prefill_last(graphdef, params, state, tokens_BC, reset_BC, targets_BE):
 def _score(graphdef, params, state, group_R, inputs_RT, at_P, targets_P, row_P):
     """Log-probability and greedy flag of each row: its tokens read from its group's state
     (`state[:, group_R]`), then targets_P[i] predicted at flat position at_P[i] (row * T + t) and added to
-    row row_P[i] (R for padding). The head, a fp32 logsumexp and the target's logit run only at those P
-    positions, never over the tails or the padding."""
+    row row_P[i] (R for padding). The head and a fp32 log-softmax (`RWKV.token_logprobs`) run only at
+    those P positions, never over the padding."""
     model = nnx.merge(graphdef, params)
     branched = jax.tree.map(lambda s: s[:, group_R], state)
     hidden_RTD, _ = model.hidden(inputs_RT, branched)
     R, T, D = hidden_RTD.shape
-    logits_PV = model.logits(hidden_RTD.reshape(R * T, D)[at_P])  # fp32
-    target_P = jnp.take_along_axis(logits_PV, targets_P[:, None], axis=-1)[:, 0]
-    logp_P = target_P - jax.nn.logsumexp(logits_PV, axis=-1)
-    miss_P = (jnp.argmax(logits_PV, axis=-1) != targets_P).astype(jnp.int32)
+    logp_P, greedy_P = model.token_logprobs(hidden_RTD.reshape(R * T, D)[at_P], targets_P)
+    miss_P = jnp.logical_not(greedy_P).astype(jnp.int32)
     logp_R = jax.ops.segment_sum(logp_P, row_P, num_segments=R + 1)[:R]  # segment R: the padding
     misses_R = jax.ops.segment_sum(miss_P, row_P, num_segments=R + 1)[:R]
     return logp_R, misses_R == 0

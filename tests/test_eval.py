@@ -64,7 +64,8 @@ def test_uniform_logits_give_perplexity_vocab_size(peers):
     assert all(b["loss"] == pytest.approx(math.log(VOCAB), rel=1e-6) for b in report["loss_by_position"])
 
 
-def test_windows_carry_state_and_modes_agree(peers):
+@pytest.mark.parametrize("window", [8, 128])  # 2 x 128 positions: the logits made as [V, N] (token_logprobs)
+def test_windows_carry_state_and_modes_agree(peers, window):
     """Documents longer than the window, batch rows refilled as documents end: every per-token loss equals
     HF's on the whole document in one call, in both modes."""
     hf, _, model = peers
@@ -72,14 +73,14 @@ def test_windows_carry_state_and_modes_agree(peers):
     lengths = [3, 30, 1, 17, 8, 9, 25]
     docs = [docs_lib.Document(rng.integers(0, VOCAB, n).astype(np.int32), n) for n in lengths]
     scored = {s.index: s for s in ev.score_documents(model, docs, modes=("parallel", "rnn"), batch_size=2,
-                                                     window=8, start_token=7)}
+                                                     window=window, start_token=7)}
     assert sorted(scored) == list(range(len(docs)))
     for i, doc in enumerate(docs):
         want, logp = hf_token_losses(hf, doc.tokens, start_token=7)
         for mode in ("parallel", "rnn"):
             np.testing.assert_allclose(scored[i].loss[mode], want, atol=2e-5, rtol=0)
             np.testing.assert_array_equal(scored[i].hit[mode], logp.argmax(-1) == doc.tokens)
-    report = ev.evaluate_documents(model, docs, mode="both", batch_size=2, window=8, start_token=7)
+    report = ev.evaluate_documents(model, docs, mode="both", batch_size=2, window=window, start_token=7)
     check = report["mode_check"]
     assert check["max_abs_token_loss_diff"] < 1e-4 and check["max_abs_logit_diff"] < 1e-4
     assert check["max_abs_logit_diff"] > 0  # measured, not skipped

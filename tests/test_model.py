@@ -201,6 +201,27 @@ def test_kernels_cast_once_for_bf16_inference_give_the_same_results(random_model
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("n", [6, 300])  # the logits made as [N, V], and from 256 positions as [V, N]
+def test_token_logprobs_equal_log_softmax_of_the_logits(random_model, dtype, n):
+    """RWKV.token_logprobs against a float64 log-softmax of `logits` and argmax, also where two tokens tie
+    for the largest logit: only the first of them is the greedy one."""
+    model = rebuild(random_model, dtype=dtype)
+    kernel = model.head.kernel[...]
+    model.head.kernel[...] = kernel.at[:, 41].set(kernel[:, 9] * 50).at[:, 9].set(kernel[:, 9] * 50)  # tied
+    hidden = jax.random.normal(jax.random.key(7), (n, 16))
+    targets = jnp.asarray(np.resize([9, 41, 3, 60, 0, 9], n))
+    logp, greedy = nnx.jit(lambda m, h, t: m.token_logprobs(h, t))(model, hidden, targets)
+    logits = np.asarray(nnx.jit(lambda m, h: m.logits(h))(model, hidden), np.float64)
+    want = logits[np.arange(n), targets] - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) \
+        - logits.max(1)
+    assert logp.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(logp), want, rtol=1e-5, atol=1e-4 if dtype == "float32" else 0.1)
+    np.testing.assert_array_equal(np.asarray(greedy), logits.argmax(1) == np.asarray(targets))
+    ties = (logits[:, 9] == logits[:, 41]) & (logits.argmax(1) == 9)
+    assert ties.sum() >= 2 and not np.asarray(greedy)[1] and np.asarray(greedy)[0] == ties[0]
+
+
 def test_bf16_products_accumulate_in_fp32_forward_and_backward():
     """The bf16 model's matmuls (model._dot_fp32_accumulate): the product and both gradients equal fp32
     products of the same bf16 inputs, rounded to bf16 once; a plain bf16 dot's backward would mix a bf16
