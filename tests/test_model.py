@@ -202,7 +202,7 @@ def test_kernels_cast_once_for_bf16_inference_give_the_same_results(random_model
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("n", [6, 300])  # the logits made as [N, V], and from 256 positions as [V, N]
+@pytest.mark.parametrize("n", [6, 300])  # the logits made as [N, V], and from 256 positions (fp32) as [V, N]
 def test_token_logprobs_equal_log_softmax_of_the_logits(random_model, dtype, n):
     """RWKV.token_logprobs against a float64 log-softmax of `logits` and argmax, also where two tokens tie
     for the largest logit: only the first of them is the greedy one."""
