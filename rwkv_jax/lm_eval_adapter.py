@@ -29,7 +29,7 @@ How the three request types run, using the recurrence:
     Each continuation row then reads the continuation but its last token (a one-token continuation reads
     nothing). Continuation rows (of 16 batches at a time) are sorted by length and scored 4 x batch_size
     per padded call, the head (with a fp32 logsumexp and the target's logit) applied only at the scored
-    positions, never over the padding. Chunk lengths,
+    positions, never over padded rows or columns. Chunk lengths,
     row counts, row lengths and scored positions per call take the sizes 1, 2, ..., 8, 10, 12, 14, 16, 20,
     ... (four per octave), so few shapes compile and padding stays under a quarter.
   * `loglikelihood_rolling`: each document once, in windows of `window` tokens with the state carried
@@ -79,8 +79,8 @@ def _int_arg(name: str, value) -> int:
 # Loading (weights.load_model, weights.find_tokenizer, data.tokenizer.check_fits), the windowed scorer of
 # eval.py (evaluation.score_documents over data.documents.Document) and the jitted decoder
 # (generate.generate_tokens).
-# Everything else below uses only the model's public API: model(tokens_BT, state), model.init_state(B),
-# model.config and the `head` module.
+# Everything else below uses only the model's public API: model.hidden, model.logits, model.token_logprobs,
+# model.init_state(B) and model.config.
 
 def _load(checkpoint, tokenizer, overrides: dict):
     """(model, tokenizer, description) from paths or objects."""
@@ -131,9 +131,10 @@ def _generate(model, tokenizer, prompts, *, max_new_tokens, stop, temperature, t
 
 
 # --- Jitted pieces of loglikelihood ----------------------------------------------------------------
-# A context of n tokens is read in two parts: its first m tokens in `_prefill` (rows of equal length, no
-# head), the last n - m (the "tail", at least one token) at the start of each continuation row in
-# `_score`, which applies the head only at the positions that are scored.
+# A context is read whole, in chunks: `_prefill` (no head) for all but the last, `_prefill_last` for the
+# last, which also applies the head at the context's last token to score the first token of each of its
+# continuations. `_score` then reads each continuation but its last token from the context's state and
+# applies the head only at the positions that are scored.
 
 @functools.partial(jax.jit, static_argnums=0)
 def _prefill(graphdef, params, state, tokens_BC, reset_BC=None):
@@ -150,9 +151,13 @@ def _prefill_last(graphdef, params, state, tokens_BC, reset_BC, targets_BE):
     greedy flags [B, E])."""
     model = nnx.merge(graphdef, params)
     hidden_BCD, state = model.hidden(tokens_BC, state, reset_BT=reset_BC)
-    logp_BV = jax.nn.log_softmax(model.logits(hidden_BCD[:, -1]), axis=-1)  # fp32
-    greedy_BE = jnp.argmax(logp_BV, axis=-1)[:, None] == targets_BE
-    return state, jnp.take_along_axis(logp_BV, targets_BE, axis=-1), greedy_BE
+    logits_BV = model.logits(hidden_BCD[:, -1])  # fp32
+    # The greedy flag from the logits, not the log-probabilities: subtracting the logsumexp can round a
+    # near-tie into a tie.
+    greedy_BE = jnp.argmax(logits_BV, axis=-1)[:, None] == targets_BE
+    logp_BE = jnp.take_along_axis(logits_BV, targets_BE, axis=-1) - jax.nn.logsumexp(logits_BV, axis=-1,
+                                                                                      keepdims=True)
+    return state, logp_BE, greedy_BE
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -160,7 +165,7 @@ def _score(graphdef, params, state, group_R, inputs_RT, at_P, targets_P, row_P):
     """Log-probability and greedy flag of each row: its tokens read from its group's state
     (`state[:, group_R]`), then targets_P[i] predicted at flat position at_P[i] (row * T + t) and added to
     row row_P[i] (R for padding). The head and a fp32 log-softmax (`RWKV.token_logprobs`) run only at
-    those P positions, never over the padding."""
+    those P positions (padded to a bucket size), never over padded rows or columns."""
     model = nnx.merge(graphdef, params)
     branched = jax.tree.map(lambda s: s[:, group_R], state)
     hidden_RTD, _ = model.hidden(inputs_RT, branched)
@@ -314,8 +319,9 @@ class RWKVLM(TemplateLM):
         order = sorted(groups, key=len, reverse=True)  # longest first: memory errors show at once
         results = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="rwkv_jax loglikelihood")
-        if requests:
-            self._check_ids(np.concatenate([np.asarray(cont, np.int64) for *_, cont in requests]))
+        if requests:  # every context and continuation id, before anything is read
+            every = [*groups, *(cont for *_, cont in requests)]
+            self._check_ids(np.concatenate([np.asarray(ids, np.int64) for ids in every]))
         block = self.batch_size * self.BLOCK_BATCHES
         for start in range(0, len(order), block):
             contexts = order[start:start + block]
@@ -353,7 +359,6 @@ class RWKVLM(TemplateLM):
         states, scores = [], []
         for batch, size in zip(batches, sizes):
             ids = [contexts[g] for g in batch]
-            self._check_ids(np.concatenate([np.asarray(c, np.int64) for c in ids]))
             chunks = _chunks(len(ids[0]), self.prefill_chunk)
             n = sum(chunks)
             tokens, reset = np.zeros((size, n), np.int32), np.zeros((size, n), bool)

@@ -312,14 +312,19 @@ def test_empty_contexts_alone_in_a_batch(setup):
     np.testing.assert_allclose([g[0] for g in got], rolling, rtol=1e-5)
 
 
-def test_token_ids_outside_the_vocabulary_are_refused(setup):
+def test_token_ids_outside_the_vocabulary_are_refused(setup, monkeypatch):
     """A continuation (or context) token the model has no row for fails with the cause named, before
     anything is read: the first token is looked up in the head's output, where an index past the end
     would be clamped silently."""
+    from rwkv_jax import lm_eval_adapter
     _, _, _, _, lm = setup
+    good = [(("a", " b"), [5 + k] * (8 - k), [7]) for k in range(5)]  # a first batch of 4 and more
+    reads = []
+    monkeypatch.setattr(lm_eval_adapter, "_prefill_last", lambda *a: reads.append(a))
     for ctx, cont in (([5, 6], [VOCAB + 3]), ([5, 6], [7, VOCAB]), ([VOCAB + 1], [7])):
         with pytest.raises(ValueError, match=f"token id {max(ctx + cont)} is outside the model's vocabulary"):
-            lm._loglikelihood_tokens([(("a", " b"), ctx, cont)])
+            lm._loglikelihood_tokens([*good, (("a", " b"), ctx, cont)])  # the bad one read last (shortest)
+    assert not reads
 
 
 def test_shape_buckets():
