@@ -37,7 +37,7 @@ from rwkv_jax.data.documents import Document
 from rwkv_jax.data.text_files import jsonl_records
 from rwkv_jax.data.tokenizer import check_token_ids
 from rwkv_jax.metrics import bits_per_byte
-from rwkv_jax.model import RWKVState
+from rwkv_jax.model import RWKVState, target_logprobs
 from rwkv_jax.state_file import check_state
 
 MODES = ("parallel", "rnn", "both")
@@ -77,9 +77,8 @@ def _reset(state, reset_B, start):
 
 
 def _token_scores(logits, targets):
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    loss = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    return loss, jnp.argmax(logits, axis=-1) == targets
+    logp, hit = target_logprobs(logits.astype(jnp.float32), targets[..., None])
+    return -logp[..., 0], hit[..., 0]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

@@ -78,7 +78,7 @@ def _int_arg(name: str, value) -> int:
 # --- The rwkv_jax internals this adapter uses (all of them, in one place) ------------------------------
 # Loading (weights.load_model, weights.find_tokenizer, data.tokenizer.check_fits), the windowed scorer of
 # eval.py (evaluation.score_documents over data.documents.Document) and the jitted decoder
-# (generate.generate_tokens).
+# (generate.generate_tokens), and model.target_logprobs.
 # Everything else below uses only the model's public API: model.hidden, model.logits, model.token_logprobs,
 # model.init_state(B) and model.config.
 
@@ -151,13 +151,8 @@ def _prefill_last(graphdef, params, state, tokens_BC, reset_BC, targets_BE):
     greedy flags [B, E])."""
     model = nnx.merge(graphdef, params)
     hidden_BCD, state = model.hidden(tokens_BC, state, reset_BT=reset_BC)
-    logits_BV = model.logits(hidden_BCD[:, -1])  # fp32
-    # The greedy flag from the logits, not the log-probabilities: subtracting the logsumexp can round a
-    # near-tie into a tie.
-    greedy_BE = jnp.argmax(logits_BV, axis=-1)[:, None] == targets_BE
-    logp_BE = jnp.take_along_axis(logits_BV, targets_BE, axis=-1) - jax.nn.logsumexp(logits_BV, axis=-1,
-                                                                                      keepdims=True)
-    return state, logp_BE, greedy_BE
+    from rwkv_jax.model import target_logprobs
+    return (state, *target_logprobs(model.logits(hidden_BCD[:, -1]), targets_BE))
 
 
 @functools.partial(jax.jit, static_argnums=0)

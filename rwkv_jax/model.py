@@ -267,6 +267,15 @@ class Block(nnx.Module):
         return x_BTD, LayerState(att_x, wkv_state, ffn_x)
 
 
+def target_logprobs(logits, targets):
+    """(log p(target) under a log-softmax of `logits` [..., V], whether the target is their first argmax)
+    for targets [..., K] (K targets per row). The flag comes from the logits themselves: subtracting the
+    logsumexp first could round a near-tie into a tie."""
+    log_sum = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    return (jnp.take_along_axis(logits, targets, axis=-1) - log_sum,
+            jnp.argmax(logits, axis=-1)[..., None] == targets)
+
+
 def check_token_ids(tokens, vocab_size: int, name: str = "tokens") -> None:
     """ValueError if concrete `tokens` hold an id outside [0, vocab_size) or are not integers: the
     embedding lookup would clamp or wrap it (-1 reads row V-1) and the logits would silently be wrong or
@@ -409,9 +418,8 @@ class RWKV(nnx.Module):
         logits were as fast or faster (128: 63 ms against 72 ms), and in bf16 the transposed product
         leaves XLA:CPU's fast path (640 positions: 244 ms against 82 ms)."""
         if hidden_ND.shape[0] < 256 or jnp.dtype(self.config.dtype) != jnp.float32:
-            logits_NV = self.logits(hidden_ND)
-            target_N = jnp.take_along_axis(logits_NV, targets_N[:, None], axis=1)[:, 0]
-            return target_N - jax.nn.logsumexp(logits_NV, axis=1), jnp.argmax(logits_NV, axis=1) == targets_N
+            logp_N1, greedy_N1 = target_logprobs(self.logits(hidden_ND), targets_N[:, None])
+            return logp_N1[:, 0], greedy_N1[:, 0]
         normed_ND, kernel_DV = self.head_operands(hidden_ND)
         logits_VN = jax.lax.dot_general(kernel_DV.astype(jnp.float32), normed_ND, (((0,), (1,)), ((), ())))
         max_N = logits_VN.max(axis=0)
