@@ -5,10 +5,10 @@
     python train.py --config=configs/14b.py --compile_only --topology=v5p:4x4x4 --config.mesh.fsdp=-1
 
 Config fields are overridden as --config.section.field=value. All flags: `python train.py --help`; the
-program is rwkv_jax/commands/train.py (also `rwkv-train`).
+program is rwkv_jax/cli/train.py (also `rwkv-train`).
 """
 
-from rwkv_jax.commands.train import entry_point
+from rwkv_jax.cli.train import entry_point
 
 if __name__ == "__main__":
     entry_point()

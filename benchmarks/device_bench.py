@@ -11,7 +11,7 @@ section in its own process under a time limit, then prints the table).
 Shapes: WKV at B=16, T=1024, C=1024 bf16; training steps of the paper's 169M and 430M (vocab 50277, bf16
 compute, fp32 master weights, Adam) at 16 x 1024 tokens; decoding with the 169M model. Every timing is
 the median of several calls after warm-up, each ended by block_until_ready. MFU counts the paper's
-6 (V D + 13 D^2 L) FLOPs per token against the device's dense bf16 peak (rwkv_jax/metrics.py).
+6 (V D + 13 D^2 L) FLOPs per token against the device's dense bf16 peak (rwkv_jax/train/metrics.py).
 RWKV_DEVICE_BENCH_SMALL=1 shrinks every shape so the script can be dry-run on a CPU (kernels interpreted).
 
 Imports only the model, ops, optimizer and train-step modules (no data pipeline): the device machine may
@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 try:
-    import ml_collections  # noqa: F401  (rwkv_jax.sharding/optim use its ConfigDict for their defaults)
+    import ml_collections  # noqa: F401  (rwkv_jax.train.sharding/optim use its ConfigDict for their defaults)
 except ImportError:
     class _ConfigDict(dict):
         def __getattr__(self, name):
@@ -47,8 +47,8 @@ except ImportError:
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from probes import median_time  # noqa: E402  (this folder: jax and numpy only)
 import numpy as np  # noqa: E402
+from probes import median_time  # noqa: E402  (this folder: jax and numpy only)
 
 SMALL = os.environ.get("RWKV_DEVICE_BENCH_SMALL") == "1"
 WKV_SHAPE = (2, 64, 128) if SMALL else (16, 1024, 1024)
@@ -90,8 +90,8 @@ def wkv_loss(run):
 def section_check(args):
     """The kernel on this device (Triton on GPU, Mosaic on TPU, interpreted on CPU) against
     wkv_sequential: values, final state and all gradients, fp32 and bf16, T and C off the block sizes."""
-    from rwkv_jax.ops.wkv import WKVState, wkv_sequential
-    from rwkv_jax.ops.wkv_pallas import default_backend, wkv_pallas
+    from rwkv_jax.ops.wkv4 import WKVState, wkv_sequential
+    from rwkv_jax.ops.wkv4_pallas import default_backend, wkv_pallas
 
     backend = default_backend()
     ok_all = True
@@ -127,7 +127,7 @@ def section_check(args):
 
 
 def section_wkv(args):
-    from rwkv_jax.ops.wkv import wkv
+    from rwkv_jax.ops.wkv4 import wkv
 
     td, tf, k, v = wkv_inputs(WKV_SHAPE, jnp.bfloat16)
     r = jnp.asarray(np.random.default_rng(3).normal(size=WKV_SHAPE), jnp.float32)
@@ -148,7 +148,7 @@ def section_wkv(args):
 
 def _sweep_gpu_kernel_blocks(args, td, tf, k, v, r):
     """The Triton kernel at each of GPU_KERNEL_BLOCKS (the dry run on CPU interprets it)."""
-    from rwkv_jax.ops.wkv_pallas import wkv_pallas
+    from rwkv_jax.ops.wkv4_pallas import wkv_pallas
 
     for block_c, num_warps in GPU_KERNEL_BLOCKS:
         run = lambda td, tf, k, v, c=block_c, nw=num_warps: wkv_pallas(td, tf, k, v, backend="gpu", block_c=c,
@@ -166,7 +166,7 @@ def _sweep_gpu_kernel_blocks(args, td, tf, k, v, r):
 
 
 def _train_step(model_config, batch, seq):
-    from rwkv_jax import optim, sharding, train_step
+    from rwkv_jax.train import optim, sharding, train_step
 
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     optim_config = optim.default_optim_config()
@@ -181,8 +181,8 @@ def _train_step(model_config, batch, seq):
 
 
 def section_train(args):
-    from rwkv_jax import metrics
     from rwkv_jax.model import ModelConfig
+    from rwkv_jax.train import metrics
 
     shape = MODELS[args.model]
     batch, seq = TRAIN_TOKENS

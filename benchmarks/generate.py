@@ -9,7 +9,7 @@ decode latency at position 4000 over that at position 10 (an RNN: about 1).
 
 Timings are the median of --repeats runs after a warm-up run (compilation excluded); the torch peers, which
 need no compilation and are slow, get a short warm-up and --peer_repeats runs. Decode is greedy, a
-fresh state per run. rwkv_jax decodes inside one jitted loop (`rwkv_jax.generate`, no streaming callback);
+fresh state per run. rwkv_jax decodes inside one jitted loop (`rwkv_jax.infer.generation`, no streaming callback);
 the peers decode one Python call per token, as their APIs do. The official package has no batch dimension,
 so its batch-16 decode is not measured. The torch peers run with the faster of 1
 thread and all cores (measured first; --torch_threads fixes it), as oversubscribed OpenMP threads are slow.
@@ -59,7 +59,7 @@ def parse_args(argv=None):
 def random_official_tensors(vocab, d_model, n_layer, seed=0) -> dict[str, np.ndarray]:
     """Official-named fp32 tensors, every one random in a realistic range (the v4neo init zeroes several
     matrices, which would make the work unrepresentative)."""
-    from rwkv_jax.weights import _layout
+    from rwkv_jax.io.weights import _layout
     from rwkv_jax.model import ModelConfig
     rng = np.random.default_rng(seed)
     out = {}
@@ -89,8 +89,8 @@ def timed(fn, repeats, warmup=None):
 
 
 def bench_jax(tensors, args, prompt, results):
-    from rwkv_jax import generate as gen_lib
-    from rwkv_jax.weights import model_from_official
+    from rwkv_jax.infer import generation as gen_lib
+    from rwkv_jax.io.weights import model_from_official
     model = model_from_official(tensors)
     T, N, B = args.prefill_len, args.decode_tokens, args.batch
     state = logits = None
@@ -210,7 +210,8 @@ def bench_hf(hf_dir, args, prompt, results):
 def main(argv=None):
     args = parse_args(argv)
     import torch
-    from rwkv_jax import weights
+
+    from rwkv_jax.io import weights
     start = time.time()
     tensors = random_official_tensors(args.vocab, args.d_model, args.n_layer)
     n_params = sum(x.size for x in tensors.values())

@@ -110,9 +110,10 @@ def main(argv=None):
         torch.set_num_threads(1)
     from lm_eval.models.huggingface import HFLM
     from transformers import PreTrainedTokenizerFast, RwkvForCausalLM
-    from rwkv_jax import weights
+
     from rwkv_jax.data.tokenizer import HFJsonTokenizer
-    from rwkv_jax.lm_eval_adapter import RWKVLM
+    from rwkv_jax.infer.lm_eval_adapter import RWKVLM
+    from rwkv_jax.io import weights
 
     if not Path(args.tokenizer).is_file():
         sys.exit(f"lm_eval benchmark: error: tokenizer {args.tokenizer} not found (pass --tokenizer)")

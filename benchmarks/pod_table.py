@@ -27,7 +27,8 @@ PLANS = {
     "14b": ("v5p:4x4x4", 256, ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]),
 }
 
-ROW = re.compile(r"^\s+train\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+([0-9.]+)")
+ROW = re.compile(r"^\s+train\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)"
+                 r"\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+([0-9.]+)")
 
 
 def run(size: str, extra: list[str]) -> dict:
@@ -75,7 +76,8 @@ def main():
             print(f"| {r['size']} | {r['topology']} | {r['mesh']} | {r['batch']} | error: {r.get('error')} ||||||||")
             continue
         print(f"| {r['size']} | {r['topology']} | {r['mesh']} | {r['batch']} x 1024 | {'yes' if r['fits'] else 'NO'} | "
-              f"{r['peak_gib']:.2f} ({r['hbm_gib']:.1f}) | {r['xla_flops']:.3g} | {r['matmul_flops']:.3g} | {r['bytes']:.3g} | "
+              f"{r['peak_gib']:.2f} ({r['hbm_gib']:.1f}) | {r['xla_flops']:.3g} | {r['matmul_flops']:.3g} | "
+              f"{r['bytes']:.3g} | "
               f"{r['roofline_s']:.3f} | "
               f"{r['mfu']:.1f}% | {r['compile_s']:.0f} |")
     if args.json:

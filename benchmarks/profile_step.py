@@ -20,8 +20,8 @@ that limit.
 """
 
 import argparse
-import os
 import json
+import os
 import resource
 import time
 import warnings
@@ -30,12 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import probes
 from flax import nnx
 
-import probes
-from rwkv_jax import optim, sharding, train_step
 from rwkv_jax.model import ModelConfig
-from rwkv_jax.ops import wkv as wkv_ops
+from rwkv_jax.ops import wkv4 as wkv_ops
+from rwkv_jax.train import optim, sharding, train_step
 
 
 def _apply(optimizer, grads, opt_state, params):
@@ -74,7 +74,7 @@ def main(argv=None):
     batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
 
-    load = "load average %.1f %.1f %.1f" % os.getloadavg()
+    load = "load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
     peak, bandwidth = probes.matmul_flops(), probes.memory_bandwidth()
     print(f"{L} x {D}, vocab {V}, B={B} T={T}, {n_params:,} parameters; {load}")
     print(f"probed: matmul {peak / 1e9:.1f} GFLOP/s (2048^3 fp32 dot), memory {bandwidth / 1e9:.1f} GB/s "

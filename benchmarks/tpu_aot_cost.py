@@ -38,8 +38,8 @@ def topology_devices(topology: str):
 
 def compile_train_step(config, devices, form: str, batch: int, seq: int):
     """The compiled train step (jax.stages.Compiled) for `devices` with WKV `form`."""
-    from rwkv_jax import optim, sharding, train_step
     from rwkv_jax.model import ModelConfig
+    from rwkv_jax.train import optim, sharding, train_step
 
     model_config = ModelConfig.from_dict({**config.model, "wkv_form": form,
                                           "dtype": "bfloat16" if config.model.dtype == "auto" else config.model.dtype})
@@ -57,8 +57,8 @@ def compile_train_step(config, devices, form: str, batch: int, seq: int):
 
 def compile_wkv(devices, form: str, batch: int, seq: int, channels: int, dtype=jnp.bfloat16):
     """One WKV forward+backward at [batch, seq, channels] (batch split over all chips) for `devices`."""
-    from rwkv_jax import sharding
-    from rwkv_jax.ops import wkv as wkv_ops
+    from rwkv_jax.ops import wkv4 as wkv_ops
+    from rwkv_jax.train import sharding
 
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices=devices)
 

@@ -11,7 +11,7 @@ paper's 12 x 768, vocab 50277 at --big-batch x --big-seq.
 Each step is timed on its own (ended with block_until_ready / a synchronous torch step) after --warmup
 steps (the first jax one compiles); the table shows the median. tokens/s = B * T / median step time.
 MFU = tokens/s * 6 (V D + 13 D^2 L) / (peak FLOP/s x devices), the paper's training cost per token, the
-same count for both implementations. The peak is --peak-flops, else the table in rwkv_jax/metrics.py for
+same count for both implementations. The peak is --peak-flops, else the table in rwkv_jax/train/metrics.py for
 GPUs/TPUs, else (CPU) a probe: the best time of a large jnp.dot in the model's dtype on this machine.
 
 Fairness on CPU: torch gets as many intra-op threads as XLA:CPU uses (the schedulable CPUs), both fp32, or
@@ -31,11 +31,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 import probes
-from rwkv_jax import metrics, optim, sharding, train_step
+
 from rwkv_jax.model import ModelConfig
-from rwkv_jax.ops import wkv as wkv_ops
+from rwkv_jax.ops import wkv4 as wkv_ops
+from rwkv_jax.train import metrics, optim, sharding, train_step
 
 # The model shapes of configs/tiny.py and configs/169m.py, with their scan_layers settings ('auto': stacked
 # and scanned on GPU/TPU, a list on CPU).
@@ -123,7 +123,8 @@ def bench_jax(shape: dict, batch: int, seq: int, args) -> dict:
     assert all(np.isfinite(losses)), losses
     del holder["state"]
     return {"first_s": first, "step_s": median, "loss0": losses[0],
-            "note": f"{model_config.dtype} compute, WKV {form}, layers {'scanned' if model_config.scan_layers else 'unrolled'}"}
+            "note": f"{model_config.dtype} compute, WKV {form}, "
+                    f"layers {'scanned' if model_config.scan_layers else 'unrolled'}"}
 
 
 def bench_hf(shape: dict, batch: int, seq: int, args) -> dict:
@@ -189,7 +190,7 @@ def main(argv=None):
         peak = probes.matmul_flops(args.probe_size, jnp.dtype(dtype))
         peak_source = f"probe: best {args.probe_size}^3 {dtype} jnp.dot (fp32 result)"
 
-    load = ", load average %.1f %.1f %.1f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
+    load = ", load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
     print(f"host: {platform.node()} {platform.processor() or platform.machine()}, {schedulable_cpus()} schedulable CPUs"
           f"{load}")
     print(f"jax {jax.__version__}: backend {backend}, {n_devices} x {device.device_kind}"

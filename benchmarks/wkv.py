@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rwkv_jax.ops.wkv import default_form, empty_state, wkv_chunked, wkv_parallel, wkv_sequential, wkv_step
+from rwkv_jax.ops.wkv4 import default_form, empty_state, wkv_chunked, wkv_parallel, wkv_sequential, wkv_step
 
 DEFAULT_UNROLL = inspect.signature(wkv_sequential).parameters["unroll"].default
 ROW_FORMS = ("sequential", "parallel", "chunked", "scan")

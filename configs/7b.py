@@ -11,7 +11,7 @@ The paper's run, on a Pile binidx with the GPT-NeoX tokenizer:
         --config.data.tokenizer_path=/data/gpt-neox-20b.json
 """
 
-from rwkv_jax.config import paper_config
+from rwkv_jax.train.train_config import paper_config
 
 
 def get_config():

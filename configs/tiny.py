@@ -4,7 +4,7 @@ standard library's source); the CPU config of the README and the tests.
     python train.py --config=configs/tiny.py --workdir=/tmp/rwkv-tiny
 """
 
-from rwkv_jax.config import base_config, model_config
+from rwkv_jax.train.train_config import base_config, model_config
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """rwkv-jax: RWKV-4 in JAX/Flax NNX, exact to the official implementation."""
 
+from rwkv_jax.io.weights import load_model, save_model, write_model
 from rwkv_jax.model import RWKV, ModelConfig, RWKVState
-from rwkv_jax.weights import load_model, save_model, write_model
 
 __all__ = ["RWKV", "ModelConfig", "RWKVState", "load_model", "save_model", "write_model"]

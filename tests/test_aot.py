@@ -1,7 +1,7 @@
 """Compile-only planning for TPU topologies on this CPU (needs libtpu, installed by requirements-dev.txt)."""
 
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +47,8 @@ def test_tiny_config_compiles_for_a_v5e_2x2_and_reports_its_plan():
 def test_matmul_flops_counts_scan_bodies_per_trip_and_the_backward():
     import jax
     import jax.numpy as jnp
-    from rwkv_jax.aot import matmul_flops
+
+    from rwkv_jax.train.aot import matmul_flops
 
     def f(x_BD, w_DD):  # three matmuls in a scan, then a sum
         return jax.lax.scan(lambda c, _: (c @ w_DD, None), x_BD, None, length=3)[0].sum()
@@ -88,7 +89,7 @@ def test_169m_plans_on_v5e_2x4_and_an_oversized_plan_fails_naming_the_shortfall(
 def test_hbm_overflow_is_read_from_libtpus_error():
     """libtpu stops compiling a program over the chip's memory with a generic error; compile_only reads
     the sizes out of it to report the shortfall (the slow test above runs the real case)."""
-    from rwkv_jax import aot
+    from rwkv_jax.train import aot
     message = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
                "Used memory 25.11G of 15.75G hbm. Used memory for HLO temporaries (24.91G) exceeds available "
                "HBM (15.75G).")

@@ -1,4 +1,4 @@
-"""Training checkpoints (`rwkv_jax.checkpoint`): bit-exact round trips of the whole train state with the
+"""Training checkpoints (`rwkv_jax.io.checkpoint`): bit-exact round trips of the whole train state with the
 exact pytree structure, keep-last-K, async saves safe against donation, fallback past corrupt checkpoints
 with a logged warning, partial (killed) saves ignored, NaN refused, and 8 devices -> 1 -> 8."""
 
@@ -17,9 +17,9 @@ import optax
 import pytest
 from flax import nnx
 
-from rwkv_jax import optim, sharding, train_step
-from rwkv_jax.checkpoint import Checkpointer, IncompatibleCheckpointError
+from rwkv_jax.io.checkpoint import Checkpointer, IncompatibleCheckpointError
 from rwkv_jax.model import ModelConfig
+from rwkv_jax.train import optim, sharding, train_step
 
 MC = ModelConfig(vocab_size=64, d_model=32, n_layer=2)
 REPO = Path(__file__).resolve().parents[1]
@@ -403,7 +403,8 @@ def test_a_reader_leaves_a_trainers_in_flight_save_alone(tmp_path, base):
 def test_checkpoints_of_the_first_layout_are_still_read(tmp_path, base):
     """Format 1 held the whole state as one orbax item `state`."""
     import orbax.checkpoint as ocp
-    from rwkv_jax import checkpoint as ckpt_lib
+
+    from rwkv_jax.io import checkpoint as ckpt_lib
     state0, shardings = base
     state = randomized(state0, seed=5)
     names, leaves, _ = ckpt_lib._flatten(state)
@@ -436,8 +437,8 @@ def peak_kb():  # VmHWM: this process's own peak (ru_maxrss carries a forking pa
             return int(line.split()[1])
 
 
-from rwkv_jax import optim, sharding, train_step
-from rwkv_jax.checkpoint import Checkpointer
+from rwkv_jax.train import optim, sharding, train_step
+from rwkv_jax.io.checkpoint import Checkpointer
 from rwkv_jax.model import ModelConfig
 mode, ckpt_dir = sys.argv[1:]
 config = ModelConfig(vocab_size=8192, d_model=512, n_layer=4)

@@ -15,13 +15,14 @@ import jax
 import numpy as np
 import pytest
 
-from rwkv_jax import cli, weights
-from rwkv_jax import generate as gen_lib
-from rwkv_jax.commands import convert as convert_command
-from rwkv_jax.commands import eval as eval_command
-from rwkv_jax.commands import generate as generate_command
-from rwkv_jax.commands import make_binidx as make_binidx_command
+from rwkv_jax.cli import convert as convert_command
+from rwkv_jax.cli import eval as eval_command
+from rwkv_jax.cli import generate as generate_command
+from rwkv_jax.cli import make_binidx as make_binidx_command
+from rwkv_jax.cli import runner as cli
 from rwkv_jax.data.binidx import BinIdxWriter
+from rwkv_jax.infer import generation as gen_lib
+from rwkv_jax.io import weights
 from rwkv_jax.model import RWKV, ModelConfig
 from tests.test_generate import write_byte_tokenizer
 
@@ -55,8 +56,8 @@ def files(tmp_path_factory):
 
 @pytest.mark.parametrize("args, flag", [
     (["train.py"], "--workdir"), (["eval.py"], "--eval_len"), (["generate.py"], "--prefill_chunk"),
-    (["-m", "rwkv_jax.generate"], "--prefill_chunk"), (["-m", "rwkv_jax.convert"], "--[no]overwrite"),
-    (["-m", "rwkv_jax.data.make_binidx"], "--output_prefix"),
+    (["-m", "rwkv_jax.cli.generate"], "--prefill_chunk"), (["-m", "rwkv_jax.cli.convert"], "--[no]overwrite"),
+    (["-m", "rwkv_jax.cli.make_binidx"], "--output_prefix"),
 ], ids=["train", "eval", "generate", "generate_module", "convert", "make_binidx"])
 def test_help_of_every_entry_point(args, flag):
     result = run([*args, "--help"])
@@ -68,7 +69,8 @@ def test_help_of_every_entry_point(args, flag):
 def test_console_scripts_name_the_commands():
     import tomllib
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert sorted(scripts) == ["rwkv-convert", "rwkv-eval", "rwkv-generate", "rwkv-make-binidx", "rwkv-train"]
+    assert sorted(scripts) == ["rwkv-convert", "rwkv-eval", "rwkv-generate", "rwkv-lm-eval", "rwkv-make-binidx",
+                               "rwkv-train"]
     for target in scripts.values():
         module, function = target.split(":")
         assert callable(getattr(__import__(module, fromlist=[function]), function))
@@ -209,7 +211,7 @@ def test_readers_of_a_read_only_place_write_nothing_there(files):
         fallback = tmpdir / "rwkv_jax-eval" / "ro"
         assert f"{ro} is read-only: writing the report under {fallback}" in result.stdout
         assert (fallback / "m-text.json").is_file() and (fallback / "m-text.png").is_file()
-        converted = subprocess.run(as_unprivileged(["-m", "rwkv_jax.convert", f"{ro}/m.pth", f"{ro}/out"], home),
+        converted = subprocess.run(as_unprivileged(["-m", "rwkv_jax.cli.convert", f"{ro}/m.pth", f"{ro}/out"], home),
                                    cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
         assert converted.returncode == 1
         assert converted.stderr.splitlines()[0].startswith(f"convert.py: error: cannot write {ro}/out: ")
@@ -224,8 +226,10 @@ def test_a_reader_leaves_a_save_in_flight_alone(tmp_path):
     """A trainer's async save in progress: loading the workdir (as eval does) neither deletes its temporary
     directory (before, orbax's cleanup did, and the save failed) nor takes its step."""
     from flax import nnx
-    from rwkv_jax import train_step, workdir
-    from rwkv_jax.checkpoint import Checkpointer
+
+    from rwkv_jax.io import workdir
+    from rwkv_jax.io.checkpoint import Checkpointer
+    from rwkv_jax.train import train_step
     config = ModelConfig(vocab_size=64, d_model=32, n_layer=2)
     run_dir = workdir.Workdir(tmp_path / "run")
     run_dir.path.mkdir()
@@ -245,8 +249,8 @@ def test_a_reader_leaves_a_save_in_flight_alone(tmp_path):
         assert writer.steps == [1, 2]
     assert workdir.load(run_dir.path).step == 2
     # A reader needs neither the optimizer nor the train step (nor their memory: tests/test_checkpoint.py).
-    code = ("import sys; from rwkv_jax import weights; loaded = weights.load(sys.argv[1]); "
-            "print(loaded.format, loaded.step, sorted(m for m in ('rwkv_jax.optim', 'rwkv_jax.train_step') "
+    code = ("import sys; from rwkv_jax.io import weights; loaded = weights.load(sys.argv[1]); "
+            "print(loaded.format, loaded.step, sorted(m for m in ('rwkv_jax.train.optim', 'rwkv_jax.train.train_step') "
             "if m in sys.modules))")
     result = run(["-c", code, str(run_dir.path)])
     assert result.stdout.split() == ["workdir", "2", "[]"], result.stderr[-2000:]
@@ -285,8 +289,10 @@ def test_eval_against_a_training_run_leaves_it_running(tmp_path):
 
 def test_console_shows_our_warnings_and_the_log_file_gets_everything(tmp_path):
     import logging
+
     from absl import logging as absl_logging
-    from rwkv_jax import logs
+
+    from rwkv_jax.io import logs
     handler = absl_logging.get_absl_handler()
     level, filters = handler.level, list(handler.filters)
     root, absl_logger = logging.getLogger(), logging.getLogger("absl")
@@ -323,7 +329,8 @@ def test_console_shows_our_warnings_and_the_log_file_gets_everything(tmp_path):
 
 def test_absl_verbosity_flag_keeps_everything_on_the_console():
     from absl import flags
-    from rwkv_jax import logs
+
+    from rwkv_jax.io import logs
     flags.FLAGS.unparse_flags()
     try:
         flags.FLAGS(["prog"])

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import tokenizers
 
-from rwkv_jax.data import binidx, make_binidx
+from rwkv_jax.data import binidx
+from rwkv_jax.data import corpus_binidx as make_binidx
 from rwkv_jax.data import tokenizer as tokenizer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,7 +94,7 @@ def test_make_binidx_converts_text_and_jsonl(tmp_path):
 
 def test_make_binidx_runs_as_a_module(tmp_path):
     (tmp_path / "a.txt").write_text("hello world\n" * 50)
-    result = subprocess.run([sys.executable, "-m", "rwkv_jax.data.make_binidx", "--input", str(tmp_path / "a.txt"),
+    result = subprocess.run([sys.executable, "-m", "rwkv_jax.cli.make_binidx", "--input", str(tmp_path / "a.txt"),
                              "--output_prefix", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "sp.model"),
                              "--sp_vocab_size", "300"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -120,7 +121,8 @@ def test_make_binidx_with_a_hf_json_tokenizer(tmp_path):
 def test_make_binidx_empty_input_writes_nothing(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(ValueError, match="No non-empty documents"):
-        make_binidx.make_binidx(str(tmp_path / "empty.txt"), str(tmp_path / "o"), word_level_json(tmp_path / "tok.json"))
+        make_binidx.make_binidx(str(tmp_path / "empty.txt"), str(tmp_path / "o"),
+                                word_level_json(tmp_path / "tok.json"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "tok.json"]
 
 

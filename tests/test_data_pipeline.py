@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from rwkv_jax import data
-from rwkv_jax.data import binidx, make_binidx
+from rwkv_jax.data import binidx
+from rwkv_jax.data import corpus_binidx as make_binidx
 
 TOKENS_N = np.arange(5000, dtype=np.uint16)  # Distinct ids: a token's value is its offset.
 

@@ -8,9 +8,9 @@ import socket
 import textwrap
 
 import pytest
+import tensorflow_datasets as tfds
 
 from rwkv_jax.data import catalog, pipeline, text_dataset, text_files
-import tensorflow_datasets as tfds
 
 REAL_TEXT = [open(m.__file__, encoding="utf-8").read() for m in (json, textwrap, logging)]
 

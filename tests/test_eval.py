@@ -1,4 +1,4 @@
-"""Evaluation (rwkv_jax/evaluation.py, eval.py): perplexity reports checked against HF transformers on the
+"""Evaluation (rwkv_jax/infer/evaluation.py, eval.py): perplexity reports checked against HF transformers on the
 same weights and tokens, the parallel-vs-RNN mode check, LAMBADA scoring, training-workdir checkpoints,
 and clear errors for bad inputs."""
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 from absl import flags
 
-from rwkv_jax import evaluation as ev
-from rwkv_jax import weights
 from rwkv_jax.data import documents as docs_lib
 from rwkv_jax.data.tokenizer import HFJsonTokenizer, check_fits
+from rwkv_jax.infer import evaluation as ev
+from rwkv_jax.io import weights
 from tests.peers import hf_logits, random_hf_model
 from tests.test_generate import write_byte_tokenizer
 
@@ -90,7 +90,7 @@ def test_windows_carry_state_and_modes_agree(peers, window):
     # loss by position: bucket 2-3 holds positions 2 and 3 of every document that long
     per_pos = [hf_token_losses(hf, d.tokens, 7)[0] for d in docs]
     bucket = [b for b in report["loss_by_position"] if b["positions"] == "2-3"][0]
-    values = [l[p] for l in per_pos for p in (2, 3) if p < len(l)]
+    values = [losses[p] for losses in per_pos for p in (2, 3) if p < len(losses)]
     assert bucket["tokens"] == len(values) and bucket["loss"] == pytest.approx(np.mean(values), abs=1e-5)
     assert report["tokens_per_position"][0] == 7 and report["tokens_per_position"][29] == 1
 
@@ -159,10 +159,12 @@ def _write_workdir(workdir, tensors_step5, tokenizer_path, data=None):
     checkpoints of steps 1 and 5 (step 5 holding `tensors_step5`)."""
     import dataclasses
     import shutil
+
     from flax import nnx
-    from rwkv_jax import optim, sharding, train_step
-    from rwkv_jax.checkpoint import Checkpointer
-    from rwkv_jax.config import base_config, model_config
+
+    from rwkv_jax.io.checkpoint import Checkpointer
+    from rwkv_jax.train import optim, sharding, train_step
+    from rwkv_jax.train.train_config import base_config, model_config
     config = base_config(model=model_config(vocab_size=VOCAB, d_model=32, n_layer=2), batch_size=2, seq_len=8,
                          num_steps=10, lr_init=1e-3, lr_final=1e-4)
     config.data.update(data or {})
@@ -336,7 +338,7 @@ def test_compare_with_a_report_without_positions_is_one_error(peers, tokenizer_p
     with pytest.raises(ValueError, match=r"--compare .*lambada.json: not an eval.py report with loss by position"):
         run_eval_script(f"--checkpoint={tmp_path / 'm.pth'}", f"--tokenizer={tokenizer_path}",
                         f"--text_files={tokenizer_path}", f"--compare={lambada}")
-    from rwkv_jax import cli
+    from rwkv_jax.cli import runner as cli
     with pytest.raises(cli.UsageError, match=r"--compare=.*missing.json: no such file"):
         run_eval_script(f"--checkpoint={tmp_path / 'm.pth'}", f"--tokenizer={tokenizer_path}",
                         f"--text_files={tokenizer_path}", f"--compare={tmp_path / 'missing.json'}")

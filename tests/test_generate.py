@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from rwkv_jax import generate as gen_lib
-from rwkv_jax import weights
 from rwkv_jax.data.tokenizer import HFJsonTokenizer
+from rwkv_jax.infer import generation as gen_lib
+from rwkv_jax.io import weights
 from tests.peers import random_hf_model
 
 VOCAB = 260
@@ -180,7 +180,7 @@ def test_command_line_streams_and_saves_state(peers, tmp_path):
     weights.write_pth(weights.model_to_official(model), pth)
     state_file = tmp_path / "s.npz"
     proc = subprocess.run(
-        [sys.executable, "-m", "rwkv_jax.generate", f"--checkpoint={pth}", f"--tokenizer={tok.path}",
+        [sys.executable, "-m", "rwkv_jax.cli.generate", f"--checkpoint={pth}", f"--tokenizer={tok.path}",
          "--prompt=Hello", "--max_new_tokens=12", "--temperature=0", "--nostop_at_eot",
          f"--save_state={state_file}"], capture_output=True, text=True, timeout=120,
         cwd=Path(__file__).resolve().parents[1], env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})

@@ -1,6 +1,6 @@
-"""rwkv-jax as an lm-evaluation-harness model (rwkv_jax/lm_eval_adapter.py, rwkv_jax/lm_eval.py, tasks/): on a
+"""rwkv-jax as an lm-evaluation-harness model (rwkv_jax/infer/lm_eval_adapter.py, rwkv_jax/cli/lm_eval.py, tasks/): on a
 random official .pth with the GPT-NeoX tokenizer, checked against HF transformers (directly and through the
-harness's own `hf` model), eval.py's LAMBADA and perplexity scoring, and rwkv_jax.generate."""
+harness's own `hf` model), eval.py's LAMBADA and perplexity scoring, and rwkv_jax.infer.generation."""
 
 import json
 import math
@@ -22,11 +22,11 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (requi
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from rwkv_jax import evaluation as ev  # noqa: E402
-from rwkv_jax import generate as gen_lib  # noqa: E402
-from rwkv_jax import weights  # noqa: E402
 from rwkv_jax.data.documents import Document, documents_from_texts  # noqa: E402
-from rwkv_jax.lm_eval_adapter import RWKVLM  # noqa: E402
+from rwkv_jax.infer import evaluation as ev  # noqa: E402
+from rwkv_jax.infer import generation as gen_lib  # noqa: E402
+from rwkv_jax.infer.lm_eval_adapter import RWKVLM  # noqa: E402
+from rwkv_jax.io import weights  # noqa: E402
 from tests.conftest import SHARED_DIR  # noqa: E402
 from tests.peers import hf_logits, random_hf_model  # noqa: E402
 
@@ -224,7 +224,7 @@ def test_generate_until_stops_and_equals_greedy_generate(setup):
     assert greedy(prompts[0], 12, [stop]).stop_reason == "stop"
     five = greedy(prompts[1], 5)
     assert got[1] == five.text and five.stop_reason == "length" and free[1].text.startswith(five.text)
-    lm.context_prefix = "none"  # prompts read from the empty state: exactly rwkv_jax.generate.generate
+    lm.context_prefix = "none"  # prompts read from the empty state: exactly rwkv_jax.infer.generation.generate
     try:
         got = lm.generate_until(requests("generate_until", [(prompts[0], {"until": [stop], "max_gen_toks": 12})]),
                                 disable_tqdm=True)
@@ -243,9 +243,9 @@ def no_catalog(monkeypatch):
 
 
 def test_command_line_multiple_choice(setup, tmp_path, monkeypatch, capsys, no_catalog):
-    """python -m rwkv_jax.lm_eval on the shipped multiple-choice task: its accuracy is the argmax over each
+    """python -m rwkv_jax.cli.lm_eval on the shipped multiple-choice task: its accuracy is the argmax over each
     question's endings of the adapter's log-probabilities; a missing checkpoint is one error line."""
-    from rwkv_jax import lm_eval as entry
+    from rwkv_jax.cli import lm_eval as entry
     _, _, _, pth, lm = setup
     monkeypatch.chdir(REPO)
     entry.main(["--model_args", f"checkpoint={pth},tokenizer={TOKENIZER},prefill_chunk=8", "--tasks", "choice_local",
@@ -264,11 +264,11 @@ def test_command_line_multiple_choice(setup, tmp_path, monkeypatch, capsys, no_c
                     "choice_local", "--include_path", "tasks/"])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-2].startswith("rwkv_jax.lm_eval: error: ") and "missing.pth" in err[-2]
+    assert err[-2].startswith("rwkv_jax.cli.lm_eval: error: ") and "missing.pth" in err[-2]
 
 
 def test_harness_argv_and_bad_model_args(setup):
-    from rwkv_jax.lm_eval import harness_argv
+    from rwkv_jax.cli.lm_eval import harness_argv
     assert harness_argv(["--tasks", "x"]) == ["lm-eval", "--tasks", "x", "--model", "rwkv_jax"]
     assert harness_argv(["run", "--model", "hf"]) == ["lm-eval", "run", "--model", "hf"]
     assert harness_argv(["ls", "tasks"]) == ["lm-eval", "ls", "tasks"]
@@ -316,7 +316,7 @@ def test_token_ids_outside_the_vocabulary_are_refused(setup, monkeypatch):
     """A continuation (or context) token the model has no row for fails with the cause named, before
     anything is read: the first token is looked up in the head's output, where an index past the end
     would be clamped silently."""
-    from rwkv_jax import lm_eval_adapter
+    from rwkv_jax.infer import lm_eval_adapter
     _, _, _, _, lm = setup
     good = [(("a", " b"), [5 + k] * (8 - k), [7]) for k in range(5)]  # a first batch of 4 and more
     reads = []
@@ -331,7 +331,7 @@ def test_shape_buckets():
     """Padded sizes: at least n, under 25% padding past 8, few per octave. Prefill chunks of those sizes,
     none longer than the longest allowed: one per whole `longest` and one for the rest, padded (the
     padding read once, left of the context) rather than split into more calls."""
-    from rwkv_jax.lm_eval_adapter import _bucket, _chunks
+    from rwkv_jax.infer.lm_eval_adapter import _bucket, _chunks
     sizes = {_bucket(n) for n in range(1, 4097)}
     assert all(n <= _bucket(n) < max(n * 1.25, n + 1) for n in range(1, 4097))
     assert len(sizes) == 8 + 4 * 9 and sorted(sizes)[:12] == [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16]

@@ -58,7 +58,7 @@ def test_unknown_model_config_key_is_named():
 # --- Initialisation (official RWKV-LM v4neo) -------------------------------------------------------
 
 def _v4neo_reference(layer_id, n_layer, C):
-    """The v4neo init formulas written out as that code's loops, independently of rwkv_jax.initializers."""
+    """The v4neo init formulas written out as that code's loops, independently of rwkv_jax.model.initializers."""
     r01 = layer_id / (n_layer - 1)
     r10 = 1.0 - layer_id / n_layer
     ddd = np.array([i / C for i in range(C)])
@@ -191,13 +191,15 @@ def test_kernels_cast_once_for_bf16_inference_give_the_same_results(random_model
     cast = with_kernels_in_compute_dtype(bf16_model)
     dtypes = jax.tree_util.tree_map_with_path(lambda path, x: (getattr(path[-1], "key", None), x.dtype),
                                               nnx.to_pure_dict(nnx.state(cast)))
-    kinds = {(name == "kernel", dtype) for name, dtype in jax.tree.leaves(dtypes, is_leaf=lambda x: isinstance(x, tuple))}
+    pairs = jax.tree.leaves(dtypes, is_leaf=lambda x: isinstance(x, tuple))
+    kinds = {(name == "kernel", dtype) for name, dtype in pairs}
     assert kinds == {(True, jnp.dtype(jnp.bfloat16)), (False, jnp.dtype(jnp.float32))}
     tokens = jnp.asarray(np.random.default_rng(4).integers(0, 64, (2, 17)))
     for a, b in zip(jax.tree.leaves(forward(bf16_model, tokens)), jax.tree.leaves(forward(cast, tokens))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     state = bf16_model.init_state(2)
-    for a, b in zip(jax.tree.leaves(bf16_model.step(tokens[:, 0], state)), jax.tree.leaves(cast.step(tokens[:, 0], state))):
+    stepped = bf16_model.step(tokens[:, 0], state), cast.step(tokens[:, 0], state)
+    for a, b in zip(*map(jax.tree.leaves, stepped)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -223,15 +225,15 @@ def test_token_logprobs_equal_log_softmax_of_the_logits(random_model, dtype, n):
 
 
 def test_bf16_products_accumulate_in_fp32_forward_and_backward():
-    """The bf16 model's matmuls (model._dot_fp32_accumulate): the product and both gradients equal fp32
+    """The bf16 model's matmuls (model.layers.dot_fp32_accumulate): the product and both gradients equal fp32
     products of the same bf16 inputs, rounded to bf16 once; a plain bf16 dot's backward would mix a bf16
     and an fp32 operand (XLA:CPU's slow path)."""
-    from rwkv_jax import model as model_lib
+    from rwkv_jax.model import layers as model_lib
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((2, 7, 48)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((48, 40)), jnp.bfloat16)
     g = jnp.asarray(rng.standard_normal((2, 7, 40)), jnp.bfloat16)
-    y, vjp = jax.vjp(model_lib._dot_fp32_accumulate, x, w)
+    y, vjp = jax.vjp(model_lib.dot_fp32_accumulate, x, w)
     dx, dw = vjp(g)
     assert (y.dtype, dx.dtype, dw.dtype) == (jnp.bfloat16,) * 3
     x64, w64, g64 = (np.asarray(a, np.float64) for a in (x, w, g))
@@ -239,7 +241,7 @@ def test_bf16_products_accumulate_in_fp32_forward_and_backward():
         # One rounding to bf16 (8 mantissa bits) of an fp32-accurate sum: within half a bf16 ulp, 2^-9.
         np.testing.assert_allclose(np.asarray(ours, np.float64), exact, rtol=2.0 ** -8, atol=1e-6)
     # Both gradients: two products, each bf16 x bf16 -> fp32.
-    jaxpr = jax.make_jaxpr(lambda x, w: jax.vjp(model_lib._dot_fp32_accumulate, x, w)[1](g))(x, w).jaxpr
+    jaxpr = jax.make_jaxpr(lambda x, w: jax.vjp(model_lib.dot_fp32_accumulate, x, w)[1](g))(x, w).jaxpr
     dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
     assert len(dots) == 2
     for e in dots:

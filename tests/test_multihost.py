@@ -1,6 +1,6 @@
 """Multi-host training on localhost: two `train.py` processes (CPU, gloo collectives, 2 simulated devices
 each) joined through `jax.distributed` train in lockstep with the same losses as one process holding the
-same 4 devices; and `rwkv_jax.distributed.initialize` fails with a clear RuntimeError, within its
+same 4 devices; and `rwkv_jax.train.distributed.initialize` fails with a clear RuntimeError, within its
 timeout, when a peer never comes.
 
 Every subprocess has a timeout and is killed at the end of its test whatever happens.
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rwkv_jax import distributed
+from rwkv_jax.train import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 # Opt level 0 only shortens XLA:CPU compiles; both runs compared use the same flags.
@@ -79,7 +79,7 @@ def wait_all(procs_and_logs, deadline: float):
 def tail(path: Path, n: int = 8000) -> str:
     text = path.read_text(errors="replace")
     # Orbax and absl INFO lines drown the interesting part.
-    lines = [l for l in text.splitlines() if not l.startswith(("I1", "I0"))]
+    lines = [line for line in text.splitlines() if not line.startswith(("I1", "I0"))]
     return "\n".join(lines)[-n:]
 
 
@@ -113,7 +113,7 @@ def read_metrics(workdir: Path) -> tuple[list[dict], list[dict]]:
 
 
 def final_line(log_path: Path) -> str:
-    finals = [l for l in log_path.read_text().splitlines() if l.startswith("final:")]
+    finals = [line for line in log_path.read_text().splitlines() if line.startswith("final:")]
     assert len(finals) == 1, tail(log_path)
     return finals[0]
 
@@ -177,7 +177,7 @@ def test_two_processes_train_like_one(tmp_path, sampling):
 
 _INIT_SCRIPT = """
 import sys, time
-from rwkv_jax import distributed
+from rwkv_jax.train import distributed
 start = time.monotonic()
 try:
     distributed.initialize(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), timeout_s=int(sys.argv[4]))
@@ -225,7 +225,7 @@ def test_initialize_times_out_with_a_clear_error(lonely_processes, process_id):
     returncode, elapsed, address, output = lonely_processes[process_id]
     assert returncode is not None, f"{who}: initialize still blocked 60s after a {TIMEOUT_S}s timeout"
     assert returncode == 3, f"{who}: rc {returncode}\n{output[-6000:]}"
-    message = next(l for l in output.splitlines() if l.startswith("RUNTIME_ERROR"))
+    message = next(line for line in output.splitlines() if line.startswith("RUNTIME_ERROR"))
     assert address in message and f"process {process_id} of 2" in message and f"{TIMEOUT_S}s" in message, message
     # Within the timeout, plus process start-up (importing jax) and some slack.
     assert elapsed < TIMEOUT_S + 30, elapsed

@@ -10,7 +10,7 @@ import optax
 import pytest
 import torch
 
-from rwkv_jax import optim
+from rwkv_jax.train import optim
 
 
 def v4neo_lr(step, lr_init, lr_final, warmup, decay_start, total):

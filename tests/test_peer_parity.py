@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rwkv_jax import weights
+from rwkv_jax.io import weights
 from tests import peers
 
 TOLERANCE = 1e-4

@@ -31,14 +31,25 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rwkv_jax import config as config_lib
-from rwkv_jax import data, trainer, workdir_lock
-from rwkv_jax.checkpoint import Checkpointer, IncompatibleCheckpointError
+from rwkv_jax import data
 from rwkv_jax.data import binidx, pipeline
 from rwkv_jax.data import tokenizer as tokenizer_lib
+from rwkv_jax.io import workdir_lock
+from rwkv_jax.io.checkpoint import Checkpointer, IncompatibleCheckpointError
 from rwkv_jax.model import RWKV, ModelConfig
-from tests.test_train import (REPO, SUBPROCESS_TIMEOUT_S, Run, make_config, read_records, restore_latest,
-                              run_cli, subprocess_env, tiny_overrides)
+from rwkv_jax.train import resume, trainer
+from rwkv_jax.train import train_config as config_lib
+from tests.test_train import (
+    REPO,
+    SUBPROCESS_TIMEOUT_S,
+    Run,
+    make_config,
+    read_records,
+    restore_latest,
+    run_cli,
+    subprocess_env,
+    tiny_overrides,
+)
 
 BASE_STEPS = 4  # the base run: checkpoints at steps 2 and 4
 
@@ -278,9 +289,9 @@ def test_a_data_change_is_accepted_with_the_override(env, tmp_path, caplog):
 
 def test_checkpoints_from_before_the_data_setup_was_saved_compare_the_seed_only():
     current = {"source": "text", "seed": 0, "tokenizer_sha256": "abc"}
-    trainer.check_data_unchanged({"step": 2, "data_seed": 0}, current, 2, "ckpt", allow=False)
+    resume.check_data_unchanged({"step": 2, "data_seed": 0}, current, 2, "ckpt", allow=False)
     with pytest.raises(ValueError, match=r"seed 1 -> 0"):
-        trainer.check_data_unchanged({"step": 2, "data_seed": 1}, current, 2, "ckpt", allow=False)
+        resume.check_data_unchanged({"step": 2, "data_seed": 1}, current, 2, "ckpt", allow=False)
 
 
 # --- Failed saves ---------------------------------------------------------------------------------------

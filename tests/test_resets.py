@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rwkv_jax.ops.wkv import WKVState, empty_state, wkv, wkv_parallel
+from rwkv_jax.ops.wkv4 import WKVState, empty_state, wkv, wkv_parallel
 from tests.test_wkv import assert_close, make_inputs
 
 B, T, C = 2, 40, 8
@@ -58,13 +58,13 @@ def _loss(y, state, r):
             + jnp.sum(state.p * r["p"]))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def value_and_grads(form, **kwargs):
     """f(time_decay, time_first, k, v, a0, b0, p0, ra, rb, rp, reset_BT, r) -> ((loss, (y, state)),
     10 gradients) of one form with resets."""
     def loss(time_decay, time_first, k, v, a0, b0, p0, ra, rb, rp, reset_BT, r):
         if form.startswith("pallas"):
-            from rwkv_jax.ops.wkv_pallas import wkv_pallas
+            from rwkv_jax.ops.wkv4_pallas import wkv_pallas
             y, state = wkv_pallas(time_decay, time_first, k, v, WKVState(a0, b0, p0), reset_BT=reset_BT,
                                   interpret=True, **kwargs)
         else:
@@ -145,7 +145,7 @@ def test_pallas_kernel_equals_documents_run_one_by_one(backend, mask_name):
 
 
 def test_pallas_refuses_a_reset_state_naming_the_alternative():
-    from rwkv_jax.ops.wkv_pallas import wkv_pallas
+    from rwkv_jax.ops.wkv4_pallas import wkv_pallas
     args = make_args(5)
     with pytest.raises(NotImplementedError, match="empty state only.*'sequential', 'parallel' or 'chunked'"):
         wkv_pallas(*args[:4], reset_BT=reset_mask("packed"), reset_state=empty_state(B, C), interpret=True)
@@ -280,7 +280,7 @@ def test_eval_step_passes_the_resets_to_the_model():
     """The jitted eval step with a 'reset' key scores the packed rows as the model with reset_BT does."""
     from flax import nnx
 
-    from rwkv_jax import optim, sharding, train_step
+    from rwkv_jax.train import optim, sharding, train_step
     model = _random_model()
     graphdef, params = nnx.split(model)
     mesh = sharding.make_mesh(sharding.default_mesh_config())
@@ -308,7 +308,7 @@ def train_env(tmp_path_factory):
 
 
 def test_training_with_reset_at_eot(train_env, tmp_path):
-    from rwkv_jax import trainer
+    from rwkv_jax.train import trainer
     from tests.test_train import make_config, read_records, tiny_overrides
     config = make_config(tiny_overrides(train_env, train__num_steps=3, train__eval_every=0, data__reset_at_eot=True,
                                         train__microbatches=2, checkpoint__every_steps=100))
@@ -321,7 +321,7 @@ def test_training_with_reset_at_eot(train_env, tmp_path):
 
 def test_triton_lowering_with_resets():
     """The GPU kernels with the reset mask lower to Triton IR for CUDA from this CPU host."""
-    from rwkv_jax.ops.wkv_pallas import wkv_pallas
+    from rwkv_jax.ops.wkv4_pallas import wkv_pallas
 
     def loss(time_decay, time_first, k, v, reset_BT):
         y, state = wkv_pallas(time_decay, time_first, k, v, backend="gpu", interpret=False, reset_BT=reset_BT)

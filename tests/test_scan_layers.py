@@ -9,9 +9,10 @@ import optax
 import pytest
 from flax import nnx
 
-from rwkv_jax import config as config_lib
-from rwkv_jax import optim, weights
+from rwkv_jax.io import weights
 from rwkv_jax.model import RWKV, ModelConfig, resolve_scan_layers, with_scan_layers
+from rwkv_jax.train import optim
+from rwkv_jax.train import train_config as config_lib
 
 CONFIG = ModelConfig(vocab_size=97, d_model=32, n_layer=3, d_ffn=64)
 

@@ -1,4 +1,4 @@
-"""Sharding (`rwkv_jax.sharding`, `rwkv_jax.train_step`) on simulated CPU devices.
+"""Sharding (`rwkv_jax.train.sharding`, `rwkv_jax.train.train_step`) on simulated CPU devices.
 
   * `mesh_shape`: the -1 fill and errors that name the problem; `spec_for`: logical axes -> mesh axes,
     with replication where a dimension does not divide (unit tests, in-process, on abstract meshes).
@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 
-from rwkv_jax import sharding
+from rwkv_jax.train import sharding
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = Path(__file__).resolve().parent / "scripts" / "sharding_probe.py"

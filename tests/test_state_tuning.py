@@ -1,4 +1,4 @@
-"""State tuning (optim.trainable='state', rwkv_jax/state_tuning.py) and train.init_from:
+"""State tuning (optim.trainable='state', rwkv_jax/train/state_tuning.py) and train.init_from:
 
   * the mechanics (fast): only the learned initial state is differentiated and updated, every parameter
     comes back bit-identical, the optimizer state covers the learned state alone, the learned state starts
@@ -22,11 +22,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rwkv_jax import config as config_lib
-from rwkv_jax import cli, optim, sharding, state_file, state_tuning, train_step, trainer, weights
-from rwkv_jax.commands import eval as eval_command
-from rwkv_jax.commands import generate as generate_command
-from rwkv_jax.model import RWKV, ModelConfig, with_scan_layers
+from rwkv_jax.cli import eval as eval_command
+from rwkv_jax.cli import generate as generate_command
+from rwkv_jax.cli import runner as cli
+from rwkv_jax.io import weights
+from rwkv_jax.model import RWKV, ModelConfig, state_file, with_scan_layers
+from rwkv_jax.train import optim, sharding, state_tuning, train_step, trainer
+from rwkv_jax.train import train_config as config_lib
 from tests.test_train import make_config, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,9 +16,10 @@ import optax
 import pytest
 from flax import nnx
 
-from rwkv_jax import data, optim, sharding, train_step
+from rwkv_jax import data
 from rwkv_jax.data import pipeline
-from rwkv_jax.model import RWKV, ModelConfig
+from rwkv_jax.model import ModelConfig
+from rwkv_jax.train import optim, sharding, train_step
 
 N = 1000
 TOKENS_N = np.arange(N, dtype=np.uint16)  # token i is i: a window shows where it was cut
@@ -40,6 +41,7 @@ def test_each_row_reads_consecutive_windows_from_evenly_spaced_starts_and_wraps(
     starts = batches.batch_at(0)["inputs"][:, 0].astype(np.int64)
     np.testing.assert_array_equal((starts - starts[0]) % N, np.arange(B) * N // B)  # N/B apart
     stream_B = [[] for _ in range(B)]
+    previous = None
     for step in range(2 * N // T):  # every row goes round the corpus at least once
         batch = batches.batch_at(step)
         np.testing.assert_array_equal(batch["targets"][:, :-1], batch["inputs"][:, 1:])
@@ -207,7 +209,7 @@ def test_a_streamed_run_with_bptt_windows_and_microbatches_trains_and_checkpoint
     env = {"corpus": corpus, "data_dir": tmp_path / "data"}
     config = make_config(tiny_overrides(env, data__sampling="streams", train__bptt_windows=2, train__microbatches=2,
                                         train__num_steps=4, train__eval_every=0, train__seq_len=16))
-    from rwkv_jax import trainer
+    from rwkv_jax.train import trainer
     trainer.train(config, tmp_path / "run")
     records = [r for r in read_records(tmp_path / "run") if r["kind"] == "train"]
     assert [r["step"] for r in records] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in records)

@@ -36,10 +36,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from rwkv_jax import optim, sharding, train_step, trainer
-from rwkv_jax.checkpoint import Checkpointer
-from rwkv_jax.metrics import flops_per_token
+from rwkv_jax.io.checkpoint import Checkpointer
 from rwkv_jax.model import ModelConfig
+from rwkv_jax.train import optim, sharding, train_step, trainer
+from rwkv_jax.train.metrics import flops_per_token
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_STEPS = 30          # the reference run
@@ -435,7 +435,7 @@ def test_bad_flags_print_no_traceback(tmp_path, args):
 
 def test_a_bad_step_streak_inside_one_logging_window_stops_the_run():
     """Three bad steps then a good one, all logged together: the streak of 3 must still stop the run."""
-    from rwkv_jax import trainer
+    from rwkv_jax.train import trainer
 
     class Writer:
         def train(self, step, values):
@@ -464,7 +464,8 @@ def step_setup(env, **overrides):
     optimizer = optim.make_optimizer(config.optim, 10)
     factory = train_step.train_state_factory(ModelConfig.from_dict(config.model), optimizer, mesh, 0)
     tokens = np.random.default_rng(0).integers(0, 512, size=(4, 33), dtype=np.int32)
-    return config, mesh, optimizer, factory, {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}
+    batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}
+    return config, mesh, optimizer, factory, batch
 
 
 @pytest.mark.parametrize("l2wrap_factor", [0.0, pytest.param(0.5, marks=pytest.mark.slow)],

@@ -1,4 +1,4 @@
-"""Import/export of RWKV-4 weights (`rwkv_jax.weights`, `rwkv_jax.convert`): loading from an official .pth,
+"""Import/export of RWKV-4 weights (`rwkv_jax.io.weights`, `rwkv_jax.cli.convert`): loading from an official .pth,
 an HF transformers directory and our own directory; bit-exact round trips between every pair of formats;
 the files we write load in transformers and in the official `rwkv` package; one error listing every
 mismatched tensor; no half-written outputs; the CLI; low-precision checkpoints."""
@@ -11,18 +11,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax  # noqa: E402
 import numpy as np
 import pytest
-
-from tests import peers  # sets RWKV_JIT_ON=0 / RWKV_CUDA_ON=0 before anything imports `rwkv`
-
-import jax  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 from transformers import RwkvForCausalLM  # noqa: E402
 
-from rwkv_jax import cli, weights  # noqa: E402
-from rwkv_jax.commands import convert as convert_command  # noqa: E402
+from rwkv_jax.cli import convert as convert_command  # noqa: E402
+from rwkv_jax.cli import runner as cli
+from rwkv_jax.io import weights  # noqa: E402
+from tests import peers  # sets RWKV_JIT_ON=0 / RWKV_CUDA_ON=0 before anything imports `rwkv`
 
 
 def convert_main(args: list[str]) -> int:
@@ -518,7 +517,7 @@ def test_cli_existing_destination_needs_overwrite(sources, pth_tensors, tmp_path
 
 def test_cli_module_entry_point_runs(sources, pth_tensors, tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-m", "rwkv_jax.convert", str(sources["pth"]), str(tmp_path / "hf"),
+    result = subprocess.run([sys.executable, "-m", "rwkv_jax.cli.convert", str(sources["pth"]), str(tmp_path / "hf"),
                              "--to", "hf"], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "done" in result.stdout

@@ -1,4 +1,4 @@
-"""Tests of the WKV operator (rwkv_jax/ops/wkv.py).
+"""Tests of the WKV operator (rwkv_jax/ops/wkv4.py).
 
 Every form (sequential, parallel, chunked, and token-by-token `wkv_step`) is checked against an independent
 float64 numpy reference written from the unscaled definition, against each other (values, final state and
@@ -18,8 +18,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rwkv_jax.ops.wkv import (CHECKPOINT_EVERY, EMPTY_EXPONENT, FORMS, WKVState, default_form, empty_state, wkv,
-                              wkv_chunked, wkv_sequential, wkv_step)
+from rwkv_jax.ops.wkv4 import (
+    CHECKPOINT_EVERY,
+    EMPTY_EXPONENT,
+    FORMS,
+    WKVState,
+    default_form,
+    empty_state,
+    wkv,
+    wkv_chunked,
+    wkv_sequential,
+    wkv_step,
+)
 
 B, C = 2, 8
 CHUNK_LEN = 16
@@ -55,7 +65,7 @@ def run(runner, time_decay, time_first, k, v, state=None, chunk_len=CHUNK_LEN):
     return _run_form(time_decay, time_first, k, v, state, form=runner, chunk_len=chunk_len)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def value_and_grads(runner, chunk_len=CHUNK_LEN):
     """f(time_decay, time_first, k, v, a0, b0, p0, r) -> ((loss, (y, final state)), gradients of loss wrt the
     first 7 arguments), where loss = sum(y r_y) + sum(a r_a) + sum(b r_b) + sum(p r_p) uses y and every part
@@ -409,7 +419,7 @@ def test_extreme_inputs_give_finite_values_and_gradients(runner):
     assert_close(y, reference_recurrence(**x), rtol=0, atol=60 * 1e-5, err_msg="y against float64")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _long_grad(form):
     def loss(time_decay, time_first, k, v, r):
         y, state = wkv(time_decay, time_first, k, v, form=form, chunk_len=32)

@@ -1,4 +1,4 @@
-"""Tests of the Pallas WKV kernels (rwkv_jax/ops/wkv_pallas.py), on CPU in interpret mode.
+"""Tests of the Pallas WKV kernels (rwkv_jax/ops/wkv4_pallas.py), on CPU in interpret mode.
 
 Values, final state and gradients into every input (time_decay, time_first, k, v, state.a/b/p) against
 `wkv_sequential` (fp32, tight) and against float64 (the definition in tests/test_wkv.py for values, and
@@ -26,10 +26,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rwkv_jax.ops.wkv import WKVState, wkv, wkv_sequential
-from rwkv_jax.ops.wkv_pallas import wkv_pallas
-from tests.test_wkv import (assert_close, assert_state_close, extreme_inputs, grad_args, make_inputs,
-                            reference_recurrence, reference_wkv)
+from rwkv_jax.ops.wkv4 import WKVState, wkv, wkv_sequential
+from rwkv_jax.ops.wkv4_pallas import wkv_pallas
+from tests.test_wkv import (
+    assert_close,
+    assert_state_close,
+    extreme_inputs,
+    grad_args,
+    make_inputs,
+    reference_recurrence,
+    reference_wkv,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 GRAD_NAMES = ("time_decay", "time_first", "k", "v", "state.a", "state.b", "state.p")
@@ -48,7 +55,7 @@ def _kernel(backend):
 RUNNERS = {"tpu": _kernel("tpu"), "gpu": _kernel("gpu"), "sequential": wkv_sequential}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def value_and_grads(runner):
     """f(time_decay, time_first, k, v, a0, b0, p0, r) -> ((loss, (y, state)), 7 gradients), where the loss
     uses y and every part of the final state (see tests/test_wkv.py)."""
@@ -137,7 +144,7 @@ def test_long_sequence_gradients_match_float64():
 
 # -------------------------------------------------------------------------------- extreme inputs, bf16
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward(backend):
     return jax.jit(RUNNERS[backend])
 
@@ -421,7 +428,7 @@ def test_model_with_kernel_matches_hf(tmp_path):
     same random model and tokens as tests/test_peer_parity.py, T=72)."""
     from flax import nnx
 
-    from rwkv_jax import weights
+    from rwkv_jax.io import weights
     from tests import peers
 
     tokens = np.random.default_rng(0).integers(0, 97, (2, 72))

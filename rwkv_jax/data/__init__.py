@@ -12,17 +12,13 @@ import os
 import re
 import time
 
-from absl import logging
 import ml_collections
 import numpy as np
+from absl import logging
 
-from rwkv_jax.data import binidx
-from rwkv_jax.data import catalog
-from rwkv_jax.data import pipeline
-from rwkv_jax.data import text_dataset
+from rwkv_jax.data import binidx, catalog, pipeline, text_dataset, text_files
 from rwkv_jax.data import tokenizer as tokenizer_lib
-from rwkv_jax.data import text_files
-from rwkv_jax.data.config import default_data_config, default_data_dir
+from rwkv_jax.data.data_config import default_data_config, default_data_dir
 from rwkv_jax.data.documents import Document, documents_from_texts, documents_from_tokens
 from rwkv_jax.data.pipeline import Batches, EvalBatches
 from rwkv_jax.data.tokenizer import Tokenizer, check_fits, check_token_ids

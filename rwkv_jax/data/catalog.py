@@ -4,9 +4,8 @@ import importlib
 import os
 import socket
 
-from absl import logging
-
 import tensorflow_datasets as tfds
+from absl import logging
 
 # Where the dataset was named, and what to use instead offline: the training config's or eval.py's flags.
 TRAINING = ("config.data.tfds_name", "If this machine is offline, use local text instead: config.data.source='text' "

@@ -1,6 +1,6 @@
 """Documents to evaluate: token ids after an implicit start token, with the UTF-8 size of their text
 (for bits per byte). `rwkv_jax.data.eval_documents` builds them for a spec; the scoring is in
-rwkv_jax.evaluation."""
+rwkv_jax.infer.evaluation."""
 
 import dataclasses
 from collections.abc import Iterable, Iterator

@@ -12,9 +12,9 @@ import socket
 import time
 from collections.abc import Iterable, Iterator
 
-from absl import logging
 import grain
 import numpy as np
+from absl import logging
 
 from rwkv_jax.data.tokenizer import Tokenizer
 

@@ -5,11 +5,11 @@ TensorFlow). The builder config name is a fingerprint of the inputs, so a datase
 once into the data directory and reused until its files or split options change.
 """
 
+import tensorflow_datasets as tfds
 from absl import logging
 
-from rwkv_jax import logs
 from rwkv_jax.data import text_files
-import tensorflow_datasets as tfds
+from rwkv_jax.io import logs
 
 
 class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):

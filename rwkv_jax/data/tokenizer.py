@@ -7,10 +7,10 @@ import os
 import time
 from collections.abc import Iterable
 
-from absl import logging
 import numpy as np
 import sentencepiece as spm
 import tokenizers
+from absl import logging
 
 _EOT_TOKENS = ("<|endoftext|>", "</s>", "<eos>")
 

@@ -27,8 +27,8 @@ def probe(spec: dict) -> dict:
     import numpy as np
     from flax import nnx
 
-    from rwkv_jax import optim, sharding, train_step
     from rwkv_jax.model import ModelConfig
+    from rwkv_jax.train import optim, sharding, train_step
 
     model_config = ModelConfig(**spec["model"])
     steps, batch_size, seq_len = spec["steps"], spec["batch_size"], spec["seq_len"]

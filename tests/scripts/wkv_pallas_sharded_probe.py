@@ -1,7 +1,8 @@
 """Subprocess probe for tests/test_wkv_pallas.py: on 4 simulated CPU devices (the caller sets
 XLA_FLAGS=--xla_force_host_platform_device_count=4), WKV by the Pallas kernel inside shard_map over a
-(data 2, fsdp 1, tensor 2) mesh, directly and through wkv(form='pallas') under activation_sharding, against wkv_sequential: values, final state
-and gradients into every input. Prints one JSON line of max abs differences and gradient scales.
+(data 2, fsdp 1, tensor 2) mesh, directly and through wkv(form='pallas') under activation_sharding, against
+wkv_sequential: values, final state and gradients into every input. Prints one JSON line of max abs
+differences and gradient scales.
 With --resets, every form runs with the same random document-reset mask (the line then says how many).
 """
 
@@ -12,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rwkv_jax import sharding
-from rwkv_jax.ops.wkv import WKVState, wkv, wkv_sequential
-from rwkv_jax.ops.wkv_pallas import wkv_pallas_sharded
+from rwkv_jax.ops.wkv4 import WKVState, wkv, wkv_sequential
+from rwkv_jax.ops.wkv4_pallas import wkv_pallas_sharded
+from rwkv_jax.train import sharding
 
 
 def main():

@@ -1,0 +1,141 @@
+"""One command-line style for every entry point (train, eval, generate, convert, make_binidx): absl flags,
+and expected errors as one line.
+
+    from rwkv_jax.cli import runner as cli
+    def main(argv): ...
+    if __name__ == "__main__":
+        cli.run(main)
+
+Console: our progress lines and warnings; INFO logging (orbax's, ...) goes to the run's train.log, or
+to the console with absl's --verbosity=0 / --logger_levels / --alsologtostderr (rwkv_jax.io.logs).
+
+Exit codes: 0 success; 2 a usage error (a bad flag or flag value: raise `cli.UsageError`); 1 an expected
+runtime error (bad input file, missing checkpoint, refused resume, ...), printed as one line
+`PROG: error: MESSAGE`. `--traceback` (or RWKV_JAX_TRACEBACK=1) shows the full trace instead. Anything
+that is not an expected error is a bug and keeps its traceback.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+from rwkv_jax.io import logs
+
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full Python traceback of an error instead of one "
+                               "line (also RWKV_JAX_TRACEBACK=1).")
+
+# Errors that bad input or a bad environment cause: reported as one line. Library code raises these with a
+# message that names the file or value and the fix.
+EXPECTED_ERRORS = (ValueError, OSError, RuntimeError, ImportError, KeyError)
+
+
+class UsageError(app.UsageError):
+    """A bad command line: absl prints the message with a pointer to --help, exit code 2."""
+
+    def __init__(self, message: str):
+        super().__init__(message, exitcode=2)
+
+
+def want_traceback() -> bool:
+    env = os.environ.get("RWKV_JAX_TRACEBACK", "").lower() not in ("", "0", "false", "no")
+    return env or (flags.FLAGS.is_parsed() and _TRACEBACK.value)
+
+
+def prog_name() -> str:
+    return os.path.basename(sys.argv[0]) or "rwkv_jax"
+
+
+def error_line(e: BaseException) -> str:
+    """The one-line form of an expected error: its message, newlines folded."""
+    message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    message = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    return message or type(e).__name__
+
+
+def _guarded(main):
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except app.UsageError:
+            raise
+        except KeyboardInterrupt:
+            if want_traceback():
+                raise
+            sys.stderr.write(f"\n{prog_name()}: interrupted\n")
+            sys.exit(130)
+        except EXPECTED_ERRORS as e:
+            if want_traceback():
+                raise
+            sys.stderr.write(f"{prog_name()}: error: {error_line(e)}\n")
+            sys.stderr.write(f"{prog_name()}: (run with --traceback for the full trace)\n")
+            sys.exit(1)
+    return wrapped
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, a bad flag or flag value exiting with code 2 (a usage error) and one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.stderr.write(f"{prog_name()}: error: {error_line(e)}\n"
+                         f"{prog_name()}: (pass --helpshort or --helpfull to see help on flags)\n")
+        sys.exit(2)
+
+
+_HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
+def _help_exits_zero(parser):
+    """absl exits with status 1 after printing --help; asking for help is no error."""
+    def parse(argv):
+        try:
+            return parser(argv)
+        except SystemExit as e:
+            if e.code == 1 and any(arg in _HELP_FLAGS for arg in argv[1:]):
+                sys.exit(0)
+            raise
+    return parse
+
+
+def _show_in_help(main, shared_flags) -> None:
+    """--help shows the main module's docstring and flags; the command's are in the package (the scripts
+    and console scripts that call it are thin)."""
+    command_doc = sys.modules[main.__module__].__doc__
+    if command_doc and "__main__" in sys.modules:
+        sys.modules["__main__"].__doc__ = command_doc
+    program = sys.argv[0]
+    for flag in [*flags.FLAGS.get_key_flags_for_module(main.__module__), *shared_flags, _TRACEBACK]:
+        flags.FLAGS.register_key_flag_for_module(program, flags.FLAGS[flag.name])
+
+
+def run(main, *, flags_parser=None, shared_flags=()):
+    """`absl.app.run(main)` with expected errors reported as one line (see the module docstring).
+    `shared_flags`: FlagHolders defined elsewhere that --help should list with main's module's flags."""
+    guarded = _guarded(main)
+
+    def quiet_main(argv):
+        logs.quiet_console()
+        return guarded(argv)
+
+    _show_in_help(main, shared_flags)
+    app.run(quiet_main, flags_parser=_help_exits_zero(flags_parser or parse_flags))
+
+
+def call(main, argv: list[str], *, flags_parser=None) -> int:
+    """Run `main` on the command line `argv` (argv[0]: the program) as `run` does, in this process, and
+    return the exit code; the flags are reset before and after. For tests."""
+    flags.FLAGS.unparse_flags()
+    saved_argv, sys.argv = sys.argv, list(argv)
+    try:
+        remaining = (flags_parser or parse_flags)(list(argv))
+        _guarded(main)(remaining)
+    except app.UsageError as e:
+        sys.stderr.write(f"{prog_name()}: usage error: {e}\n")
+        return e.exitcode
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        flags.FLAGS.unparse_flags()
+        sys.argv = saved_argv
+    return 0

@@ -1,0 +1,66 @@
+"""The registry of model generations: `family_of(config)` gives the `Family` of `config.version`.
+
+A generation registers itself by a module path in `_MODULES`; the module defines `FAMILY`. Modules are
+imported when first asked for, so that the registry imports no model code (and no model code imports
+the registry's users)."""
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+
+import numpy as np
+
+_MODULES = {4: "rwkv_jax.model.rwkv4"}  # generation -> the module that defines its FAMILY
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What code outside `rwkv_jax.model`, `rwkv_jax.ops` and the weights mapping may know of a generation.
+
+    version:         the RWKV generation (ModelConfig.version).
+    model_class:     the nnx.Module: `model_class(config, rngs=...)`; see this package's docstring for the
+                     methods every model offers.
+    state_type:      the NamedTuple of the recurrent state of all layers (fp32 arrays, layers first).
+    init_state:      (config, batch_size) -> the empty state.
+    weights_layout:  config -> {official name: (path in the model's pure param dict, kind, official shape)};
+                     kinds: 'linear' (torch [out, in] vs our kernel [in, out]), 'mix' (official [1, 1, D]
+                     vs our [D]), 'plain' (the same array).
+    dims_from_tensors: official-named tensors -> the ModelConfig fields of their shape (ValueError if the
+                     tensors are not this generation's).
+    default_wkv_form: platform ('cpu', 'gpu', 'tpu') -> the WKV form model.wkv_form='auto' picks there.
+    lr_multipliers:  learning-rate multiplier of parameters by leaf name (optim.layerwise_lr).
+    logical_axes:    the logical axis names its parameters carry; each has a rule in
+                     rwkv_jax.train.sharding.RULES (a test checks it).
+    """
+    version: int
+    model_class: type
+    state_type: type
+    init_state: Callable
+    weights_layout: Callable[..., dict]
+    dims_from_tensors: Callable[[dict[str, np.ndarray]], dict]
+    default_wkv_form: Callable[[str], str]
+    lr_multipliers: dict[str, float]
+    logical_axes: tuple[str, ...]
+
+
+VERSIONS: tuple[int, ...] = tuple(sorted(_MODULES))
+
+
+def family(version: int) -> Family:
+    """The Family of RWKV generation `version`; ValueError naming the known ones."""
+    if version not in _MODULES:
+        raise ValueError(f"model.version={version!r} is not a supported RWKV generation; known: {list(VERSIONS)}")
+    return importlib.import_module(_MODULES[version]).FAMILY
+
+
+def family_of(config) -> Family:
+    """The Family of a ModelConfig (its `version`)."""
+    return family(config.version)
+
+
+def all_lr_multipliers() -> dict[str, float]:
+    """Every generation's learning-rate multipliers by parameter name (their names do not collide)."""
+    table: dict[str, float] = {}
+    for version in VERSIONS:
+        table.update(family(version).lr_multipliers)
+    return table
