@@ -60,7 +60,11 @@ class WorldTokenizer(Tokenizer):
         return cls(path)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of the UTF-8 bytes of `text` (no end-of-text token added)."""
+        """Token ids of the UTF-8 bytes of `text` (no end-of-text token added).
+
+        A lone surrogate in `text` raises UnicodeEncodeError, as in the official tokenizer: such a
+        string has no UTF-8 bytes (`encode_bytes` takes any bytes).
+        """
         return self.encode_bytes(text.encode("utf-8"))
 
     def encode_bytes(self, data: bytes) -> list[int]:
