@@ -14,7 +14,8 @@ from rwkv_jax.cli import runner as cli
 _INPUT = flags.DEFINE_string("input", "", "Comma-separated files, directories or globs (required).")
 _OUTPUT_PREFIX = flags.DEFINE_string("output_prefix", "", "Output path without .bin/.idx (required).")
 _SP_VOCAB_SIZE = flags.DEFINE_integer("sp_vocab_size", 4096, "Vocabulary of a sentencepiece .model trained here.")
-_SP_MODEL_TYPE = flags.DEFINE_enum("sp_model_type", "bpe", ["bpe", "unigram"], "Sentencepiece model type.")
+_SP_MODEL_TYPE = flags.DEFINE_enum("sp_model_type", "bpe", ["bpe", "unigram"],
+                                   "Sentencepiece model type (data.tokenizer.SP_MODEL_TYPES).")
 _EOT = flags.DEFINE_bool("eot", True, "Append the end-of-text id to every document (--noeot: do not).")
 
 

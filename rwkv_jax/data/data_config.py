@@ -1,8 +1,16 @@
-"""Default data section (`config.data`) embedded by every config file."""
+"""The data section (`config.data`) of every config file: its defaults, allowed values and checks."""
 
 import os
 
 import ml_collections
+
+from rwkv_jax.data.pipeline import SAMPLINGS
+from rwkv_jax.data.text_dataset import TEXT_SPLITS
+from rwkv_jax.data.tokenizer import SP_MODEL_TYPES, TOKENIZERS
+
+SOURCES = ("stdlib", "text", "tfds", "binidx")        # data.source
+# The smallest sentencepiece vocabulary our trainer accepts: 256 byte-fallback pieces, </s>, <unk> and '\n'.
+MIN_SP_VOCAB_SIZE = 260
 
 
 def default_data_dir() -> str:
@@ -42,3 +50,30 @@ def default_data_config() -> ml_collections.ConfigDict:
     # across steps, its recurrent state carried from step to step: long-context training).
     c.sampling = "random"
     return c
+
+
+def check_section(checks) -> None:
+    """Add the problems of `checks.config.data` alone to `checks` (rwkv_jax.train.config_checks.Checks);
+    the checks against other sections are train_config.validate's."""
+    d = checks.config.data
+    checks.one_of("data", "source", SOURCES)
+    checks.one_of("data", "tokenizer", TOKENIZERS)
+    checks.one_of("data", "sp_model_type", SP_MODEL_TYPES)
+    checks.one_of("data", "text_split", TEXT_SPLITS)
+    checks.one_of("data", "sampling", SAMPLINGS)
+    checks.need(0 <= d.validation_fraction < 1,
+                f"data.validation_fraction must be in [0, 1), got {d.validation_fraction!r}")
+    checks.at_least("data", "sp_input_sentence_size", 1)
+    checks.positive("data", "sp_wait_timeout_s")
+    checks.need(d.source != "text" or bool(d.text_files.strip()),
+                "data.text_files is empty: give files, directories or globs (comma-separated) for source='text'")
+    checks.need(d.source != "binidx" or bool(d.binidx_prefix),
+                "data.binidx_prefix is empty: give the path of the .bin/.idx pair without its suffix")
+    checks.need(d.source != "binidx" or bool(d.tokenizer_path),
+                "data.tokenizer_path is required with source='binidx' (the tokenizer the ids were written with)")
+    checks.need(d.tokenizer != "hf_json" or bool(d.tokenizer_path),
+                "data.tokenizer_path is required for tokenizer='hf_json' (e.g. a GPT-NeoX tokenizer .json)")
+    path = os.path.expanduser(d.tokenizer_path) if d.tokenizer_path else ""
+    checks.need(not (path and os.path.isdir(path)),
+                f"data.tokenizer_path={d.tokenizer_path!r} is a directory: give the tokenizer's file path")
+

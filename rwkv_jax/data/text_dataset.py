@@ -11,6 +11,7 @@ from absl import logging
 from rwkv_jax.data import text_files
 from rwkv_jax.io import logs
 
+TEXT_SPLITS = ("hash", "all")  # data.text_split: train/validation by a hash of the path, or train only
 
 class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Documents {'key', 'text'} split 'hash' (train/validation by key hash) or 'all' (train)."""
@@ -19,8 +20,8 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def __init__(self, *, files: list[text_files.SourceFile], config_name: str,
                  text_split: str, validation_fraction: float, data_dir: str):
-        if text_split not in ("hash", "all"):
-            raise ValueError(f"config.data.text_split must be 'hash' or 'all', not {text_split!r}.")
+        if text_split not in TEXT_SPLITS:
+            raise ValueError(f"config.data.text_split must be one of {list(TEXT_SPLITS)}, not {text_split!r}.")
         self._files = files
         self._text_split = text_split
         self._validation_fraction = validation_fraction

@@ -12,6 +12,9 @@ import sentencepiece as spm
 import tokenizers
 from absl import logging
 
+TOKENIZERS = ("sentencepiece", "hf_json")  # data.tokenizer: the kinds of tokenizer file
+SP_MODEL_TYPES = ("bpe", "unigram")       # data.sp_model_type
+
 _EOT_TOKENS = ("<|endoftext|>", "</s>", "<eos>")
 
 
@@ -116,8 +119,8 @@ def train_sentencepiece(texts: Iterable[str], path: str, *, vocab_size: int, mod
         return SentencePieceTokenizer(path)
     if process_index != 0:
         return _wait_for(path, process_index, wait_timeout_s)
-    if model_type not in ("bpe", "unigram"):
-        raise ValueError(f"config.data.sp_model_type must be 'bpe' or 'unigram', not {model_type!r}.")
+    if model_type not in SP_MODEL_TYPES:
+        raise ValueError(f"config.data.sp_model_type must be one of {list(SP_MODEL_TYPES)}, not {model_type!r}.")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp_prefix = f"{path}.tmp-{os.getpid()}"
     logging.info("Training a %s sentencepiece model (vocab %d) into %s.", model_type, vocab_size, path)

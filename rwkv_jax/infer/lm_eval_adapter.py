@@ -220,8 +220,10 @@ class RWKVLM(TemplateLM):
                              "max_positions")
         if context_prefix not in CONTEXT_PREFIXES:
             raise ValueError(f"context_prefix must be one of {CONTEXT_PREFIXES}, not {context_prefix!r}")
-        from rwkv_jax.train.train_config import COMPUTE_DTYPES, WKV_FORMS
-        for name, value, choices in (("dtype", dtype, COMPUTE_DTYPES), ("wkv_form", wkv_form, WKV_FORMS)):
+        from rwkv_jax.model import VERSIONS, family
+        from rwkv_jax.model.model_config import COMPUTE_DTYPES
+        wkv_forms = sorted({f for v in VERSIONS for f in family(v).wkv_forms} | {"auto"})  # any generation's
+        for name, value, choices in (("dtype", dtype, COMPUTE_DTYPES), ("wkv_form", wkv_form, wkv_forms)):
             if value and value not in choices:  # found before the model loads, not at the first request
                 raise ValueError(f"{name} must be one of {list(choices)}, not {value!r}")
         sizes = {name: _int_arg(name, value) for name, value in (("window", window), ("prefill_chunk", prefill_chunk),

@@ -27,6 +27,7 @@ class Family:
                      vs our [D]), 'plain' (the same array).
     dims_from_tensors: official-named tensors -> the ModelConfig fields of their shape (ValueError if the
                      tensors are not this generation's).
+    wkv_forms:       the values model.wkv_form may take besides 'auto'.
     default_wkv_form: platform ('cpu', 'gpu', 'tpu') -> the WKV form model.wkv_form='auto' picks there.
     lr_multipliers:  learning-rate multiplier of parameters by leaf name (optim.layerwise_lr).
     logical_axes:    the logical axis names its parameters carry; each has a rule in
@@ -38,6 +39,7 @@ class Family:
     init_state: Callable
     weights_layout: Callable[..., dict]
     dims_from_tensors: Callable[[dict[str, np.ndarray]], dict]
+    wkv_forms: tuple[str, ...]
     default_wkv_form: Callable[[str], str]
     lr_multipliers: dict[str, float]
     logical_axes: tuple[str, ...]

@@ -1,8 +1,13 @@
-"""The shape and numerics of a model, whatever its generation: `ModelConfig`."""
+"""The shape and numerics of a model, whatever its generation: `ModelConfig`, and the `config.model`
+section of a training config built from it (its defaults are the dataclass's) with its checks."""
 
 import dataclasses
 
 import jax
+import ml_collections
+
+PARAM_DTYPES = ("float32", "bfloat16", "float16")  # model.param_dtype
+COMPUTE_DTYPES = (*PARAM_DTYPES, "auto")            # model.dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,3 +80,37 @@ def resolve_scan_layers(value, platform: str | None = None) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"model.scan_layers must be one of True, False, 'auto', got {value!r}")
     return value
+
+
+def default_section(**overrides) -> ml_collections.ConfigDict:
+    """The `config.model` section: every ModelConfig field, defaults overridden by `overrides`. A field
+    whose default is None (d_att, d_ffn) is an int placeholder, so `--config.model.d_att=64` can set it."""
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    ModelConfig.check_keys(overrides)  # fail fast on an unknown key (no backend started)
+    values = {}
+    for name, field in fields.items():
+        value = overrides.get(name, field.default)
+        values[name] = ml_collections.config_dict.placeholder(int) if value is None else value
+    return ml_collections.ConfigDict(values)
+
+
+def check_section(checks) -> None:
+    """Add the problems of `checks.config.model` to `checks` (rwkv_jax.train.config_checks.Checks)."""
+    from rwkv_jax.model.family import VERSIONS, family  # the generations' own WKV forms
+    m = checks.config.model
+    checks.one_of("model", "version", VERSIONS)
+    for field in ("vocab_size", "d_model", "n_layer", "wkv_chunk_len"):
+        checks.at_least("model", field, 1)
+    for field in ("d_att", "d_ffn"):
+        checks.need(m[field] is None or (isinstance(m[field], int) and m[field] >= 1),
+                    f"model.{field} must be None or >= 1, got {m[field]!r}")
+    checks.positive("model", "layer_norm_eps")
+    checks.one_of("model", "dtype", COMPUTE_DTYPES)
+    checks.one_of("model", "param_dtype", PARAM_DTYPES)
+    if m.version in VERSIONS:
+        checks.one_of("model", "wkv_form", (*family(m.version).wkv_forms, "auto"))
+    try:
+        resolve_scan_layers(m.scan_layers, "cpu")
+    except ValueError as e:
+        checks.need(False, str(e))
+

@@ -20,17 +20,37 @@ import optax
 
 from rwkv_jax import model as model_lib
 
+TRAINABLE = ("all", "state")  # optim.trainable: every parameter, or the learned initial state alone
+L2WRAP_FACTOR = 1e-4          # v4neo's
+LOSS_CHUNK_TOKENS = 2048      # train.loss_chunk_tokens: positions the head and cross entropy take at a time
+
 
 def default_optim_config() -> ml_collections.ConfigDict:
+    """The `config.optim` section's defaults."""
     return ml_collections.ConfigDict({
         "lr_init": 6e-4, "lr_final": 1e-5, "warmup_steps": 50, "decay_start": 0,
         "beta1": 0.9, "beta2": 0.99, "eps": 1e-8, "grad_clip": 1.0,
         "weight_decay": 0.0,            # > 0: decoupled decay on 2-D parameters only
         "layerwise_lr": False,          # v4neo: time_decay x2, time_first x3
         "max_consecutive_bad_steps": 10,
-        "l2wrap_factor": 1e-4,          # 0 disables L2Wrap
-        "trainable": "all",             # 'all' | 'state': state tuning, the model frozen (train/state_tuning.py)
+        "l2wrap_factor": L2WRAP_FACTOR,  # 0 disables L2Wrap
+        "trainable": "all",             # TRAINABLE; 'state': state tuning, the model frozen (state_tuning.py)
     })
+
+
+def check_section(checks) -> None:
+    """Add the problems of `checks.config.optim` alone to `checks` (config_checks.Checks)."""
+    o = checks.config.optim
+    checks.positive("optim", "lr_init")
+    checks.positive("optim", "lr_final", " (the decay is exponential, from lr_init to lr_final)")
+    for field in ("warmup_steps", "decay_start", "weight_decay", "l2wrap_factor"):
+        checks.at_least("optim", field, 0)
+    for field in ("beta1", "beta2"):
+        checks.need(0 <= o[field] < 1, f"optim.{field} must be in [0, 1), got {o[field]!r}")
+    checks.positive("optim", "eps")
+    checks.positive("optim", "grad_clip")
+    checks.at_least("optim", "max_consecutive_bad_steps", 1)
+    checks.one_of("optim", "trainable", TRAINABLE)
 
 
 def learning_rate(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -207,7 +227,7 @@ def _l2wrap_bwd(scale, logits, g):
 l2wrap.defvjp(_l2wrap_fwd, _l2wrap_bwd)
 
 
-def cross_entropy(logits_BTV, targets_BT, l2wrap_factor: float = 1e-4):
+def cross_entropy(logits_BTV, targets_BT, l2wrap_factor: float = L2WRAP_FACTOR):
     """Mean next-token cross entropy in nats (fp32), wrapped by L2Wrap when the factor is > 0."""
     logits_BTV = logits_BTV.astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT).mean()
@@ -217,7 +237,7 @@ def cross_entropy(logits_BTV, targets_BT, l2wrap_factor: float = 1e-4):
     return loss
 
 
-def chunked_token_losses(normed_BTD, kernel_DV, targets_BT, weights_BT=None, *, chunk_tokens: int = 2048,
+def chunked_token_losses(normed_BTD, kernel_DV, targets_BT, weights_BT=None, *, chunk_tokens: int = LOSS_CHUNK_TOKENS,
                          l2wrap_factor: float = 0.0):
     """(sum of weighted token cross entropies in nats, sum of weights) of the logits normed @ kernel: the
     head's input in the compute dtype and its kernel as stored (`RWKV.head_operands`), multiplied in the

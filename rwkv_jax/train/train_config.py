@@ -1,38 +1,35 @@
-"""Builders for the ml_collections config files in `configs/`.
+"""The training config: the builders behind the files in `configs/`, the `config.train` and
+`config.checkpoint` sections, and `validate`.
 
-Each file in `configs/` states only what differs per model size; the defaults live here and in the
-modules that own each section (`config.data` in rwkv_jax/data, `config.optim` in rwkv_jax/optim,
-`config.mesh` in rwkv_jax/sharding). `config.model` is turned into a `ModelConfig`.
+Each file in `configs/` states only what differs per model size. Every section's defaults, allowed values
+and checks live in the module that owns it: `config.model` in rwkv_jax/model/model_config.py,
+`config.data` in rwkv_jax/data/data_config.py, `config.optim` in rwkv_jax/train/optim.py, `config.mesh` in
+rwkv_jax/train/sharding.py, `config.train` and `config.checkpoint` here.
 
-`validate(config, mesh)` is the one place where a training config is checked, before any data is prepared
-or anything compiled: every problem found is reported in one line that names the field and the fix.
+`validate(config, mesh)` runs every section's checks, and those between sections, before any data is
+prepared or anything compiled: every problem found is reported in one line that names the field and
+the fix.
 """
 
-import dataclasses
 import math
 import os
 
 import jax
 import ml_collections
 
-from rwkv_jax.data import default_data_config, pipeline
+from rwkv_jax.data import data_config
 from rwkv_jax.io.workdir import Workdir
-from rwkv_jax.model import ModelConfig, resolve_scan_layers
-from rwkv_jax.ops import wkv4 as wkv_ops
-from rwkv_jax.train import sharding
-from rwkv_jax.train.optim import default_optim_config
-from rwkv_jax.train.sharding import default_mesh_config
+from rwkv_jax.model import model_config as model_section
+from rwkv_jax.train import optim, sharding
+from rwkv_jax.train.config_checks import Checks, ConfigError  # noqa: F401 (ConfigError: part of this API)
 
-# The smallest sentencepiece vocabulary our trainer accepts: 256 byte-fallback pieces, </s>, <unk> and '\n'.
-MIN_SP_VOCAB_SIZE = 260
+# Integers of the train section are used as int32 step counters and array sizes on the device.
+INT32_MAX = 2**31 - 1
 
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
-    """The `config.model` section: every ModelConfig field, defaults overridden by `overrides`."""
-    values = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    ModelConfig.check_keys({**values, **overrides})  # fail fast on an unknown key (no backend started)
-    values.update(overrides)
-    return ml_collections.ConfigDict(values)
+    """The `config.model` section (model_config.default_section), for the files in `configs/`."""
+    return model_section.default_section(**overrides)
 
 
 def base_config(*, model: ml_collections.ConfigDict, batch_size: int, seq_len: int, num_steps: int,
@@ -40,7 +37,7 @@ def base_config(*, model: ml_collections.ConfigDict, batch_size: int, seq_len: i
     """A complete training config; every section has defaults that `--config.x.y=z` can override."""
     config = ml_collections.ConfigDict()
     config.model = model
-    config.data = default_data_config()
+    config.data = data_config.default_data_config()
     config.train = ml_collections.ConfigDict({
         "num_steps": num_steps,
         "batch_size": batch_size,      # global batch, in sequences
@@ -49,7 +46,7 @@ def base_config(*, model: ml_collections.ConfigDict, batch_size: int, seq_len: i
         "bptt_windows": 1,             # K > 1: each row reads K consecutive windows of seq_len per step, run by
                                        # a scan with the gradient flowing across them and one window's
                                        # activations in memory (remat); eval windows are K x seq_len too
-        "loss_chunk_tokens": 2048,     # the head and cross entropy run over this many positions at a time
+        "loss_chunk_tokens": optim.LOSS_CHUNK_TOKENS,  # positions the head and cross entropy take at a time
         "seed": 0,                     # parameter init
         "log_every": 10,
         "eval_every": 500,             # 0: only at the end
@@ -59,11 +56,11 @@ def base_config(*, model: ml_collections.ConfigDict, batch_size: int, seq_len: i
         "init_from": "",               # start from this trained model (workdir, .pth, HF or rwkv_jax directory):
                                        # its parameters, a fresh optimizer; '' = random init
     })
-    config.optim = default_optim_config()
+    config.optim = optim.default_optim_config()
     config.optim.lr_init = lr_init
     config.optim.lr_final = lr_final
     config.checkpoint = ml_collections.ConfigDict({"every_steps": 1000, "keep": 3, "async_save": True})
-    config.mesh = default_mesh_config()
+    config.mesh = sharding.default_mesh_config()
     return config
 
 
@@ -84,133 +81,80 @@ def paper_config(*, n_layer: int, d_model: int, lr_init: float, lr_final: float)
     return config
 
 
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "auto")  # model.dtype
-WKV_FORMS = (*wkv_ops.FORMS, *wkv_ops.KERNEL_FORMS, "auto")  # model.wkv_form
+def _check_train_section(checks: Checks, mesh) -> None:
+    t = checks.config.train
+    for field in ("num_steps", "batch_size", "seq_len", "microbatches", "bptt_windows", "log_every",
+                  "loss_chunk_tokens"):
+        checks.at_least("train", field, 1)
+    checks.at_least("train", "eval_every", 0, " (0: evaluate only at the end)")
+    checks.at_least("train", "eval_batches", 0, " (0: the whole validation split)")
+    checks.at_least("train", "peak_flops_per_device", 0, " (0: looked up from the device kind)")
+    for field in ("num_steps", "batch_size", "seq_len", "microbatches", "bptt_windows", "log_every",
+                  "loss_chunk_tokens", "eval_every", "eval_batches", "seed"):
+        value = t[field]
+        checks.need(not isinstance(value, int) or abs(value) <= INT32_MAX,
+                    f"train.{field}={value} is out of range: at most {INT32_MAX}")
+    checks.need(not isinstance(t.seq_len, int) or not isinstance(t.batch_size, int)
+                or t.seq_len * t.bptt_windows * t.batch_size <= INT32_MAX,
+                "train.batch_size x train.seq_len x train.bptt_windows tokens per step must be at most "
+                f"{INT32_MAX}")
+    if checks.problems:  # the divisibility checks need positive sizes
+        return
+    if t.batch_size % t.microbatches:
+        checks.need(False, f"train.batch_size={t.batch_size} is not a multiple of train.microbatches={t.microbatches}")
+    elif mesh is not None:
+        batch_axes = math.prod(mesh.shape[a] for a in sharding.RULES["batch"])
+        checks.need((t.batch_size // t.microbatches) % batch_axes == 0,
+                    f"a microbatch of {t.batch_size // t.microbatches} rows does not split over the "
+                    f"{batch_axes} devices of the mesh's data x fsdp axes: raise train.batch_size or lower "
+                    "train.microbatches")
+    checks.need(t.batch_size % jax.process_count() == 0,
+                f"train.batch_size={t.batch_size} does not split over {jax.process_count()} processes")
 
 
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names every such field and the fix."""
+def _check_checkpoint_section(checks: Checks) -> None:
+    checks.at_least("checkpoint", "every_steps", 1)
+    checks.at_least("checkpoint", "keep", 1, " (the newest checkpoints kept; 0 would delete the final one too)")
+
+
+def _check_across_sections(checks: Checks, resuming: bool) -> None:
+    """What one section's value means for another's: the tokenizer against the model and init_from."""
+    config = checks.config
+    d, m, t = config.data, config.model, config.train
+    init_from = os.path.expanduser(t.init_from) if t.init_from else ""
+    checks.need(config.optim.trainable != "state" or bool(init_from),
+                "optim.trainable='state' tunes the initial state of a trained model: set train.init_from to its "
+                "workdir, .pth, HF or rwkv_jax directory")
+    # A resumed run restores its parameters from its own checkpoint: the model it started from may be gone.
+    checks.need(not init_from or resuming or os.path.exists(init_from),
+                f"train.init_from={t.init_from!r} does not exist")
+    path = os.path.expanduser(d.tokenizer_path) if d.tokenizer_path else ""
+    if d.tokenizer == "sentencepiece" and d.source != "binidx" and not (path and os.path.isfile(path)):
+        minimum = data_config.MIN_SP_VOCAB_SIZE
+        checks.need(isinstance(d.sp_vocab_size, int) and d.sp_vocab_size >= minimum,
+                    f"data.sp_vocab_size must be >= {minimum} (256 byte pieces, </s>, <unk> and a newline "
+                    f"piece), got {d.sp_vocab_size!r}")
+        checks.need(not isinstance(m.vocab_size, int) or d.sp_vocab_size <= m.vocab_size,
+                    f"data.sp_vocab_size={d.sp_vocab_size} is larger than model.vocab_size={m.vocab_size}: "
+                    "token ids would not fit the embedding")
+    if init_from and not (path and os.path.isfile(path)):
+        checks.need(False, "train.init_from needs the tokenizer that model was trained with: set "
+                    f"data.tokenizer_path to its file{_tokenizer_hint(init_from)} (a new tokenizer would not match "
+                    "its embedding)")
 
 
 def validate(config: ml_collections.ConfigDict, mesh=None, *, resuming: bool = False) -> None:
     """Raise ConfigError (one line) if any value of a training config cannot work. Called before the data
     is prepared and before anything is compiled or written. `mesh` (optional) adds the batch-split check.
     `resuming`: the workdir holds a checkpoint, so `train.init_from` is not read and need not exist."""
-    problems = []
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            problems.append(message)
-
-    def at_least(section: str, field: str, low, hint: str = "") -> None:
-        value = config[section][field]
-        need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-             and value >= low, f"{section}.{field} must be >= {low}, got {value!r}{hint}")
-
-    def positive(section: str, field: str, hint: str = "") -> None:
-        value = config[section][field]
-        need(isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
-             f"{section}.{field} must be > 0, got {value!r}{hint}")
-
-    def one_of(section: str, field: str, choices) -> None:
-        need(config[section][field] in choices,
-             f"{section}.{field} must be one of {list(choices)}, got {config[section][field]!r}")
-
-    # --- model
-    m = config.model
-    for field in ("vocab_size", "d_model", "n_layer", "wkv_chunk_len"):
-        at_least("model", field, 1)
-    for field in ("d_att", "d_ffn"):
-        need(m[field] is None or m[field] >= 1, f"model.{field} must be None or >= 1, got {m[field]!r}")
-    positive("model", "layer_norm_eps")
-    one_of("model", "dtype", COMPUTE_DTYPES)
-    one_of("model", "param_dtype", ("float32", "bfloat16", "float16"))
-    one_of("model", "wkv_form", WKV_FORMS)
-    try:
-        resolve_scan_layers(m.scan_layers, "cpu")
-    except ValueError:
-        need(False, f"model.scan_layers must be one of True, False, 'auto', got {m.scan_layers!r}")
-
-    # --- train
-    t = config.train
-    for field in ("num_steps", "batch_size", "seq_len", "microbatches", "bptt_windows", "log_every",
-                  "loss_chunk_tokens"):
-        at_least("train", field, 1)
-    at_least("train", "eval_every", 0, " (0: evaluate only at the end)")
-    at_least("train", "eval_batches", 0, " (0: the whole validation split)")
-    at_least("train", "peak_flops_per_device", 0, " (0: looked up from the device kind)")
-    if not problems:  # the divisibility checks need positive sizes
-        if t.batch_size % t.microbatches:
-            problems.append(f"train.batch_size={t.batch_size} is not a multiple of "
-                            f"train.microbatches={t.microbatches}")
-        elif mesh is not None:
-            batch_axes = math.prod(mesh.shape[a] for a in sharding.RULES["batch"])
-            if (t.batch_size // t.microbatches) % batch_axes:
-                problems.append(f"a microbatch of {t.batch_size // t.microbatches} rows does not split over the "
-                                f"{batch_axes} devices of the mesh's data x fsdp axes: raise train.batch_size or "
-                                "lower train.microbatches")
-        if t.batch_size % jax.process_count():
-            problems.append(f"train.batch_size={t.batch_size} does not split over {jax.process_count()} processes")
-
-    # --- optim
-    o = config.optim
-    positive("optim", "lr_init")
-    positive("optim", "lr_final", " (the decay is exponential, from lr_init to lr_final)")
-    for field in ("warmup_steps", "decay_start", "weight_decay", "l2wrap_factor"):
-        at_least("optim", field, 0)
-    for field in ("beta1", "beta2"):
-        need(0 <= o[field] < 1, f"optim.{field} must be in [0, 1), got {o[field]!r}")
-    positive("optim", "eps")
-    positive("optim", "grad_clip")
-    at_least("optim", "max_consecutive_bad_steps", 1)
-    one_of("optim", "trainable", ("all", "state"))
-    init_from = os.path.expanduser(t.init_from) if t.init_from else ""
-    need(o.trainable != "state" or bool(init_from),
-         "optim.trainable='state' tunes the initial state of a trained model: set train.init_from to its workdir, "
-         ".pth, HF or rwkv_jax directory")
-    # A resumed run restores its parameters from its own checkpoint: the model it started from may be gone.
-    need(not init_from or resuming or os.path.exists(init_from), f"train.init_from={t.init_from!r} does not exist")
-
-    # --- checkpoint
-    at_least("checkpoint", "every_steps", 1)
-    at_least("checkpoint", "keep", 1, " (the newest checkpoints kept; 0 would delete the final one too)")
-
-    # --- data
-    d = config.data
-    one_of("data", "source", ("stdlib", "text", "tfds", "binidx"))
-    one_of("data", "tokenizer", ("sentencepiece", "hf_json"))
-    one_of("data", "sp_model_type", ("bpe", "unigram"))
-    one_of("data", "text_split", ("hash", "all"))
-    one_of("data", "sampling", pipeline.SAMPLINGS)
-    need(0 <= d.validation_fraction < 1,
-         f"data.validation_fraction must be in [0, 1), got {d.validation_fraction!r}")
-    at_least("data", "sp_input_sentence_size", 1)
-    positive("data", "sp_wait_timeout_s")
-    need(d.source != "text" or bool(d.text_files.strip()),
-         "data.text_files is empty: give files, directories or globs (comma-separated) for source='text'")
-    need(d.source != "binidx" or bool(d.binidx_prefix),
-         "data.binidx_prefix is empty: give the path of the .bin/.idx pair without its suffix")
-    need(d.source != "binidx" or bool(d.tokenizer_path),
-         "data.tokenizer_path is required with source='binidx' (the tokenizer the ids were written with)")
-    need(d.tokenizer != "hf_json" or bool(d.tokenizer_path),
-         "data.tokenizer_path is required for tokenizer='hf_json' (e.g. a GPT-NeoX tokenizer .json)")
-    path = os.path.expanduser(d.tokenizer_path) if d.tokenizer_path else ""
-    need(not (path and os.path.isdir(path)),
-         f"data.tokenizer_path={d.tokenizer_path!r} is a directory: give the tokenizer's file path")
-    if d.tokenizer == "sentencepiece" and d.source != "binidx" and not (path and os.path.isfile(path)):
-        need(d.sp_vocab_size >= MIN_SP_VOCAB_SIZE,
-             f"data.sp_vocab_size must be >= {MIN_SP_VOCAB_SIZE} (256 byte pieces, </s>, <unk> and a newline "
-             f"piece), got {d.sp_vocab_size!r}")
-        need(d.sp_vocab_size <= m.vocab_size,
-             f"data.sp_vocab_size={d.sp_vocab_size} is larger than model.vocab_size={m.vocab_size}: "
-             "token ids would not fit the embedding")
-
-    if init_from and not (path and os.path.isfile(path)):
-        problems.append(f"train.init_from needs the tokenizer that model was trained with: set data.tokenizer_path "
-                        f"to its file{_tokenizer_hint(init_from)} (a new tokenizer would not match its embedding)")
-
-    if problems:
-        raise ConfigError("config: " + "; ".join(problems))
+    checks = Checks(config)
+    model_section.check_section(checks)
+    _check_train_section(checks, mesh)
+    optim.check_section(checks)
+    _check_checkpoint_section(checks)
+    data_config.check_section(checks)
+    _check_across_sections(checks, resuming)
+    checks.raise_if_any()
 
 
 def _tokenizer_hint(init_from: str) -> str:

@@ -34,9 +34,6 @@ class TrainState(NamedTuple):
     carry: Any = None               # streamed training: each row's state after its last window, else None
 
 
-TRAINABLE = ("all", "state")  # optim.trainable: every parameter, or the learned initial state alone
-
-
 def train_state_factory(model_config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
                         seed: int, *, trainable: str = "all", carry_rows: int = 0):
     """(graphdef, init, abstract state, shardings). `init()` materialises the state shard by shard on
@@ -46,8 +43,8 @@ def train_state_factory(model_config: ModelConfig, optimizer: optax.GradientTran
     initial state (rwkv_jax/train/state_tuning.py) alone, and the parameters are only an input. `carry_rows` > 0
     (streamed training: the global batch size) adds the carried recurrent state, empty at init and split
     over the batch axes as the batch rows are."""
-    if trainable not in TRAINABLE:
-        raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
+    if trainable not in optim.TRAINABLE:
+        raise ValueError(f"trainable must be one of {optim.TRAINABLE}, got {trainable!r}")
     model_class = family_of(model_config).model_class
     abstract_model = nnx.eval_shape(lambda: model_class(model_config, rngs=nnx.Rngs(seed)))
     graphdef, abstract_params = nnx.split(abstract_model)
@@ -129,7 +126,8 @@ def _loss(graphdef, params, initial_state, inputs_BT, targets_BT, l2wrap_factor,
 
 
 def make_train_step(graphdef, optimizer, schedule, shardings: TrainState, mesh: Mesh, *,
-                    microbatches: int = 1, l2wrap_factor: float = 1e-4, loss_chunk_tokens: int = 2048,
+                    microbatches: int = 1, l2wrap_factor: float = optim.L2WRAP_FACTOR,
+                    loss_chunk_tokens: int = optim.LOSS_CHUNK_TOKENS,
                     trainable: str = "all", bptt_windows: int = 1, gradient_buffers: bool | None = None):
     """jit(step)(state, batch) -> (state, metrics). `batch` has 'inputs' and 'targets' [B, T] int32, and
     optionally 'reset' [B, T] (document resets); with microbatches > 1 the gradient is accumulated over
@@ -140,8 +138,8 @@ def make_train_step(graphdef, optimizer, schedule, shardings: TrainState, mesh: 
     across them, one window's activations in memory at a time (see `_loss`). `gradient_buffers` (default:
     on a CPU mesh): the gradients are written into buffers kept from step to step, see
     `_StepWithGradientBuffers`."""
-    if trainable not in TRAINABLE:
-        raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
+    if trainable not in optim.TRAINABLE:
+        raise ValueError(f"trainable must be one of {optim.TRAINABLE}, got {trainable!r}")
     tune_state = trainable == "state"
 
     def grads_of(state: TrainState, inputs, targets, reset, carry):
@@ -249,7 +247,7 @@ class _StepWithGradientBuffers:
         return self._jitted.lower(state, batch, self._trained_of(state))
 
 
-def make_eval_step(graphdef, param_shardings, mesh: Mesh, *, loss_chunk_tokens: int = 2048):
+def make_eval_step(graphdef, param_shardings, mesh: Mesh, *, loss_chunk_tokens: int = optim.LOSS_CHUNK_TOKENS):
     """jit(step)(params, batch, initial_state) -> (sum of token losses in nats, token count); batch['mask']
     (1 = real target) leaves out padding; batch['reset'], when there, resets the state (document resets).
     `initial_state`: the learned state of a state-tuning run (TrainState.initial_state), or None for the
