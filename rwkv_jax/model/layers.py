@@ -168,8 +168,8 @@ def with_kernels_in_compute_dtype(model: "nnx.Module") -> "nnx.Module":
     """For inference in a low-precision compute dtype: the model with its linears' kernels (the blocks'
     projections and the head) stored in that dtype. Each is cast to the compute dtype before its product
     anyway, so every result is the same; but cast once here instead of in every call, which in small calls
-    (evaluation batches, decoding) read and wrote all the weights each time: on CPU the lm-eval adapter in
-    bf16 ran at 71 requests/s with fp32 kernels, 164 with bf16 ones (fp32: 92). The embedding, LayerNorms
+    (evaluation batches, decoding) read and wrote all the weights each time (benchmarks/lm_eval.py in bf16
+    shows the difference; docs/performance.md has the figures). The embedding, LayerNorms
     and the WKV's vectors keep their dtype (the residual stream and WKV stay fp32). Not for training: the
     optimizer updates fp32 master weights. A model computing in fp32 comes back as it is."""
     dtype = jnp.dtype(model.config.dtype)

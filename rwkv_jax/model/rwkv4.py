@@ -190,10 +190,9 @@ class RWKV(nnx.Module):
         """(log p(target) in fp32, whether the target is the logits' first argmax) at N positions of
         `hidden` [N, D]: `logits` and a fp32 log-softmax, for inference. In fp32 from 256 positions up the
         logits are made as [V, N] (the head's kernel transposed against ln_out(hidden)), because XLA:CPU
-        reduces over their major axis much faster than over their minor one: head, logsumexp and argmax
-        of 640 positions of 50277 logits took 254 ms against 350 ms. Below 256 positions the [N, V]
-        logits were as fast or faster (128: 63 ms against 72 ms), and in bf16 the transposed product
-        leaves XLA:CPU's fast path (640 positions: 244 ms against 82 ms)."""
+        reduces over their major axis much faster than over their minor one. Below 256 positions the
+        [N, V] logits were as fast or faster, and in bf16 the transposed product leaves XLA:CPU's fast path
+        (benchmarks/lm_eval.py measures the adapter that depends on it)."""
         if hidden_ND.shape[0] < 256 or jnp.dtype(self.config.dtype) != jnp.float32:
             logp_N1, greedy_N1 = target_logprobs(self.logits(hidden_ND), targets_N[:, None])
             return logp_N1[:, 0], greedy_N1[:, 0]
@@ -270,9 +269,9 @@ class RWKV(nnx.Module):
         # On CPU the loop is unrolled when compiled (the parameters keep their stacked layout). As a loop,
         # XLA:CPU copies each layer's weights out of the stack in the forward and again in the backward
         # pass, and writes the stacked activations and gradients slice by slice into zero-filled buffers;
-        # unrolled, the 169M training step at B=2 T=512 took 4.35 s against 5.19 s (B=1 T=128: 0.90
-        # against 0.98 s; the weights are still copied once, and the copies kept for the backward pass
-        # are why unstacked layers are faster still), and compiling 12 layers on CPU takes seconds. Where
+        # unrolled, the 169M training step is faster (benchmarks/train_step.py; the weights are still
+        # copied once, and the copies kept for the backward pass are why unstacked layers are faster
+        # still), and compiling 12 layers on CPU takes seconds. Where
         # compile time matters (TPU, GPU, and a TPU program compiled ahead of time on a CPU host: the
         # branch follows the platform compiled for), the loop stays a loop.
         return jax.lax.platform_dependent(x, xs, cpu=functools.partial(jax.lax.scan, body, unroll=True),

@@ -300,8 +300,8 @@ _sequential.defvjp(_sequential_fwd, _sequential_bwd)
 def wkv_sequential(time_decay, time_first, k_BTC, v_BTC, state: WKVState | None = None, *, unroll: int = 2,
                    reset_BT=None, reset_state: WKVState | None = None):
     """The recurrence, one token per loop step, with a hand-written backward. Returns y [B, T, C] and the
-    final state. `unroll` tokens go into one loop iteration (2 measured fastest on a 2-core CPU, 1 and 4
-    within 20%, 8 and 16 slower: see benchmarks/wkv.py). `reset_BT`, `reset_state`: document resets (module
+    final state. `unroll` tokens go into one loop iteration (benchmarks/wkv.py compares the choices; the
+    default was the fastest on a 2-core CPU). `reset_BT`, `reset_state`: document resets (module
     docstring; the backward's handling of them is in `_sequential_bwd`).
 
     The exponent is carried as an anchor plus a count of decay steps since it was set (p = anchor + n w),
