@@ -137,13 +137,13 @@ def _load_initial_state(model):
     """The one-row state of --initial_state, checked to fit `model`, or None."""
     if not _INITIAL_STATE.value:
         return None
-    from rwkv_jax.model import state_file
+    from rwkv_jax.model import state_file, state_rows
     try:
         state, _ = state_file.load_state(_INITIAL_STATE.value, model)
     except (ValueError, OSError) as e:
         raise type(e)(f"--initial_state={e}") from None
-    if state.att_x.shape[1] != 1:
-        raise ValueError(f"--initial_state={_INITIAL_STATE.value} holds {state.att_x.shape[1]} states (a batch "
+    if state_rows(state) != 1:
+        raise ValueError(f"--initial_state={_INITIAL_STATE.value} holds {state_rows(state)} states (a batch "
                          "saved by generate.py); every document starts from one: save a single prompt's state")
     return state
 

@@ -29,6 +29,7 @@ How it runs:
 import dataclasses
 import functools
 import threading
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +38,7 @@ from flax import nnx
 from jax.experimental import io_callback
 
 from rwkv_jax.data.tokenizer import check_fits, check_token_ids
-from rwkv_jax.model import RWKV, RWKVState
+from rwkv_jax.model import state_rows
 from rwkv_jax.model.state_file import check_state, load_state, save_state  # noqa: F401 (part of this API)
 
 
@@ -53,7 +54,7 @@ class Completion:
 class Generation:
     """The completions (indexable like a list) and the state and next-token logits after them."""
     completions: list[Completion]
-    state: RWKVState
+    state: Any
     logits: jax.Array
 
     def __getitem__(self, i):
@@ -90,8 +91,8 @@ def _pieces(n: int, chunk: int) -> list[int]:
     return out
 
 
-def prefill(model: RWKV, prompts: list[list[int]], state: RWKVState | None = None, logits=None, *,
-            chunk: int = 256) -> tuple[RWKVState, jax.Array]:
+def prefill(model: nnx.Module, prompts: list[list[int]], state: Any | None = None, logits=None, *,
+            chunk: int = 256) -> tuple[Any, jax.Array]:
     """State [L, B, *] and next-token logits [B, V] after each prompt (row b: prompt b read from row b of
     `state`, or from the empty state). An empty prompt keeps its row of `state` and `logits`."""
     if chunk < 1:
@@ -99,7 +100,7 @@ def prefill(model: RWKV, prompts: list[list[int]], state: RWKVState | None = Non
     graphdef, params = nnx.split(model)
     B = len(prompts)
     if state is not None:
-        rows = state.att_x.shape[1]
+        rows = state_rows(state)
         if rows not in (1, B):
             raise ValueError(f"the saved state holds {rows} rows (one per prompt of the generation that saved it) but "
                              f"{B} prompts were given: give {rows} prompts (an empty one continues its row)")
@@ -126,7 +127,7 @@ def prefill(model: RWKV, prompts: list[list[int]], state: RWKVState | None = Non
         rows_state.append(row)
         rows_logits.append(last)
     stacked = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *rows_state)
-    return RWKVState(*stacked), jnp.concatenate(rows_logits, axis=0)
+    return stacked, jnp.concatenate(rows_logits, axis=0)
 
 
 # --- Sampling and the decode loop ----------------------------------------------------------------------
@@ -186,7 +187,7 @@ def _decode(graphdef, params, state, logits, key, temperature, top_p, eot_id, *,
                                               ordered=True)
         new_logits, new_state = model.step(token, state)
         keep = lambda old, new: jnp.where(done.reshape((1, B) + (1,) * (old.ndim - 2)), old, new)  # noqa: E731
-        state = RWKVState(*(keep(o, n) for o, n in zip(state, new_state)))
+        state = type(state)(*(keep(o, n) for o, n in zip(state, new_state)))
         logits = jnp.where(done[:, None], logits, new_logits)
         return i + 1, state, logits, tokens, now_done, lengths
 
@@ -261,9 +262,9 @@ def _first_stop(text: str, stop) -> int | None:
     return min(found) if found else None
 
 
-def generate_tokens(model: RWKV, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
+def generate_tokens(model: nnx.Module, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
                     top_p: float = 1.0, top_k: int = 0, seed: int = 0, eot_id: int = 0, stop_at_eot: bool = True,
-                    stop=(), decode=None, on_token=None, state: RWKVState | None = None, logits=None,
+                    stop=(), decode=None, on_token=None, state: Any | None = None, logits=None,
                     prefill_chunk: int = 256, prompt_texts=None) -> Generation:
     """`generate` on token ids; `decode` (tokens -> text) is needed for stop strings and text output."""
     if not prompts:
@@ -317,8 +318,8 @@ def generate_tokens(model: RWKV, prompts: list[list[int]], *, max_new_tokens: in
     return Generation(completions, state, logits)
 
 
-def generate(model: RWKV, tokenizer, prompts: list[str] | str, *, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop=(), state: RWKVState | None = None,
+def generate(model: nnx.Module, tokenizer, prompts: list[str] | str, *, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop=(), state: Any | None = None,
              logits=None, on_token=None, stop_at_eot: bool = True, prefill_chunk: int = 256) -> Generation:
     """Complete each prompt (a batch); see the module docstring. `on_token(row, token, text)` is called as
     tokens come (text: the newly decided text, possibly ''; token None for the final flush). `state`

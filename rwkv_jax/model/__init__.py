@@ -29,10 +29,16 @@ state_file.py (states saved as .npz).
 """
 
 from rwkv_jax.model.family import VERSIONS, Family, all_lr_multipliers, family, family_of
-from rwkv_jax.model.layers import check_token_ids, target_logprobs, with_kernels_in_compute_dtype, with_scan_layers
+from rwkv_jax.model.layers import (
+                                   check_token_ids,
+                                   state_rows,
+                                   target_logprobs,
+                                   with_kernels_in_compute_dtype,
+                                   with_scan_layers,
+)
 from rwkv_jax.model.model_config import ModelConfig, resolve_scan_layers
 from rwkv_jax.model.rwkv4 import RWKV, RWKVState, init_state
 
 __all__ = ["VERSIONS", "Family", "ModelConfig", "RWKV", "RWKVState", "all_lr_multipliers", "check_token_ids",
-           "family", "family_of", "init_state", "resolve_scan_layers", "target_logprobs",
+           "family", "family_of", "init_state", "resolve_scan_layers", "state_rows", "target_logprobs",
            "with_kernels_in_compute_dtype", "with_scan_layers"]

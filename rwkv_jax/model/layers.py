@@ -85,6 +85,11 @@ def mix(x, shifted, mix_C):
     return x * mix_C + shifted * (1 - mix_C)
 
 
+def state_rows(state) -> int:
+    """The batch rows of a model state (a NamedTuple of [n_layer, B, ...] arrays, whatever the generation)."""
+    return jax.tree.leaves(state)[0].shape[1]
+
+
 def target_logprobs(logits, targets):
     """(log p(target) under a log-softmax of `logits` [..., V], whether the target is their first argmax)
     for targets [..., K] (K targets per row). The flag comes from the logits themselves: subtracting the

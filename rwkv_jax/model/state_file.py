@@ -4,9 +4,10 @@ initial state of a state-tuning run (rwkv_jax/train/state_tuning.py) and `eval.p
     save_state(path, state, logits=None, model_config=None)
     state, logits = load_state(path, model)   # model: check the file was written for this model's shape
 
-The file holds the five RWKVState fields ([L, B, *] fp32), the next-token logits [B, V] when given (a
-generation to continue) and the shape of the model it was written for (`model_shape`: n_layer, d_model,
-d_att, d_ffn, vocab_size), so that a file used with another model fails with both shapes named.
+The file holds the fields of the model's state NamedTuple ([L, B, *] fp32: RWKV-4's five vectors per
+layer), the next-token logits [B, V] when given (a generation to continue) and the shape of the model
+it was written for (`model_shape`: n_layer, d_model, d_att, d_ffn, vocab_size), so that a file used
+with another model fails with both shapes named.
 The write is atomic: a reader never sees half a file.
 """
 
@@ -16,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rwkv_jax.model.rwkv4 import RWKVState
+from rwkv_jax.model.family import VERSIONS, family
+from rwkv_jax.model.layers import state_rows
 
 MODEL_SHAPE = "model_shape"
 
@@ -38,7 +40,7 @@ def host_array(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def save_state(path, state: RWKVState, logits=None, model_config=None) -> None:
+def save_state(path, state, logits=None, model_config=None) -> None:
     """Write `state` (and the next-token logits, and the model's shape, if given) to the .npz `path`."""
     arrays = {k: host_array(v).astype(np.float32) for k, v in state._asdict().items()}
     if logits is not None:
@@ -57,7 +59,7 @@ def save_state(path, state: RWKVState, logits=None, model_config=None) -> None:
         raise
 
 
-def load_state(path, model=None) -> tuple[RWKVState, jax.Array | None]:
+def load_state(path, model=None) -> tuple[object, jax.Array | None]:
     """(state, logits or None) of a state file; with `model`, ValueError (one line, both shapes named)
     unless the file was written for a model of this shape."""
     try:
@@ -70,10 +72,8 @@ def load_state(path, model=None) -> tuple[RWKVState, jax.Array | None]:
     if not hasattr(data, "files"):  # np.load gave one array: not an .npz
         raise ValueError(f"{path}: not an RWKV state file (a single array, not an .npz of the state fields)")
     with data:
-        missing = [k for k in RWKVState._fields if k not in data]
-        if missing:
-            raise ValueError(f"{path}: not an RWKV state file (missing {missing}; has {sorted(data.files)})")
-        state = RWKVState(*(jnp.asarray(data[k], jnp.float32) for k in RWKVState._fields))
+        state_type = _state_type(path, data.files, model)
+        state = state_type(*(jnp.asarray(data[k], jnp.float32) for k in state_type._fields))
         logits = jnp.asarray(data["logits"]) if "logits" in data else None
         shape = tuple(int(x) for x in data[MODEL_SHAPE]) if MODEL_SHAPE in data else None
     if model is not None:
@@ -88,14 +88,26 @@ def load_state(path, model=None) -> tuple[RWKVState, jax.Array | None]:
     return state, logits
 
 
-def check_state(model, state: RWKVState, batch_size: int | None = None, logits=None) -> None:
+def _state_type(path, names, model) -> type:
+    """The state NamedTuple of `model`, or without one of the generation whose fields the file holds;
+    ValueError naming what is missing."""
+    candidates = [type(jax.eval_shape(lambda: model.init_state(1)))] if model is not None else \
+        [family(v).state_type for v in VERSIONS]
+    for state_type in candidates:
+        if all(k in names for k in state_type._fields):
+            return state_type
+    missing = [k for k in candidates[0]._fields if k not in names]
+    raise ValueError(f"{path}: not an RWKV state file (missing {missing}; has {sorted(names)})")
+
+
+def check_state(model, state, batch_size: int | None = None, logits=None) -> None:
     """ValueError unless `state` (and `logits`) have the shapes of `model`'s state for `batch_size` rows."""
-    expected = jax.eval_shape(lambda: model.init_state(batch_size or state.att_x.shape[1]))
+    expected = jax.eval_shape(lambda: model.init_state(batch_size or state_rows(state)))
     got = {k: tuple(v.shape) for k, v in state._asdict().items()}
     want = {k: tuple(v.shape) for k, v in expected._asdict().items()}
     if got != want:
         raise ValueError(f"the state does not fit this model (or batch): shapes {got}, expected {want}")
-    if logits is not None and tuple(logits.shape) != (state.att_x.shape[1], model.config.vocab_size):
+    if logits is not None and tuple(logits.shape) != (state_rows(state), model.config.vocab_size):
         raise ValueError(f"the saved logits {tuple(logits.shape)} do not fit this model: a vocabulary of "
                          f"{logits.shape[-1]} where the model has {model.config.vocab_size} (the state was saved "
                          "with another model)")

@@ -95,10 +95,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(RULES["batch"], None))
 
 
-def recurrent_state_sharding(mesh: Mesh) -> NamedSharding:
-    """An RWKVState carried across training steps, each field [n_layer, B, width]: rows split as the
-    batch's are, so each device holds the state of its own rows."""
-    return NamedSharding(mesh, PartitionSpec(None, RULES["batch"], None))
+def recurrent_state_sharding(mesh: Mesh, abstract_state):
+    """Shardings of a model state carried across training steps, each field [n_layer, B, ...]: rows split
+    as the batch's are, so each device holds the state of its own rows."""
+    return jax.tree.map(lambda x: NamedSharding(mesh, PartitionSpec(None, RULES["batch"], *[None] * (x.ndim - 2))),
+                        abstract_state)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -62,7 +62,7 @@ def train_state_factory(model_config: ModelConfig, optimizer: optax.GradientTran
         return build(jax.lax.with_sharding_constraint(params, param_shardings))
 
     abstract_state = jax.eval_shape(fresh)
-    carry_sharding = sharding.recurrent_state_sharding(mesh) if carry_rows else None
+    carry_sharding = sharding.recurrent_state_sharding(mesh, abstract_state.carry) if carry_rows else None
     if trainable == "state":  # the learned state and its optimizer state are small: replicated
         shardings = TrainState(sharding.replicated(mesh), param_shardings, sharding.replicated(mesh),
                                sharding.replicated(mesh), carry_sharding)
