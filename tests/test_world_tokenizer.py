@@ -194,3 +194,20 @@ def test_crlf_and_lf_files_read_the_same(tmp_path, vocab_path, ours):
     other = WorldTokenizer(str(path))
     sample = TEXTS["code"] + EMOJI["zwj"]
     assert other.encode(sample) == ours.encode(sample) and other.vocab_size == ours.vocab_size
+
+
+def test_the_package_reads_a_world_vocabulary_by_its_suffix_and_by_name(vocab_path):
+    """data.tokenizer='rwkv_world' and a .txt --tokenizer both give the World tokenizer."""
+    by_file = tokenizer_lib.load_tokenizer_file(vocab_path)
+    by_kind = tokenizer_lib.load_tokenizer("rwkv_world", vocab_path)
+    assert isinstance(by_file, WorldTokenizer) and isinstance(by_kind, WorldTokenizer)
+    assert by_file.encode("Hello 你好 🙂") == by_kind.encode("Hello 你好 🙂")
+
+
+def test_a_world_tokenizer_config_needs_its_file():
+    from rwkv_jax.train import train_config
+    config = train_config.base_config(model=train_config.model_config(), batch_size=2, seq_len=8, num_steps=1,
+                                      lr_init=1e-3, lr_final=1e-4)
+    config.data.tokenizer = "rwkv_world"
+    with pytest.raises(train_config.ConfigError, match=r"data.tokenizer_path is required for tokenizer='rwkv_world'"):
+        train_config.validate(config)

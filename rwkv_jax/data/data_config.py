@@ -33,7 +33,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.eval_split = "validation"  # For TFDS catalog datasets often 'test'; '' disables evaluation.
     c.binidx_prefix = ""  # source='binidx': path without .bin/.idx.
     c.data_dir = default_data_dir()
-    c.tokenizer = "sentencepiece"  # 'sentencepiece' | 'hf_json'.
+    c.tokenizer = "sentencepiece"  # data.tokenizer.TOKENIZERS: 'sentencepiece' | 'hf_json' | 'rwkv_world'.
     c.tokenizer_path = ""  # hf_json: the .json file; sentencepiece: '' = inside data_dir, keyed.
     c.sp_vocab_size = 4096
     c.sp_model_type = "bpe"  # 'bpe' | 'unigram'.
@@ -73,6 +73,8 @@ def check_section(checks) -> None:
                 "data.tokenizer_path is required with source='binidx' (the tokenizer the ids were written with)")
     checks.need(d.tokenizer != "hf_json" or bool(d.tokenizer_path),
                 "data.tokenizer_path is required for tokenizer='hf_json' (e.g. a GPT-NeoX tokenizer .json)")
+    checks.need(d.tokenizer != "rwkv_world" or bool(d.tokenizer_path),
+                "data.tokenizer_path is required for tokenizer='rwkv_world' (your copy of rwkv_vocab_v20230424.txt)")
     path = os.path.expanduser(d.tokenizer_path) if d.tokenizer_path else ""
     checks.need(not (path and os.path.isdir(path)),
                 f"data.tokenizer_path={d.tokenizer_path!r} is a directory: give the tokenizer's file path")

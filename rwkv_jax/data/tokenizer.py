@@ -12,7 +12,7 @@ import sentencepiece as spm
 import tokenizers
 from absl import logging
 
-TOKENIZERS = ("sentencepiece", "hf_json")  # data.tokenizer: the kinds of tokenizer file
+TOKENIZERS = ("sentencepiece", "hf_json", "rwkv_world")  # data.tokenizer: the kinds of tokenizer file
 SP_MODEL_TYPES = ("bpe", "unigram")       # data.sp_model_type
 
 _EOT_TOKENS = ("<|endoftext|>", "</s>", "<eos>")
@@ -152,17 +152,22 @@ def train_sentencepiece(texts: Iterable[str], path: str, *, vocab_size: int, mod
 
 
 def load_tokenizer(kind: str, path: str) -> Tokenizer:
-    """An existing tokenizer file of `kind` ('sentencepiece' or 'hf_json')."""
+    """An existing tokenizer file of `kind` (one of TOKENIZERS)."""
     if kind == "sentencepiece":
         return SentencePieceTokenizer(path)
     if kind == "hf_json":
         return HFJsonTokenizer(path)
-    raise ValueError(f"config.data.tokenizer must be 'sentencepiece' or 'hf_json', not {kind!r}.")
+    if kind == "rwkv_world":
+        from rwkv_jax.data.world_tokenizer import WorldTokenizer  # lazy: that module imports this one
+        return WorldTokenizer(path)
+    raise ValueError(f"config.data.tokenizer must be one of {list(TOKENIZERS)}, not {kind!r}.")
 
 
 def kind_of_file(path: str) -> str:
-    """'hf_json' for a .json file (HF tokenizers), else 'sentencepiece' (a .model file)."""
-    return "hf_json" if str(path).endswith(".json") else "sentencepiece"
+    """'hf_json' for a .json file (HF tokenizers), 'rwkv_world' for a .txt vocabulary (the RWKV World
+    tokenizer's rwkv_vocab_v20230424.txt), else 'sentencepiece' (a .model file)."""
+    name = str(path)
+    return "hf_json" if name.endswith(".json") else "rwkv_world" if name.endswith(".txt") else "sentencepiece"
 
 
 def load_tokenizer_file(path: str) -> Tokenizer:

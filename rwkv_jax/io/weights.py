@@ -295,8 +295,8 @@ class Loaded:
 
 
 def find_tokenizer(checkpoint, tokenizer_path: str = ""):
-    """The tokenizer to use with `checkpoint`: `tokenizer_path` (.json HF tokenizers, .model sentencepiece),
-    else the copy in a training workdir or the tokenizer.json of an HF directory."""
+    """The tokenizer to use with `checkpoint`: `tokenizer_path` (.json HF tokenizers, .model sentencepiece,
+    .txt the RWKV World vocabulary), else the copy in a training workdir or the tokenizer.json of an HF directory."""
     from rwkv_jax.data import tokenizer as tokenizer_lib
     if not tokenizer_path:
         checkpoint = Path(checkpoint)
@@ -307,8 +307,8 @@ def find_tokenizer(checkpoint, tokenizer_path: str = ""):
                 found = checkpoint / "tokenizer.json"
         if found is None:
             raise ValueError(f"no tokenizer found with {checkpoint}: pass --tokenizer=PATH (a sentencepiece "
-                             ".model or an HF tokenizers .json such as the GPT-NeoX-20B tokenizer of the "
-                             "official Pile models)")
+                             ".model, an HF tokenizers .json such as the GPT-NeoX-20B tokenizer of the official "
+                             "Pile models, or the World models' rwkv_vocab_v20230424.txt)")
         tokenizer_path = str(found)
     return tokenizer_lib.load_tokenizer_file(tokenizer_path)
 

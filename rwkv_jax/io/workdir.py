@@ -104,8 +104,8 @@ class Workdir:
 
     def tokenizer_path(self) -> Path | None:
         """The run's copy of its tokenizer, or None."""
-        found = [p for p in (self.path / f"{TOKENIZER_STEM}.model", self.path / f"{TOKENIZER_STEM}.json")
-                 if p.is_file()]
+        found = [self.path / f"{TOKENIZER_STEM}{suffix}" for suffix in (".model", ".json", ".txt")
+                 if (self.path / f"{TOKENIZER_STEM}{suffix}").is_file()]
         return found[0] if found else None
 
     def steps(self) -> list[int]:
