@@ -11,7 +11,7 @@
   * token ids outside the vocabulary are refused in the model API, binidx files and token caches;
   * damaged tokenizers / token caches and bad config files are one-line errors naming the file.
 
-The tiny setup and the subprocess helpers are those of tests/test_train.py.
+The tiny setup and the subprocess helpers are those of tests/test_train.py, in tests/helpers.py.
 """
 
 import json
@@ -39,7 +39,7 @@ from rwkv_jax.io.checkpoint import Checkpointer, IncompatibleCheckpointError
 from rwkv_jax.model import RWKV, ModelConfig
 from rwkv_jax.train import resume, trainer
 from rwkv_jax.train import train_config as config_lib
-from tests.test_train import (
+from tests.helpers import (
     REPO,
     SUBPROCESS_TIMEOUT_S,
     Run,
@@ -55,15 +55,10 @@ BASE_STEPS = 4  # the base run: checkpoints at steps 2 and 4
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(train_env):
     """This package's source as the corpus, a data dir, and a base workdir trained for BASE_STEPS steps."""
-    root = tmp_path_factory.mktemp("reliability")
-    corpus = root / "corpus"
-    for path in sorted((REPO / "rwkv_jax").rglob("*.py")):
-        dest = corpus / path.relative_to(REPO)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dest)
-    env = {"root": root, "corpus": corpus, "data_dir": root / "data"}
+    env = dict(train_env)
+    root = env["root"]
     env["overrides"] = tiny_overrides(env, train__num_steps=BASE_STEPS, train__eval_every=0)
     env["base"] = root / "base"
     trainer.train(make_config(env["overrides"]), env["base"])

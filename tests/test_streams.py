@@ -201,7 +201,7 @@ def test_bptt_windows_equal_one_pass_over_their_tokens_and_carry_on():
 
 @pytest.mark.slow
 def test_a_streamed_run_with_bptt_windows_and_microbatches_trains_and_checkpoints_its_carry(tmp_path):
-    from tests.test_train import REPO, make_config, read_records, restore_latest, tiny_overrides
+    from tests.helpers import REPO, make_config, read_records, restore_latest, tiny_overrides
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for path in sorted((REPO / "rwkv_jax").glob("*.py")):
