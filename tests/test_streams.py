@@ -6,7 +6,7 @@
     (forward values, the final state), with microbatches too, and the gradient stops at the window boundary;
   * train.bptt_windows=2 equals one pass over the 2T tokens (loss, gradient, update, final state);
   * SIGKILL resume stays bit exact with streaming (tests/test_train.py), a changed sampling on resume is
-    refused (tests/test_reliability.py).
+    refused (tests/test_train_failures.py).
 """
 
 import jax
