@@ -172,6 +172,8 @@ SUBPROCESS_TIMEOUT_S = 300
 
 
 def tiny_overrides(env: dict, **extra) -> dict:
+    """Overrides of configs/tiny.py for a 2 x 32 model, vocab 512, 4 x 32 tokens a step, trained on env's
+    corpus with its data dir (conftest's train_env); `extra` as section__field=value."""
     overrides = {
         "data.source": "text", "data.text_files": str(env["corpus"]), "data.data_dir": str(env["data_dir"]),
         "data.sp_vocab_size": 512, "data.validation_fraction": 0.2,
@@ -184,6 +186,7 @@ def tiny_overrides(env: dict, **extra) -> dict:
 
 
 def make_config(overrides: dict):
+    """configs/tiny.py with `overrides` ({"section.field": value}) applied."""
     spec = importlib.util.spec_from_file_location("tiny_config", REPO / "configs" / "tiny.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -271,6 +274,7 @@ def restore_latest(config, workdir: Path):
 
 
 def run_cli(args: list[str], timeout_s: float = 120) -> subprocess.CompletedProcess:
+    """`python train.py *args` on CPU, its output captured."""
     return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout_s, env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
