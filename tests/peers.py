@@ -1,5 +1,8 @@
 """Reference peers for tests: HF transformers' RwkvForCausalLM with every parameter randomised (its own
-init is degenerate: zero matrices make every logit equal), and the official `rwkv` pip package."""
+init is degenerate: zero matrices make every logit equal), and the official `rwkv` pip package.
+
+Kept apart from tests/helpers.py: importing this module imports torch and transformers and sets the `rwkv`
+package's environment, which only the modules that compare against a peer should pay for."""
 
 import os
 

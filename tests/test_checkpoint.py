@@ -11,7 +11,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -19,65 +18,10 @@ from flax import nnx
 
 from rwkv_jax.io.checkpoint import Checkpointer, IncompatibleCheckpointError
 from rwkv_jax.model import ModelConfig
-from rwkv_jax.train import optim, sharding, train_step
+from rwkv_jax.train import sharding, train_step
+from tests.helpers import abstract, assert_bit_identical, assert_on_shardings, make_state, mesh_of, randomized, snapshot
 
-MC = ModelConfig(vocab_size=64, d_model=32, n_layer=2)
 REPO = Path(__file__).resolve().parents[1]
-
-
-def make_state(mesh, model_config=MC):
-    """(train state, shardings) of the tiny model on `mesh`."""
-    tx = optim.make_optimizer(optim.default_optim_config(), total_steps=100)
-    _, init, _, shardings = train_step.train_state_factory(model_config, tx, mesh, seed=0)
-    return init(), shardings
-
-
-def mesh_of(devices, **axes):
-    return sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1, **axes}), devices)
-
-
-def randomized(state, seed: int):
-    """`state` with every array refilled with seeded random values (all mantissa bits in use), same
-    dtype and sharding, so Adam moments and apply_if_finite counters are all distinctive."""
-    rng = np.random.default_rng(seed)
-
-    def fill(x):
-        if x.dtype == jnp.bool_:
-            value = rng.integers(0, 2, x.shape).astype(bool)
-        elif jnp.issubdtype(x.dtype, jnp.integer):
-            value = rng.integers(1, 1000, x.shape).astype(x.dtype)
-        else:
-            value = rng.standard_normal(x.shape).astype(x.dtype)
-        return jax.device_put(value, x.sharding)
-
-    return jax.tree.map(fill, state)
-
-
-def abstract(state):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-
-
-def snapshot(state) -> list[np.ndarray]:
-    return [np.array(x) for x in jax.tree.leaves(state)]
-
-
-def assert_bit_identical(restored, expected_structure, expected_arrays: list[np.ndarray]):
-    assert jax.tree.structure(restored) == jax.tree.structure(expected_structure)
-    path_leaves = jax.tree_util.tree_flatten_with_path(restored)[0]
-    assert len(path_leaves) == len(expected_arrays)
-    for (path, got), want in zip(path_leaves, expected_arrays):
-        got = np.asarray(got)
-        name = jax.tree_util.keystr(path)
-        assert (got.dtype, got.shape) == (want.dtype, want.shape), name
-        assert got.tobytes() == want.tobytes(), f"{name} differs"
-
-
-def assert_on_shardings(state, shardings):
-    expanded = jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), shardings, state,
-                            is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-    targets = jax.tree.leaves(expanded, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-    for x, target in zip(jax.tree.leaves(state), targets, strict=True):
-        assert x.sharding == target, (x.sharding, target)
 
 
 @pytest.fixture(scope="module")
@@ -292,44 +236,10 @@ def test_incompatible_state_raises_without_touching_the_checkpoint(tmp_path, bas
 # --- 8 devices -> 1 -> 8 ----------------------------------------------------------------------------
 # A forced host device count only takes effect before jax starts, hence the child processes.
 
-EIGHT_DEVICE_MESH = {"fsdp": 4, "tensor": 2}
-
-
-def distinct_shards(x) -> int:
-    return len({tuple((i.start, i.stop) for i in shard.index) for shard in x.addressable_shards})
-
-
-def child_main(mode: str, ckpt_dir: str, arrays: str) -> None:
-    """Runs in a process with 8 CPU devices. 'save': save step 7 of a random state sharded over the
-    mesh (arrays to `arrays`), then start a save of step 9 and die mid-write. 'restore': restore the
-    latest onto the mesh and compare with `arrays`."""
-    assert jax.device_count() == 8
-    state0, shardings = make_state(mesh_of(jax.devices(), **EIGHT_DEVICE_MESH))
-    emb = state0.params["emb"]["embedding"].value
-    assert distinct_shards(emb) == 8  # truly split 4 x 2 over the devices
-    if mode == "save":
-        state = randomized(state0, seed=7)
-        ckpt = Checkpointer(ckpt_dir)
-        ckpt.save(7, state, {"devices": 8})
-        ckpt.wait()
-        np.savez(arrays, *snapshot(state))
-        ckpt.save(9, randomized(state0, seed=9), {"devices": 8})
-        os._exit(0)  # killed while step 9 is being written
-    ckpt = Checkpointer(ckpt_dir)
-    restored, extra, step = ckpt.restore_latest(abstract(state0), shardings)
-    assert (step, extra) == (8, {"devices": 1}), (step, extra)
-    with np.load(arrays) as saved:
-        assert_bit_identical(restored, state0, [saved[f"arr_{i}"] for i in range(len(saved.files))])
-    assert_on_shardings(restored, shardings)
-    emb = restored.params["emb"]["embedding"].value
-    assert distinct_shards(emb) == 8
-    ckpt.close()
-    print("CHILD OK")
-
 
 def run_child(mode: str, ckpt_dir: Path, arrays: Path) -> None:
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    code = "import sys; from tests.test_checkpoint import child_main; child_main(*sys.argv[1:])"
+    code = "import sys; from tests.helpers import child_main; child_main(*sys.argv[1:])"
     proc = subprocess.run([sys.executable, "-c", code, mode, str(ckpt_dir), str(arrays)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

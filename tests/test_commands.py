@@ -24,7 +24,7 @@ from rwkv_jax.data.binidx import BinIdxWriter
 from rwkv_jax.infer import generation as gen_lib
 from rwkv_jax.io import weights
 from rwkv_jax.model import RWKV, ModelConfig
-from tests.test_generate import write_byte_tokenizer
+from tests.helpers import write_byte_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))

@@ -1,4 +1,5 @@
-"""Batches (determinism, resume, shift, multi-process rows, eval coverage) and `make_datasets` end to end."""
+"""Batches (determinism, resume, shift, multi-process rows, eval coverage, token ids outside the vocabulary)
+and `make_datasets` end to end."""
 
 import json
 import logging
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from rwkv_jax import data
-from rwkv_jax.data import binidx
+from rwkv_jax.data import binidx, pipeline
 from rwkv_jax.data import corpus_binidx as make_binidx
 
 TOKENS_N = np.arange(5000, dtype=np.uint16)  # Distinct ids: a token's value is its offset.
@@ -155,3 +156,17 @@ def test_real_stdlib_corpus(tmp_path):
     tok, train, evals = data.make_datasets(c, seq_len=1024, batch_size=12, model_vocab_size=4096)
     assert tok.vocab_size == 4096 and len(train.tokens_N) > 1_000_000 and len(evals) > 0
     assert train.batch_at(0)["inputs"].shape == (12, 1024)
+
+
+# --- Token ids outside the vocabulary ---------------------------------------------------------------------
+
+def test_batches_check_every_window_they_cut(tmp_path):
+    """Streams too large to scan at open are checked batch by batch, naming the source and the offset."""
+    tokens = np.arange(1000, dtype=np.uint16) % 100
+    tokens[500] = 100
+    batches = pipeline.Batches(tokens, seq_len=999, batch_size=1, vocab_size=100, source="binidx file 'x.bin'")
+    with pytest.raises(ValueError, match=r"binidx file 'x\.bin': token id 100 at token 500 is outside"):
+        batches.batch_at(0)
+    evals = pipeline.EvalBatches(tokens, seq_len=100, batch_size=2, vocab_size=100, source="cache 'y'")
+    with pytest.raises(ValueError, match=r"cache 'y': token id 100 at token 500"):
+        list(evals)

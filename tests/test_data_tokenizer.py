@@ -1,7 +1,9 @@
-"""Tokenizers: GPT-NeoX ids, sentencepiece training/reuse/multi-host wait, the vocab check."""
+"""Tokenizers: GPT-NeoX ids, sentencepiece training/reuse/multi-host wait, the vocab check, damaged
+tokenizer files and corpora sentencepiece cannot train on."""
 
 import json
 import os
+import re
 import shutil
 import textwrap
 import threading
@@ -84,3 +86,32 @@ def test_fingerprint_follows_the_file(tmp_path):
     shutil.copy(tmp_path / "a.model", tmp_path / "b.model")
     assert tokenizer_lib.SentencePieceTokenizer(str(tmp_path / "b.model")).fingerprint == tok.fingerprint
     assert train(tmp_path / "c.model", vocab_size=380).fingerprint != tok.fingerprint
+
+
+# --- Damaged tokenizer files and corpora that sentencepiece cannot train on -------------------------------
+
+def test_damaged_tokenizer_files_are_errors_naming_the_file(tmp_path):
+    bad_json, bad_model = tmp_path / "tok.json", tmp_path / "tok.model"
+    bad_json.write_text('{"version": "1.0", "model": ')
+    bad_model.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match=rf"Tokenizer JSON '{re.escape(str(bad_json))}' cannot be read"):
+        tokenizer_lib.load_tokenizer("hf_json", str(bad_json))
+    with pytest.raises(ValueError, match=rf"SentencePiece model '{re.escape(str(bad_model))}' cannot be read"):
+        tokenizer_lib.load_tokenizer("sentencepiece", str(bad_model))
+
+
+def test_sentencepiece_failures_name_the_model_and_leave_no_temporary_files(tmp_path):
+    path = tmp_path / "sp.model"
+    with pytest.raises(ValueError, match=rf"sentencepiece could not train a tokenizer for '{re.escape(str(path))}' "
+                                         r"on the training text \(0 lines"):
+        tokenizer_lib.train_sentencepiece(["  \n\n"], str(path), vocab_size=300)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_one_huge_line_trains_a_tokenizer(tmp_path):
+    """sentencepiece skips lines over 4192 bytes: a corpus of one long line (16 MB in the issue) left it
+    nothing to train on."""
+    text = "".join(f"word{i % 97} " for i in range(30_000))  # ~200 KB, no newline
+    tok = tokenizer_lib.train_sentencepiece([text], str(tmp_path / "sp.model"), vocab_size=300)
+    assert tok.decode(tok.encode("word1 word2 ")) == "word1 word2 "
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sp.model"]

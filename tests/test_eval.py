@@ -16,8 +16,8 @@ from rwkv_jax.data import documents as docs_lib
 from rwkv_jax.data.tokenizer import HFJsonTokenizer, check_fits
 from rwkv_jax.infer import evaluation as ev
 from rwkv_jax.io import weights
+from tests.helpers import write_byte_tokenizer
 from tests.peers import hf_logits, random_hf_model
-from tests.test_generate import write_byte_tokenizer
 
 VOCAB = 260  # the byte tokenizer's 257 tokens fit
 

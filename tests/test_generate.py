@@ -10,22 +10,10 @@ import torch
 from rwkv_jax.data.tokenizer import HFJsonTokenizer
 from rwkv_jax.infer import generation as gen_lib
 from rwkv_jax.io import weights
+from tests.helpers import write_byte_tokenizer
 from tests.peers import random_hf_model
 
 VOCAB = 260
-
-
-def write_byte_tokenizer(path) -> str:
-    """A lossless byte-level HF tokenizers JSON: <|endoftext|> = 0, then the 256 bytes."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(alphabet)}}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>"])
-    tok.save(str(path))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,17 @@
 """The package's shape: every module name unique, no import cycle, nothing in the library importing the
-command line, and every model generation's logical axes known to the sharding rules."""
+command line, and every model generation's logical axes known to the sharding rules. The tests' shape: no
+file under tests/ imports a test module (shared code lives in tests/helpers.py and tests/conftest.py)."""
 
 import ast
 import pathlib
+import re
 from collections import Counter
 
 from rwkv_jax.model import VERSIONS, family
 from rwkv_jax.train import sharding
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "rwkv_jax"
+TESTS = pathlib.Path(__file__).resolve().parent
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -90,3 +93,68 @@ def test_every_generation_logical_axis_has_a_sharding_rule():
     for version in VERSIONS:
         missing = set(family(version).logical_axes) - set(sharding.RULES)
         assert not missing, f"RWKV-{version}: no sharding rule for {sorted(missing)}"
+
+
+# --- The tests' own layout ----------------------------------------------------------------------------------
+
+_TEST_MODULE = re.compile(r"^(?:tests\.)?(test_\w+)$")
+# `from tests.test_x import y` / `import tests.test_x` inside a string: code run by a subprocess (python -c)
+_TEST_MODULE_IN_CODE = re.compile(r"\b(?:from|import)\s+(?:tests\.)?(test_\w+)\b")
+
+
+def _test_modules_imported(source: str, in_strings: bool = True) -> set[str]:
+    """The test_* modules that `source` imports, at any depth (lazy imports too), and with `in_strings` also
+    in string constants that hold code for a subprocess: `import tests.test_x`, `from tests.test_x import y`,
+    `from tests import test_x`, `from .test_x import y`, `from . import test_x` and `import test_x`."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if (node.level and not module) or module == "tests":  # from . import test_x, from tests import test_x
+                names = [alias.name for alias in node.names]
+            else:
+                names = [module]
+        elif in_strings and isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found.update(_TEST_MODULE_IN_CODE.findall(node.value))
+            continue
+        else:
+            continue
+        found.update(m[1] for name in names if (m := _TEST_MODULE.match(name)))
+    return found
+
+
+def test_no_file_under_tests_imports_a_test_module():
+    """A helper or fixture that two test modules need lives in tests/helpers.py or tests/conftest.py."""
+    paths = sorted(TESTS.rglob("*.py"))
+    assert TESTS / "test_train.py" in paths and TESTS / "helpers.py" in paths  # the walk sees the tests
+    # A module importing itself counts too: `python -c "from tests.test_x import ..."` runs it a second time.
+    # This file's strings are the detector's own examples: its imports alone are checked.
+    this = pathlib.Path(__file__).resolve()
+    offenders = {str(path.relative_to(TESTS)): sorted(imported) for path in paths
+                 if (imported := _test_modules_imported(path.read_text(), in_strings=path != this))}
+    assert not offenders, f"test modules imported by other files: {offenders}"
+
+
+def test_the_import_detector_finds_test_module_imports():
+    """The detector sees every spelling of an import of a test module (a check that could not fail would
+    prove nothing), and not the imports that are allowed."""
+    imports = {
+        "from tests.test_train import make_config": {"test_train"},
+        "import tests.test_wkv": {"test_wkv"},
+        "import tests.test_wkv as w": {"test_wkv"},
+        "from tests import test_generate": {"test_generate"},
+        "from . import test_generate, helpers": {"test_generate"},
+        "from .test_wkv import assert_close": {"test_wkv"},
+        "import test_eval": {"test_eval"},
+        "def f():\n    from tests.test_train import REPO\n": {"test_train"},
+        'code = "import sys; from tests.test_checkpoint import child_main; child_main()"': {"test_checkpoint"},
+        "from tests.helpers import make_config\nfrom tests.peers import hf_logits\nimport tests.conftest": set(),
+        "from rwkv_jax.train import trainer\nimport pytest": set(),
+        "from tests import helpers": set(),
+        'message = "test_train failed"': set(),
+    }
+    for source, expected in imports.items():
+        assert _test_modules_imported(source) == expected, source
+    assert _test_modules_imported('code = "from tests.test_x import y"', in_strings=False) == set()

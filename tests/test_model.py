@@ -1,4 +1,5 @@
-"""Model structure: v4neo initialisation, Table 2 parameter counts, causality, state splitting, bf16."""
+"""Model structure: v4neo initialisation, Table 2 parameter counts, causality, state splitting, bf16, and
+token ids outside the vocabulary refused."""
 
 import dataclasses
 import importlib.util
@@ -265,3 +266,28 @@ def test_remat_gives_identical_gradients(random_model):
     # (a wrong recomputed state would be off by O(1)).
     for a, b in zip(jax.tree.leaves(grads(random_model)), jax.tree.leaves(grads(remat_model))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(a).max()))
+
+
+# --- Token ids outside the vocabulary ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return RWKV(ModelConfig(vocab_size=16, d_model=8, n_layer=1, d_ffn=16), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("bad", [16, -1, 1000])
+def test_the_model_refuses_token_ids_outside_the_vocabulary(tiny_model, bad):
+    with pytest.raises(ValueError, match=rf"outside the vocabulary \[0, 16\): \[{bad}\]"):
+        tiny_model(jnp.array([[1, 2, bad]]))
+    with pytest.raises(ValueError, match=rf"outside the vocabulary \[0, 16\): \[{bad}\]"):
+        tiny_model.step(jnp.array([3, bad]), tiny_model.init_state(2))
+    with pytest.raises(ValueError, match=r"must be integer token ids"):
+        tiny_model(jnp.array([[1.0, 2.0]]))
+    logits, _ = tiny_model(jnp.array([[0, 15]]))  # the edges are fine
+    assert bool(jnp.isfinite(logits).all())
+
+
+def test_the_check_leaves_jit_alone(tiny_model):
+    """Under jit the ids are tracers: no check, no host sync (the training pipeline checks its batches)."""
+    logits = nnx.jit(lambda m, t: m(t)[0])(tiny_model, jnp.array([[1, 2, 3]]))
+    assert logits.shape == (1, 3, 16)

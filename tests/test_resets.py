@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from rwkv_jax.ops.wkv4 import WKVState, empty_state, wkv, wkv_parallel
-from tests.test_wkv import assert_close, make_inputs
+from tests.helpers import assert_close, make_inputs
 
 B, T, C = 2, 40, 8
 CHUNK_LEN = 6  # 40 = 6 x 6 + 4: blocks that do not line up with the documents
@@ -294,22 +294,9 @@ def test_eval_step_passes_the_resets_to_the_model():
     assert abs(float(eval_fn(params, batch, None)[0]) - float(total)) > 1e-3
 
 
-@pytest.fixture(scope="module")
-def train_env(tmp_path_factory):
-    """tests/test_train.py's tiny setup: the package's own source as the corpus, a fresh data dir."""
-    import shutil
-    from pathlib import Path
-    repo, root = Path(__file__).resolve().parents[1], tmp_path_factory.mktemp("resets")
-    for path in sorted((repo / "rwkv_jax").rglob("*.py")):
-        dest = root / "corpus" / path.relative_to(repo)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dest)
-    return {"root": root, "corpus": root / "corpus", "data_dir": root / "data"}
-
-
 def test_training_with_reset_at_eot(train_env, tmp_path):
     from rwkv_jax.train import trainer
-    from tests.test_train import make_config, read_records, tiny_overrides
+    from tests.helpers import make_config, read_records, tiny_overrides
     config = make_config(tiny_overrides(train_env, train__num_steps=3, train__eval_every=0, data__reset_at_eot=True,
                                         train__microbatches=2, checkpoint__every_steps=100))
     result = trainer.train(config, tmp_path)
@@ -341,7 +328,7 @@ def test_sharded_kernel_with_resets_matches_sequential():
     """The Pallas kernel with resets, inside shard_map over data 2 x tensor 2 on 4 simulated CPU devices
     (directly and through wkv(form='pallas') under activation_sharding): values, state and gradients equal
     wkv_sequential's with the same resets."""
-    from tests.test_wkv_pallas import assert_sharded_probe_matches, run_sharded_probe
+    from tests.helpers import assert_sharded_probe_matches, run_sharded_probe
     out = run_sharded_probe("--resets")
     assert out["resets"] > 4, out
     assert_sharded_probe_matches(out)
@@ -372,7 +359,7 @@ def test_tpu_train_step_with_resets_compiles_ahead_of_time():
 def test_extreme_inputs_with_resets_are_finite_and_agree(form):
     """k, v in [-60, 60], w from -3e-4 to -403, time_first in [-10, 10], an empty and a random reset
     state: finite values and gradients, and the forms agree with the recurrence."""
-    from tests.test_wkv import extreme_inputs
+    from tests.helpers import extreme_inputs
     x = extreme_inputs(7, T, batch=B, channels=C)
     args = (x["time_decay"], x["time_first"], x["k"], x["v"], *empty_state(B, C), *reset_state_of(8, False))
     reset_BT, r = reset_mask("packed"), weights(9)

@@ -29,7 +29,7 @@ from rwkv_jax.io import weights
 from rwkv_jax.model import RWKV, ModelConfig, state_file, with_scan_layers
 from rwkv_jax.train import optim, sharding, state_tuning, train_step, trainer
 from rwkv_jax.train import train_config as config_lib
-from tests.test_train import make_config, tiny_overrides
+from tests.helpers import copy_package_source, make_config, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,7 +168,7 @@ def test_state_file_of_another_model_is_a_one_line_error_naming_both_shapes(tmp_
 
 
 def test_eval_and_generate_refuse_a_bad_state_file_in_one_line(tmp_path, capsys):
-    from tests.test_generate import write_byte_tokenizer
+    from tests.helpers import write_byte_tokenizer
     config = ModelConfig(vocab_size=260, d_model=16, n_layer=2)
     pth = tmp_path / "m.pth"
     weights.write_pth(weights.model_to_official(RWKV(config, rngs=nnx.Rngs(0))), pth)
@@ -306,11 +306,7 @@ def tune_overrides(env, root: Path, **extra) -> dict:
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     root = tmp_path_factory.mktemp("state_tuning")
-    corpus = root / "corpus"
-    for path in sorted((REPO / "rwkv_jax").rglob("*.py")):
-        dest = corpus / path.relative_to(REPO)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(path.read_bytes())
+    corpus = copy_package_source(root / "corpus")
     rng = random.Random(0)
     (root / "style").mkdir()
     for i in range(20):  # 20 files: the hash split keeps about a fifth for validation

@@ -6,7 +6,7 @@
     (forward values, the final state), with microbatches too, and the gradient stops at the window boundary;
   * train.bptt_windows=2 equals one pass over the 2T tokens (loss, gradient, update, final state);
   * SIGKILL resume stays bit exact with streaming (tests/test_train.py), a changed sampling on resume is
-    refused (tests/test_reliability.py).
+    refused (tests/test_train_failures.py).
 """
 
 import jax
@@ -201,12 +201,8 @@ def test_bptt_windows_equal_one_pass_over_their_tokens_and_carry_on():
 
 @pytest.mark.slow
 def test_a_streamed_run_with_bptt_windows_and_microbatches_trains_and_checkpoints_its_carry(tmp_path):
-    from tests.test_train import REPO, make_config, read_records, restore_latest, tiny_overrides
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for path in sorted((REPO / "rwkv_jax").glob("*.py")):
-        (corpus / path.name).write_text(path.read_text())
-    env = {"corpus": corpus, "data_dir": tmp_path / "data"}
+    from tests.helpers import copy_package_source, make_config, read_records, restore_latest, tiny_overrides
+    env = {"corpus": copy_package_source(tmp_path / "corpus"), "data_dir": tmp_path / "data"}
     config = make_config(tiny_overrides(env, data__sampling="streams", train__bptt_windows=2, train__microbatches=2,
                                         train__num_steps=4, train__eval_every=0, train__seq_len=16))
     from rwkv_jax.train import trainer

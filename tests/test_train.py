@@ -14,19 +14,14 @@ The corpus is the package's own source copied into a temporary folder, so nothin
 Subprocesses run `python train.py` where a test needs signals; the rest calls `trainer.train` in-process.
 """
 
-import importlib.util
 import json
 import logging
 import math
-import os
 import random
 import re
 import shutil
 import signal
 import struct
-import subprocess
-import sys
-import time
 import types
 from pathlib import Path
 
@@ -40,119 +35,18 @@ from rwkv_jax.io.checkpoint import Checkpointer
 from rwkv_jax.model import ModelConfig
 from rwkv_jax.train import optim, sharding, train_step, trainer
 from rwkv_jax.train.metrics import flops_per_token
+from tests.helpers import Run, make_config, read_records, restore_latest, run_cli, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_STEPS = 30          # the reference run
 PEAK_FLOPS = 1e11       # set so that MFU is computed on CPU
-SUBPROCESS_TIMEOUT_S = 300
-
-
 # --- Configs, in-process and on the command line, from one dict of overrides -----------------------
-
-def tiny_overrides(env: dict, **extra) -> dict:
-    overrides = {
-        "data.source": "text", "data.text_files": str(env["corpus"]), "data.data_dir": str(env["data_dir"]),
-        "data.sp_vocab_size": 512, "data.validation_fraction": 0.2,
-        "model.vocab_size": 512, "model.d_model": 32, "model.n_layer": 2,
-        "train.seq_len": 32, "train.batch_size": 4, "train.log_every": 1, "train.eval_every": 10,
-        "train.eval_batches": 2, "optim.warmup_steps": 5, "checkpoint.every_steps": 2, "checkpoint.keep": 3,
-    }
-    overrides.update({k.replace("__", "."): v for k, v in extra.items()})
-    return overrides
-
-
-def make_config(overrides: dict):
-    spec = importlib.util.spec_from_file_location("tiny_config", REPO / "configs" / "tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for key, value in overrides.items():
-        section, field = key.split(".")
-        setattr(config[section], field, value)
-    return config
-
-
-def cli_args(workdir: Path, overrides: dict) -> list[str]:
-    return [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
-            *(f"--config.{k}={v}" for k, v in overrides.items())]
-
-
-def subprocess_env(root: Path) -> dict:
-    """CPU, and a persistent compilation cache shared by the runs of this module: the reruns of a killed
-    run reuse the executables (which the bit-exact comparisons then also cover)."""
-    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-
-
-class Run:
-    """`python train.py ...` in the background, stdout and stderr to files."""
-
-    count = 0
-
-    def __init__(self, workdir: Path, overrides: dict):
-        Run.count += 1
-        self.workdir = workdir
-        self.out_path = workdir.parent / f"{workdir.name}.{Run.count}.stdout"
-        self.err_path = workdir.parent / f"{workdir.name}.{Run.count}.stderr"
-        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen(cli_args(workdir, overrides), cwd=REPO, stdout=out, stderr=err,
-                                         env=subprocess_env(workdir.parent))
-
-    def wait_for_step(self, step: int, timeout_s: float = SUBPROCESS_TIMEOUT_S) -> int:
-        """Poll metrics.jsonl until a train step >= `step` is logged; returns the latest logged step."""
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            steps = [r["step"] for r in read_records(self.workdir) if r["kind"] == "train"]
-            if steps and max(steps) >= step:
-                return max(steps)
-            if self.proc.poll() is not None:
-                pytest.fail(f"train.py exited ({self.proc.returncode}) before step {step}:\n{self.stderr[-3000:]}")
-            time.sleep(0.005)
-        self.proc.kill()
-        pytest.fail(f"no step {step} within {timeout_s}s")
-
-    def finish(self, timeout_s: float = SUBPROCESS_TIMEOUT_S) -> int:
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
-
-    @property
-    def stdout(self) -> str:
-        return self.out_path.read_text()
-
-    @property
-    def stderr(self) -> str:
-        return self.err_path.read_text()
-
 
 def run_to_completion(workdir: Path, overrides: dict) -> Run:
     run = Run(workdir, overrides)
     rc = run.finish()
     assert rc == 0, f"train.py failed ({rc}):\n{run.stderr[-5000:]}"
     return run
-
-
-def read_records(workdir: Path) -> list[dict]:
-    """Every complete line of metrics.jsonl, in order (a resumed run appends, rewriting some steps)."""
-    path = workdir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    text = path.read_text()
-    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
-
-
-def restore_latest(config, workdir: Path):
-    """(state, extra, step) of the newest checkpoint, restored onto the train state's own structure."""
-    model_config = ModelConfig.from_dict(config.model)
-    mesh = sharding.make_mesh(config.mesh)
-    optimizer = optim.make_optimizer(config.optim, config.train.num_steps)
-    carry_rows = config.train.batch_size if config.data.sampling == "streams" else 0
-    _, _, abstract, shardings = train_step.train_state_factory(model_config, optimizer, mesh, config.train.seed,
-                                                               carry_rows=carry_rows)
-    with Checkpointer(workdir / "checkpoints") as ckpt:
-        return ckpt.restore_latest(abstract, shardings)
 
 
 def assert_bit_identical(a, b):
@@ -180,22 +74,10 @@ def by_step(records: list[dict], kind: str = "train") -> dict[int, dict]:
 
 # --- Fixtures ----------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """A corpus (this package's source, ~200 KB) and a data dir for the tokenizer and token caches."""
-    root = tmp_path_factory.mktemp("train")
-    corpus = root / "corpus"
-    for path in sorted((REPO / "rwkv_jax").rglob("*.py")):
-        dest = corpus / path.relative_to(REPO)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dest)
-    return {"root": root, "corpus": corpus, "data_dir": root / "data"}
-
-
-def reference_run(env, name: str, **extra) -> dict:
+def reference_run(train_env, name: str, **extra) -> dict:
     """An uninterrupted subprocess run of NUM_STEPS steps: the records, final state and console output."""
-    overrides = tiny_overrides(env, train__num_steps=NUM_STEPS, train__peak_flops_per_device=PEAK_FLOPS, **extra)
-    workdir = env["root"] / name
+    overrides = tiny_overrides(train_env, train__num_steps=NUM_STEPS, train__peak_flops_per_device=PEAK_FLOPS, **extra)
+    workdir = train_env["root"] / name
     run = run_to_completion(workdir, overrides)
     config = make_config(overrides)
     return {"overrides": overrides, "config": config, "workdir": workdir, "run": run,
@@ -203,25 +85,25 @@ def reference_run(env, name: str, **extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(env):
-    return reference_run(env, "reference")
+def reference(train_env):
+    return reference_run(train_env, "reference")
 
 
 @pytest.fixture(scope="module")
-def streams_reference(env):
+def streams_reference(train_env):
     """The reference run with data.sampling='streams': the carried state is part of the final state."""
-    return reference_run(env, "streams_reference", data__sampling="streams")
+    return reference_run(train_env, "streams_reference", data__sampling="streams")
 
 
 # --- Exact resume --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sampling", ["random", pytest.param("streams", marks=pytest.mark.slow)])
-def test_sigkill_at_a_random_step_then_rerun_is_bit_exact(env, sampling, request):
+def test_sigkill_at_a_random_step_then_rerun_is_bit_exact(train_env, sampling, request):
     reference = request.getfixturevalue("reference" if sampling == "random" else "streams_reference")
     if sampling == "streams":  # the carry is in the state compared below, and it is not the empty state
         assert reference["final"][0].carry is not None and np.any(np.asarray(reference["final"][0].carry.wkv_a))
     kill_at = random.Random(20240611).randint(5, NUM_STEPS - 8)
-    workdir = env["root"] / f"killed-{sampling}"
+    workdir = train_env["root"] / f"killed-{sampling}"
     run = Run(workdir, reference["overrides"])
     reached = run.wait_for_step(kill_at)
     run.proc.send_signal(signal.SIGKILL)
@@ -247,8 +129,8 @@ def test_sigkill_at_a_random_step_then_rerun_is_bit_exact(env, sampling, request
     assert_bit_identical(state, ref_state)  # params, Adam moments, counters, the carried state
 
 
-def test_sigterm_saves_the_current_step_exits_0_and_resumes_bit_exact(env, reference):
-    workdir = env["root"] / "sigterm"
+def test_sigterm_saves_the_current_step_exits_0_and_resumes_bit_exact(train_env, reference):
+    workdir = train_env["root"] / "sigterm"
     run = Run(workdir, reference["overrides"])
     run.wait_for_step(random.Random(7).randint(5, NUM_STEPS - 10))
     run.proc.send_signal(signal.SIGTERM)
@@ -283,8 +165,8 @@ def flip_a_bit_in_the_largest_data_file(step_dir: Path):
     data.write_bytes(bytes(raw))
 
 
-def test_corrupt_latest_checkpoint_falls_back_with_a_warning_and_completes(env, reference, caplog, capsys):
-    workdir = env["root"] / "corrupt"
+def test_corrupt_latest_checkpoint_falls_back_with_a_warning_and_completes(train_env, reference, caplog, capsys):
+    workdir = train_env["root"] / "corrupt"
     shutil.copytree(reference["workdir"], workdir)
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == NUM_STEPS and len(steps) >= 2
@@ -304,9 +186,9 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning_and_completes(env, 
 
 # --- Non-finite steps ----------------------------------------------------------------------------------
 
-def test_non_finite_steps_are_skipped_logged_and_stop_the_run(env, caplog, tmp_path):
+def test_non_finite_steps_are_skipped_logged_and_stop_the_run(train_env, caplog, tmp_path):
     # lr 1e30: the first (finite) step throws the weights to ~1e29, after which every loss is NaN.
-    overrides = tiny_overrides(env, train__num_steps=50, optim__lr_init=1e30, optim__max_consecutive_bad_steps=3,
+    overrides = tiny_overrides(train_env, train__num_steps=50, optim__lr_init=1e30, optim__max_consecutive_bad_steps=3,
                                checkpoint__every_steps=1, checkpoint__keep=10, train__eval_every=0)
     workdir = tmp_path / "bad"
     caplog.set_level(logging.WARNING, logger="absl")
@@ -403,11 +285,6 @@ def test_logged_lr_is_the_schedule_at_the_step_count_before_the_update(reference
 
 # --- Config errors -------------------------------------------------------------------------------------
 
-def run_cli(args: list[str], timeout_s: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout_s, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-
-
 def test_unknown_config_field_is_a_one_line_error(tmp_path):
     result = run_cli(["--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.train.num_stepz=3"])
     assert result.returncode != 0
@@ -448,18 +325,18 @@ def test_a_bad_step_streak_inside_one_logging_window_stops_the_run():
         trainer._log_pending(Writer(), pending, max_bad_steps=3)
 
 
-def test_batch_not_divisible_by_microbatches_is_a_value_error(env, tmp_path):
-    config = make_config(tiny_overrides(env, train__num_steps=2, train__microbatches=3))
+def test_batch_not_divisible_by_microbatches_is_a_value_error(train_env, tmp_path):
+    config = make_config(tiny_overrides(train_env, train__num_steps=2, train__microbatches=3))
     with pytest.raises(ValueError, match=r"train\.batch_size=4 is not a multiple of train\.microbatches=3"):
         trainer.train(config, tmp_path)
 
 
 # --- Gradient accumulation -----------------------------------------------------------------------------
 
-def step_setup(env, **overrides):
+def step_setup(train_env, **overrides):
     """(config, mesh, optimizer, train_state_factory's four results, one batch of 4 x 32 tokens) for the
     tiny config: what the tests that call the train step directly share."""
-    config = make_config(tiny_overrides(env, **overrides))
+    config = make_config(tiny_overrides(train_env, **overrides))
     mesh = sharding.make_mesh(config.mesh)
     optimizer = optim.make_optimizer(config.optim, 10)
     factory = train_step.train_state_factory(ModelConfig.from_dict(config.model), optimizer, mesh, 0)
@@ -470,9 +347,9 @@ def step_setup(env, **overrides):
 
 @pytest.mark.parametrize("l2wrap_factor", [0.0, pytest.param(0.5, marks=pytest.mark.slow)],
                          ids=["l2wrap_off", "l2wrap_on"])
-def test_gradient_accumulation_equals_one_big_batch(env, l2wrap_factor):
+def test_gradient_accumulation_equals_one_big_batch(train_env, l2wrap_factor):
     # emb_init_scale 1: logits large enough at init that a large L2Wrap factor visibly moves the gradient.
-    config, mesh, optimizer, (graphdef, init, _, shardings), batch = step_setup(env, model__emb_init_scale=1.0)
+    config, mesh, optimizer, (graphdef, init, _, shardings), batch = step_setup(train_env, model__emb_init_scale=1.0)
 
     def two_steps(microbatches, factor):
         step_fn = train_step.make_train_step(graphdef, optimizer, optim.learning_rate(config.optim, 10), shardings,
@@ -498,11 +375,11 @@ def test_gradient_accumulation_equals_one_big_batch(env, l2wrap_factor):
 
 
 @pytest.mark.parametrize("microbatches", [1, 2])
-def test_gradient_buffers_give_the_plain_steps_results_and_hold_the_gradients(env, microbatches):
+def test_gradient_buffers_give_the_plain_steps_results_and_hold_the_gradients(train_env, microbatches):
     """On CPU the step writes its gradients into donated buffers kept between steps
     (train_step._StepWithGradientBuffers): the same states as the plain step, and the gradients are no
     longer temporaries of the compiled program."""
-    config, mesh, optimizer, (graphdef, init, abstract, shardings), batch = step_setup(env)
+    config, mesh, optimizer, (graphdef, init, abstract, shardings), batch = step_setup(train_env)
     steps = {kept: train_step.make_train_step(graphdef, optimizer, optim.learning_rate(config.optim, 10),
                                               shardings, mesh, microbatches=microbatches, gradient_buffers=kept)
              for kept in (False, True)}
@@ -528,11 +405,11 @@ def test_gradient_buffers_give_the_plain_steps_results_and_hold_the_gradients(en
     assert memory[True].temp_size_in_bytes <= memory[False].temp_size_in_bytes - saved
 
 
-def test_cpu_steps_are_compiled_with_temporaries_in_small_heaps(env, monkeypatch):
+def test_cpu_steps_are_compiled_with_temporaries_in_small_heaps(train_env, monkeypatch):
     """On CPU the train and eval steps are compiled with train_step.CPU_COMPILER_OPTIONS (temporaries in
     heaps malloc reuses, not one block mapped anew per call); for other platforms (TPU ahead of time) with
     none. Its effect on page faults and time is benchmarks/profile_step.py's."""
-    config, mesh, optimizer, (graphdef, init, abstract, shardings), batch = step_setup(env)
+    config, mesh, optimizer, (graphdef, init, abstract, shardings), batch = step_setup(train_env)
     seen, jit = [], jax.jit
     monkeypatch.setattr(jax, "jit",
                         lambda fn, **kwargs: seen.append(kwargs.get("compiler_options")) or jit(fn, **kwargs))
@@ -566,8 +443,8 @@ def test_l2wrap_under_accumulation_scales_with_the_upstream_gradient():
 
 # --- Precision -----------------------------------------------------------------------------------------
 
-def test_bfloat16_compute_trains_with_float32_master_weights(env, tmp_path, capsys):
-    overrides = tiny_overrides(env, model__dtype="bfloat16", train__num_steps=12, train__eval_every=0,
+def test_bfloat16_compute_trains_with_float32_master_weights(train_env, tmp_path, capsys):
+    overrides = tiny_overrides(train_env, model__dtype="bfloat16", train__num_steps=12, train__eval_every=0,
                                optim__lr_init=1e-2, optim__lr_final=1e-3, optim__warmup_steps=2,
                                checkpoint__every_steps=100)
     config = make_config(overrides)

@@ -30,11 +30,23 @@ from rwkv_jax.ops.wkv4 import (
     wkv_sequential,
     wkv_step,
 )
+from tests.helpers import (
+    WKV_B,
+    WKV_C,
+    WKV_GRAD_NAMES,
+    assert_close,
+    assert_state_close,
+    extreme_inputs,
+    grad_args,
+    make_inputs,
+    reference_recurrence,
+    reference_wkv,
+)
 
-B, C = 2, 8
+B, C = WKV_B, WKV_C  # the default shapes of make_inputs and extreme_inputs
 CHUNK_LEN = 16
 RUNNERS = FORMS + ("step",)  # the three sequence forms and a Python loop over `wkv_step`
-GRAD_NAMES = ("time_decay", "time_first", "k", "v", "state.a", "state.b", "state.p")
+GRAD_NAMES = WKV_GRAD_NAMES
 
 
 # ------------------------------------------------------------------------------------------------ runners
@@ -80,102 +92,9 @@ def value_and_grads(runner, chunk_len=CHUNK_LEN):
     return fn if runner == "step" else jax.jit(fn)
 
 
-def grad_args(x, seed):
-    """Positional arguments of `value_and_grads` for inputs x (empty state if x has none) and random weights."""
-    rng = np.random.default_rng(seed)
-    batch, T, channels = x["k"].shape
-    r = {"y": rng.normal(size=(batch, T, channels)), "a": rng.normal(size=(batch, channels)),
-         "b": rng.normal(size=(batch, channels)), "p": rng.normal(size=(batch, channels))}
-    r = {name: jnp.asarray(value, jnp.float32) for name, value in r.items()}
-    state = x.get("state") or empty_state(batch, channels)
-    return (x["time_decay"], x["time_first"], x["k"], x["v"], *state, r)
-
-
 # ------------------------------------------------------------------------------------------------- inputs
 
-def make_inputs(seed, T, *, batch=B, channels=C, with_state=True):
-    """Moderate fp32 inputs: raw time_decay in [-3, 0.5] (w in [-1.65, -0.05]) so that an initial state
-    still matters after tens of tokens, time_first, k, v ~ N(0, 1); a random initial state with b > 0 (it is
-    a denominator) and p ~ N(0, 1)."""
-    rng = np.random.default_rng(seed)
-    x = dict(time_decay=rng.uniform(-3.0, 0.5, channels), time_first=rng.normal(size=channels),
-             k=rng.normal(size=(batch, T, channels)), v=rng.normal(size=(batch, T, channels)))
-    if with_state:
-        x["state"] = WKVState(rng.normal(size=(batch, channels)), rng.uniform(0.5, 2.0, (batch, channels)),
-                              rng.normal(size=(batch, channels)))
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), x)
-
-
-def extreme_inputs(seed, T, *, batch=B, channels=C, dtype=jnp.float32):
-    """k, v uniform in [-60, 60], raw time_decay in [-8, 6] (w from -3e-4 to -403), time_first in [-10, 10]."""
-    rng = np.random.default_rng(seed)
-    return dict(time_decay=jnp.asarray(rng.uniform(-8, 6, channels), dtype),
-                time_first=jnp.asarray(rng.uniform(-10, 10, channels), dtype),
-                k=jnp.asarray(rng.uniform(-60, 60, (batch, T, channels)), dtype),
-                v=jnp.asarray(rng.uniform(-60, 60, (batch, T, channels)), dtype))
-
-
 # ---------------------------------------------------------------------------------------------- reference
-
-def reference_wkv(time_decay, time_first, k, v, state=None):
-    """float64 WKV straight from the definition, without any rescaling:
-
-        y_t = (sum_{i<t} e^{(t-1-i) w + k_i} v_i + e^{p0 + t w} a0 + e^{u + k_t} v_t)
-            / (sum_{i<t} e^{(t-1-i) w + k_i}     + e^{p0 + t w} b0 + e^{u + k_t}),   w = -exp(time_decay).
-
-    Returns y, the unscaled final numerator and denominator (a*e^p and b*e^p of the final state), and the
-    final running-maximum exponent p = max(p0 + T w, max_i k_i + (T-1-i) w) that every form keeps.
-    O(T^2) and without overflow guard: for moderate inputs and T.
-    """
-    w, u = -np.exp(np.asarray(time_decay, np.float64)), np.asarray(time_first, np.float64)
-    k, v = np.asarray(k, np.float64), np.asarray(v, np.float64)
-    batch, T, channels = k.shape
-    if state is None:
-        a0 = b0 = np.zeros((batch, channels))
-        p0 = np.full((batch, channels), -np.inf)
-    else:
-        a0, b0, p0 = (np.asarray(s, np.float64) for s in state)
-
-    def sums(t):  # everything before token t: tokens 0..t-1 decayed, and the initial state decayed t steps
-        lag = (t - 1 - np.arange(t))[:, None]  # [t, 1]
-        weight = np.exp(lag * w + k[:, :t])    # [B, t, C]
-        initial = np.exp(p0 + t * w)           # [B, C]; 0 for an empty state
-        return (weight * v[:, :t]).sum(1) + initial * a0, weight.sum(1) + initial * b0
-
-    y = np.empty((batch, T, channels))
-    for t in range(T):
-        num, den = sums(t)
-        bonus = np.exp(u + k[:, t])
-        y[:, t] = (num + bonus * v[:, t]) / (den + bonus)
-    num, den = sums(T)
-    p = np.maximum(p0 + T * w, (k + (T - 1 - np.arange(T))[:, None] * w).max(axis=1))
-    return y, num, den, p
-
-
-def reference_recurrence(time_decay, time_first, k, v):
-    """float64 WKV from an empty state by the unscaled recurrence (num <- e^w num + e^k v): O(T), for long
-    sequences. float64 holds every term for |k| <= 60, |u| <= 10 (e^70 ~ 3e30, e^-70 ~ 4e-31)."""
-    w, u = -np.exp(np.asarray(time_decay, np.float64)), np.asarray(time_first, np.float64)
-    k, v = np.asarray(k, np.float64), np.asarray(v, np.float64)
-    num = den = np.zeros((k.shape[0], k.shape[2]))
-    y = np.empty(k.shape)
-    for t in range(k.shape[1]):
-        bonus = np.exp(u + k[:, t])
-        y[:, t] = (num + bonus * v[:, t]) / (den + bonus)
-        num, den = np.exp(w) * num + np.exp(k[:, t]) * v[:, t], np.exp(w) * den + np.exp(k[:, t])
-    return y
-
-
-def assert_close(actual, desired, rtol, atol=0.0, err_msg=""):
-    np.testing.assert_allclose(np.asarray(actual, np.float64), np.asarray(desired, np.float64),
-                               rtol=rtol, atol=atol, err_msg=err_msg)
-
-
-def assert_state_close(actual: WKVState, desired: WKVState, rtol, atol, err_msg=""):
-    for name, x, y in zip(WKVState._fields, actual, desired):
-        assert x.dtype == jnp.float32, f"state.{name} is {x.dtype}"
-        assert_close(x, y, rtol, atol, err_msg=f"{err_msg} state.{name}")
-
 
 def assert_all_finite(tree, what):
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):

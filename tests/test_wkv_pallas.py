@@ -1,7 +1,7 @@
 """Tests of the Pallas WKV kernels (rwkv_jax/ops/wkv4_pallas.py), on CPU in interpret mode.
 
 Values, final state and gradients into every input (time_decay, time_first, k, v, state.a/b/p) against
-`wkv_sequential` (fp32, tight) and against float64 (the definition in tests/test_wkv.py for values, and
+`wkv_sequential` (fp32, tight) and against float64 (the definition, tests.helpers.reference_wkv, for values, and
 jax.grad of wkv_sequential run in float64 for gradients); C not a multiple of 128 (padding, several lane
 blocks), T not a multiple of 16 (masked tail) and several T blocks (the state carried through scratch, the
 reverse pass over blocks), bf16, extreme inputs, sequences split anywhere, both kernel variants (the Mosaic
@@ -28,18 +28,21 @@ import pytest
 
 from rwkv_jax.ops.wkv4 import WKVState, wkv, wkv_sequential
 from rwkv_jax.ops.wkv4_pallas import wkv_pallas
-from tests.test_wkv import (
+from tests.helpers import (
+    WKV_GRAD_NAMES,
     assert_close,
+    assert_sharded_probe_matches,
     assert_state_close,
     extreme_inputs,
     grad_args,
     make_inputs,
     reference_recurrence,
     reference_wkv,
+    run_sharded_probe,
 )
 
 REPO = Path(__file__).resolve().parents[1]
-GRAD_NAMES = ("time_decay", "time_first", "k", "v", "state.a", "state.b", "state.p")
+GRAD_NAMES = WKV_GRAD_NAMES
 C = 130  # not a multiple of 128: padded to 256, two lane blocks of 128 on the TPU variant
 
 
@@ -395,24 +398,6 @@ def test_tpu_aot_train_step_of_tiny_config_compiles_with_the_kernel():
 
 
 # -------------------------------------------------------------------------------------------- sharding
-
-def run_sharded_probe(*args) -> dict:
-    """tests/scripts/wkv_pallas_sharded_probe.py on 4 simulated CPU devices; its JSON line."""
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=4"]))
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "wkv_pallas_sharded_probe.py"), *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
-
-
-def assert_sharded_probe_matches(out: dict) -> None:
-    for name in ("sharded", "dispatcher"):
-        assert out[name]["y"] <= 1e-5 and max(out[name]["state"]) <= 1e-5, out[name]
-        for grad_name, diff, scale in zip(GRAD_NAMES, out[name]["grads"], out["grad_scale"]):
-            assert diff <= 2e-6 * scale + 1e-6, f"{name} d loss / d {grad_name}: {diff} (scale {scale})"
-
 
 @pytest.mark.slow
 def test_sharded_kernel_on_four_devices_matches_sequential():

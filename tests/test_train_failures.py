@@ -8,10 +8,13 @@
   * a failed save is reported as that step's, naming the directory and the cause, and the run exits within
     seconds with the last good checkpoint intact;
   * the bad-step limit is checked on every step, not only on logging steps;
-  * token ids outside the vocabulary are refused in the model API, binidx files and token caches;
-  * damaged tokenizers / token caches and bad config files are one-line errors naming the file.
+  * token ids outside the vocabulary are refused in binidx files and token caches, naming them;
+  * damaged token caches and bad config files are one-line errors naming the file.
 
-The tiny setup and the subprocess helpers are those of tests/test_train.py.
+The same refusals outside a training run: the model API's in tests/test_model.py, the batches' in
+tests/test_data_pipeline.py, damaged tokenizer files' in tests/test_data_tokenizer.py.
+
+The tiny setup and the subprocess helpers are those of tests/test_train.py, in tests/helpers.py.
 """
 
 import json
@@ -26,20 +29,19 @@ import sys
 import time
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from rwkv_jax import data
-from rwkv_jax.data import binidx, pipeline
+from rwkv_jax.data import binidx
 from rwkv_jax.data import tokenizer as tokenizer_lib
 from rwkv_jax.io import workdir_lock
 from rwkv_jax.io.checkpoint import Checkpointer, IncompatibleCheckpointError
 from rwkv_jax.model import RWKV, ModelConfig
 from rwkv_jax.train import resume, trainer
 from rwkv_jax.train import train_config as config_lib
-from tests.test_train import (
+from tests.helpers import (
     REPO,
     SUBPROCESS_TIMEOUT_S,
     Run,
@@ -55,15 +57,10 @@ BASE_STEPS = 4  # the base run: checkpoints at steps 2 and 4
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(train_env):
     """This package's source as the corpus, a data dir, and a base workdir trained for BASE_STEPS steps."""
-    root = tmp_path_factory.mktemp("reliability")
-    corpus = root / "corpus"
-    for path in sorted((REPO / "rwkv_jax").rglob("*.py")):
-        dest = corpus / path.relative_to(REPO)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dest)
-    env = {"root": root, "corpus": corpus, "data_dir": root / "data"}
+    env = dict(train_env)
+    root = env["root"]
     env["overrides"] = tiny_overrides(env, train__num_steps=BASE_STEPS, train__eval_every=0)
     env["base"] = root / "base"
     trainer.train(make_config(env["overrides"]), env["base"])
@@ -397,29 +394,6 @@ def test_the_bad_step_limit_is_checked_on_every_step_not_only_on_logging_steps(e
 
 # --- Token ids outside the vocabulary -------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    return RWKV(ModelConfig(vocab_size=16, d_model=8, n_layer=1, d_ffn=16), rngs=nnx.Rngs(0))
-
-
-@pytest.mark.parametrize("bad", [16, -1, 1000])
-def test_the_model_refuses_token_ids_outside_the_vocabulary(tiny_model, bad):
-    with pytest.raises(ValueError, match=rf"outside the vocabulary \[0, 16\): \[{bad}\]"):
-        tiny_model(jnp.array([[1, 2, bad]]))
-    with pytest.raises(ValueError, match=rf"outside the vocabulary \[0, 16\): \[{bad}\]"):
-        tiny_model.step(jnp.array([3, bad]), tiny_model.init_state(2))
-    with pytest.raises(ValueError, match=r"must be integer token ids"):
-        tiny_model(jnp.array([[1.0, 2.0]]))
-    logits, _ = tiny_model(jnp.array([[0, 15]]))  # the edges are fine
-    assert bool(jnp.isfinite(logits).all())
-
-
-def test_the_check_leaves_jit_alone(tiny_model):
-    """Under jit the ids are tracers: no check, no host sync (the training pipeline checks its batches)."""
-    logits = nnx.jit(lambda m, t: m(t)[0])(tiny_model, jnp.array([[1, 2, 3]]))
-    assert logits.shape == (1, 3, 16)
-
-
 def binidx_config(env, prefix: str, tokenizer_path: str, **extra):
     return make_config(dict(env["overrides"], **{"data.source": "binidx", "data.binidx_prefix": prefix,
                                                  "data.tokenizer_path": tokenizer_path}, **extra)).data
@@ -442,18 +416,6 @@ def test_a_binidx_file_with_ids_outside_the_vocabulary_is_refused_naming_it(env,
                            model_vocab_size=512)
 
 
-def test_batches_check_every_window_they_cut(tmp_path):
-    """Streams too large to scan at open are checked batch by batch, naming the source and the offset."""
-    tokens = np.arange(1000, dtype=np.uint16) % 100
-    tokens[500] = 100
-    batches = pipeline.Batches(tokens, seq_len=999, batch_size=1, vocab_size=100, source="binidx file 'x.bin'")
-    with pytest.raises(ValueError, match=r"binidx file 'x\.bin': token id 100 at token 500 is outside"):
-        batches.batch_at(0)
-    evals = pipeline.EvalBatches(tokens, seq_len=100, batch_size=2, vocab_size=100, source="cache 'y'")
-    with pytest.raises(ValueError, match=r"cache 'y': token id 100 at token 500"):
-        list(evals)
-
-
 def test_a_token_cache_with_a_bad_id_or_truncated_is_refused_naming_it(env, tmp_path):
     data_dir = tmp_path / "data"
     shutil.copytree(env["data_dir"], data_dir)
@@ -470,32 +432,3 @@ def test_a_token_cache_with_a_bad_id_or_truncated_is_refused_naming_it(env, tmp_
     with pytest.raises(ValueError, match=rf"token cache '{re.escape(str(cache))}' is 1000 bytes but its metadata "
                                          r"says \d+ uint16 tokens .*truncated"):
         data.make_datasets(config, seq_len=32, batch_size=4, model_vocab_size=512)
-
-
-# --- Damaged tokenizer files and corpora that sentencepiece cannot train on ---------------------------------
-
-def test_damaged_tokenizer_files_are_errors_naming_the_file(tmp_path):
-    bad_json, bad_model = tmp_path / "tok.json", tmp_path / "tok.model"
-    bad_json.write_text('{"version": "1.0", "model": ')
-    bad_model.write_bytes(b"not a model")
-    with pytest.raises(ValueError, match=rf"Tokenizer JSON '{re.escape(str(bad_json))}' cannot be read"):
-        tokenizer_lib.load_tokenizer("hf_json", str(bad_json))
-    with pytest.raises(ValueError, match=rf"SentencePiece model '{re.escape(str(bad_model))}' cannot be read"):
-        tokenizer_lib.load_tokenizer("sentencepiece", str(bad_model))
-
-
-def test_sentencepiece_failures_name_the_model_and_leave_no_temporary_files(tmp_path):
-    path = tmp_path / "sp.model"
-    with pytest.raises(ValueError, match=rf"sentencepiece could not train a tokenizer for '{re.escape(str(path))}' "
-                                         r"on the training text \(0 lines"):
-        tokenizer_lib.train_sentencepiece(["  \n\n"], str(path), vocab_size=300)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_one_huge_line_trains_a_tokenizer(tmp_path):
-    """sentencepiece skips lines over 4192 bytes: a corpus of one long line (16 MB in the issue) left it
-    nothing to train on."""
-    text = "".join(f"word{i % 97} " for i in range(30_000))  # ~200 KB, no newline
-    tok = tokenizer_lib.train_sentencepiece([text], str(tmp_path / "sp.model"), vocab_size=300)
-    assert tok.decode(tok.encode("word1 word2 ")) == "word1 word2 "
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sp.model"]
