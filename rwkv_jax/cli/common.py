@@ -10,9 +10,9 @@ from rwkv_jax.cli import runner as cli
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, official .pth, HF or rwkv_jax directory "
                                  "(required).")
 TOKENIZER = flags.DEFINE_string("tokenizer", "", "Tokenizer file: .json (HF tokenizers, e.g. the GPT-NeoX-20B "
-                                "tokenizer of the official Pile models), .model (sentencepiece) or .txt (the RWKV World "
-                                "vocabulary, rwkv_vocab_v20230424.txt); default: the "
-                                "workdir's copy or the HF directory's tokenizer.json.")
+                                "tokenizer of the official Pile models), .model (sentencepiece) or .txt (the RWKV "
+                                "World vocabulary, rwkv_vocab_v20230424.txt); default: the workdir's copy or the HF "
+                                "directory's tokenizer.json.")
 OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output (convert's DST, make_binidx's "
                               "OUTPUT_PREFIX.bin/.idx).")
 DTYPE = flags.DEFINE_enum("dtype", "", ["", "float32", "bfloat16"], "Compute dtype override (default: the "
