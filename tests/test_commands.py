@@ -134,7 +134,8 @@ def test_eval_names_the_binidx_file_with_an_id_outside_the_vocabulary(files, tmp
                                         f"--binidx={tmp_path}/corpus", f"--report={tmp_path}/r"])
     err = capsys.readouterr().err
     assert code == 1, err
-    assert f"binidx {tmp_path}/corpus, sequence 1, has token id {VOCAB + 40} outside the model's vocabulary" in err
+    assert f"binidx {tmp_path}/corpus, sequence 1: token id {VOCAB + 40} at token " in err
+    assert "is outside the model's vocabulary" in err
     assert not list(tmp_path.glob("r.*"))
 
 

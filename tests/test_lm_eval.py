@@ -322,7 +322,8 @@ def test_token_ids_outside_the_vocabulary_are_refused(setup, monkeypatch):
     reads = []
     monkeypatch.setattr(lm_eval_adapter, "_prefill_last", lambda *a: reads.append(a))
     for ctx, cont in (([5, 6], [VOCAB + 3]), ([5, 6], [7, VOCAB]), ([VOCAB + 1], [7])):
-        with pytest.raises(ValueError, match=f"token id {max(ctx + cont)} is outside the model's vocabulary"):
+        refused = rf"token id {max(ctx + cont)} at token \d+ is outside the model's vocabulary"
+        with pytest.raises(ValueError, match=refused):
             lm._loglikelihood_tokens([*good, (("a", " b"), ctx, cont)])  # the bad one read last (shortest)
     assert not reads
 

@@ -66,8 +66,8 @@ def main(argv):
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
     check_flags()
-    from rwkv_jax.data.tokenizer import check_token_ids
     from rwkv_jax.infer import generation as gen_lib
+    from rwkv_jax.model import check_token_ids
     loaded, tokenizer = common.load_checkpoint()
     model = loaded.model
     state = logits = None

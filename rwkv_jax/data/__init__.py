@@ -21,10 +21,11 @@ from rwkv_jax.data import tokenizer as tokenizer_lib
 from rwkv_jax.data.data_config import default_data_config, default_data_dir
 from rwkv_jax.data.documents import Document, documents_from_texts, documents_from_tokens
 from rwkv_jax.data.pipeline import Batches, EvalBatches
-from rwkv_jax.data.tokenizer import Tokenizer, check_fits, check_token_ids
+from rwkv_jax.data.tokenizer import Tokenizer, check_fits
+from rwkv_jax.model import check_token_ids
 
 __all__ = ["Batches", "Document", "EvalBatches", "EvalData", "EvalSpec", "Tokenizer", "check_fits",
-           "check_token_ids", "default_data_config", "eval_documents", "make_datasets"]
+           "default_data_config", "eval_documents", "make_datasets"]
 
 
 def make_datasets(data_config: ml_collections.ConfigDict, *, seq_len: int, batch_size: int,
@@ -56,7 +57,7 @@ def make_datasets(data_config: ml_collections.ConfigDict, *, seq_len: int, batch
     # Ids outside the embedding table would be wrapped or read as garbage: check them where they enter.
     for tokens_N, name in streams:
         if tokens_N is not None and len(tokens_N) <= pipeline.FULL_SCAN_LIMIT:
-            pipeline.check_token_ids(tokens_N, model_vocab_size, name)
+            check_token_ids(tokens_N, model_vocab_size, name, fix=pipeline.DAMAGED_FILE_FIX)
     reset_id = tok.eot_id if c.get("reset_at_eot", False) else None  # documents are joined by eot
     train = Batches(train_N, seq_len=seq_len, batch_size=batch_size, seed=c.seed,
                     process_index=process_index, process_count=process_count, vocab_size=model_vocab_size,

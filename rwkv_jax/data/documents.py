@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from rwkv_jax.data.tokenizer import check_token_ids
+from rwkv_jax.model import check_token_ids
 
 
 @dataclasses.dataclass
@@ -49,7 +49,7 @@ def documents_from_tokens(seqs: Iterable[np.ndarray], tokenizer=None, *, eval_le
         if not len(ids):
             continue
         if vocab_size:
-            check_token_ids(ids, vocab_size, f"{source}, sequence {i},",
+            check_token_ids(ids, vocab_size, f"{source}, sequence {i}",
                             fix="it was not written with this model's tokenizer")
         ids = ids.astype(np.int32)
         n += 1

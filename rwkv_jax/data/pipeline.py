@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 
 from rwkv_jax.data.tokenizer import Tokenizer
+from rwkv_jax.model import check_token_ids
 
 
 def split_texts(builder, split: str, key: str = "text") -> Iterable[str]:
@@ -77,25 +78,11 @@ def open_token_cache(path: str) -> np.ndarray:
     return np.memmap(path, dtype, mode="r", shape=(count,))
 
 
+DAMAGED_FILE_FIX = ("the file was written with another tokenizer, or is damaged; rebuild it with the configured "
+                    "tokenizer (or set config.model.vocab_size)")
 # Streams up to this many tokens are scanned whole for out-of-vocabulary ids when opened (~1 s per 2**30
 # uint16 tokens); every batch is checked anyway, so larger ones (the Pile) fail at their first bad batch.
 FULL_SCAN_LIMIT = 2**30
-
-
-def check_token_ids(tokens_N: np.ndarray, vocab_size: int, source: str, *, offset: int = 0) -> None:
-    """ValueError naming `source` if any id is outside [0, vocab_size) (an embedding lookup would wrap or
-    read garbage, giving NaN or silently wrong steps)."""
-    if not len(tokens_N):
-        return
-    for start in range(0, len(tokens_N), 2**24):
-        chunk = np.asarray(tokens_N[start:start + 2**24])
-        low, high = chunk.min(), chunk.max()
-        if low < 0 or high >= vocab_size:
-            bad = int(np.flatnonzero((chunk < 0) | (chunk >= vocab_size))[0])
-            raise ValueError(
-                f"{source}: token id {int(chunk[bad])} at token {offset + start + bad} is outside the model's "
-                f"vocabulary [0, {vocab_size}): the file was written with another tokenizer, or is damaged; "
-                "rebuild it with the configured tokenizer (or set config.model.vocab_size)")
 
 
 def _check_length(tokens_N: np.ndarray, seq_len: int, name: str) -> None:
@@ -197,7 +184,8 @@ class Batches:
             window_BT1 = np.stack([self.tokens_N[o:o + T + 1] for o in offsets_B])
         if self.vocab_size is not None and (window_BT1.min() < 0 or window_BT1.max() >= self.vocab_size):
             row = int(np.flatnonzero(((window_BT1 < 0) | (window_BT1 >= self.vocab_size)).any(1))[0])
-            check_token_ids(window_BT1[row], self.vocab_size, self.source, offset=int(offsets_B[row]))
+            check_token_ids(window_BT1[row], self.vocab_size, self.source, offset=int(offsets_B[row]),
+                            fix=DAMAGED_FILE_FIX)
         window_BT1 = window_BT1.astype(np.int32)
         inputs_BT = np.ascontiguousarray(window_BT1[:, :-1])
         return {"inputs": inputs_BT, "targets": np.ascontiguousarray(window_BT1[:, 1:]),
@@ -246,7 +234,7 @@ class EvalBatches:
                 if valid > 0:
                     if self.vocab_size is not None:
                         check_token_ids(self.tokens_N[start:start + valid + 1], self.vocab_size, self.source,
-                                        offset=start)
+                                        offset=start, fix=DAMAGED_FILE_FIX)
                     inputs_BT[r, :valid] = self.tokens_N[start:start + valid]
                     targets_BT[r, :valid] = self.tokens_N[start + 1:start + 1 + valid]
                     mask_BT[r, :valid] = 1

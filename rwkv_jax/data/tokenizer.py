@@ -7,7 +7,6 @@ import os
 import time
 from collections.abc import Iterable
 
-import numpy as np
 import sentencepiece as spm
 import tokenizers
 from absl import logging
@@ -192,20 +191,6 @@ def check_fits(tokenizer: Tokenizer, model_vocab_size: int, fix: str | None = No
             f"tokenizer (config.data.sp_vocab_size <= {model_vocab_size} for sentencepiece).")
     raise ValueError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's "
                      f"vocabulary has {model_vocab_size}: {fix}")
-
-
-def check_token_ids(ids, vocab_size: int, source: str,
-                    fix: str = "the tokenizer does not fit this model") -> None:
-    """Raises when a token id of `ids` (any int array-like) is outside [0, vocab_size); `source` names
-    where the ids came from (a file, a document, a command-line argument)."""
-    ids = np.asarray(ids)
-    if not ids.size:
-        return
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        raise ValueError(f"{source} has token id {bad} outside the model's vocabulary of {vocab_size} "
-                         f"(ids 0..{vocab_size - 1}): {fix}")
 
 
 # sentencepiece skips longer training lines (a corpus of one huge line would leave it nothing): we cut them.

@@ -35,8 +35,7 @@ from flax import nnx
 
 from rwkv_jax.data.documents import Document
 from rwkv_jax.data.text_files import jsonl_records
-from rwkv_jax.data.tokenizer import check_token_ids
-from rwkv_jax.model import RWKVState, target_logprobs
+from rwkv_jax.model import RWKVState, check_token_ids, target_logprobs
 from rwkv_jax.model.state_file import check_state
 from rwkv_jax.train.metrics import bits_per_byte
 

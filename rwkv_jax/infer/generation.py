@@ -37,8 +37,8 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
-from rwkv_jax.data.tokenizer import check_fits, check_token_ids
-from rwkv_jax.model import state_rows
+from rwkv_jax.data.tokenizer import check_fits
+from rwkv_jax.model import check_token_ids, state_rows
 from rwkv_jax.model.state_file import check_state, load_state, save_state  # noqa: F401 (part of this API)
 
 

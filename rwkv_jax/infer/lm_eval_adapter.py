@@ -62,6 +62,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from rwkv_jax.model import check_token_ids
+
 log = logging.getLogger(__name__)
 
 CONTEXT_PREFIXES = ("eot", "none", "newline")
@@ -415,10 +417,7 @@ class RWKVLM(TemplateLM):
         return out
 
     def _check_ids(self, ids):
-        vocab = self.model.config.vocab_size
-        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-            raise ValueError(f"token id {int(ids.max())} is outside the model's vocabulary of {vocab}: the "
-                             "tokenizer does not fit this model")
+        check_token_ids(ids, self.model.config.vocab_size, "a request")
 
     # loglikelihood_rolling ----------------------------------------------------------------------------
 

@@ -99,23 +99,32 @@ def target_logprobs(logits, targets):
             jnp.argmax(logits, axis=-1)[..., None] == targets)
 
 
-def check_token_ids(tokens, vocab_size: int, name: str = "tokens") -> None:
-    """ValueError if concrete `tokens` hold an id outside [0, vocab_size) or are not integers: the
-    embedding lookup would clamp or wrap it (-1 reads row V-1) and the logits would silently be wrong or
-    NaN. Traced tokens (under jit) cannot be inspected here: there the caller checks its ids, as the
-    data pipeline does for every training batch. Costs one min/max over the ids."""
-    if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
-        raise ValueError(f"{name} must be integer token ids, got dtype {jnp.result_type(tokens)}")
+def check_token_ids(ids, vocab_size: int, source: str = "tokens", *, offset: int = 0,
+                    fix: str = "the tokenizer does not fit this model") -> None:
+    """ValueError naming `source`, the first token id of `ids` outside [0, vocab_size), its position
+    (counted from `offset`) and `fix`; or that `ids` are not integers. An embedding lookup would clamp or
+    wrap a bad id (-1 reads row V-1) and the logits would silently be wrong or NaN. The one check of token
+    ids in the library: the model's concrete inputs, the data pipeline, evaluation, generation and the
+    lm-eval adapter call it. `ids`: any int array-like (a memory-mapped token file, a jax array, a list);
+    traced ids (under jit) and multi-host arrays cannot be inspected here: there the caller checks its
+    ids, as the data pipeline does for every training batch. A min/max per chunk of 2**24 ids."""
     try:
-        if not getattr(tokens, "is_fully_addressable", True):
+        if not getattr(ids, "is_fully_addressable", True):
             return  # a multi-host array: each process sees only its part
-        ids = np.asarray(tokens)
+        flat = np.asarray(ids).reshape(-1)
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return  # traced
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        bad = ids[(ids < 0) | (ids >= vocab_size)]
-        raise ValueError(f"{name} hold id(s) outside the vocabulary [0, {vocab_size}): "
-                         f"{sorted(set(bad.ravel().tolist()))[:8]}")
+        flat = None  # traced: only its dtype can be checked
+    dtype = jnp.result_type(ids) if flat is None else flat.dtype
+    if flat is not None and not flat.size:
+        return
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"{source} must be integer token ids, got dtype {dtype}")
+    for start in range(0, 0 if flat is None else len(flat), 2**24):
+        chunk = flat[start:start + 2**24]
+        if chunk.min() < 0 or chunk.max() >= vocab_size:
+            bad = int(np.flatnonzero((chunk < 0) | (chunk >= vocab_size))[0])
+            raise ValueError(f"{source}: token id {int(chunk[bad])} at token {offset + start + bad} is outside the "
+                             f"model's vocabulary [0, {vocab_size}): {fix}")
 
 
 # --- Layers stacked for lax.scan -------------------------------------------------------------------
