@@ -310,8 +310,10 @@ def test_a_reader_leaves_a_trainers_in_flight_save_alone(tmp_path, base):
     assert in_flight.is_dir() and sorted(os.listdir(in_flight)) == sorted(os.listdir(ckpt_dir / "1"))
 
 
-def test_checkpoints_of_the_first_layout_are_still_read(tmp_path, base):
-    """Format 1 held the whole state as one orbax item `state`."""
+def test_checkpoints_of_another_layout_are_refused_naming_it(tmp_path, base):
+    """Layout 1 (the whole state as one orbax item `state`) is no longer read: the package keeps no
+    readers for its own earlier layouts, and a restore names the layout and the fix instead of
+    guessing."""
     import orbax.checkpoint as ocp
 
     from rwkv_jax.io import checkpoint as ckpt_lib
@@ -328,12 +330,11 @@ def test_checkpoints_of_the_first_layout_are_still_read(tmp_path, base):
                                                 meta=ocp.args.JsonSave(meta)))
         manager.wait_until_finished()
     with Checkpointer(ckpt_dir, read_only=True) as reader:
-        restored, extra, step = reader.restore_latest(abstract(state0), shardings)
-        assert (step, extra) == (5, {"step": 5})
-        assert_bit_identical(restored, state0, snapshot(state))
-        params, _, step = reader.restore_params(abstract(state0.params))
-        assert step == 5
-        assert_bit_identical(params, state0.params, snapshot(state.params))
+        with pytest.raises(IncompatibleCheckpointError, match=r"step 5 .* has layout 1, this version reads layout 2"):
+            reader.restore_latest(abstract(state0), shardings)
+        with pytest.raises(IncompatibleCheckpointError, match=r"has layout 1"):
+            reader.restore_params(abstract(state0.params))
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["5"]  # a reader changes nothing
 
 
 MEMORY_CHILD = """

@@ -26,8 +26,8 @@ What this adds to a plain orbax CheckpointManager:
   * The restored pytree has exactly the structure of the target (nnx.State, Variable metadata, optax
     NamedTuples): orbax stores plain nested dicts of arrays, and the tree is rebuilt from the target's
     treedef, onto the target's shardings on any mesh (written on 8 devices, read on 1, and back).
-  * Checkpoints of the first layout (format 1: the whole state as one item `state`) are still read;
-    `restore_params` then reads that whole item and keeps the parameters.
+  * A checkpoint of another layout than this version writes (`_FORMAT` in its meta) is refused naming
+    both: the package keeps no readers for its own earlier layouts.
 """
 
 import json
@@ -42,7 +42,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-_FORMAT = 2  # 1: one item 'state' holding everything; 2: items 'params' and 'opt_state'
+_FORMAT = 2  # the layout written: items 'params' and 'opt_state'
 _PARAMS = "params"  # the state's entry stored as its own item
 _LIST_LIMIT = 8  # how many offending array names an error message spells out
 
@@ -251,22 +251,16 @@ class Checkpointer:
             raise IncompatibleCheckpointError(
                 f"checkpoint step {step} in {self.directory} does not match the state to restore: "
                 f"{_layout_diff(expected, found)}")
-        nested = _nest(names, targets)
-        if meta.get("format", 1) == 1:  # one item 'state' holding everything
-            if prefix:  # no target for the rest: read it as saved, then keep the part asked for
-                restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
-                restored = _nest(names, [jax.device_put(_lookup(restored, n), t.sharding)
-                                         for n, t in zip(names, targets)])
-            else:
-                restored = self._manager.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(nested))).state
-        else:
-            items = _split_items(nested)
-            args = ocp.args.Composite(**{name: ocp.args.StandardRestore(tree) for name, tree in items.items()})
-            restored_items = self._manager.restore(step, args=args)
-            restored = {}
-            for name in items:
-                restored.update(restored_items[name] if name == "opt_state" else {name: restored_items[name]})
+        if meta.get("format") != _FORMAT:
+            raise IncompatibleCheckpointError(
+                f"checkpoint step {step} in {self.directory} has layout {meta.get('format', 1)!r}, this version "
+                f"reads layout {_FORMAT} only: train anew in a new --workdir")
+        items = _split_items(_nest(names, targets))
+        args = ocp.args.Composite(**{name: ocp.args.StandardRestore(tree) for name, tree in items.items()})
+        restored_items = self._manager.restore(step, args=args)
+        restored = {}
+        for name in items:
+            restored.update(restored_items[name] if name == "opt_state" else {name: restored_items[name]})
         leaves = [_lookup(restored, name) for name in names]
         _, digests = _inspect(leaves)
         bad = [name for name, d in zip(names, digests) if _hex(d) != saved[name]["digest"]]
