@@ -72,7 +72,8 @@ def lambada_documents(examples, tokenizer) -> Iterator[Document]:
 # --- The jitted window --------------------------------------------------------------------------
 
 def _reset(state, reset_B, start):
-    return jax.tree.map(lambda s, e: jnp.where(reset_B[None, :, None], e, s), state, start)
+    rows = lambda x: reset_B.reshape((1, -1) + (1,) * (x.ndim - 2))  # [B] against [L, B, ...]
+    return jax.tree.map(lambda s, e: jnp.where(rows(s), e, s), state, start)
 
 
 def _token_scores(logits, targets):

@@ -38,7 +38,7 @@ PARAMS_DIR = "params"
 
 
 class WeightsMismatchError(ValueError):
-    """The tensors do not form an RWKV-4 model of the inferred shape."""
+    """The tensors do not form a model of the inferred generation and shape."""
 
 
 def infer_config(tensors: dict[str, np.ndarray], **overrides) -> ModelConfig:
@@ -66,8 +66,8 @@ def check_tensors(tensors: dict[str, np.ndarray], config: ModelConfig) -> None:
         parts = [f"{label} ({len(items)}): {', '.join(items)}" for label, items in
                  (("unknown", unknown), ("missing", missing), ("mis-shaped", misshaped)) if items]
         raise WeightsMismatchError(
-            f"tensors do not match an RWKV-4 model with {config.n_layer} layers, d_model={config.d_model}, "
-            f"vocab={config.vocab_size}:\n  " + "\n  ".join(parts))
+            f"tensors do not match an RWKV-{config.version} model with {config.n_layer} layers, "
+            f"d_model={config.d_model}, vocab={config.vocab_size}:\n  " + "\n  ".join(parts))
 
 
 # --- Model <-> official tensors ------------------------------------------------------------------
@@ -114,7 +114,7 @@ def model_to_official(model: RWKV) -> dict[str, np.ndarray]:
     tensors = {}
     for name, (path, kind, shape) in family_of(model.config).weights_layout(model.config).items():
         array = np.asarray(jax.device_get(_get(params, path)), dtype=np.float32)
-        tensors[name] = np.ascontiguousarray(array.T if kind == "linear" else array.reshape(shape))
+        tensors[name] = np.array(array.T if kind == "linear" else array.reshape(shape), order="C")  # writable
     return tensors
 
 
@@ -225,6 +225,9 @@ def write_hf_dir(tensors: dict[str, np.ndarray], path, *, layer_norm_eps: float 
     HF's fp16 rescaling would change the numerics relative to the official model."""
     from safetensors.numpy import save_file
     config = infer_config(tensors)
+    if config.version != 4:
+        raise ValueError(f"the HF format holds RWKV-4 models only (transformers' RwkvForCausalLM); this is an "
+                         f"RWKV-{config.version} model: write a .pth or an rwkv_jax directory")
     hf_config = {
         "architectures": ["RwkvForCausalLM"], "model_type": "rwkv", "vocab_size": config.vocab_size,
         "context_length": context_length, "hidden_size": config.d_model,

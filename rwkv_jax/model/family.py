@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-_MODULES = {4: "rwkv_jax.model.rwkv4"}  # generation -> the module that defines its FAMILY
+_MODULES = {4: "rwkv_jax.model.rwkv4", 7: "rwkv_jax.model.rwkv7"}  # generation -> the module that defines its FAMILY
 
 
 @dataclasses.dataclass(frozen=True)

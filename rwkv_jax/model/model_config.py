@@ -20,6 +20,11 @@ class ModelConfig:
     n_layer: int = 12
     d_att: int | None = None
     d_ffn: int | None = None
+    head_size: int = 64           # RWKV-7: the width of a head (its WKV state is [head_size, head_size])
+    d_decay_lora: int | None = None  # RWKV-7's LoRA widths (decay, in-context learning rate, value
+    d_aaa_lora: int | None = None    # residual, gate); None: the official sizing rule for d_model
+    d_mv_lora: int | None = None
+    d_gate_lora: int | None = None
     layer_norm_eps: float = 1e-5
     dtype: str = "float32"        # compute dtype: 'float32', 'bfloat16', or 'auto' (bf16 on GPU/TPU, fp32 on CPU)
     param_dtype: str = "float32"  # master weights
@@ -101,7 +106,10 @@ def check_section(checks) -> None:
     checks.one_of("model", "version", VERSIONS)
     for field in ("vocab_size", "d_model", "n_layer", "wkv_chunk_len"):
         checks.at_least("model", field, 1)
-    for field in ("d_att", "d_ffn"):
+    checks.at_least("model", "head_size", 1)
+    checks.need(m.version != 7 or not isinstance(m.head_size, int) or m.head_size < 1 or m.d_model % m.head_size == 0,
+                f"model.d_model={m.d_model} is not a multiple of model.head_size={m.head_size} (RWKV-7's heads)")
+    for field in ("d_att", "d_ffn", "d_decay_lora", "d_aaa_lora", "d_mv_lora", "d_gate_lora"):
         checks.need(m[field] is None or (isinstance(m[field], int) and m[field] >= 1),
                     f"model.{field} must be None or >= 1, got {m[field]!r}")
     checks.positive("model", "layer_norm_eps")

@@ -319,10 +319,11 @@ def weights_layout(config: ModelConfig) -> dict[str, tuple[tuple, str, tuple[int
 def dims_from_tensors(tensors: dict[str, np.ndarray]) -> dict:
     """Model dimensions from official-named tensors (emb, att.key, ffn.key and the block count)."""
     needed = ["emb.weight", "blocks.0.att.key.weight", "blocks.0.ffn.key.weight"]
+    if "blocks.0.att.w0" in tensors:  # x070 files have these names too
+        raise ValueError("not an RWKV-4 checkpoint: it has RWKV-7's blocks.0.att.w0")
     missing = [n for n in needed if n not in tensors]
     if missing:
-        raise ValueError(f"not an RWKV-4 checkpoint: missing {missing} (found e.g. "
-                                   f"{sorted(tensors)[:5]})")
+        raise ValueError(f"not an RWKV-4 checkpoint: missing {missing} (found e.g. {sorted(tensors)[:5]})")
     bad_rank = [f"{n}: {tuple(np.shape(tensors[n]))} (expected 2 dims)" for n in needed if np.ndim(tensors[n]) != 2]
     if bad_rank:
         raise ValueError(f"not an RWKV-4 checkpoint: mis-shaped {bad_rank}")

@@ -30,6 +30,9 @@ RULES: dict[str, tuple[str, ...]] = {
     "attn": ("tensor",),
     "mlp": ("tensor",),
     "vocab": ("tensor",),
+    "heads": ("tensor",),  # RWKV-7's per-head parameters [H, N]
+    "head_dim": (),
+    "lora": (),  # RWKV-7's low-rank widths: small, replicated
     "layers": (),  # the stacked-layer axis of scan_layers: every device holds its shard of every layer
 }
 
