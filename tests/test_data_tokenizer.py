@@ -74,7 +74,7 @@ def test_missing_tokenizer_files_are_clear_errors(tmp_path):
         tokenizer_lib.load_tokenizer("hf_json", str(tmp_path / "none.json"))
     with pytest.raises(FileNotFoundError, match="tokenizer_path"):
         tokenizer_lib.load_tokenizer("sentencepiece", str(tmp_path / "none.model"))
-    with pytest.raises(ValueError, match="must be 'sentencepiece' or 'hf_json'"):
+    with pytest.raises(ValueError, match=r"must be one of \['sentencepiece', 'hf_json', 'rwkv_world'\]"):
         tokenizer_lib.load_tokenizer("bytes", str(tmp_path / "x"))
     (tmp_path / "hf_dir").mkdir()  # an HF model directory as --tokenizer: it said "tokenizer DIR not found"
     with pytest.raises(IsADirectoryError, match=r"hf_dir is a directory: give the tokenizer file in it"):

@@ -1,7 +1,6 @@
-"""Tokenizers behind one interface: sentencepiece (trained here) and HF `tokenizers` JSON."""
+"""Tokenizers behind one interface (`Tokenizer`, tokenizer_base.py): sentencepiece (trained here), HF
+`tokenizers` JSON and the RWKV World vocabulary (world_tokenizer.py)."""
 
-import abc
-import hashlib
 import io
 import os
 import time
@@ -11,36 +10,13 @@ import sentencepiece as spm
 import tokenizers
 from absl import logging
 
+from rwkv_jax.data.tokenizer_base import Tokenizer
+from rwkv_jax.data.world_tokenizer import WorldTokenizer
+
 TOKENIZERS = ("sentencepiece", "hf_json", "rwkv_world")  # data.tokenizer: the kinds of tokenizer file
 SP_MODEL_TYPES = ("bpe", "unigram")       # data.sp_model_type
 
 _EOT_TOKENS = ("<|endoftext|>", "</s>", "<eos>")
-
-
-class Tokenizer(abc.ABC):
-    """Text <-> token ids. `eot_id` separates documents in the token stream."""
-
-    path: str
-    vocab_size: int
-    eot_id: int
-
-    @abc.abstractmethod
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without special tokens."""
-
-    @abc.abstractmethod
-    def decode(self, ids: list[int]) -> str:
-        """Text of `ids`."""
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of several texts (implementations encode them in parallel)."""
-        return [self.encode(t) for t in texts]
-
-    @property
-    def fingerprint(self) -> str:
-        """Short hash of the tokenizer file: keys token caches to the exact tokenizer."""
-        with open(self.path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()[:12]
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -157,7 +133,6 @@ def load_tokenizer(kind: str, path: str) -> Tokenizer:
     if kind == "hf_json":
         return HFJsonTokenizer(path)
     if kind == "rwkv_world":
-        from rwkv_jax.data.world_tokenizer import WorldTokenizer  # lazy: that module imports this one
         return WorldTokenizer(path)
     raise ValueError(f"config.data.tokenizer must be one of {list(TOKENIZERS)}, not {kind!r}.")
 

@@ -20,7 +20,7 @@ import ast
 import os
 import re
 
-from rwkv_jax.data.tokenizer import Tokenizer
+from rwkv_jax.data.tokenizer_base import Tokenizer
 
 EOT_ID = 0
 EOT_TOKEN = "<|endoftext|>"
