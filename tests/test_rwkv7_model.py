@@ -32,15 +32,15 @@ TOL = 1e-4
 REPO = Path(__file__).resolve().parents[1]
 
 
-def random_official_state_dict(seed=0) -> dict[str, np.ndarray]:
+def random_official_state_dict(seed=0, vocab_size=V) -> dict[str, np.ndarray]:
     """An x070 state dict as the official trainer saves it, with a trained model's magnitudes: decays
     over their whole range (w0 in -6..2), k_k ~ 0.85, k_a ~ 1, small r_k and LoRA matrices."""
     rng = np.random.default_rng(seed)
     normal = lambda scale, *shape: rng.normal(0, scale, shape)
     vec = lambda low, high: rng.uniform(low, high, (1, 1, D))
-    sd = {"emb.weight": normal(1.0, V, D), "blocks.0.ln0.weight": 1 + normal(0.1, D),
+    sd = {"emb.weight": normal(1.0, vocab_size, D), "blocks.0.ln0.weight": 1 + normal(0.1, D),
           "blocks.0.ln0.bias": normal(0.05, D), "ln_out.weight": 1 + normal(0.1, D),
-          "ln_out.bias": normal(0.05, D), "head.weight": normal(2 / D ** 0.5, V, D)}
+          "ln_out.bias": normal(0.05, D), "head.weight": normal(2 / D ** 0.5, vocab_size, D)}
     for i in range(L):
         p = f"blocks.{i}."
         for ln in ("ln1", "ln2"):
@@ -290,3 +290,30 @@ def test_eval_and_generate_read_an_x070_pth_with_the_world_tokenizer(world_x070_
                      "--max_new_tokens=4", "--temperature=0")
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert generated.stdout.startswith("Hello")
+
+
+def test_lm_eval_state_branching_with_the_matrix_state(tmp_path):
+    """The lm-eval adapter shares each context's state (WKV matrices included) among its continuations:
+    the same log-probabilities as each pair scored alone by eval.py's scorer."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from rwkv_jax.data import tokenizer as tokenizer_lib
+    from rwkv_jax.data.documents import Document
+    from rwkv_jax.infer import evaluation
+    from rwkv_jax.infer.lm_eval_adapter import RWKVLM
+    from tests.helpers import write_byte_tokenizer
+    tok = tokenizer_lib.load_tokenizer_file(write_byte_tokenizer(tmp_path / "bytes.json"))
+    _, model = load(random_official_state_dict(seed=3, vocab_size=tok.vocab_size))
+    lm = RWKVLM(checkpoint=model, tokenizer=tok, batch_size=2, window=8, prefill_chunk=4, max_positions=8)
+    pairs = [("the river", " runs"), ("the river", " falls far"), ("a stone house", " near"),
+             ("old", " green light"), ("a stone house", " sings over the")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
+    docs = [Document(np.asarray(tok.encode(c) + tok.encode(x), np.int32), score_from=len(tok.encode(c)))
+            for c, x in pairs]
+    scored = {s.index: s for s in evaluation.score_documents(model, docs, batch_size=2, window=8,
+                                                              start_token=tok.eot_id)}
+    for i, (logp, greedy) in enumerate(got):
+        k = docs[i].score_from
+        assert logp == pytest.approx(-float(np.sum(scored[i].loss["parallel"][k:], dtype=np.float64)), abs=1e-4)
+        assert greedy == bool(np.all(scored[i].hit["parallel"][k:]))

@@ -88,9 +88,10 @@ def _load(checkpoint, tokenizer, overrides: dict):
     """(model, tokenizer, description) from paths or objects."""
     from rwkv_jax.data.tokenizer import check_fits
     from rwkv_jax.io import weights
-    from rwkv_jax.model import RWKV, with_kernels_in_compute_dtype
-    if isinstance(checkpoint, RWKV):
-        model, name = checkpoint, "<RWKV module>"
+    from rwkv_jax.model import with_kernels_in_compute_dtype
+    loaded = isinstance(checkpoint, nnx.Module)  # a model of any generation, already loaded
+    if loaded:
+        model, name = checkpoint, f"<{type(checkpoint).__name__} module>"
         if overrides:
             raise ValueError(f"dtype / wkv_form overrides {overrides} need a checkpoint path, not a loaded model")
     else:
@@ -100,11 +101,9 @@ def _load(checkpoint, tokenizer, overrides: dict):
         name = str(Path(checkpoint).expanduser())
         weights.detect_format(name)  # FileNotFoundError for a missing checkpoint
         model = weights.load_model(name, **overrides)
-        if isinstance(model, tuple):  # load_model returning (model, info)
-            model = model[0]
     model = with_kernels_in_compute_dtype(model)  # only read here: cast bf16 kernels once, not per call
     if tokenizer is None or isinstance(tokenizer, str):
-        if isinstance(checkpoint, RWKV) and not tokenizer:
+        if loaded and not tokenizer:
             raise ValueError("a loaded model needs tokenizer=PATH or a Tokenizer object")
         tokenizer = weights.find_tokenizer(name, tokenizer or "")
     check_fits(tokenizer, model.config.vocab_size, fix="it is not this model's tokenizer (pass tokenizer=PATH)")
