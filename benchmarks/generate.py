@@ -1,9 +1,12 @@
 """Benchmark generation on one machine, in one run: prefill (parallel mode) and decode (RNN mode) tokens/s
 of rwkv_jax, the official `rwkv` pip package (torch, 'cpu fp32') and HF transformers' RwkvForCausalLM, all
 on the same random fp32 weights of the 169M shape (12 x 768, vocab 50277), with ratios; and rwkv_jax's
-decode latency at position 4000 over that at position 10 (an RNN: about 1).
+decode latency at position 4000 over that at position 10 (an RNN: about 1). With --version=7, the RWKV-7
+(x070) model of the same shape (the 168M Pile model's, head size 64) against the official package's
+RWKV_x070 (RWKV_V7_ON=1); HF transformers has no RWKV-7.
 
     python benchmarks/generate.py                   # prefill 512 tokens, decode 64 (batch 1 and 16)
+    python benchmarks/generate.py --version=7       # RWKV-7, against the official package
     python benchmarks/generate.py --quick           # tiny shapes, a smoke run
     python benchmarks/generate.py --prefill_len=1024 --decode_tokens=128 --long_pos=8000
 
@@ -17,6 +20,7 @@ thread and all cores (measured first; --torch_threads fixes it), as oversubscrib
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -33,6 +37,7 @@ import numpy as np  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", type=int, default=4, choices=(4, 7), help="the RWKV generation")
     p.add_argument("--vocab", type=int, default=50277)
     p.add_argument("--d_model", type=int, default=768)
     p.add_argument("--n_layer", type=int, default=12)
@@ -50,21 +55,36 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny model and lengths (smoke test)")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     args = p.parse_args(argv)
+    if args.version == 7:
+        args.peers = ",".join(p for p in args.peers.split(",") if p != "hf")  # no RWKV-7 in transformers
     if args.quick:
         args.vocab, args.d_model, args.n_layer = 300, 64, 2
         args.prefill_len, args.decode_tokens, args.batch, args.long_pos, args.repeats = 64, 8, 4, 200, 1
     return args
 
 
-def random_official_tensors(vocab, d_model, n_layer, seed=0) -> dict[str, np.ndarray]:
-    """Official-named fp32 tensors, every one random in a realistic range (the v4neo init zeroes several
+# RWKV-7's per-channel vectors: ranges like a trained model's (decays over their whole range)
+_X070_RANGES = {"w0": (-6, 2), "a0": (-1, 1), "v0": (-0.5, 1.5), "k_k": (0.75, 0.95), "k_a": (0.9, 1.1)}
+
+
+def random_official_tensors(vocab, d_model, n_layer, seed=0, version=4) -> dict[str, np.ndarray]:
+    """Official-named fp32 tensors, every one random in a realistic range (the official inits zero several
     matrices, which would make the work unrepresentative)."""
-    from rwkv_jax.io.weights import _layout
-    from rwkv_jax.model import ModelConfig
+    from rwkv_jax.model import ModelConfig, family
     rng = np.random.default_rng(seed)
+    config = ModelConfig(version=version, vocab_size=vocab, d_model=d_model, n_layer=n_layer)
     out = {}
-    for name, (_, _, shape) in _layout(ModelConfig(vocab_size=vocab, d_model=d_model, n_layer=n_layer)).items():
-        if name.endswith("time_decay"):
+    for name, (_, _, shape) in family(version).weights_layout(config).items():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in _X070_RANGES:
+            x = rng.uniform(*_X070_RANGES[leaf], shape)
+        elif re.fullmatch(r"x_[rwkvag]", leaf):
+            x = rng.uniform(0, 1, shape)
+        elif leaf == "r_k":
+            x = 0.1 * rng.standard_normal(shape)
+        elif re.fullmatch(r"[wavg][12]", leaf):  # LoRA matrices: small
+            x = 0.3 * rng.standard_normal(shape) / np.sqrt(shape[0])
+        elif name.endswith("time_decay"):
             x = rng.uniform(-3, 1, shape)
         elif name.endswith("time_first"):
             x = rng.standard_normal(shape)
@@ -91,6 +111,7 @@ def timed(fn, repeats, warmup=None):
 def bench_jax(tensors, args, prompt, results):
     from rwkv_jax.infer import generation as gen_lib
     from rwkv_jax.io.weights import model_from_official
+    from rwkv_jax.model import state_rows
     model = model_from_official(tensors)
     T, N, B = args.prefill_len, args.decode_tokens, args.batch
     state = logits = None
@@ -102,7 +123,7 @@ def bench_jax(tensors, args, prompt, results):
     results["prefill"]["rwkv_jax"] = T / timed(prefill, args.repeats)
 
     def decode(st, lg):
-        rows = st.att_x.shape[1]
+        rows = state_rows(st)
         return lambda: gen_lib.generate_tokens(model, [[]] * rows, state=st, logits=lg, max_new_tokens=N,
                                                temperature=0, stop_at_eot=False)
     results["decode_b1"]["rwkv_jax"] = N / timed(decode(state, logits), args.repeats)
@@ -153,8 +174,13 @@ def _time_calls(fn, n):
 
 def bench_official(pth, args, prompt, results):
     import torch
-    from rwkv.model import RWKV
-    model = RWKV(model=str(pth), strategy="cpu fp32", verbose=False)
+    if args.version == 7:
+        os.environ["RWKV_V7_ON"] = "1"  # before the package is imported: its x070 class
+    from rwkv import model as official
+    if args.version == 7:
+        model = official.RWKV_x070(model=str(pth).removesuffix(".pth"), strategy="cpu fp32")
+    else:
+        model = official.RWKV(model=str(pth), strategy="cpu fp32", verbose=False)
     T, N = args.prefill_len, args.decode_tokens
     holder = {}
     with torch.no_grad():
@@ -213,13 +239,14 @@ def main(argv=None):
 
     from rwkv_jax.io import weights
     start = time.time()
-    tensors = random_official_tensors(args.vocab, args.d_model, args.n_layer)
+    tensors = random_official_tensors(args.vocab, args.d_model, args.n_layer, version=args.version)
     n_params = sum(x.size for x in tensors.values())
     prompt = np.random.default_rng(0).integers(0, args.vocab, args.prefill_len).tolist()
     B = args.batch
     results = {"prefill": {}, "decode_b1": {}, f"decode_b{B}": {}}
     peers = [p for p in args.peers.split(",") if p]
-    print(f"{n_params / 1e6:.1f}M parameters ({args.n_layer} x {args.d_model}, vocab {args.vocab}), fp32; "
+    print(f"RWKV-{args.version}, {n_params / 1e6:.1f}M parameters ({args.n_layer} x {args.d_model}, vocab "
+          f"{args.vocab}), fp32; "
           f"jax {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__}, "
           f"{os.cpu_count()} CPU threads", flush=True)
     bench_jax(tensors, args, prompt, results)
