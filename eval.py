@@ -1,4 +1,4 @@
-"""Evaluate an RWKV-4 checkpoint: loss, perplexity, bits per byte and loss by token position.
+"""Evaluate an RWKV-4 or RWKV-7 checkpoint: loss, perplexity, bits per byte and loss by token position.
 
     python eval.py --checkpoint=WORKDIR                          # the run's validation split, latest checkpoint
     python eval.py --checkpoint=RWKV-4-Pile-169M.pth --tokenizer=20B_tokenizer.json --text_files='docs/*.txt'

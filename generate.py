@@ -1,4 +1,4 @@
-"""Generate text with an RWKV-4 checkpoint.
+"""Generate text with an RWKV-4 or RWKV-7 checkpoint.
 
     python generate.py --checkpoint=WORKDIR --prompt="def main(" --max_new_tokens=200
     python generate.py --checkpoint=X.pth --tokenizer=T.json --prompt="The quick" --temperature=0.8 --top_p=0.9

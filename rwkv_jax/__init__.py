@@ -1,4 +1,4 @@
-"""rwkv-jax: RWKV-4 in JAX/Flax NNX, exact to the official implementation."""
+"""rwkv-jax: RWKV-4 and RWKV-7 in JAX/Flax NNX, exact to the official implementation."""
 
 from rwkv_jax.io.weights import load_model, save_model, write_model
 from rwkv_jax.model import RWKV, ModelConfig, RWKVState

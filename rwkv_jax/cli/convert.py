@@ -1,4 +1,5 @@
-"""Convert RWKV-4 weights between an official .pth, an HF transformers directory and rwkv_jax.
+"""Convert RWKV-4 and RWKV-7 weights between an official .pth, an HF transformers directory (RWKV-4 only)
+and rwkv_jax.
 
     python -m rwkv_jax.cli.convert RWKV-4-Pile-169M.pth out/169m            # -> rwkv_jax directory
     python -m rwkv_jax.cli.convert out/169m hf/169m --to=hf                  # -> RwkvForCausalLM directory

@@ -1,4 +1,4 @@
-"""Generate text with an RWKV-4 checkpoint: the prompt is prefilled in parallel mode, then tokens are
+"""Generate text with an RWKV-4 or RWKV-7 checkpoint: the prompt is prefilled in parallel mode, then tokens are
 decoded as an RNN (rwkv_jax.infer.generation).
 
     python generate.py --checkpoint=WORKDIR --prompt="def main(" --max_new_tokens=200

@@ -201,7 +201,7 @@ def _chunks(n: int, longest: int) -> list[int]:
 
 @register_model("rwkv_jax")
 class RWKVLM(TemplateLM):
-    """An RWKV-4 checkpoint as a harness model (see the module docstring).
+    """An RWKV-4 or RWKV-7 checkpoint as a harness model (see the module docstring).
 
     Model args: checkpoint, tokenizer, batch_size (contexts read side by side; 'auto' = 8), window
     (tokens per row of one rolling window), prefill_chunk (longest parallel chunk), max_gen_toks (default

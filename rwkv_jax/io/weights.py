@@ -1,4 +1,5 @@
-"""Reading and writing RWKV-4 weights in three formats, all through the official tensor names.
+"""Reading and writing model weights in three formats, all through the official tensor names; the
+generation (RWKV-4 or RWKV-7) is read from the names, and its Family holds the name table.
 
   * 'pth':      an official RWKV-LM checkpoint, a torch state dict with names like
                 `blocks.0.att.time_decay` (reading or writing it needs torch).
