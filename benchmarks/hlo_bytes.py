@@ -37,6 +37,7 @@ from ml_collections import config_flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rwkv_jax.train import aot, sharding  # noqa: E402
+from rwkv_jax.train import metrics as metrics_lib  # noqa: E402
 from rwkv_jax.train import program as program_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file", lock_config=False)
@@ -256,6 +257,8 @@ def classify(instr: Instr, op_name: str, stack: list[tuple[str, str, int]]) -> t
     """(part, phase, source) of an instruction."""
     phase = "remat" if "rematted_computation" in op_name else "bwd" if "transpose(" in op_name else "fwd"
     ours = [(f, fn, ln) for f, fn, ln in stack if "/rwkv_jax/" in f]
+    # The projection's caller, not the shared product helper of model/layers.py.
+    ours = [x for x in ours if not (x[0].endswith("model/layers.py") and "dot" in x[1])] or ours
     source = f"{ours[0][0].split('/rwkv_jax/')[-1]}:{ours[0][2]} {ours[0][1]}" if ours else ""
     funcs = [fn for _, fn, _ in ours]
     files = [f for f, _, _ in stack]
@@ -325,7 +328,10 @@ def rows_of(text: str) -> list[Row]:
             target = re.search(r'custom_call_target="([^"]*)"', i.attrs)
             label = i.opcode if i.opcode != "custom-call" else f"custom-call {target.group(1) if target else ''}"
             flops = _instr_flops(module, i)
-            rows.append(Row(i.name, label, " ".join(short_type(t) for t in operand_types), short_type(result),
+            big = [short_type(t) for t in operand_types if nbytes(t) >= 2**20]  # the small ones left out
+            results = [f"{d}[{','.join(map(str, sh))}]" for d, sh in arrays(result)]
+            big_results = [r for r in results if nbytes(r) >= 2**20]
+            rows.append(Row(i.name, label, " ".join(big), ",".join(big_results or results[:1]),
                             size, flops, trips, part, phase, source or op_name[-60:]))
 
     walk(module.entry, 1, ())
@@ -375,7 +381,8 @@ def main(argv):
 
     top = sorted(rows, key=lambda r: -r.bytes * r.trips)[:_TOP.value]
     print(f"\nTop {len(top)} by bytes per chip per step (loop-weighted), of {weighted:.3g}:\n")
-    print("| # | instruction | op | trips | bytes/step | % | GFLOP/step | part | pass | source | operands -> result |")
+    print("| # | instruction | op | trips | bytes/step | % | GFLOP/step | part | pass | source | "
+          "operands of 1 MiB and more -> result |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n, r in enumerate(top, 1):
         b = r.bytes * r.trips
@@ -405,9 +412,9 @@ def main(argv):
     _print_parts(columns, None)
     flops_total = matmuls["train"]
     for label, b in (("XLA's bytes (compile_only)", xla_total),
-                     ("weighted bytes", sum(columns[f"{L} layers (weighted)"].values()))):
+                     ("the probes' weighted bytes", sum(columns[f"{L} layers (weighted)"].values())),
+                     ("the step's weighted bytes", weighted)):
         roof = max(flops_total / chip.peak_flops, b / chip.hbm_bandwidth)
-        from rwkv_jax.train import metrics as metrics_lib
         model_flops = metrics_lib.flops_per_token(model_config.vocab_size, model_config.d_model, L) * \
             t.batch_size * t.seq_len * t.bptt_windows / len(devices)
         print(f"roofline with {label} {b:.3g}: {roof:.4f} s, MFU {100 * model_flops / chip.peak_flops / roof:.1f}% "
