@@ -254,8 +254,9 @@ def test_wrong_token_rank_is_a_clear_error(random_model):
         random_model(jnp.zeros((3,), jnp.int32))
 
 
-def test_remat_gives_identical_gradients(random_model):
-    remat_model = rebuild(random_model, remat=True)
+@pytest.mark.parametrize("policy", ["nothing", "dots"])
+def test_remat_gives_identical_gradients(random_model, policy):
+    remat_model = rebuild(random_model, remat=True, remat_policy=policy)
     tokens = jnp.asarray(np.random.default_rng(4).integers(0, 64, (2, 12)))
 
     def grads(model):

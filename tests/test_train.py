@@ -407,8 +407,9 @@ def test_gradient_buffers_give_the_plain_steps_results_and_hold_the_gradients(tr
 
 def test_cpu_steps_are_compiled_with_temporaries_in_small_heaps(train_env, monkeypatch):
     """On CPU the train and eval steps are compiled with train_step.CPU_COMPILER_OPTIONS (temporaries in
-    heaps malloc reuses, not one block mapped anew per call); for other platforms (TPU ahead of time) with
-    none. Its effect on page faults and time is benchmarks/profile_step.py's."""
+    heaps malloc reuses, not one block mapped anew per call); for TPU (ahead of time) with
+    TPU_COMPILER_OPTIONS (no windowed matmuls). Its effect on page faults and time is
+    benchmarks/profile_step.py's; on TPU bytes, benchmarks/hlo_bytes.py's."""
     config, mesh, optimizer, (graphdef, init, abstract, shardings), batch = step_setup(train_env)
     seen, jit = [], jax.jit
     monkeypatch.setattr(jax, "jit",
@@ -420,7 +421,9 @@ def test_cpu_steps_are_compiled_with_temporaries_in_small_heaps(train_env, monke
     assert train_step.CPU_COMPILER_OPTIONS == {"xla_multiheap_size_constraint_per_heap": 4 * 2**20}
     assert seen.count(train_step.CPU_COMPILER_OPTIONS) == 3, seen
     tpu_mesh = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="tpu")]))
-    assert train_step.compiler_options(tpu_mesh) == {}
+    assert train_step.compiler_options(tpu_mesh) == train_step.TPU_COMPILER_OPTIONS
+    assert train_step.compiler_options(types.SimpleNamespace(
+        devices=np.array([types.SimpleNamespace(platform="gpu")]))) == {}
 
 
 def test_l2wrap_under_accumulation_scales_with_the_upstream_gradient():

@@ -7,6 +7,7 @@ import jax
 import ml_collections
 
 PARAM_DTYPES = ("float32", "bfloat16", "float16")  # model.param_dtype
+REMAT_POLICIES = ("nothing", "dots")                # model.remat_policy
 COMPUTE_DTYPES = (*PARAM_DTYPES, "auto")            # model.dtype
 
 
@@ -32,6 +33,8 @@ class ModelConfig:
     wkv_chunk_len: int = 32
     emb_init_scale: float = 1e-4
     remat: bool = False           # recompute each block in the backward pass: activation memory O(1 block)
+    remat_policy: str = "nothing"  # with remat, what the forward keeps: 'nothing' (the block's input only)
+                                   # or 'dots' (also the projections' outputs: no matmul recomputed)
     scan_layers: bool | str = False  # blocks' parameters stacked on a leading layer axis and applied by
                                      # lax.scan: compile time independent of depth. 'auto' (the paper
                                      # configs): stacked on GPU/TPU, a list on CPU (see `resolve_scan_layers`)
@@ -115,6 +118,7 @@ def check_section(checks) -> None:
     checks.positive("model", "layer_norm_eps")
     checks.one_of("model", "dtype", COMPUTE_DTYPES)
     checks.one_of("model", "param_dtype", PARAM_DTYPES)
+    checks.one_of("model", "remat_policy", REMAT_POLICIES)
     if m.version in VERSIONS:
         checks.one_of("model", "wkv_form", (*family(m.version).wkv_forms, "auto"))
     try:

@@ -82,6 +82,12 @@ def _chip_of(devices, topology: str) -> tuple[Chip, int]:
     return CHIPS[kind], max(1, len(devices) // chips)
 
 
+def device_chip(devices, topology: str) -> Chip:
+    """The figures of one device of `topology` (a chip's, divided among the devices of a chip)."""
+    chip, per_chip = _chip_of(devices, topology)
+    return Chip(chip.hbm_bytes / per_chip, chip.peak_flops / per_chip, chip.hbm_bandwidth / per_chip)
+
+
 def _cost(compiled) -> dict:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax returns one dict per program
@@ -132,6 +138,48 @@ def _analyse(compiled) -> dict:
     }
 
 
+def compile_steps(config: ml_collections.ConfigDict, mesh, probe: ModelConfig | None = None,
+                  steps: tuple[str, ...] = ("train", "eval"), **loop_free):
+    """(compiled, seconds, abstract state, matmul FLOPs per device), the first, second and last keyed by step
+    name: the `steps` of `config` as the trainer builds them (program.build for 'tpu'), compiled for `mesh`.
+    With `probe`, a cost probe: that model, and the `loop_free` microbatches, loss chunk and bptt windows."""
+    t = config.train
+    program = program_lib.build(config, mesh, "tpu", model_config=probe, **loop_free)
+    abstract_state = program.abstract_state
+    tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len * t.bptt_windows), jax.numpy.int32,
+                                  sharding=sharding.batch_sharding(mesh))
+    # The batches of config.data.reset_at_eot also carry the reset mask (bool [B, T]).
+    resets = {"reset": tokens.update(dtype=jax.numpy.bool_)} if config.data.get("reset_at_eot") else {}
+    calls = {"train": (program.train_step, (abstract_state, {"inputs": tokens, "targets": tokens, **resets})),
+             "eval": (program.eval_step, (abstract_state.params,
+                                          {"inputs": tokens, "targets": tokens, "mask": tokens, **resets},
+                                          abstract_state.initial_state))}
+    compiled, seconds, matmuls = {}, {}, {}
+    for name in steps:
+        fn, args = calls[name]
+        start = time.perf_counter()
+        traced = fn.trace(*args)  # one trace gives both the program and the jaxpr the matmuls are counted in
+        compiled[name] = traced.lower().compile()
+        seconds[name] = time.perf_counter() - start
+        matmuls[name] = matmul_flops(traced.jaxpr.jaxpr) / mesh.devices.size
+    return compiled, seconds, abstract_state, matmuls
+
+
+def cost_probes(config: ml_collections.ConfigDict, mesh, model_config: ModelConfig,
+                steps: tuple[str, ...] = ("train", "eval")) -> list[dict]:
+    """The compiled `steps` of the 1- and 2-layer cost probes of `config`: its model unrolled (no layer
+    scan) over the whole batch in one microbatch, one loss chunk and one bptt window, so the programs have
+    no loops. A cost of the n-layer step is then c1 + (n_layer - 1) * (c2 - c1)."""
+    t = config.train
+    step_len = t.seq_len * t.bptt_windows
+    probes = []
+    for n in (1, 2):
+        small = dataclasses.replace(model_config, n_layer=n, scan_layers=False)
+        probes.append(compile_steps(config, mesh, small, steps, microbatches=1,
+                                    loss_chunk_tokens=t.batch_size * step_len, bptt_windows=1)[0])
+    return probes
+
+
 def compile_only(config: ml_collections.ConfigDict, topology: str, *, estimate_costs: bool = True,
                  log=print) -> dict:
     """Compile the train and eval steps `config` describes for `topology`; returns the report.
@@ -139,8 +187,7 @@ def compile_only(config: ml_collections.ConfigDict, topology: str, *, estimate_c
     from 1- and 2-layer compiles (two more, small, compiles); without it they are XLA's loop-body-once
     counts, and only the memory figures are exact."""
     devices = topology_devices(topology)
-    chip, per_chip = _chip_of(devices, topology)
-    per_device = Chip(chip.hbm_bytes / per_chip, chip.peak_flops / per_chip, chip.hbm_bandwidth / per_chip)
+    per_device = device_chip(devices, topology)
     mesh = sharding.make_mesh(config.mesh, devices)
     # 'auto' choices are made for the target, not for the CPU this compiles on.
     model_config = program_lib.resolve(config, "tpu")
@@ -150,29 +197,8 @@ def compile_only(config: ml_collections.ConfigDict, topology: str, *, estimate_c
         f"{model_config.scan_layers}, remat={model_config.remat}, WKV {model_config.wkv_form}); batch "
         f"{t.batch_size} x {t.seq_len} as {t.microbatches} microbatch(es)")
 
-    def compile_steps(probe: ModelConfig | None = None, **loop_free):
-        """The steps of `config` as the trainer builds them; with `probe`, a cost probe: that model, and
-        the `loop_free` microbatches, loss chunk and bptt windows."""
-        program = program_lib.build(config, mesh, "tpu", model_config=probe, **loop_free)
-        step_fn, eval_fn, abstract_state = program.train_step, program.eval_step, program.abstract_state
-        tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len * t.bptt_windows), jax.numpy.int32,
-                                      sharding=sharding.batch_sharding(mesh))
-        # The batches of config.data.reset_at_eot also carry the reset mask (bool [B, T]).
-        resets = {"reset": tokens.update(dtype=jax.numpy.bool_)} if config.data.get("reset_at_eot") else {}
-        compiled, seconds, matmuls = {}, {}, {}
-        for name, fn, args in (("train", step_fn, (abstract_state, {"inputs": tokens, "targets": tokens, **resets})),
-                               ("eval", eval_fn, (abstract_state.params,
-                                                  {"inputs": tokens, "targets": tokens, "mask": tokens, **resets},
-                                                  abstract_state.initial_state))):
-            start = time.perf_counter()
-            traced = fn.trace(*args)  # one trace gives both the program and the jaxpr the matmuls are counted in
-            compiled[name] = traced.lower().compile()
-            seconds[name] = time.perf_counter() - start
-            matmuls[name] = matmul_flops(traced.jaxpr.jaxpr) / len(devices)
-        return compiled, seconds, abstract_state, matmuls
-
     try:
-        compiled, seconds, abstract_state, matmuls = compile_steps()
+        compiled, seconds, abstract_state, matmuls = compile_steps(config, mesh)
     except Exception as e:  # noqa: BLE001 - libtpu reports an over-budget program as a generic runtime error
         overflow = _hbm_overflow(str(e))
         if overflow is None:
@@ -200,11 +226,7 @@ def compile_only(config: ml_collections.ConfigDict, topology: str, *, estimate_c
         # scanned layers, microbatches and loss chunks come out too small. The layers are identical:
         # compile 1- and 2-layer unrolled models over the whole batch in one microbatch and one loss
         # chunk and one bptt window (no loops), and extrapolate linearly to n_layer.
-        probes = []
-        for n in (1, 2):
-            small = dataclasses.replace(model_config, n_layer=n, scan_layers=False)
-            probes.append(compile_steps(small, microbatches=1, loss_chunk_tokens=t.batch_size * step_len,
-                                        bptt_windows=1)[0])
+        probes = cost_probes(config, mesh, model_config)
         L = model_config.n_layer
         for name in ("train", "eval"):
             (c1, c2) = (_cost(p[name]) for p in probes)
