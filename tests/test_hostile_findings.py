@@ -1,17 +1,21 @@
 """The findings of the hostile tester's issue 30, each a test that failed before its fix:
 
   * many processes taking over one stale lock at the same moment: exactly one holds it;
+  * a lock file of garbage bytes is refused naming it;
 
 Self-contained: the small helpers are local (tests/ is being reorganised around shared helpers).
 """
 
 import json
 import multiprocessing
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+
+import pytest
 
 from rwkv_jax.io import workdir_lock
 
@@ -77,3 +81,12 @@ def test_a_stale_lock_raced_for_by_many_processes_has_one_holder(tmp_path):
             if p.is_alive():
                 p.kill()
     assert all(p.exitcode == 0 for p in racers)
+
+
+def test_a_lock_of_garbage_bytes_is_refused_naming_the_file(tmp_path):
+    lock = tmp_path / workdir_lock.LOCK_NAME
+    lock.write_bytes(b"\x90\xff\x00garbage")
+    with pytest.raises(workdir_lock.WorkdirLockedError, match=rf"locked by {re.escape(str(lock))}, which does "
+                                                              "not name its owner: .* delete that file"):
+        workdir_lock.acquire(tmp_path)
+    assert lock.read_bytes() == b"\x90\xff\x00garbage"

@@ -55,7 +55,7 @@ def _owner() -> dict:
 def _read(path: Path) -> tuple[str, dict]:
     """(raw text, parsed owner) of a lock file; an unreadable or half-written one parses as {}."""
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8", errors="replace")  # garbage: no owner
     except FileNotFoundError:
         return "", {}
     try:
