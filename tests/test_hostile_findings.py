@@ -2,22 +2,97 @@
 
   * many processes taking over one stale lock at the same moment: exactly one holds it;
   * a lock file of garbage bytes is refused naming it;
+  * Ctrl-C saves a checkpoint (exit 130), a second Ctrl-C stops at once;
 
 Self-contained: the small helpers are local (tests/ is being reorganised around shared helpers).
 """
 
 import json
 import multiprocessing
+import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from rwkv_jax.io import workdir_lock
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 300
+
+
+# --- A tiny run on the command line (local helpers, as in tests/test_train.py) ---------------------------
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """This package's source as the corpus, a data dir shared by the runs (the tokenizer is trained once)."""
+    root = tmp_path_factory.mktemp("hostile")
+    corpus = root / "corpus"
+    for path in sorted((REPO / "rwkv_jax").rglob("*.py")):
+        dest = corpus / path.relative_to(REPO)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
+    return {"root": root, "corpus": corpus, "data_dir": root / "data"}
+
+
+def tiny_overrides(env: dict, **extra) -> dict:
+    overrides = {
+        "data.source": "text", "data.text_files": str(env["corpus"]), "data.data_dir": str(env["data_dir"]),
+        "data.sp_vocab_size": 512, "data.validation_fraction": 0.2,
+        "model.vocab_size": 512, "model.d_model": 32, "model.n_layer": 2,
+        "train.seq_len": 32, "train.batch_size": 4, "train.log_every": 1, "train.eval_every": 0,
+        "train.num_steps": 4, "optim.warmup_steps": 2, "checkpoint.every_steps": 2, "checkpoint.keep": 3,
+    }
+    overrides.update({k.replace("__", "."): v for k, v in extra.items()})
+    return overrides
+
+
+def train_args(workdir: Path, overrides: dict, *extra: str) -> list[str]:
+    return [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
+            *(f"--config.{k}={v}" for k, v in overrides.items()), *extra]
+
+
+def subprocess_env(env: dict, **extra) -> dict:
+    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(env["root"] / "jax_cache"),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+                **extra)
+
+
+def train(env: dict, workdir: Path, overrides: dict, *extra: str, timeout_s: float = TIMEOUT_S):
+    """train.py to its end: the CompletedProcess (text stdout and stderr)."""
+    return subprocess.run(train_args(workdir, overrides, *extra), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout_s, env=subprocess_env(env))
+
+
+def read_records(workdir: Path) -> list[dict]:
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
+
+
+def checkpoint_steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def wait_for_step(proc, workdir: Path, step: int, err_path: Path) -> None:
+    deadline = time.time() + TIMEOUT_S
+    while time.time() < deadline:
+        if any(r["kind"] == "train" and r["step"] >= step for r in read_records(workdir)):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"train.py exited ({proc.returncode}) before step {step}:\n{err_path.read_text()[-3000:]}")
+        time.sleep(0.01)
+    proc.kill()
+    pytest.fail(f"no step {step} within {TIMEOUT_S}s")
 
 # --- One holder of the workdir lock ---------------------------------------------------------------------
 
@@ -90,3 +165,38 @@ def test_a_lock_of_garbage_bytes_is_refused_naming_the_file(tmp_path):
                                                               "not name its owner: .* delete that file"):
         workdir_lock.acquire(tmp_path)
     assert lock.read_bytes() == b"\x90\xff\x00garbage"
+
+
+# --- Ctrl-C saves ------------------------------------------------------------------------------------------
+
+def test_ctrl_c_saves_a_checkpoint_and_a_second_one_exits_at_once(env, tmp_path):
+    workdir = tmp_path / "run"
+    overrides = tiny_overrides(env, train__num_steps=400, checkpoint__every_steps=50)
+    err_path = tmp_path / "stderr"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(train_args(workdir, overrides), cwd=REPO, stdout=subprocess.DEVNULL, stderr=err,
+                                env=subprocess_env(env))
+        wait_for_step(proc, workdir, 3, err_path)
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(TIMEOUT_S)
+    stderr = err_path.read_text()
+    assert rc == 130, stderr[-3000:]
+    stopped = re.search(r"Stopped by Ctrl-C after step (\d+); the checkpoint is saved", stderr)
+    assert stopped, stderr[-3000:]
+    step = int(stopped.group(1))
+    assert 3 <= step < 50 and checkpoint_steps(workdir) == [step]
+    assert not (workdir / workdir_lock.LOCK_NAME).exists()
+
+
+def test_a_second_ctrl_c_raises_at_once():
+    from rwkv_jax.train import trainer
+    preemption = trainer._Preemption()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # handled here, between bytecodes: a request, no exception
+        assert preemption.requested == "Ctrl-C"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs at once: never reached
+    finally:
+        preemption.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

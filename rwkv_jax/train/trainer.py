@@ -8,7 +8,8 @@
      (config.json, rwkv_config.json, the tokenizer). State tuning (optim.trainable='state') adds the
      learned initial state, the only thing trained, also written to WORKDIR/state.npz at every checkpoint.
   4. Steps: the jitted train step, periodic logging, evaluation and async checkpoints; SIGTERM
-     (preemption) saves and returns; too many non-finite steps in a row stop the run with an error.
+     (preemption) saves and returns; Ctrl-C saves and raises KeyboardInterrupt (a second one at once);
+     too many non-finite steps in a row stop the run with an error.
   5. End: a final checkpoint and evaluation, and the loss curves as a PNG.
 
 Batch n is a pure function of (data seed, n), so a run resumed from the checkpoint of step n sees
@@ -21,6 +22,7 @@ import dataclasses
 import math
 import shutil
 import signal
+import threading
 from pathlib import Path
 
 import jax
@@ -47,18 +49,31 @@ class BadStepsError(RuntimeError):
 
 
 class _Preemption:
-    """Remembers a SIGTERM so the loop can checkpoint and return at the next step boundary."""
+    """Remembers a SIGTERM (preemption) or a first Ctrl-C (SIGINT) so the loop can checkpoint and stop at the
+    next step boundary; a second Ctrl-C raises KeyboardInterrupt at once. Only in the main thread (signal
+    handlers cannot be set elsewhere): a trainer run from another thread keeps the process's handlers."""
 
     def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.requested = None  # the signal's name once one came
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping after this step.")
-        self.requested = True
+        if signum == signal.SIGINT and self.requested == "Ctrl-C":
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            logging.warning("Ctrl-C: saving a checkpoint and stopping after this step (Ctrl-C again to stop at "
+                            "once, unsaved).")
+            self.requested = "Ctrl-C"
+        elif not self.requested:
+            logging.warning("SIGTERM received: saving a checkpoint and stopping after this step.")
+            self.requested = "SIGTERM"
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def train(config: ml_collections.ConfigDict, workdir) -> dict:
@@ -208,7 +223,7 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
             if len(pending) > 1:  # the previous step is done (or nearly): its streak costs no stall
                 _check_streak(writer, pending, config.optim.max_consecutive_bad_steps)
             checkpointer.check()  # a failed async save stops the run now, not one save later
-            stop = preemption.requested
+            stop = bool(preemption.requested)
             if jax.process_count() > 1 and (step % t.log_every == 0):
                 stop = bool(multihost_utils.process_allgather(np.array(stop)).any())
             if step % t.log_every == 0 or step == t.num_steps or step == start_step + 1 or stop:
@@ -219,7 +234,8 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
             if step % config.checkpoint.every_steps == 0 or stop:
                 save(step)
             if stop:
-                logging.warning("Stopped by SIGTERM after step %d; the checkpoint is saved.", step)
+                logging.warning("Stopped by %s after step %d; the checkpoint is saved: rerun the same command to "
+                                "resume.", preemption.requested or "another process's SIGTERM", step)
                 break
         else:
             if start_step < t.num_steps:
@@ -233,6 +249,8 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
             checkpointer.close()  # waits for the last save; CheckpointSaveError if it failed
         finally:
             writer.close()
+    if preemption.requested == "Ctrl-C":
+        raise KeyboardInterrupt  # saved: the command still reports the interruption (exit code 130)
     return last
 
 
