@@ -3,6 +3,7 @@
   * many processes taking over one stale lock at the same moment: exactly one holds it;
   * a lock file of garbage bytes is refused naming it;
   * Ctrl-C saves a checkpoint (exit 130), a second Ctrl-C stops at once;
+  * a resume with another train.seq_len or train.bptt_windows is refused;
 
 Self-contained: the small helpers are local (tests/ is being reorganised around shared helpers).
 """
@@ -200,3 +201,38 @@ def test_a_second_ctrl_c_raises_at_once():
     finally:
         preemption.restore()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# --- Resumes that cannot continue exactly -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def base(env):
+    """A finished 4-step run (checkpoints at steps 2 and 4)."""
+    workdir = env["root"] / "base"
+    result = train(env, workdir, tiny_overrides(env))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def copy_of(base_dir: Path, tmp_path: Path) -> Path:
+    workdir = tmp_path / "workdir"
+    shutil.copytree(base_dir, workdir)
+    return workdir
+
+
+def file_bytes(workdir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("field, value, change", [("train.seq_len", 64, "seq_len 32 -> 64"),
+                                                  ("train.bptt_windows", 2, "bptt_windows 1 -> 2")])
+def test_a_resume_with_another_window_length_is_refused(env, base, tmp_path, field, value, change):
+    workdir = copy_of(base, tmp_path)
+    before = file_bytes(workdir)
+    result = train(env, workdir, tiny_overrides(env, train__num_steps=6, **{field.replace(".", "__"): value}))
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert len(errors) == 1 and "resume refused: the data setup differs" in errors[0] and change in errors[0], \
+        result.stderr[-3000:]
+    assert file_bytes(workdir) == before
+    assert checkpoint_steps(workdir) == [2, 4]

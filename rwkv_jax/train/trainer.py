@@ -136,7 +136,7 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
     tokenizer, train_batches, eval_batches = make_datasets(
         config.data, seq_len=step_len, batch_size=t.batch_size, model_vocab_size=model_config.vocab_size,
         process_index=jax.process_index(), process_count=jax.process_count())
-    data_setup = resume.describe_data(config.data, tokenizer, train_batches)
+    data_setup = resume.describe_data(config.data, t, tokenizer, train_batches)
     batch_sharding = sharding.batch_sharding(mesh)
 
     def global_batch(local):
