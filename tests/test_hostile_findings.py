@@ -4,6 +4,7 @@
   * a lock file of garbage bytes is refused naming it;
   * Ctrl-C saves a checkpoint (exit 130), a second Ctrl-C stops at once;
   * a resume with another train.seq_len or train.bptt_windows is refused;
+  * a finished run rerun with other flags trains nothing and writes nothing;
 
 Self-contained: the small helpers are local (tests/ is being reorganised around shared helpers).
 """
@@ -235,4 +236,14 @@ def test_a_resume_with_another_window_length_is_refused(env, base, tmp_path, fie
     assert len(errors) == 1 and "resume refused: the data setup differs" in errors[0] and change in errors[0], \
         result.stderr[-3000:]
     assert file_bytes(workdir) == before
+    assert checkpoint_steps(workdir) == [2, 4]
+
+
+def test_a_finished_run_rerun_with_other_flags_writes_nothing(env, base, tmp_path):
+    workdir = copy_of(base, tmp_path)
+    before = file_bytes(workdir)
+    result = train(env, workdir, tiny_overrides(env, optim__lr_init=1e-3))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the run is finished: checkpoint step 4 is train.num_steps=4, nothing to train" in result.stdout
+    assert file_bytes(workdir) == before  # config.json, metrics.jsonl, ... untouched
     assert checkpoint_steps(workdir) == [2, 4]

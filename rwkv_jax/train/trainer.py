@@ -166,6 +166,8 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
     else:
         state, extra, start_step = restored
         resume.check_data_unchanged(extra, data_setup, start_step, checkpointer.directory, t.allow_data_change)
+        if start_step >= t.num_steps:  # a finished run: this config describes none of its checkpoints
+            return _finished(checkpointer, start_step, t.num_steps, is_main)
         if is_main:
             print(f"resumed from the checkpoint of step {start_step}", flush=True)
     if is_main:  # the resume is valid: now the workdir may describe this run (eval.py needs only its path)
@@ -252,6 +254,16 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
     if preemption.requested == "Ctrl-C":
         raise KeyboardInterrupt  # saved: the command still reports the interruption (exit code 130)
     return last
+
+
+def _finished(checkpointer, step: int, num_steps: int, is_main: bool) -> dict:
+    """Nothing to train: the workdir is left as it is (its config.json describes its checkpoints)."""
+    checkpointer.close()
+    if is_main:
+        print(f"the run is finished: checkpoint step {step} is {'past ' if step > num_steps else ''}"
+              f"train.num_steps={num_steps}, nothing to train; the workdir is unchanged (raise "
+              "--config.train.num_steps to train further, evaluate with eval.py)", flush=True)
+    return {"step": step}
 
 
 def _log_pending(writer, pending, max_bad_steps: int) -> dict:
