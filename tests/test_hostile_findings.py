@@ -5,6 +5,7 @@
   * Ctrl-C saves a checkpoint (exit 130), a second Ctrl-C stops at once;
   * a resume with another train.seq_len or train.bptt_windows is refused;
   * a finished run rerun with other flags trains nothing and writes nothing;
+  * a resume drops the metrics rows past its step (each step once in metrics.jsonl);
 
 Self-contained: the small helpers are local (tests/ is being reorganised around shared helpers).
 """
@@ -247,3 +248,13 @@ def test_a_finished_run_rerun_with_other_flags_writes_nothing(env, base, tmp_pat
     assert "the run is finished: checkpoint step 4 is train.num_steps=4, nothing to train" in result.stdout
     assert file_bytes(workdir) == before  # config.json, metrics.jsonl, ... untouched
     assert checkpoint_steps(workdir) == [2, 4]
+
+
+def test_a_resume_drops_the_metrics_rows_past_the_restored_step(env, base, tmp_path):
+    workdir = copy_of(base, tmp_path)
+    shutil.rmtree(workdir / "checkpoints" / "4")  # as if killed after step 4 was logged, before its save
+    result = train(env, workdir, tiny_overrides(env))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from the checkpoint of step 2" in result.stdout
+    rows = [(r["kind"], r["step"]) for r in read_records(workdir)]
+    assert rows == [("train", 1), ("train", 2), ("train", 3), ("train", 4), ("eval", 4)]

@@ -172,6 +172,7 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
             print(f"resumed from the checkpoint of step {start_step}", flush=True)
     if is_main:  # the resume is valid: now the workdir may describe this run (eval.py needs only its path)
         logs.log_to_file(run_dir.log_path)  # what was logged so far was buffered
+        metrics_lib.drop_records_after(run_dir.metrics_path, start_step)  # the steps after it come again
         run_dir.write_config(config)
         # 'auto' WKV form stays 'auto' in the workdir: another platform reading the run picks its own
         run_dir.write_model_config(dataclasses.replace(model_config, wkv_form=config.model.wkv_form))
