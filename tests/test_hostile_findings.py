@@ -6,6 +6,7 @@
   * a resume with another train.seq_len or train.bptt_windows is refused;
   * a finished run rerun with other flags trains nothing and writes nothing;
   * a resume drops the metrics rows past its step (each step once in metrics.jsonl);
+  * a tiny run on a CPU host prints its progress lines only (no libtpu init errors, no XLA heap warnings);
 
 Self-contained: the small helpers are local (tests/ is being reorganised around shared helpers).
 """
@@ -258,3 +259,20 @@ def test_a_resume_drops_the_metrics_rows_past_the_restored_step(env, base, tmp_p
     assert "resumed from the checkpoint of step 2" in result.stdout
     rows = [(r["kind"], r["step"]) for r in read_records(workdir)]
     assert rows == [("train", 1), ("train", 2), ("train", 3), ("train", 4), ("eval", 4)]
+
+
+# --- The console a newcomer sees --------------------------------------------------------------------------
+
+def test_a_tiny_run_prints_its_progress_and_nothing_else(env, tmp_path):
+    """No JAX_PLATFORMS or TF_CPP_MIN_LOG_LEVEL set, libtpu installed (the dev extra) on a host without a TPU:
+    neither libtpu's init errors nor XLA:CPU's per-heap warnings (a 8 MiB logits buffer > the 4 MiB heaps)."""
+    overrides = tiny_overrides(env, train__num_steps=6, train__batch_size=16, train__seq_len=256,
+                               train__log_every=5, checkpoint__every_steps=100)
+    clean_env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL")}
+    result = subprocess.run(train_args(tmp_path / "run", overrides), cwd=REPO, capture_output=True, text=True,
+                            timeout=TIMEOUT_S, env=clean_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr == ""
+    lines = [line for line in result.stdout.splitlines() if not line.startswith("building dataset")]  # 1st run
+    assert [line.split()[0] for line in lines] == [
+        "devices:", "unigram", "60,224", "compiling", "step", "step", "step", "eval", "final:"], lines

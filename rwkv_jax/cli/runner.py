@@ -9,12 +9,19 @@ and expected errors as one line.
 Console: our progress lines and warnings; INFO logging (orbax's, ...) goes to the run's train.log, or
 to the console with absl's --verbosity=0 / --logger_levels / --alsologtostderr (rwkv_jax.io.logs).
 
+JAX's start (`prepare_jax`, before JAX is loaded): on a host without an accelerator (no TPU, GPU or JAX
+plugin found) JAX_PLATFORMS=cpu, so that an installed libtpu (the --compile_only extra) is not woken to
+print its init errors; on CPU, XLA's C++ warnings are filtered (TF_CPP_MIN_LOG_LEVEL=2: the train step's
+small-heap option warns for every buffer larger than a heap). Variables the user set are left alone.
+
 Exit codes: 0 success; 2 a usage error (a bad flag or flag value: raise `cli.UsageError`); 1 an expected
 runtime error (bad input file, missing checkpoint, refused resume, ...), printed as one line
 `PROG: error: MESSAGE`. `--traceback` (or RWKV_JAX_TRACEBACK=1) shows the full trace instead. Anything
 that is not an expected error is a bug and keeps its traceback.
 """
 
+import glob
+import importlib.util
 import os
 import sys
 
@@ -35,6 +42,36 @@ class UsageError(app.UsageError):
 
     def __init__(self, message: str):
         super().__init__(message, exitcode=2)
+
+
+# Device files of accelerators JAX may use: NVIDIA (jax.hardware_utils' list), AMD ROCm, TPU v2-v4
+# (/dev/accel*) and TPU v5e and later (/dev/vfio/N).
+_ACCELERATOR_DEVICES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd", "/dev/accel*", "/dev/vfio/[0-9]*")
+_GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips on the PCI bus (what JAX checks before suggesting libtpu)
+
+
+def has_accelerator() -> bool:
+    """Whether this host may have a device JAX can use besides its CPU: an accelerator's device file, a
+    Google PCI device, or a JAX plugin package (CUDA, ROCm, Metal, ...) installed."""
+    if any(glob.glob(pattern) for pattern in _ACCELERATOR_DEVICES):
+        return True
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            if open(vendor).read().strip() == _GOOGLE_PCI_VENDOR:
+                return True
+        except OSError:
+            continue
+    return importlib.util.find_spec("jax_plugins") is not None
+
+
+def prepare_jax() -> None:
+    """Set JAX's environment before it is loaded (see the module docstring); no-op once it is."""
+    if "jax" in sys.modules:
+        return
+    if "JAX_PLATFORMS" not in os.environ and not has_accelerator():
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def want_traceback() -> bool:
@@ -112,6 +149,7 @@ def _show_in_help(main, shared_flags) -> None:
 def run(main, *, flags_parser=None, shared_flags=()):
     """`absl.app.run(main)` with expected errors reported as one line (see the module docstring).
     `shared_flags`: FlagHolders defined elsewhere that --help should list with main's module's flags."""
+    prepare_jax()
     guarded = _guarded(main)
 
     def quiet_main(argv):
