@@ -108,7 +108,7 @@ def test_train_refuses_compile_only_flags_without_compile_only(tmp_path):
     """--topology without --compile_only was ignored: a real training run started in the workdir."""
     result = run(["train.py", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}", "--topology=v5e:2x2"])
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "--topology is for --compile_only" in result.stderr.strip().splitlines()[-1]
+    assert "--topology is for --compile_only" in result.stderr.strip().splitlines()[0]  # then the --help hint
     assert not (tmp_path / "w").exists()
 
 

@@ -7,6 +7,7 @@
   * a finished run rerun with other flags trains nothing and writes nothing;
   * a resume drops the metrics rows past its step (each step once in metrics.jsonl);
   * a tiny run on a CPU host prints its progress lines only (no libtpu init errors, no XLA heap warnings);
+  * a usage error is its line and a hint to --help, not the whole flag help;
 
 Self-contained: the small helpers are local (tests/ is being reorganised around shared helpers).
 """
@@ -276,3 +277,16 @@ def test_a_tiny_run_prints_its_progress_and_nothing_else(env, tmp_path):
     lines = [line for line in result.stdout.splitlines() if not line.startswith("building dataset")]  # 1st run
     assert [line.split()[0] for line in lines] == [
         "devices:", "unigram", "60,224", "compiling", "step", "step", "step", "eval", "final:"], lines
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("train.py", ["--config=configs/tiny.py"], "--workdir must have a value"),
+    ("eval.py", ["--checkpoint=x", "unexpected"], "unexpected"),
+], ids=["train_missing_workdir", "eval_extra_argument"])
+def test_a_usage_error_is_its_line_and_a_hint_not_the_flag_help(script, args, message):
+    result = subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{script}: error: ") and message in lines[0], result.stderr
+    assert "--help" in lines[1]

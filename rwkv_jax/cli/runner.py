@@ -38,7 +38,7 @@ EXPECTED_ERRORS = (ValueError, OSError, RuntimeError, ImportError, KeyError)
 
 
 class UsageError(app.UsageError):
-    """A bad command line: absl prints the message with a pointer to --help, exit code 2."""
+    """A bad command line: one line `PROG: error: MESSAGE` and a pointer to --help, exit code 2."""
 
     def __init__(self, message: str):
         super().__init__(message, exitcode=2)
@@ -94,8 +94,10 @@ def _guarded(main):
     def wrapped(argv):
         try:
             return main(argv)
-        except app.UsageError:
-            raise
+        except app.UsageError as e:  # absl would print the whole flag help before the message
+            sys.stderr.write(f"{prog_name()}: error: {error_line(e)}\n"
+                             f"{prog_name()}: (pass --helpshort or --helpfull to see help on flags)\n")
+            sys.exit(e.exitcode if isinstance(e.exitcode, int) else 2)
         except KeyboardInterrupt:
             if want_traceback():
                 raise
