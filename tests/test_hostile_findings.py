@@ -8,6 +8,7 @@
   * a resume drops the metrics rows past its step (each step once in metrics.jsonl);
   * a tiny run on a CPU host prints its progress lines only (no libtpu init errors, no XLA heap warnings);
   * a usage error is its line and a hint to --help, not the whole flag help;
+  * a failed save (ulimit -f) is one error line, its partial checkpoint directory removed;
 
 Self-contained: the small helpers are local (tests/ is being reorganised around shared helpers).
 """
@@ -290,3 +291,31 @@ def test_a_usage_error_is_its_line_and_a_hint_not_the_flag_help(script, args, me
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith(f"{script}: error: ") and message in lines[0], result.stderr
     assert "--help" in lines[1]
+
+
+# --- A failed save: one line, nothing left behind ---------------------------------------------------------
+
+# train.py with every file write past 200 KB failing (EFBIG), as on a full disk: the checkpoint's data files
+# are larger, every other file of the run smaller. Python ignores SIGXFSZ, so writes raise instead.
+FILE_SIZE_LIMIT = """
+import resource, runpy, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (200 * 1024, resource.RLIM_INFINITY))
+sys.argv = sys.argv[1:]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_a_failed_save_is_one_line_and_leaves_no_partial_checkpoint(env, base, tmp_path):  # base: data built
+    workdir = tmp_path / "run"
+    args = train_args(workdir, tiny_overrides(env, train__num_steps=40))
+    result = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT, *args[1:]], cwd=REPO, capture_output=True,
+                            text=True, timeout=TIMEOUT_S, env=dict(os.environ, JAX_PLATFORMS="cpu"))  # no cache
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2, f"{len(lines)} lines:\n{result.stderr[-3000:]}"
+    failed = re.match(rf"train.py: error: could not save checkpoint step (\d+) in {workdir}/checkpoints: File too "
+                      r"large \(errno 27\)\. The last good checkpoint there is ", lines[0])
+    assert failed, lines[0]
+    assert "--traceback" in lines[1]
+    left = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    assert all(name.isdigit() and int(name) < int(failed.group(1)) for name in left), left  # no *.orbax-checkpoint-tmp*

@@ -22,8 +22,10 @@ that is not an expected error is a bug and keeps its traceback.
 
 import glob
 import importlib.util
+import logging
 import os
 import sys
+import threading
 
 from absl import app, flags
 
@@ -72,6 +74,39 @@ def prepare_jax() -> None:
         os.environ["JAX_PLATFORMS"] = "cpu"
     if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+class _ClosedLoopTracebacksDropped:
+    """sys.stderr, less the tracebacks of RuntimeError('Event loop is closed') that tensorstore prints from
+    C (past sys.excepthook) for each of its writes that completes after orbax's save has failed and closed
+    its event loop: tens to hundreds of them, while the failed save is reported once, as an error line.
+    A traceback is held until its exception line (per thread: threads print at the same time), then
+    written, or logged to the log file when it is that one."""
+
+    _HEADER, _DROPPED = "Traceback (most recent call last):", "RuntimeError: Event loop is closed"
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._pending: dict[int, str] = {}
+
+    def write(self, text):
+        ident = threading.get_ident()
+        held = self._pending.pop(ident, None)
+        if held is None and not text.startswith(self._HEADER):
+            return self._stream.write(text)
+        held = (held or "") + text
+        lines = held.split("\n")
+        last = next((line for line in lines[1:-1] if line and not line[0].isspace()), None)
+        if last is None:  # the exception line is not there yet
+            self._pending[ident] = held
+        elif last == self._DROPPED:
+            logging.info("a write completed after its event loop was closed (a failed save)")
+        else:
+            self._stream.write(held)
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def want_traceback() -> bool:
@@ -156,6 +191,7 @@ def run(main, *, flags_parser=None, shared_flags=()):
 
     def quiet_main(argv):
         logs.quiet_console()
+        sys.stderr = _ClosedLoopTracebacksDropped(sys.stderr)
         return guarded(argv)
 
     _show_in_help(main, shared_flags)
