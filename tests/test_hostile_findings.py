@@ -9,6 +9,7 @@
   * a tiny run on a CPU host prints its progress lines only (no libtpu init errors, no XLA heap warnings);
   * a usage error is its line and a hint to --help, not the whole flag help;
   * a failed save (ulimit -f) is one error line, its partial checkpoint directory removed;
+  * an integer out of the range it is used in (train.num_steps, checkpoint.*, data.seed) is refused first;
 
 Self-contained: the small helpers are local (tests/ is being reorganised around shared helpers).
 """
@@ -319,3 +320,25 @@ def test_a_failed_save_is_one_line_and_leaves_no_partial_checkpoint(env, base, t
     assert "--traceback" in lines[1]
     left = sorted(p.name for p in (workdir / "checkpoints").iterdir())
     assert all(name.isdigit() and int(name) < int(failed.group(1)) for name in left), left  # no *.orbax-checkpoint-tmp*
+
+
+# --- Refused early, in one line, leaving nothing -------------------------------------------------------
+
+@pytest.mark.parametrize("override, message", [
+    ("train.num_steps=10000000000000000000000", "train.num_steps=10000000000000000000000 is out of range"),
+    ("checkpoint.every_steps=10000000000000000000000", "checkpoint.every_steps=10000000000000000000000 is out of"),
+    ("checkpoint.keep=10000000000000000000000", "checkpoint.keep=10000000000000000000000 is out of range"),
+    ("data.seed=-1", "data.seed must be in [0, 2**63), got -1"),
+    ("data.seed=10000000000000000000000", "data.seed must be in [0, 2**63)"),
+], ids=["num_steps", "every_steps", "keep", "negative_seed", "huge_seed"])
+def test_an_integer_out_of_its_range_is_refused_before_any_work(tmp_path, override, message):
+    workdir = tmp_path / "run"
+    start = time.time()
+    result = subprocess.run([sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
+                             f"--config.{override}"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and message in lines[0], result.stderr[-3000:]
+    assert result.stdout == "" and not workdir.exists()
+    assert time.time() - start < 30  # no data preparation, no compile
