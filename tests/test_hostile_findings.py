@@ -10,6 +10,7 @@
   * a usage error is its line and a hint to --help, not the whole flag help;
   * a failed save (ulimit -f) is one error line, its partial checkpoint directory removed;
   * an integer out of the range it is used in (train.num_steps, checkpoint.*, data.seed) is refused first;
+  * model.d_att and model.d_ffn can be set on the command line;
 
 Self-contained: the small helpers are local (tests/ is being reorganised around shared helpers).
 """
@@ -342,3 +343,18 @@ def test_an_integer_out_of_its_range_is_refused_before_any_work(tmp_path, overri
     assert len(lines) == 2 and message in lines[0], result.stderr[-3000:]
     assert result.stdout == "" and not workdir.exists()
     assert time.time() - start < 30  # no data preparation, no compile
+
+
+def test_d_att_and_d_ffn_can_be_set_on_the_command_line(tmp_path):
+    """They defaulted to None, which ml_collections cannot override ("Type NoneType ... not supported")."""
+    def refusal(*overrides):
+        result = subprocess.run([sys.executable, "train.py", "--config=configs/tiny.py",
+                                 f"--workdir={tmp_path / 'run'}", *overrides], cwd=REPO, capture_output=True,
+                                text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        assert result.returncode == 1, result.stderr[-3000:]  # parsed: the config check refuses it (exit 1)
+        return result.stderr.strip().splitlines()[0]
+
+    # Accepted values: the run is stopped by another field's check, naming that field only.
+    line = refusal("--config.model.d_att=64", "--config.model.d_ffn=256", "--config.train.num_steps=0")
+    assert "train.num_steps must be >= 1" in line and "d_att" not in line and "d_ffn" not in line, line
+    assert "model.d_att" in refusal("--config.model.d_att=-3")
