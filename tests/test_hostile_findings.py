@@ -11,6 +11,7 @@
   * a failed save (ulimit -f) is one error line, its partial checkpoint directory removed;
   * an integer out of the range it is used in (train.num_steps, checkpoint.*, data.seed) is refused first;
   * model.d_att and model.d_ffn can be set on the command line;
+  * a refused run (missing text files, a bad tokenizer, a bad init_from) leaves no directory it created;
 
 Self-contained: the small helpers are local (tests/ is being reorganised around shared helpers).
 """
@@ -358,3 +359,29 @@ def test_d_att_and_d_ffn_can_be_set_on_the_command_line(tmp_path):
     line = refusal("--config.model.d_att=64", "--config.model.d_ffn=256", "--config.train.num_steps=0")
     assert "train.num_steps must be >= 1" in line and "d_att" not in line and "d_ffn" not in line, line
     assert "model.d_att" in refusal("--config.model.d_att=-3")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("data.text_files", "{tmp}/no_such_file.txt", "no_such_file.txt"),
+    ("data.tokenizer_path", "{tmp}/garbage.model", "garbage.model"),
+], ids=["text_files", "tokenizer_path"])
+def test_a_refused_run_creates_no_workdir(env, tmp_path, field, value, message):
+    workdir = tmp_path / "run"
+    (tmp_path / "garbage.model").write_bytes(b"not a sentencepiece model")
+    overrides = tiny_overrides(env, **{field.replace(".", "__"): value.format(tmp=tmp_path)})
+    result = subprocess.run(train_args(workdir, overrides), cwd=REPO, capture_output=True, text=True,
+                            timeout=TIMEOUT_S, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 1 and message in result.stderr.splitlines()[0], result.stderr[-3000:]
+    assert not workdir.exists()
+
+
+def test_an_init_from_refusal_leaves_no_checkpoints_dir(env, base, tmp_path):
+    workdir = tmp_path / "existing"
+    workdir.mkdir()  # a directory the user made: kept, and left empty
+    overrides = tiny_overrides(env, model__d_model=64, train__init_from=str(base),
+                               data__tokenizer_path=str(base / "tokenizer.model"))
+    result = subprocess.run(train_args(workdir, overrides), cwd=REPO, capture_output=True, text=True,
+                            timeout=TIMEOUT_S, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "is a model of" in result.stderr.splitlines()[0], result.stderr[-3000:]
+    assert workdir.is_dir() and list(workdir.iterdir()) == []

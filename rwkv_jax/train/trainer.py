@@ -96,13 +96,27 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
     config_lib.validate(config, mesh, resuming=resuming)
     if resuming:
         model_config = resume.layers_as_stored(run_dir, config.model.scan_layers, model_config)
+    created = [path for path in (workdir, run_dir.checkpoints_dir) if not path.exists()]
     workdir.mkdir(parents=True, exist_ok=True)
-    lock = _lock_workdir(workdir, is_main)
     try:
-        return _train(config, run_dir, model_config, mesh, is_main)
-    finally:
-        if lock is not None:
-            workdir_lock.release(lock)
+        lock = _lock_workdir(workdir, is_main)
+        try:
+            return _train(config, run_dir, model_config, mesh, is_main)
+        finally:
+            if lock is not None:
+                workdir_lock.release(lock)
+    except BaseException:
+        if is_main:  # a refused run (missing data, a bad init_from, ...) leaves no empty directories behind
+            _remove_if_empty(reversed(created))
+        raise
+
+
+def _remove_if_empty(directories) -> None:
+    for directory in directories:
+        try:
+            directory.rmdir()  # only if empty: anything written stays
+        except OSError:
+            pass
 
 
 def _lock_workdir(workdir: Path, is_main: bool) -> Path | None:
