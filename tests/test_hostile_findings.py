@@ -12,6 +12,7 @@
   * an integer out of the range it is used in (train.num_steps, checkpoint.*, data.seed) is refused first;
   * model.d_att and model.d_ffn can be set on the command line;
   * a refused run (missing text files, a bad tokenizer, a bad init_from) leaves no directory it created;
+  * model(tokens) refuses zero tokens and a state of another batch with a ValueError naming the shapes;
 
 Self-contained: the small helpers are local (tests/ is being reorganised around shared helpers).
 """
@@ -385,3 +386,28 @@ def test_an_init_from_refusal_leaves_no_checkpoints_dir(env, base, tmp_path):
     assert result.returncode == 1, result.stderr[-3000:]
     assert "is a model of" in result.stderr.splitlines()[0], result.stderr[-3000:]
     assert workdir.is_dir() and list(workdir.iterdir()) == []
+
+
+# --- The Python API -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_model():
+    from flax import nnx
+
+    from rwkv_jax.model import RWKV, ModelConfig
+    return RWKV(ModelConfig(vocab_size=64, d_model=16, n_layer=2), rngs=nnx.Rngs(0))
+
+
+def test_the_model_refuses_zero_tokens_naming_the_shape(small_model):
+    import jax.numpy as jnp
+    with pytest.raises(ValueError, match=r"tokens of shape \(2, 0\) hold no token"):
+        small_model(jnp.zeros((2, 0), jnp.int32))
+
+
+def test_the_model_refuses_a_state_of_another_batch_naming_the_shapes(small_model):
+    import jax.numpy as jnp
+    state = small_model.init_state(3)
+    with pytest.raises(ValueError, match=r"state does not fit tokens of batch 1: its arrays are .*'att_x': "
+                                         r"\(2, 3, 16\).* a state for batch 1 is .*'att_x': \(2, 1, 16\)"):
+        small_model(jnp.zeros((1, 4), jnp.int32), state)
+    small_model(jnp.zeros((3, 4), jnp.int32), state)  # its own batch: accepted
