@@ -13,6 +13,7 @@
   * model.d_att and model.d_ffn can be set on the command line;
   * a refused run (missing text files, a bad tokenizer, a bad init_from) leaves no directory it created;
   * model(tokens) refuses zero tokens and a state of another batch with a ValueError naming the shapes;
+  * rwkv-convert refuses non-finite weights, naming the tensors;
 
 Self-contained: the small helpers are local (tests/ is being reorganised around shared helpers).
 """
@@ -411,3 +412,24 @@ def test_the_model_refuses_a_state_of_another_batch_naming_the_shapes(small_mode
                                          r"\(2, 3, 16\).* a state for batch 1 is .*'att_x': \(2, 1, 16\)"):
         small_model(jnp.zeros((1, 4), jnp.int32), state)
     small_model(jnp.zeros((3, 4), jnp.int32), state)  # its own batch: accepted
+
+
+# --- rwkv-convert ------------------------------------------------------------------------------------------
+
+def convert(*args: str) -> int:
+    from rwkv_jax.cli import convert as convert_command
+    from rwkv_jax.cli import runner as cli
+    return cli.call(convert_command.main, ["convert", *args])
+
+
+def test_convert_refuses_non_finite_weights_naming_the_tensors(small_model, tmp_path, capsys):
+    import numpy as np
+
+    from rwkv_jax.io import weights
+    tensors = weights.model_to_official(small_model)
+    tensors["blocks.1.att.time_decay"] = np.full_like(tensors["blocks.1.att.time_decay"], np.nan)
+    weights.write_pth(tensors, tmp_path / "nan.pth")
+    assert convert(str(tmp_path / "nan.pth"), str(tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    assert "holds non-finite weights (NaN or Inf) in 1 tensor(s): blocks.1.att.time_decay" in err, err
+    assert not (tmp_path / "out").exists()

@@ -39,6 +39,7 @@ def main(argv):
     start = time.perf_counter()
     print(f"reading {src} ({weights.detect_format(src)})", flush=True)
     model = weights.load_model(src)
+    weights.check_finite(model, src)
     c = model.config
     print(f"model: {c.n_layer} layers, d_model={c.d_model}, d_ffn={c.ffn_width}, vocab={c.vocab_size}", flush=True)
     print(f"writing {dst} ({fmt})", flush=True)
