@@ -13,7 +13,7 @@
   * model.d_att and model.d_ffn can be set on the command line;
   * a refused run (missing text files, a bad tokenizer, a bad init_from) leaves no directory it created;
   * model(tokens) refuses zero tokens and a state of another batch with a ValueError naming the shapes;
-  * rwkv-convert refuses non-finite weights, naming the tensors;
+  * rwkv-convert refuses non-finite weights, naming the tensors, and a destination inside its source;
 
 Self-contained: the small helpers are local (tests/ is being reorganised around shared helpers).
 """
@@ -433,3 +433,13 @@ def test_convert_refuses_non_finite_weights_naming_the_tensors(small_model, tmp_
     err = capsys.readouterr().err
     assert "holds non-finite weights (NaN or Inf) in 1 tensor(s): blocks.1.att.time_decay" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_refuses_a_destination_inside_its_source(small_model, tmp_path, capsys):
+    from rwkv_jax.io import weights
+    src = tmp_path / "model"
+    weights.write_model(small_model, src, "rwkv_jax")
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    assert convert(str(src), str(src / "sub")) == 2
+    assert "is inside SRC" in capsys.readouterr().err
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
