@@ -14,6 +14,7 @@
   * a refused run (missing text files, a bad tokenizer, a bad init_from) leaves no directory it created;
   * model(tokens) refuses zero tokens and a state of another batch with a ValueError naming the shapes;
   * rwkv-convert refuses non-finite weights, naming the tensors, and a destination inside its source;
+  * eval.py checks where --report goes before evaluating;
 
 Self-contained: the small helpers are local (tests/ is being reorganised around shared helpers).
 """
@@ -443,3 +444,19 @@ def test_convert_refuses_a_destination_inside_its_source(small_model, tmp_path, 
     assert convert(str(src), str(src / "sub")) == 2
     assert "is inside SRC" in capsys.readouterr().err
     assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
+
+
+# --- eval.py ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("report, problem", [("/dev/null/x", "/dev/null is not a directory"),
+                                             ("/proc/self/x", "cannot create files in /proc/self")],
+                         ids=["under_a_file", "unwritable"])
+def test_eval_checks_where_the_report_goes_before_evaluating(base, tmp_path, capsys, report, problem):
+    from rwkv_jax.cli import eval as eval_command
+    from rwkv_jax.cli import runner as cli
+    (tmp_path / "doc.txt").write_text("some text to evaluate\n" * 50)
+    code = cli.call(eval_command.main, ["eval", f"--checkpoint={base}", f"--report={report}",
+                                        f"--text_files={tmp_path / 'doc.txt'}"])
+    captured = capsys.readouterr()
+    assert code == 2 and f"--report={report}: {problem}" in captured.err, captured.err
+    assert captured.out == ""  # refused before loading or evaluating anything
