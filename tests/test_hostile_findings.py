@@ -15,6 +15,7 @@
   * model(tokens) refuses zero tokens and a state of another batch with a ValueError naming the shapes;
   * rwkv-convert refuses non-finite weights, naming the tensors, and a destination inside its source;
   * eval.py checks where --report goes before evaluating;
+  * --compile_only checks the batch against the TPU mesh before compiling, and keeps libtpu quiet;
 
 Self-contained: the small helpers are local (tests/ is being reorganised around shared helpers).
 """
@@ -460,3 +461,27 @@ def test_eval_checks_where_the_report_goes_before_evaluating(base, tmp_path, cap
     captured = capsys.readouterr()
     assert code == 2 and f"--report={report}: {problem}" in captured.err, captured.err
     assert captured.out == ""  # refused before loading or evaluating anything
+
+
+# --- train.py --compile_only -------------------------------------------------------------------------------
+
+def compile_only(*overrides: str):
+    pytest.importorskip("libtpu")
+    return subprocess.run([sys.executable, "train.py", "--config=configs/tiny.py", "--compile_only",
+                           "--topology=v5e:2x2", *overrides], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"})
+
+
+def test_compile_only_checks_the_batch_against_the_tpu_mesh_first():
+    start = time.time()
+    result = compile_only("--config.train.batch_size=6")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "a microbatch of 6 rows does not split over the 4 devices of the mesh's data x fsdp axes" in \
+        result.stderr.splitlines()[0], result.stderr[-3000:]
+    assert time.time() - start < 30  # before compiling
+
+
+def test_compile_only_keeps_libtpus_init_lines_off_the_console():
+    result = compile_only("--config.train.batch_size=6")  # refused after libtpu is loaded: quick
+    assert len(result.stderr.strip().splitlines()) == 2, result.stderr[-3000:]  # the error and the hint
+    assert "TPU_WORKER_HOSTNAMES" not in result.stderr and "host bounds" not in result.stderr
