@@ -110,7 +110,8 @@ def main(argv=None):
             peer=hf["first_s"] if hf else None, peer_name="HF transformers")
 
     # --- Where a 169M step goes ----------------------------------------------------------------------
-    prof = run("profile_step.py", *(["--vocab=4096", "--d_model=128", "--n_layer=4", "--steps=2"] if args.quick else []))
+    quick_profile = ["--vocab=4096", "--d_model=128", "--n_layer=4", "--steps=2"] if args.quick else []
+    prof = run("profile_step.py", *quick_profile)
     sec, lim = prof["seconds"], prof["limits_s"]
     add("169M step parts", "optimizer update (clip, Adam, apply) ms", 1e3 * sec["update"], "ms",
         limit=1e3 * prof["update_bytes"] / bandwidth, basis="7 x 4 bytes x params / bandwidth")
@@ -127,7 +128,8 @@ def main(argv=None):
     n_params = gen["n_params"] - gen.get("vocab", 50277) * gen.get("d_model", 768)
     decode_b1 = gen["decode_b1"]
     add("generate", "decode tokens/s, batch 1", decode_b1["rwkv_jax"], "tokens/s", peer=decode_b1.get("official"),
-        peer_name="official rwkv", limit=bandwidth / (4 * n_params), basis="read every fp32 weight but the embedding once / bandwidth")
+        peer_name="official rwkv", limit=bandwidth / (4 * n_params),
+        basis="read every fp32 weight but the embedding once / bandwidth")
     batch_key = next(k for k in gen if k.startswith("decode_b") and k != "decode_b1")
     add("generate", f"decode tokens/s, batch {batch_key[8:]}", gen[batch_key]["rwkv_jax"], "tokens/s",
         peer=gen[batch_key].get("hf"), peer_name="HF transformers")
@@ -165,9 +167,11 @@ def _write(rows, meta, args):
              f"{peak / 1e9:.1f} GFLOP/s, memory {bandwidth / 1e9:.1f} GB/s (the faster in-place pass of a numpy copy "
              f"and XLA over a donated array; XLA's pass into fresh buffers "
              f"{meta.get('xla_elementwise_bandwidth', 0) / 1e9:.1f} GB/s); load average {load_before[0]:.1f} before, "
-             f"{meta['load_after'][0]:.1f} after" + (f"; limits re-probed {meta['rescored']}" if 'rescored' in meta else ""),
+             f"{meta['load_after'][0]:.1f} after"
+             + (f"; limits re-probed {meta['rescored']}" if 'rescored' in meta else ""),
              "",
-             "| group | figure | rwkv_jax | peer | ratio | limit | of limit | limit from |", "|---|---|---|---|---|---|---|---|"]
+             "| group | figure | rwkv_jax | peer | ratio | limit | of limit | limit from |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         higher_is_better = r["unit"] in ("tokens/s",)
         ratio = None
