@@ -106,7 +106,9 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
             if lock is not None:
                 workdir_lock.release(lock)
     except BaseException:
-        if is_main:  # a refused run (missing data, a bad init_from, ...) leaves no empty directories behind
+        # A refused run (missing data, a bad init_from, ...) leaves no empty directories behind; once the run
+        # has described itself (config.json) its workdir keeps its layout, checkpoints/ included.
+        if is_main and not run_dir.config_path.exists():
             _remove_if_empty(reversed(created))
         raise
 
