@@ -305,11 +305,13 @@ def test_console_shows_our_warnings_and_the_log_file_gets_everything(tmp_path):
             return logging.LogRecord("absl", level, path, 1, message, None, None)
 
         ours = str(Path(logs.__file__).parent / "checkpoint.py")
-        theirs = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
+        theirs = "/site-packages/tensorflow_datasets/core/dataset_builder.py"
+        orbax = "/site-packages/orbax/checkpoint/checkpoint_manager.py"  # its failures are reported as ours
         shown = [r.getMessage() for r in (record(logging.WARNING, ours, "our warning"),
                                           record(logging.WARNING, theirs, "their warning"),
                                           record(logging.INFO, theirs, "their info"),
-                                          record(logging.ERROR, theirs, "their error"))
+                                          record(logging.ERROR, theirs, "their error"),
+                                          record(logging.ERROR, orbax, "orbax's error"))
                  if r.levelno >= handler.level and handler.filter(r)]
         assert shown == ["our warning", "their error"]
         logging.getLogger("absl").info("before the file is known")
