@@ -108,7 +108,7 @@ def test_train_refuses_compile_only_flags_without_compile_only(tmp_path):
     """--topology without --compile_only was ignored: a real training run started in the workdir."""
     result = run(["train.py", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}", "--topology=v5e:2x2"])
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "--topology is for --compile_only" in result.stderr.strip().splitlines()[-1]
+    assert "--topology is for --compile_only" in result.stderr.strip().splitlines()[0]  # then the --help hint
     assert not (tmp_path / "w").exists()
 
 
@@ -306,11 +306,13 @@ def test_console_shows_our_warnings_and_the_log_file_gets_everything(tmp_path):
             return logging.LogRecord("absl", level, path, 1, message, None, None)
 
         ours = str(Path(logs.__file__).parent / "checkpoint.py")
-        theirs = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
+        theirs = "/site-packages/tensorflow_datasets/core/dataset_builder.py"
+        orbax = "/site-packages/orbax/checkpoint/checkpoint_manager.py"  # its failures are reported as ours
         shown = [r.getMessage() for r in (record(logging.WARNING, ours, "our warning"),
                                           record(logging.WARNING, theirs, "their warning"),
                                           record(logging.INFO, theirs, "their info"),
-                                          record(logging.ERROR, theirs, "their error"))
+                                          record(logging.ERROR, theirs, "their error"),
+                                          record(logging.ERROR, orbax, "orbax's error"))
                  if r.levelno >= handler.level and handler.filter(r)]
         assert shown == ["our warning", "their error"]
         logging.getLogger("absl").info("before the file is known")

@@ -300,7 +300,7 @@ def test_bad_flags_exit_non_zero_with_a_clear_message(tmp_path, args, message):
     workdir = [] if not args else [f"--workdir={tmp_path}"]
     result = run_cli(["--config=configs/tiny.py", *workdir, *args])
     assert result.returncode != 0
-    assert re.search(message, result.stderr.strip().splitlines()[-1]), result.stderr
+    assert re.search(message, result.stderr.strip().splitlines()[0]), result.stderr
 
 
 @pytest.mark.parametrize("args", [["--config.train.num_steps=abc"], []], ids=["wrong_type", "missing_workdir"])

@@ -278,8 +278,9 @@ def test_scan_layers_auto_resumes_the_layout_the_checkpoints_hold(env, tmp_path,
 def test_a_data_change_is_accepted_with_the_override(env, tmp_path, caplog):
     workdir = copy_of_base(env, tmp_path)
     caplog.set_level(logging.WARNING, logger="absl")
-    config = make_config(dict(env["overrides"], **{"data.seed": 1, "train.allow_data_change": True}))
-    trainer.train(config, workdir)  # num_steps = BASE_STEPS: restores, checks, evaluates, trains nothing
+    config = make_config(dict(env["overrides"], **{"data.seed": 1, "train.allow_data_change": True,
+                                                   "train.num_steps": BASE_STEPS + 1}))
+    trainer.train(config, workdir)  # one more step: a finished run's rerun writes nothing (config.json neither)
     assert any("changed data setup" in r.getMessage() and "seed 0 -> 1" in r.getMessage() for r in caplog.records)
     assert json.loads((workdir / "config.json").read_text())["data"]["seed"] == 1
 

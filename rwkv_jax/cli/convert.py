@@ -36,10 +36,14 @@ def main(argv):
     if dst_path == src_path or dst_path in src_path.parents:
         raise cli.UsageError(f"DST {dst} is SRC or a directory holding it: writing there would replace SRC; choose "
                              "another destination")
+    if src_path in dst_path.parents:
+        raise cli.UsageError(f"DST {dst} is inside SRC {src}: the conversion would write into its own source; "
+                             "choose a destination outside it")
     fmt = _destination_format(dst, _TO.value)
     start = time.perf_counter()
     print(f"reading {src} ({weights.detect_format(src)})", flush=True)
     model = weights.load_model(src)
+    weights.check_finite(model, src)
     c = model.config
     print(f"model: {c.n_layer} layers, d_model={c.d_model}, d_ffn={c.ffn_width}, vocab={c.vocab_size}", flush=True)
     print(f"writing {dst} ({fmt})", flush=True)

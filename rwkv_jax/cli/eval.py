@@ -68,11 +68,30 @@ def check_flags() -> None:
     if _REPORT.value.endswith("/") or (_REPORT.value and not Path(_REPORT.value).name):
         raise cli.UsageError(f"--report={_REPORT.value} names a directory: give a path prefix such as "
                              f"{Path(_REPORT.value) / 'report'} (writes .json, .md and .png)")
+    if _REPORT.value:
+        _check_report_place(_REPORT.value)
     if _COMPARE.value and _LAMBADA.value:
         raise cli.UsageError("--compare needs a perplexity evaluation (loss by position), not --lambada")
     for path in _COMPARE.value:
         if not Path(path).expanduser().is_file():
             raise cli.UsageError(f"--compare={path}: no such file (give the PREFIX.json an eval.py run wrote)")
+
+
+def _check_report_place(prefix: str) -> None:
+    """A usage error unless files can be created where --report puts them (its directory, or the nearest
+    existing directory above it, which write_report would create it under): checked with a probe file
+    before the evaluation rather than after it."""
+    directory = Path(prefix).expanduser().absolute().parent
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    problem = f"{existing} is not a directory" if not existing.is_dir() else None
+    if problem is None:
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as e:
+            problem = f"cannot create files in {existing} ({e.strerror})"
+    if problem:
+        raise cli.UsageError(f"--report={prefix}: {problem}; give a path prefix in a writable directory")
 
 
 def main(argv):

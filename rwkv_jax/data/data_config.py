@@ -64,6 +64,9 @@ def check_section(checks) -> None:
     checks.need(0 <= d.validation_fraction < 1,
                 f"data.validation_fraction must be in [0, 1), got {d.validation_fraction!r}")
     checks.at_least("data", "sp_input_sentence_size", 1)
+    # The seed seeds numpy's generators (non-negative) and is saved in checkpoints and config.json.
+    checks.need(isinstance(d.seed, int) and 0 <= d.seed < 2**63,
+                f"data.seed must be in [0, 2**63), got {d.seed!r}")
     checks.positive("data", "sp_wait_timeout_s")
     checks.need(d.source != "text" or bool(d.text_files.strip()),
                 "data.text_files is empty: give files, directories or globs (comma-separated) for source='text'")

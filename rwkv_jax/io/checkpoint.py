@@ -33,6 +33,7 @@ What this adds to a plain orbax CheckpointManager:
 import json
 import os
 import re
+import shutil
 from typing import Any
 
 import jax
@@ -225,14 +226,26 @@ class Checkpointer:
             self._manager.close()  # after a failed save orbax has no thread left to wait for
 
     def _save_error(self, step, e: BaseException) -> "CheckpointSaveError":
-        """One line: the step, the directory, the cause (errno text where there is one), the last good step."""
+        """One line: the step, the directory, the cause (errno text where there is one), the last good step.
+        The step's partial files (orbax's temporary directory) are removed first: on a full disk they
+        would keep it full."""
         cause = _cause(e)
+        self._remove_partial_save(step)
         committed = [s for s in self._manager.all_steps() if s != step]
         last = f"step {max(committed)}" if committed else "none"
         return CheckpointSaveError(
             f"could not save checkpoint step {step} in {self.directory}: {cause}. The last good checkpoint "
             f"there is {last}. Free space or fix the directory's permissions, then rerun the same command "
             "to resume.")
+
+    def _remove_partial_save(self, step) -> None:
+        """Delete the temporary directory of the failed save of `step` (process 0; orbax would remove it
+        only when the directory is next opened for writing)."""
+        if step is None or self.read_only or jax.process_index() != 0:
+            return
+        for partial in self.directory.glob(f"{int(step)}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(partial, ignore_errors=True)
+            logging.info("removed %s, the partial files of the failed save of step %d", partial, step)
 
     def __enter__(self):
         return self

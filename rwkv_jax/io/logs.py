@@ -1,6 +1,7 @@
 """Where log records go when a command runs: the console shows our progress lines (plain prints), our
-warnings and everyone's errors; INFO records (orbax reports every save and restore, ~150 lines in a short
-run) and third-party warnings (TFDS on a dataset it builds, ...) go to a file such as WORKDIR/train.log.
+warnings and everyone's errors but orbax's (rwkv_jax.io.checkpoint reports its failures); INFO records
+(orbax reports every save and restore, ~150 lines in a short run) and third-party warnings (TFDS on a
+dataset it builds, ...) go to a file such as WORKDIR/train.log.
 absl's `--verbosity` (`-v`), `--logger_levels`, `--alsologtostderr` or
 `--stderrthreshold` on the command line bring them back to the console.
 
@@ -37,8 +38,16 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.
 
 
 def _console_filter(record: logging.LogRecord) -> bool:
-    """Our warnings, and errors from anywhere; third-party warnings only in the file."""
-    return record.levelno >= logging.ERROR or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR)
+    """Our warnings, and errors from anywhere but orbax; third-party warnings only in the file. Orbax logs
+    every failure of a save or restore from each of its threads with a traceback (32 to 127 of them for
+    one failed save, ~1,000 lines): rwkv_jax.io.checkpoint reports each such failure as one error."""
+    path = os.path.abspath(record.pathname)
+    if path.startswith(_PACKAGE_DIR):
+        return True
+    return record.levelno >= logging.ERROR and _ORBAX_DIR not in path
+
+
+_ORBAX_DIR = f"{os.sep}orbax{os.sep}checkpoint{os.sep}"
 
 
 def console_verbosity_requested() -> bool:

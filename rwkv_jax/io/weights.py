@@ -351,6 +351,16 @@ def load_model(path, **config_overrides) -> RWKV:
     return load(path, **config_overrides).model
 
 
+def check_finite(model: RWKV, source) -> None:
+    """ValueError naming the tensors (official names) of `model`, read from `source`, that hold a NaN or
+    an Inf: a converted copy of a broken model would look like any other."""
+    bad = [name for name, array in model_to_official(model).items() if not np.isfinite(array).all()]
+    if bad:
+        shown = ", ".join(bad[:8]) + (f", ... ({len(bad)} in all)" if len(bad) > 8 else "")
+        raise ValueError(f"{source} holds non-finite weights (NaN or Inf) in {len(bad)} tensor(s): {shown}; "
+                         "refusing to convert a broken model")
+
+
 def write_model(model: RWKV, path, fmt: str, *, overwrite: bool = False) -> None:
     """Write `model` to `path` in format `fmt` (one of FORMATS)."""
     if fmt == "rwkv_jax":

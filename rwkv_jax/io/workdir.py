@@ -4,7 +4,8 @@
     DIR/rwkv_config.json     the model's ModelConfig alone (what a reader needs to rebuild the model)
     DIR/tokenizer.model      the run's tokenizer, copied (tokenizer.json for an HF tokenizers file)
     DIR/checkpoints/<step>/  orbax checkpoints: items params, opt_state, meta (rwkv_jax.io.checkpoint)
-    DIR/metrics.jsonl        one JSON record per logged train step and per evaluation
+    DIR/metrics.jsonl        one JSON record per logged train step and per evaluation (a resume drops the
+                             rows past its step: each step is there once)
     DIR/tensorboard/         the same metrics as TensorBoard events
     DIR/loss.png             the loss curves, drawn at the end of a run
     DIR/train.log            everything logged (third-party INFO included), the console shows less

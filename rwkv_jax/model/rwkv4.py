@@ -241,12 +241,28 @@ class RWKV(nnx.Module):
             reset_BT = jnp.asarray(reset_BT).astype(bool)
         elif reset_to is not None:
             raise ValueError("reset_to was given without reset_BT: pass the positions to reset at")
+        if tokens_BT.shape[1] == 0:
+            raise ValueError(f"tokens of shape {tokens_BT.shape} hold no token: give at least one per row")
+        for name, given in (("state", state), ("reset_to", reset_to)):
+            self._check_state_shapes(name, given, tokens_BT.shape[0])
         if state is None:
             state = self.init_state(tokens_BT.shape[0])
         # The residual stream stays in fp32; sublayers compute in config.dtype.
         x = self.ln0(self.emb(tokens_BT).astype(jnp.float32))
         run = self._scan_blocks if self.config.scan_layers else self._loop_blocks
         return run(x, state, reset_BT, reset_to)
+
+    def _check_state_shapes(self, name: str, state: RWKVState | None, batch: int) -> None:
+        """ValueError naming the shapes unless `state` is None or of init_state(batch)'s shapes."""
+        if state is None:
+            return
+        c = self.config
+        want = [(c.n_layer, batch, width) for width in (c.d_model, *[c.att_width] * 3, c.d_model)]
+        have = [tuple(jnp.shape(x)) for x in state]
+        if have != want:
+            raise ValueError(f"{name} does not fit tokens of batch {batch}: its arrays are "
+                             f"{dict(zip(RWKVState._fields, have))}, a state for batch {batch} is "
+                             f"{dict(zip(RWKVState._fields, want))} (model.init_state({batch}))")
 
     def _loop_blocks(self, x, state: RWKVState, reset_BT=None, reset_to: RWKVState | None = None):
         layer_states = []

@@ -20,10 +20,14 @@ returns the report; the caller exits non-zero when the step does not fit.
 libtpu is an optional extra (`pip install -e .[tpu-aot]`), needed only here.
 """
 
+import contextlib
 import dataclasses
+import logging
 import math
 import os
 import re
+import sys
+import tempfile
 import time
 
 import jax
@@ -33,7 +37,7 @@ from jax.extend import core as jax_core
 from rwkv_jax.model import ModelConfig
 from rwkv_jax.train import metrics as metrics_lib
 from rwkv_jax.train import program as program_lib
-from rwkv_jax.train import sharding
+from rwkv_jax.train import sharding, train_config
 
 GIB = 2**30
 
@@ -66,10 +70,30 @@ def topology_devices(topology: str):
                           "(or pip install -r requirements-dev.txt)") from None
     from jax.experimental import topologies
     try:
-        return topologies.get_topology_desc(topology, "tpu").devices
+        with _stderr_to_log("libtpu"):  # its init errors about the TPU host it is not on
+            return topologies.get_topology_desc(topology, "tpu").devices
     except Exception as e:  # noqa: BLE001 - libtpu's errors for a bad name are generic runtime errors
         raise ValueError(f"--topology={topology!r} is not a TPU topology libtpu knows ({e}); use names such as "
                          "v5e:2x2, v5e:4x4, v5p:2x2x2, v5p:4x4x4, v6e:2x4, v4:2x2x2") from None
+
+
+@contextlib.contextmanager
+def _stderr_to_log(name: str):
+    """Inside: what is written to file descriptor 2 (C++ libraries' own logging) goes to INFO records of
+    logger `name` (the log file) instead of the console."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode("utf-8", errors="replace").splitlines():
+                if line.strip():
+                    logging.getLogger(name).info("%s", line)
 
 
 def _chip_of(devices, topology: str) -> tuple[Chip, int]:
@@ -189,6 +213,10 @@ def compile_only(config: ml_collections.ConfigDict, topology: str, *, estimate_c
     devices = topology_devices(topology)
     per_device = device_chip(devices, topology)
     mesh = sharding.make_mesh(config.mesh, devices)
+    # Every value checked as the trainer checks it, the batch split against this mesh: one line naming the
+    # field rather than XLA's partitioning error after the compile. Nothing is read (resuming=True: no
+    # train.init_from needs to exist here).
+    train_config.validate(config, mesh, resuming=True)
     # 'auto' choices are made for the target, not for the CPU this compiles on.
     model_config = program_lib.resolve(config, "tpu")
     t = config.train

@@ -4,6 +4,7 @@ records in memory only. Also the one bits-per-byte formula of the project."""
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -135,8 +136,28 @@ class MetricsWriter:
         plt.close(fig)
 
 
+def drop_records_after(path: Path, step: int) -> None:
+    """Keep the records of metrics.jsonl up to `step` (none when 0), the run's restored step: a resumed run
+    writes the steps after it again, and each step is then in the file once. A half-written last line (a
+    killed run) goes too. Rewritten atomically (a temporary file renamed over it)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if line.endswith("\n") and 0 < step and record.get("step", step + 1) <= step:
+            kept.append(line)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(kept))
+    os.replace(temporary, path)
+
+
 def _all_records(path: Path) -> list[dict]:
-    """Records of metrics.jsonl, keeping for each (kind, step) the last written (a resumed run rewrites)."""
+    """Records of metrics.jsonl, keeping for each (kind, step) the last written (older runs could hold a
+    step twice)."""
     latest = {}
     for line in path.read_text().splitlines():
         record = json.loads(line)

@@ -15,17 +15,20 @@ from rwkv_jax.io.workdir import Workdir
 from rwkv_jax.model import ModelConfig, state_file
 
 
-def describe_data(data_config, tokenizer, train_batches) -> dict:
+def describe_data(data_config, train_config, tokenizer, train_batches) -> dict:
     """What a resumed run must share with the checkpoint for its batches to continue the same stream:
-    the source and its options, the data seed, the tokenizer (kind and file hash), the token count, and
-    whether windows reset the state at end-of-text (data.reset_at_eot)."""
+    the source and its options, the data seed, the tokenizer (kind and file hash), the token count,
+    whether windows reset the state at end-of-text (data.reset_at_eot), and the window length and count
+    (train.seq_len, train.bptt_windows: they place every window, and a streamed row's carried state
+    continues where its last window stopped only with the same ones)."""
     c = data_config
     options = {"stdlib": ("stdlib_root",), "text": ("text_files", "text_split"), "tfds": ("tfds_name",),
                "binidx": ("binidx_prefix",)}[c.source]
     return {"source": c.source, **{k: c[k] for k in options}, "validation_fraction": c.validation_fraction,
             "train_split": c.train_split, "seed": c.seed, "sampling": c.sampling, "tokenizer": c.tokenizer,
             "tokenizer_sha256": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
-            "train_tokens": len(train_batches.tokens_N), "reset_at_eot": bool(c.get("reset_at_eot", False))}
+            "train_tokens": len(train_batches.tokens_N), "reset_at_eot": bool(c.get("reset_at_eot", False)),
+            "seq_len": int(train_config.seq_len), "bptt_windows": int(train_config.bptt_windows)}
 
 
 def check_data_unchanged(extra: dict, current: dict, step: int, directory, allow: bool) -> None:

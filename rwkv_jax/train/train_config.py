@@ -115,6 +115,10 @@ def _check_train_section(checks: Checks, mesh) -> None:
 def _check_checkpoint_section(checks: Checks) -> None:
     checks.at_least("checkpoint", "every_steps", 1)
     checks.at_least("checkpoint", "keep", 1, " (the newest checkpoints kept; 0 would delete the final one too)")
+    for field in ("every_steps", "keep"):  # steps are int32 on the device
+        value = checks.config.checkpoint[field]
+        checks.need(not isinstance(value, int) or value <= INT32_MAX,
+                    f"checkpoint.{field}={value} is out of range: at most {INT32_MAX}")
 
 
 def _check_across_sections(checks: Checks, resuming: bool) -> None:

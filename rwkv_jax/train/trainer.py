@@ -8,7 +8,8 @@
      (config.json, rwkv_config.json, the tokenizer). State tuning (optim.trainable='state') adds the
      learned initial state, the only thing trained, also written to WORKDIR/state.npz at every checkpoint.
   4. Steps: the jitted train step, periodic logging, evaluation and async checkpoints; SIGTERM
-     (preemption) saves and returns; too many non-finite steps in a row stop the run with an error.
+     (preemption) saves and returns; Ctrl-C saves and raises KeyboardInterrupt (a second one at once);
+     too many non-finite steps in a row stop the run with an error.
   5. End: a final checkpoint and evaluation, and the loss curves as a PNG.
 
 Batch n is a pure function of (data seed, n), so a run resumed from the checkpoint of step n sees
@@ -21,6 +22,7 @@ import dataclasses
 import math
 import shutil
 import signal
+import threading
 from pathlib import Path
 
 import jax
@@ -47,18 +49,31 @@ class BadStepsError(RuntimeError):
 
 
 class _Preemption:
-    """Remembers a SIGTERM so the loop can checkpoint and return at the next step boundary."""
+    """Remembers a SIGTERM (preemption) or a first Ctrl-C (SIGINT) so the loop can checkpoint and stop at the
+    next step boundary; a second Ctrl-C raises KeyboardInterrupt at once. Only in the main thread (signal
+    handlers cannot be set elsewhere): a trainer run from another thread keeps the process's handlers."""
 
     def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.requested = None  # the signal's name once one came
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping after this step.")
-        self.requested = True
+        if signum == signal.SIGINT and self.requested == "Ctrl-C":
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            logging.warning("Ctrl-C: saving a checkpoint and stopping after this step (Ctrl-C again to stop at "
+                            "once, unsaved).")
+            self.requested = "Ctrl-C"
+        elif not self.requested:
+            logging.warning("SIGTERM received: saving a checkpoint and stopping after this step.")
+            self.requested = "SIGTERM"
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def train(config: ml_collections.ConfigDict, workdir) -> dict:
@@ -81,13 +96,29 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
     config_lib.validate(config, mesh, resuming=resuming)
     if resuming:
         model_config = resume.layers_as_stored(run_dir, config.model.scan_layers, model_config)
+    created = [path for path in (workdir, run_dir.checkpoints_dir) if not path.exists()]
     workdir.mkdir(parents=True, exist_ok=True)
-    lock = _lock_workdir(workdir, is_main)
     try:
-        return _train(config, run_dir, model_config, mesh, is_main)
-    finally:
-        if lock is not None:
-            workdir_lock.release(lock)
+        lock = _lock_workdir(workdir, is_main)
+        try:
+            return _train(config, run_dir, model_config, mesh, is_main)
+        finally:
+            if lock is not None:
+                workdir_lock.release(lock)
+    except BaseException:
+        # A refused run (missing data, a bad init_from, ...) leaves no empty directories behind; once the run
+        # has described itself (config.json) its workdir keeps its layout, checkpoints/ included.
+        if is_main and not run_dir.config_path.exists():
+            _remove_if_empty(reversed(created))
+        raise
+
+
+def _remove_if_empty(directories) -> None:
+    for directory in directories:
+        try:
+            directory.rmdir()  # only if empty: anything written stays
+        except OSError:
+            pass
 
 
 def _lock_workdir(workdir: Path, is_main: bool) -> Path | None:
@@ -121,7 +152,7 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
     tokenizer, train_batches, eval_batches = make_datasets(
         config.data, seq_len=step_len, batch_size=t.batch_size, model_vocab_size=model_config.vocab_size,
         process_index=jax.process_index(), process_count=jax.process_count())
-    data_setup = resume.describe_data(config.data, tokenizer, train_batches)
+    data_setup = resume.describe_data(config.data, t, tokenizer, train_batches)
     batch_sharding = sharding.batch_sharding(mesh)
 
     def global_batch(local):
@@ -151,10 +182,13 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
     else:
         state, extra, start_step = restored
         resume.check_data_unchanged(extra, data_setup, start_step, checkpointer.directory, t.allow_data_change)
+        if start_step >= t.num_steps:  # a finished run: this config describes none of its checkpoints
+            return _finished(checkpointer, start_step, t.num_steps, is_main)
         if is_main:
             print(f"resumed from the checkpoint of step {start_step}", flush=True)
     if is_main:  # the resume is valid: now the workdir may describe this run (eval.py needs only its path)
         logs.log_to_file(run_dir.log_path)  # what was logged so far was buffered
+        metrics_lib.drop_records_after(run_dir.metrics_path, start_step)  # the steps after it come again
         run_dir.write_config(config)
         # 'auto' WKV form stays 'auto' in the workdir: another platform reading the run picks its own
         run_dir.write_model_config(dataclasses.replace(model_config, wkv_form=config.model.wkv_form))
@@ -208,7 +242,7 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
             if len(pending) > 1:  # the previous step is done (or nearly): its streak costs no stall
                 _check_streak(writer, pending, config.optim.max_consecutive_bad_steps)
             checkpointer.check()  # a failed async save stops the run now, not one save later
-            stop = preemption.requested
+            stop = bool(preemption.requested)
             if jax.process_count() > 1 and (step % t.log_every == 0):
                 stop = bool(multihost_utils.process_allgather(np.array(stop)).any())
             if step % t.log_every == 0 or step == t.num_steps or step == start_step + 1 or stop:
@@ -219,7 +253,8 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
             if step % config.checkpoint.every_steps == 0 or stop:
                 save(step)
             if stop:
-                logging.warning("Stopped by SIGTERM after step %d; the checkpoint is saved.", step)
+                logging.warning("Stopped by %s after step %d; the checkpoint is saved: rerun the same command to "
+                                "resume.", preemption.requested or "another process's SIGTERM", step)
                 break
         else:
             if start_step < t.num_steps:
@@ -233,7 +268,19 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
             checkpointer.close()  # waits for the last save; CheckpointSaveError if it failed
         finally:
             writer.close()
+    if preemption.requested == "Ctrl-C":
+        raise KeyboardInterrupt  # saved: the command still reports the interruption (exit code 130)
     return last
+
+
+def _finished(checkpointer, step: int, num_steps: int, is_main: bool) -> dict:
+    """Nothing to train: the workdir is left as it is (its config.json describes its checkpoints)."""
+    checkpointer.close()
+    if is_main:
+        print(f"the run is finished: checkpoint step {step} is {'past ' if step > num_steps else ''}"
+              f"train.num_steps={num_steps}, nothing to train; the workdir is unchanged (raise "
+              "--config.train.num_steps to train further, evaluate with eval.py)", flush=True)
+    return {"step": step}
 
 
 def _log_pending(writer, pending, max_bad_steps: int) -> dict:
