@@ -182,7 +182,7 @@ def with_kernels_in_compute_dtype(model: "nnx.Module") -> "nnx.Module":
     """For inference in a low-precision compute dtype: the model with its linears' kernels (the blocks'
     projections and the head) stored in that dtype. Each is cast to the compute dtype before its product
     anyway, so every result is the same; but cast once here instead of in every call, which in small calls
-    (evaluation batches, decoding) read and wrote all the weights each time (benchmarks/lm_eval.py in bf16
+    (evaluation batches, decoding) read and wrote all the weights each time (benchmarks/lm_eval_speed.py in bf16
     shows the difference; docs/performance.md has the figures). The embedding, LayerNorms
     and the WKV's vectors keep their dtype (the residual stream and WKV stay fp32). Not for training: the
     optimizer updates fp32 master weights. A model computing in fp32 comes back as it is."""

@@ -200,7 +200,7 @@ class RWKV(nnx.Module):
         logits are made as [V, N] (the head's kernel transposed against ln_out(hidden)), because XLA:CPU
         reduces over their major axis much faster than over their minor one. Below 256 positions the
         [N, V] logits were as fast or faster, and in bf16 the transposed product leaves XLA:CPU's fast path
-        (benchmarks/lm_eval.py measures the adapter that depends on it)."""
+        (benchmarks/lm_eval_speed.py measures the adapter that depends on it)."""
         if hidden_ND.shape[0] < 256 or jnp.dtype(self.config.dtype) != jnp.float32:
             logp_N1, greedy_N1 = target_logprobs(self.logits(hidden_ND), targets_N[:, None])
             return logp_N1[:, 0], greedy_N1[:, 0]

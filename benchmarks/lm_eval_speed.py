@@ -3,9 +3,9 @@ harness's own `hf` model class (HFLM), on the same multiple-choice tasks, same r
 shape (12 x 768, vocab 50277) and the GPT-NeoX tokenizer, in one process: loglikelihood requests per second
 and their ratio, per task.
 
-    python benchmarks/lm_eval.py                 # 169M shape: choice_local, story_local, story_local 3-shot
-    taskset -c 0 python benchmarks/lm_eval.py --one_thread   # the same on one core (a loaded machine)
-    python benchmarks/lm_eval.py --small         # 4 x 128: a quick check that it runs
+    python benchmarks/lm_eval_speed.py                 # 169M shape: choice_local, story_local, story_local 3-shot
+    taskset -c 0 python benchmarks/lm_eval_speed.py --one_thread   # the same on one core (a loaded machine)
+    python benchmarks/lm_eval_speed.py --small         # 4 x 128: a quick check that it runs
 
 The tasks: tasks/choice_local (short questions: contexts of 8 to 18 tokens, 2 to 4 endings of 2 to 9 tokens,
 as ARC or PIQA without their prompt template) and tasks/story_local (shaped like HellaSwag: contexts of about
@@ -29,8 +29,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-# This file is named like the harness's package: keep its folder off the import path.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
