@@ -1,5 +1,6 @@
 """Training RWKV-7 (issue 28): the configs' sizes, the FLOP count, a tiny run whose loss falls and that
-eval.py reads back, state tuning that leaves every weight bit-identical, and runs with document resets
+eval.py reads back, state tuning that leaves every weight bit-identical (in the train step, and end to
+end from that run, with eval.py --initial_state), and runs with document resets
 (data.reset_at_eot) and streamed sampling (data.sampling='streams').
 
 The sizes are counted twice, independently: from the official x070 weights layout (the shapes of the
@@ -20,6 +21,7 @@ from flax import nnx
 
 from rwkv_jax.cli import eval as eval_command
 from rwkv_jax.cli import runner as cli
+from rwkv_jax.io import weights
 from rwkv_jax.model import ModelConfig, family_of, rwkv7
 from rwkv_jax.train import metrics, optim, sharding, state_tuning, train_step, trainer
 from tests.helpers import make_config, read_records, tiny_overrides
@@ -87,7 +89,7 @@ def v7_overrides(env, **extra) -> dict:
     return tiny_overrides(env, model__version=7, model__head_size=16, model__emb_init_scale=1e-4, **extra)
 
 
-def test_tiny_rwkv7_run_lowers_the_loss_and_eval_reads_its_checkpoint(train_env, tmp_path):
+def test_tiny_rwkv7_run_lowers_the_loss_eval_reads_it_and_its_state_tunes(train_env, tmp_path):
     workdir = tmp_path / "run"
     config = make_config(v7_overrides(train_env, train__num_steps=40, train__eval_every=0,
                                       checkpoint__every_steps=100, optim__lr_init=3e-3, optim__lr_final=1e-3))
@@ -104,6 +106,25 @@ def test_tiny_rwkv7_run_lowers_the_loss_and_eval_reads_its_checkpoint(train_env,
                                         "--eval_len=32", "--max_docs=2", f"--report={prefix}"]) == 0
     report = json.loads(prefix.with_suffix(".json").read_text())
     assert report["documents"] >= 1 and np.isfinite(report["loss"])
+    # state tuning from that run: the weights come back bit-identical, the state file is RWKV-7's and
+    # eval.py --initial_state starts every document from it
+    tuned = tmp_path / "tuned"
+    trainer.train(make_config(v7_overrides(
+        train_env, train__init_from=str(workdir), data__tokenizer_path=str(workdir / "tokenizer.model"),
+        optim__trainable="state", optim__lr_init=0.1, optim__lr_final=0.1, optim__warmup_steps=0,
+        train__num_steps=5, train__eval_every=0, checkpoint__every_steps=100)), tuned)
+    base, after = (nnx.to_pure_dict(nnx.state(weights.load_model(w), nnx.Param)) for w in (workdir, tuned))
+    assert jax.tree.structure(base) == jax.tree.structure(after)
+    for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(after)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    with np.load(tuned / "state.npz") as saved:
+        assert saved["wkv"].shape == (2, 1, 2, 16, 16) and np.any(saved["wkv"] != 0)
+    with_state = tmp_path / "report_state"
+    assert cli.call(eval_command.main, ["eval.py", f"--checkpoint={tuned}", f"--text_files={text}", "--eval_len=32",
+                                        "--max_docs=2", f"--initial_state={tuned / 'state.npz'}",
+                                        f"--report={with_state}"]) == 0
+    report = json.loads(with_state.with_suffix(".json").read_text())
+    assert report["initial_state"] == str(tuned / "state.npz") and np.isfinite(report["loss"])
 
 
 @pytest.mark.parametrize("extra", [{"data__reset_at_eot": True, "train__microbatches": 2},
