@@ -126,7 +126,7 @@ class Workdir:
 @dataclasses.dataclass(frozen=True)
 class LoadedParams:
     """The parameters of a workdir's latest good checkpoint, as a model."""
-    model: object  # rwkv_jax.model.RWKV
+    model: object  # the generation's model class (rwkv_jax.model.family)
     step: int
 
 
@@ -140,13 +140,16 @@ def load(path, **overrides) -> LoadedParams:
     from flax import nnx
 
     from rwkv_jax.io.checkpoint import Checkpointer
-    from rwkv_jax.model import RWKV, with_scan_layers
+    from rwkv_jax.model import family_of, with_scan_layers
     workdir = Workdir(path)
     config = workdir.model_config(**overrides)
     # The checkpoint holds the parameters as the run created them (param_dtype, its numerics).
     saved_config = workdir.model_config()
     # The trainer's state holds the model's whole nnx state under `params` (rwkv_jax.train.train_step).
-    graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: RWKV(saved_config, rngs=nnx.Rngs(0))))
+    def abstract(c):  # the model of ModelConfig `c`, its generation's class, nothing allocated
+        return nnx.eval_shape(lambda: family_of(c).model_class(c, rngs=nnx.Rngs(0)))
+
+    graphdef, abstract_params = nnx.split(abstract(saved_config))
     with Checkpointer(workdir.checkpoints_dir, read_only=True) as reader:
         restored = reader.restore_params(abstract_params)
     if restored is None:
@@ -155,7 +158,7 @@ def load(path, **overrides) -> LoadedParams:
     params, _, step = restored
     model = with_scan_layers(nnx.merge(graphdef, params), config.scan_layers)
     if config != saved_config:  # other numerics (dtype, WKV form): the same parameters in a new module
-        new_graphdef, new_state = nnx.split(nnx.eval_shape(lambda: RWKV(config, rngs=nnx.Rngs(0))))
+        new_graphdef, new_state = nnx.split(abstract(config))
         values = jax.tree.map(lambda like, x: jnp.asarray(x, like.dtype), nnx.to_pure_dict(new_state),
                               nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         nnx.replace_by_pure_dict(new_state, values)

@@ -1,8 +1,9 @@
 """Models, one folder for every RWKV generation behind one interface.
 
 `ModelConfig.version` names the generation; `family_of(config)` gives its `Family` (family.py): the model
-class, its state type and empty state, the official weight names, learning-rate multipliers and the
-logical axes its parameters carry. Code outside `rwkv_jax.model`, `rwkv_jax.ops` and the weights mapping
+class, its state type and empty state, the official weight names, learning-rate multipliers, the
+logical axes its parameters carry, its training FLOPs per token and the learned initial state of state
+tuning. Code outside `rwkv_jax.model`, `rwkv_jax.ops` and the weights mapping
 (rwkv_jax/io/weights.py) reaches a model only through this interface, so that adding a generation adds
 files here and touches no trainer, data, eval, generation, lm-eval or AOT code.
 

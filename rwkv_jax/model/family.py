@@ -14,6 +14,21 @@ _MODULES = {4: "rwkv_jax.model.rwkv4", 7: "rwkv_jax.model.rwkv7"}  # generation 
 
 
 @dataclasses.dataclass(frozen=True)
+class LearnedState:
+    """How state tuning (rwkv_jax/train/state_tuning.py) parameterises a generation's initial state: a
+    small fp32 pytree any value of which is a valid state.
+
+    fields:   the keys of the learned dict (they tell the generations' learned states apart).
+    init:     config -> the learned dict at the start of tuning (the empty state, or next to it).
+    to_state: (learned, batch_size) -> the model's state [L, batch_size, *], the learned state in every
+              row (differentiable).
+    """
+    fields: tuple[str, ...]
+    init: Callable
+    to_state: Callable
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
     """What code outside `rwkv_jax.model`, `rwkv_jax.ops` and the weights mapping may know of a generation.
 
@@ -32,6 +47,8 @@ class Family:
     lr_multipliers:  learning-rate multiplier of parameters by leaf name (optim.layerwise_lr).
     logical_axes:    the logical axis names its parameters carry; each has a rule in
                      rwkv_jax.train.sharding.RULES (a test checks it).
+    flops_per_token: config -> the training FLOPs (forward and backward) of one token, for MFU.
+    learned_state:   the LearnedState of state tuning.
     """
     version: int
     model_class: type
@@ -43,6 +60,8 @@ class Family:
     default_wkv_form: Callable[[str], str]
     lr_multipliers: dict[str, float]
     logical_axes: tuple[str, ...]
+    flops_per_token: Callable[..., float]
+    learned_state: LearnedState
 
 
 VERSIONS: tuple[int, ...] = tuple(sorted(_MODULES))

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from rwkv_jax.model import initializers as init
-from rwkv_jax.model.family import Family
+from rwkv_jax.model.family import Family, LearnedState
 from rwkv_jax.model.layers import (
     check_token_ids,
     layer_norm,
@@ -360,9 +360,49 @@ def dims_from_tensors(tensors: dict[str, np.ndarray]) -> dict:
     return dims
 
 
+def flops_per_token(config: ModelConfig) -> float:
+    """The paper's training cost: 6 (V D + 13 D^2 L) FLOPs per token."""
+    return 6.0 * (config.vocab_size * config.d_model + 13 * config.d_model ** 2 * config.n_layer)
+
+
+# --- State tuning's learned initial state (rwkv_jax/train/state_tuning.py) -------------------------
+#
+#     att_x     [L, D]  the previous (LayerNorm'd) input of each layer's time-mix token shift
+#     ffn_x     [L, D]  the same for the channel mix
+#     wkv_a     [L, A]  the WKV numerator, free
+#     wkv_log_b [L, A]  the log of the WKV denominator: b = exp(log_b) > 0 whatever the update
+#
+# with the WKV exponent p = 0 (the state (a, b, p) means numerator a e^p and denominator b e^p, so p = 0
+# loses nothing; |log_b| < 88 keeps b a normal fp32 number). It starts next to the empty state: zero
+# previous inputs and numerator, and a denominator of e^INIT_LOG_B, negligible beside the e^(u + k) of
+# the first token.
+
+INIT_LOG_B = -10.0
+
+
+def init_learned_state(config: ModelConfig) -> dict:
+    """The learned state of `config`'s model at the start of tuning: (nearly) the empty state."""
+    L, D, A = config.n_layer, config.d_model, config.att_width
+    return {"att_x": jnp.zeros((L, D), jnp.float32), "ffn_x": jnp.zeros((L, D), jnp.float32),
+            "wkv_a": jnp.zeros((L, A), jnp.float32), "wkv_log_b": jnp.full((L, A), INIT_LOG_B, jnp.float32)}
+
+
+def learned_to_state(learned: dict, batch_size: int) -> RWKVState:
+    """The model's RWKVState [L, batch_size, *]: the learned state in every row (differentiable)."""
+    def rows(x):  # [L, W] -> [L, batch_size, W]
+        return jnp.broadcast_to(x[:, None].astype(jnp.float32), (x.shape[0], batch_size, x.shape[1]))
+
+    return RWKVState(att_x=rows(learned["att_x"]), wkv_a=rows(learned["wkv_a"]),
+                     wkv_b=rows(jnp.exp(learned["wkv_log_b"])), wkv_p=rows(jnp.zeros_like(learned["wkv_a"])),
+                     ffn_x=rows(learned["ffn_x"]))
+
+
 FAMILY = Family(version=4, model_class=RWKV, state_type=RWKVState, init_state=init_state,
                 weights_layout=weights_layout, dims_from_tensors=dims_from_tensors,
                 wkv_forms=(*wkv_ops.FORMS, *wkv_ops.KERNEL_FORMS), default_wkv_form=wkv_ops.default_form,
                 # v4neo's layerwise_lr: time_decay x2, time_first x3
                 lr_multipliers={"time_decay": 2.0, "time_first": 3.0},
-                logical_axes=("embed", "embed_out", "attn", "mlp", "vocab", "layers"))
+                logical_axes=("embed", "embed_out", "attn", "mlp", "vocab", "layers"),
+                flops_per_token=flops_per_token,
+                learned_state=LearnedState(fields=("att_x", "ffn_x", "wkv_a", "wkv_log_b"), init=init_learned_state,
+                                           to_state=learned_to_state))

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rwkv_jax.model.family import Family
+from rwkv_jax.model.family import Family, LearnedState
 from rwkv_jax.model.layers import check_token_ids, linear, param, target_logprobs
 from rwkv_jax.model.model_config import ModelConfig
 from rwkv_jax.ops import wkv7 as wkv7_ops
@@ -381,10 +381,44 @@ def dims_from_tensors(tensors: dict[str, np.ndarray]) -> dict:
                 **{field: int(np.shape(tensors[f"blocks.0.att.{name}1"])[1]) for name, field in _LORAS.items()})
 
 
+def flops_per_token(config: ModelConfig) -> float:
+    """Training FLOPs of one token: 6 per weight a token is multiplied by (the head, and per layer the four
+    D x D projections, the channel mix's 2 D F and the LoRAs' 2 D width each; layer 0 does not use its value
+    residual's), plus the WKV recurrence's ~10 N^2 per head forward (S a, S w + v k^T + (S a) b^T, S r),
+    three times that with the backward pass."""
+    D, L, N = config.d_model, config.n_layer, config.head_size
+    loras = lora_dims(config)
+    matmul = 4 * D * D + 2 * D * config.ffn_width + 2 * D * sum(loras.values())
+    weights = config.vocab_size * D + L * matmul - 2 * D * loras["v"]
+    return 6.0 * weights + 3.0 * 10 * L * D * N
+
+
+# --- State tuning's learned initial state (rwkv_jax/train/state_tuning.py) -------------------------
+# att_x, ffn_x [L, D] (the token shifts' previous inputs) and wkv [L, H, N, N] (the WKV matrices): every
+# value is a valid RWKV-7 state, so all are free; they start at the empty state (zeros).
+
+def init_learned_state(config: ModelConfig) -> dict:
+    """The learned state of `config`'s model at the start of tuning: the empty state."""
+    L, D, N = config.n_layer, config.d_model, config.head_size
+    return {"att_x": jnp.zeros((L, D), jnp.float32), "ffn_x": jnp.zeros((L, D), jnp.float32),
+            "wkv": jnp.zeros((L, n_head(config), N, N), jnp.float32)}
+
+
+def learned_to_state(learned: dict, batch_size: int) -> RWKV7State:
+    """The model's RWKV7State [L, batch_size, *]: the learned state in every row (differentiable)."""
+    def rows(x):  # [L, *S] -> [L, batch_size, *S]
+        return jnp.broadcast_to(x[:, None].astype(jnp.float32), (x.shape[0], batch_size, *x.shape[1:]))
+
+    return RWKV7State(att_x=rows(learned["att_x"]), wkv=rows(learned["wkv"]), ffn_x=rows(learned["ffn_x"]))
+
+
 FAMILY = Family(version=7, model_class=RWKV7, state_type=RWKV7State, init_state=init_state,
                 weights_layout=weights_layout, dims_from_tensors=dims_from_tensors,
                 # The chunked form is the default everywhere: benchmarks/wkv.py compares the forms.
                 wkv_forms=wkv7_ops.FORMS, default_wkv_form=lambda platform: "chunked",
                 # The official x070 trainer's layerwise_lr: the decay's base w0 at 2x
                 lr_multipliers={"w0": 2.0},
-                logical_axes=("embed", "embed_out", "attn", "mlp", "vocab", "heads", "head_dim", "lora"))
+                logical_axes=("embed", "embed_out", "attn", "mlp", "vocab", "heads", "head_dim", "lora"),
+                flops_per_token=flops_per_token,
+                learned_state=LearnedState(fields=("att_x", "ffn_x", "wkv"), init=init_learned_state,
+                                           to_state=learned_to_state))

@@ -34,8 +34,7 @@ import jax
 import ml_collections
 from jax.extend import core as jax_core
 
-from rwkv_jax.model import ModelConfig
-from rwkv_jax.train import metrics as metrics_lib
+from rwkv_jax.model import ModelConfig, family_of
 from rwkv_jax.train import program as program_lib
 from rwkv_jax.train import sharding, train_config
 
@@ -269,8 +268,7 @@ def compile_only(config: ml_collections.ConfigDict, topology: str, *, estimate_c
         s["roofline_flops"] = max(s["flops"], s["matmul_flops"])
         s["roofline_s"] = max(s["roofline_flops"] / per_device.peak_flops, s["bytes"] / per_device.hbm_bandwidth)
     tokens_per_device = t.batch_size * step_len / len(devices)
-    model_flops = metrics_lib.flops_per_token(model_config.vocab_size, model_config.d_model,
-                                              model_config.n_layer) * tokens_per_device
+    model_flops = family_of(model_config).flops_per_token(model_config) * tokens_per_device
     train = report["train"]
     train["model_flops"] = model_flops
     train["roofline_mfu"] = model_flops / per_device.peak_flops / train["roofline_s"] if train["roofline_s"] else 0.0

@@ -20,7 +20,8 @@ PEAK_FLOPS_BY_DEVICE_KIND = {
 
 
 def flops_per_token(vocab_size: int, d_model: int, n_layer: int) -> float:
-    """The paper's training cost: 6 (V D + 13 D^2 L) FLOPs per token."""
+    """The paper's training cost of RWKV-4: 6 (V D + 13 D^2 L) FLOPs per token (the trainer asks the model's
+    Family: `family_of(config).flops_per_token(config)`, the same for RWKV-4)."""
     return 6.0 * (vocab_size * d_model + 13 * d_model ** 2 * n_layer)
 
 

@@ -81,6 +81,28 @@ def paper_config(*, n_layer: int, d_model: int, lr_init: float, lr_final: float)
     return config
 
 
+def rwkv7_paper_config(*, n_layer: int, d_model: int, vocab_size: int, lr_init: float, lr_final: float,
+                       weight_decay: float, seq_len: int = 4096) -> ml_collections.ConfigDict:
+    """An RWKV-7 (x070) size of the official runs: head size 64, the LoRA widths of the official sizing
+    rule (rwkv_jax.model.rwkv7.lora_dims), FFN width 4D, context 4096, emb U(-1e-4, 1e-4), and the
+    optimizer of RWKV-LM's RWKV-v7/train_temp demo scripts: Adam beta2 0.99, eps 1e-18, 10 warmup steps,
+    layerwise lr (w0 x2). `vocab_size`: 50304 for the Pile models (GPT-NeoX's 50277, padded), 65536 for the
+    World models. As `paper_config`, the global batch of 8 sequences runs as 8 microbatches of one so that it
+    fits one CPU; on accelerators raise `train.batch_size` with the mesh and lower `train.microbatches` (the
+    official Pile run: 8 GPUs x 30 sequences). RWKV-7's layers are a list (`scan_layers=False`), each
+    rematerialised in the backward pass.
+    Differences from the official trainer: its weight decay skips the LoRA matrices (only `*.weight`
+    tensors decay), ours decays every 2-D parameter; its learning rate warms up from 0.01 lr_init and decays by
+    cosine (src/trainer.py), ours warms up from 0.2 lr_init and decays exponentially."""
+    model = model_config(version=7, vocab_size=vocab_size, n_layer=n_layer, d_model=d_model, head_size=64,
+                         emb_init_scale=1e-4, dtype="auto", remat=True, scan_layers=False)
+    config = base_config(model=model, batch_size=8, seq_len=seq_len, num_steps=100_000, lr_init=lr_init,
+                         lr_final=lr_final)
+    config.train.microbatches = 8
+    config.optim.update(beta2=0.99, eps=1e-18, warmup_steps=10, weight_decay=weight_decay, layerwise_lr=True)
+    return config
+
+
 def _check_train_section(checks: Checks, mesh) -> None:
     t = checks.config.train
     for field in ("num_steps", "batch_size", "seq_len", "microbatches", "bptt_windows", "log_every",

@@ -37,7 +37,7 @@ from rwkv_jax.data import make_datasets
 from rwkv_jax.io import logs, weights, workdir_lock
 from rwkv_jax.io.checkpoint import Checkpointer
 from rwkv_jax.io.workdir import Workdir
-from rwkv_jax.model import ModelConfig, state_file, with_scan_layers
+from rwkv_jax.model import ModelConfig, family_of, state_file, with_scan_layers
 from rwkv_jax.train import metrics as metrics_lib
 from rwkv_jax.train import program as program_lib
 from rwkv_jax.train import resume, sharding, state_tuning
@@ -210,8 +210,7 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
     step_fn, eval_fn = program.train_step, program.eval_step
     writer = metrics_lib.MetricsWriter(
         run_dir, total_steps=t.num_steps, tokens_per_step=t.batch_size * step_len,
-        flops_per_token=metrics_lib.flops_per_token(model_config.vocab_size, model_config.d_model,
-                                                    model_config.n_layer),
+        flops_per_token=family_of(model_config).flops_per_token(model_config),
         peak_flops=metrics_lib.peak_flops_per_device(t.peak_flops_per_device), num_devices=jax.device_count(),
         is_main=is_main)
 

@@ -1,0 +1,24 @@
+"""RWKV-7 Pile 168M (RWKV7-Goose-Pile-168M): 12 layers x 768, heads of 64, vocab 50304, 167,688,192 parameters
+(tests/test_rwkv7_train.py counts them from the official weights layout), context 4096.
+
+Learning rate 8e-4 -> 3e-5 and weight decay 0.1: demo-training-run-v7-pile.sh, which trains this size.
+The LoRA widths follow the official sizing rule (rwkv_jax.model.rwkv7.official_lora_dim); for a
+checkpoint trained with other widths, `train.init_from` or convert.py read them from its tensors.
+On the embedded corpus:
+
+    python train.py --config=configs/rwkv7_168m.py --workdir=/tmp/rwkv7-168m
+
+On a Pile binidx with the GPT-NeoX tokenizer as RWKV-LM's demo-training-run-v7-pile.sh (vocab 50304:
+GPT-NeoX's 50277 padded):
+
+    python train.py --config=configs/rwkv7_168m.py --workdir=/tmp/rwkv7-168m --config.data.source=binidx \\
+        --config.data.binidx_prefix=/data/pile_text_document --config.data.tokenizer=hf_json \\
+        --config.data.tokenizer_path=/data/gpt-neox-20b.json
+"""
+
+from rwkv_jax.train.train_config import rwkv7_paper_config
+
+
+def get_config():
+    return rwkv7_paper_config(n_layer=12, d_model=768, vocab_size=50304, lr_init=8e-4, lr_final=3e-5,
+                              weight_decay=0.1)
