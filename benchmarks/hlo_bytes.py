@@ -40,15 +40,21 @@ from rwkv_jax.train import aot, sharding  # noqa: E402
 from rwkv_jax.train import metrics as metrics_lib  # noqa: E402
 from rwkv_jax.train import program as program_lib  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "training config file", lock_config=False)
-_TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x4", "TPU topology to compile for")
-_TOP = flags.DEFINE_integer("top", 40, "instructions in the ranked table")
-_PROBES = flags.DEFINE_bool("probes", True, "compile the 1- and 2-layer probes for the per-part table")
-_DUMP = flags.DEFINE_string("dump", "", "directory to write the compiled HLO texts into")
-_NESTED = flags.DEFINE_bool(
-    "nested_slices", False, "count an operand that a nested fusion only slices as the slices read; XLA's cost "
-    "model (the default here) counts it whole, e.g. the stacked [n_layer, ...] block inputs read by each layer's "
-    "remat fusions: 1B5 on v5e:4x4, 2.79e11 loop-weighted bytes per chip as XLA counts, 1.85e11 so")
+_FLAGS = {}  # defined when run as a program (importing this module, as tests/test_hlo_bytes.py does, defines none)
+
+
+def _define_flags() -> None:
+    _FLAGS["config"] = config_flags.DEFINE_config_file("config", None, "training config file", lock_config=False)
+    _FLAGS["topology"] = flags.DEFINE_string("topology", "v5e:2x4", "TPU topology to compile for")
+    _FLAGS["top"] = flags.DEFINE_integer("top", 40, "instructions in the ranked table")
+    _FLAGS["probes"] = flags.DEFINE_bool("probes", True, "compile the 1- and 2-layer probes for the per-part table")
+    _FLAGS["dump"] = flags.DEFINE_string("dump", "", "directory to write the compiled HLO texts into")
+    _FLAGS["nested"] = flags.DEFINE_bool(
+        "nested_slices", False, "count an operand that a nested fusion only slices as the slices read; XLA's cost "
+        "model (the default here) counts it whole, e.g. the stacked [n_layer, ...] block inputs read by each "
+        "layer's remat fusions: 1B5 on v5e:4x4, 2.79e11 loop-weighted bytes per chip as XLA counts, 1.85e11 so")
+
+
 # Whether a fusion's operand read only by a nested fusion's slices counts as those slices (--nested_slices).
 LOOK_INTO_NESTED = [False]
 
@@ -385,24 +391,25 @@ def part_sums(rows: list[Row], weighted: bool) -> dict[str, float]:
 
 def main(argv):
     del argv
-    config = _CONFIG.value
-    LOOK_INTO_NESTED[0] = _NESTED.value
+    config = _FLAGS['config'].value
+    LOOK_INTO_NESTED[0] = _FLAGS['nested'].value
     start = time.perf_counter()
-    devices = aot.topology_devices(_TOPOLOGY.value)
-    chip = aot.device_chip(devices, _TOPOLOGY.value)
+    devices = aot.topology_devices(_FLAGS['topology'].value)
+    chip = aot.device_chip(devices, _FLAGS['topology'].value)
     mesh = sharding.make_mesh(config.mesh, devices)
     model_config = program_lib.resolve(config, "tpu")
     t = config.train
     L = model_config.n_layer
-    print(f"{_TOPOLOGY.value}: mesh {dict(mesh.shape)}; model {L} x {model_config.d_model} ({model_config.dtype}, "
+    print(f"{_FLAGS['topology'].value}: mesh {dict(mesh.shape)}; model {L} x {model_config.d_model} "
+          f"({model_config.dtype}, "
           f"remat={model_config.remat}, WKV {model_config.wkv_form}); batch {t.batch_size} x {t.seq_len} as "
           f"{t.microbatches} microbatch(es)", flush=True)
     compiled, _, _, matmuls = aot.compile_steps(config, mesh, steps=("train",))
     text = compiled["train"].as_text()
     xla_bytes = float(aot._cost(compiled["train"]).get("bytes accessed", 0.0))
-    if _DUMP.value:
-        Path(_DUMP.value).mkdir(parents=True, exist_ok=True)
-        (Path(_DUMP.value) / "train.hlo.txt").write_text(text)
+    if _FLAGS['dump'].value:
+        Path(_FLAGS['dump'].value).mkdir(parents=True, exist_ok=True)
+        (Path(_FLAGS['dump'].value) / "train.hlo.txt").write_text(text)
     rows = rows_of(text)
     once = sum(r.bytes for r in rows)
     weighted = sum(r.bytes * r.trips for r in rows)
@@ -410,7 +417,7 @@ def main(argv):
           f"(loop bodies once), this count {once:.3g} once, {weighted:.3g} loop-weighted "
           f"(compiled in {time.perf_counter() - start:.0f}s)")
 
-    top = sorted(rows, key=lambda r: -r.bytes * r.trips)[:_TOP.value]
+    top = sorted(rows, key=lambda r: -r.bytes * r.trips)[:_FLAGS['top'].value]
     print(f"\nTop {len(top)} by bytes per chip per step (loop-weighted), of {weighted:.3g}:\n")
     print("| # | instruction | op | trips | bytes/step | % | GFLOP/step | part | pass | source | "
           "operands of 1 MiB and more -> result |")
@@ -421,15 +428,15 @@ def main(argv):
               f"{r.flops * r.trips / 1e9:.3g} | {r.part} | {r.phase} | {r.source} | {r.operands} -> {r.result} |")
 
     step_sums = part_sums(rows, True)
-    if not _PROBES.value:
+    if not _FLAGS['probes'].value:
         _print_parts({"step (weighted)": step_sums}, weighted)
         return
     probes = aot.cost_probes(config, mesh, model_config, steps=("train",))
     probe_rows = [rows_of(p["train"].as_text()) for p in probes]
     probe_xla = [float(aot._cost(p["train"]).get("bytes accessed", 0.0)) for p in probes]
-    if _DUMP.value:
+    if _FLAGS['dump'].value:
         for n, p in zip((1, 2), probes):
-            (Path(_DUMP.value) / f"probe{n}.hlo.txt").write_text(p["train"].as_text())
+            (Path(_FLAGS['dump'].value) / f"probe{n}.hlo.txt").write_text(p["train"].as_text())
     columns = {}
     for label, w in (("once", False), ("weighted", True)):
         s1, s2 = (part_sums(r, w) for r in probe_rows)
@@ -465,5 +472,6 @@ def _print_parts(columns: dict[str, dict[str, float]], total: float | None):
 
 
 if __name__ == "__main__":
+    _define_flags()
     flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -107,6 +107,8 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path, caplog):
     write(str(tmp_path / "in/bad.txt"), b"caf\xe9 au lait\n")
     write(str(tmp_path / "in/good.txt"), "caf\u00e9\n")
     caplog.set_level(logging.INFO)
+    # absl's logger too: a command parsed earlier in this process (absl's --verbosity) may have raised its level
+    caplog.set_level(logging.INFO, logger="absl")
     b = text_dataset.build_local_text(spec=str(tmp_path / "in"), data_dir=str(tmp_path / "d"), text_split="all",
                                       validation_fraction=0.0)
     docs = {r["key"].decode(): r["text"].decode() for r in b.as_data_source("train")}

@@ -6,6 +6,7 @@ that are not multiples of 32, d_ffn = 448) and magnitudes like a trained model's
 """
 
 import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -64,16 +65,32 @@ def random_official_state_dict(seed=0, vocab_size=V) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def official_model(tmp_path_factory):
     """(state dict, the official package's RWKV_x070 loaded from the state dict saved as a .pth)."""
-    os.environ["RWKV_V7_ON"] = "1"
-    os.environ["RWKV_JIT_ON"] = "0"
-    os.environ["RWKV_CUDA_ON"] = "0"
-    import rwkv.model
-    if not hasattr(rwkv.model, "RWKV_x070"):   # imported earlier without RWKV_V7_ON
-        importlib.reload(rwkv.model)
     sd = random_official_state_dict()
     path = tmp_path_factory.mktemp("rwkv7") / "model"
     torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, f"{path}.pth")
-    return sd, rwkv.model.RWKV_x070(model=str(path), strategy="cpu fp32")
+    return sd, official_x070_module().RWKV_x070(model=str(path), strategy="cpu fp32")
+
+
+def official_x070_module():
+    """The official package's model module as RWKV_V7_ON=1 builds it, under a name of its own: the
+    package reads the variable when rwkv.model is imported, and with it on, rwkv.model.RWKV is the x070
+    class, which would break the RWKV-4 parity tests run later in this process. rwkv.model itself and
+    the environment are left as they were."""
+    os.environ.setdefault("RWKV_JIT_ON", "0")
+    os.environ.setdefault("RWKV_CUDA_ON", "0")
+    origin = importlib.util.find_spec("rwkv.model").origin
+    spec = importlib.util.spec_from_file_location("rwkv.model_x070_for_tests", origin)
+    module = importlib.util.module_from_spec(spec)
+    saved = os.environ.get("RWKV_V7_ON")
+    os.environ["RWKV_V7_ON"] = "1"
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            del os.environ["RWKV_V7_ON"]
+        else:
+            os.environ["RWKV_V7_ON"] = saved
+    return module
 
 
 @nnx.jit
