@@ -36,6 +36,8 @@ from pathlib import Path
 import pytest
 
 from rwkv_jax.io import workdir_lock
+from tests import helpers
+from tests.helpers import copy_package_source, read_records
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
@@ -47,24 +49,13 @@ TIMEOUT_S = 300
 def env(tmp_path_factory):
     """This package's source as the corpus, a data dir shared by the runs (the tokenizer is trained once)."""
     root = tmp_path_factory.mktemp("hostile")
-    corpus = root / "corpus"
-    for path in sorted((REPO / "rwkv_jax").rglob("*.py")):
-        dest = corpus / path.relative_to(REPO)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dest)
-    return {"root": root, "corpus": corpus, "data_dir": root / "data"}
+    return {"root": root, "corpus": copy_package_source(root / "corpus"), "data_dir": root / "data"}
 
 
 def tiny_overrides(env: dict, **extra) -> dict:
-    overrides = {
-        "data.source": "text", "data.text_files": str(env["corpus"]), "data.data_dir": str(env["data_dir"]),
-        "data.sp_vocab_size": 512, "data.validation_fraction": 0.2,
-        "model.vocab_size": 512, "model.d_model": 32, "model.n_layer": 2,
-        "train.seq_len": 32, "train.batch_size": 4, "train.log_every": 1, "train.eval_every": 0,
-        "train.num_steps": 4, "optim.warmup_steps": 2, "checkpoint.every_steps": 2, "checkpoint.keep": 3,
-    }
-    overrides.update({k.replace("__", "."): v for k, v in extra.items()})
-    return overrides
+    """helpers.tiny_overrides for short runs: 4 steps, no periodic evaluation, a checkpoint every 2 steps."""
+    return helpers.tiny_overrides(env, **{"train__eval_every": 0, "train__eval_batches": 20, "train__num_steps": 4,
+                                          "optim__warmup_steps": 2, **extra})
 
 
 def train_args(workdir: Path, overrides: dict, *extra: str) -> list[str]:
@@ -82,14 +73,6 @@ def train(env: dict, workdir: Path, overrides: dict, *extra: str, timeout_s: flo
     """train.py to its end: the CompletedProcess (text stdout and stderr)."""
     return subprocess.run(train_args(workdir, overrides, *extra), cwd=REPO, capture_output=True, text=True,
                           timeout=timeout_s, env=subprocess_env(env))
-
-
-def read_records(workdir: Path) -> list[dict]:
-    path = workdir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    text = path.read_text()
-    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
 
 
 def checkpoint_steps(workdir: Path) -> list[int]:
