@@ -2,6 +2,8 @@
 
     python benchmarks/wkv.py                      # B=8, T=1024, C=768 fp32; sequential unroll 1..16,
                                                   # parallel, chunked L=32, a scan of wkv_step
+    python benchmarks/wkv.py --version=7          # WKV-7 (ops/wkv7.py), 12 heads of 64: sequential,
+                                                  # chunked L=16,32,64, a scan of wkv7_step
     python benchmarks/wkv.py --quick              # tiny shapes, a smoke run
     python benchmarks/wkv.py -B 4 -T 2048 -C 1024 --unrolls 1,4 --chunk-lens 32 --rounds 3 --repeats 10
     python benchmarks/wkv.py --resets 0.01        # each form also with document resets at 1% of positions
@@ -27,23 +29,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rwkv_jax.model import ModelConfig, family
+from rwkv_jax.ops import wkv7 as wkv7_ops
 from rwkv_jax.ops.wkv4 import default_form, empty_state, wkv_chunked, wkv_parallel, wkv_sequential, wkv_step
 
 DEFAULT_UNROLL = inspect.signature(wkv_sequential).parameters["unroll"].default
 ROW_FORMS = ("sequential", "parallel", "chunked", "scan")
+ROW_FORMS_7 = ("sequential", "chunked", "scan")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", type=int, default=4, choices=(4, 7), help="the RWKV generation's WKV")
+    parser.add_argument("--head-size", type=int, default=64, help="RWKV-7: channels per head")
     parser.add_argument("-B", "--batch", type=int, default=8)
     parser.add_argument("-T", "--seq-len", type=int, default=1024)
     parser.add_argument("-C", "--channels", type=int, default=768)
-    parser.add_argument("--forms", default="sequential,parallel,chunked,scan",
+    parser.add_argument("--forms", default=None,
                         help="comma-separated rows: sequential, parallel, chunked, and 'scan' (a lax.scan over "
                              "wkv_step differentiated by JAX's autodiff: the recurrence without the "
-                             "hand-written backward)")
+                             "hand-written backward); default all of them (RWKV-7: sequential, chunked, "
+                             "scan)")
     parser.add_argument("--unrolls", default="1,2,4,8,16", help="unroll values of the sequential form")
-    parser.add_argument("--chunk-lens", default="32", help="chunk lengths of the chunked form, e.g. 16,32,64")
+    parser.add_argument("--chunk-lens", default=None,
+                        help="chunk lengths of the chunked form, e.g. 16,32,64 (default 32; RWKV-7: 16,32,64)")
     parser.add_argument("--baseline", default=None,
                         help="row name the ratios are taken to (default: what form='auto' runs here)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steady-state calls per measurement")
@@ -59,20 +68,26 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not 0 <= args.resets < 1:
         parser.error(f"--resets is a fraction of positions in [0, 1), got {args.resets}")
+    seven = args.version == 7
+    args.forms = args.forms or ",".join(ROW_FORMS_7 if seven else ROW_FORMS)
+    args.chunk_lens = args.chunk_lens or ("16,32,64" if seven else "32")
     if args.quick:
-        args.batch, args.seq_len, args.channels, args.repeats = 2, 64, 32, 3
-        args.unrolls, args.chunk_lens = f"1,{DEFAULT_UNROLL}", "16"
+        args.batch, args.seq_len, args.channels, args.repeats = 2, 64, 2 * args.head_size if seven else 32, 3
+        args.unrolls, args.chunk_lens = f"1,{DEFAULT_UNROLL}", "16,32" if seven else "16"
+    if seven and (args.head_size < 1 or args.channels % args.head_size):
+        parser.error(f"--channels={args.channels} must be a multiple of --head-size={args.head_size}")
     for name in ("batch", "seq_len", "channels", "repeats", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    unknown = [form for form in names(args.forms) if form not in ROW_FORMS]
+    known = ROW_FORMS_7 if seven else ROW_FORMS
+    unknown = [form for form in names(args.forms) if form not in known]
     if unknown:
-        parser.error(f"unknown --forms {unknown}: choose from {', '.join(ROW_FORMS)}")
+        parser.error(f"unknown --forms {unknown}: choose from {', '.join(known)}")
     try:
         row_names = [name for name, _ in rows_to_run(args)]
     except ValueError as error:
         parser.error(f"--unrolls and --chunk-lens take comma-separated integers >= 1: {error}")
-    args.baseline = args.baseline or default_row_name()
+    args.baseline = args.baseline or default_row_name(args.version)
     if args.baseline not in row_names:
         parser.error(f"--baseline {args.baseline!r} is not among the rows {row_names}: pass --baseline "
                      "or include its form in --forms")
@@ -100,8 +115,21 @@ def scan_of_steps(time_decay, time_first, k_BTC, v_BTC):
     return y_TBC.swapaxes(0, 1), state
 
 
+def scan_of_steps_7(r, w, k, v, a, b):
+    """WKV-7 as a `lax.scan` over `wkv7_step` on time-major copies, for autodiff."""
+    def body(state, xs):
+        y, state = wkv7_ops.wkv7_step(*xs, state)
+        return state, y
+    B, _, H, N = r.shape
+    state = jnp.zeros((B, H, N, N), jnp.float32)
+    state, y_T = jax.lax.scan(body, state, tuple(x.swapaxes(0, 1) for x in (r, w, k, v, a, b)))
+    return y_T.swapaxes(0, 1).astype(v.dtype), state
+
+
 def rows_to_run(args):
-    """[(row name, fn(time_decay, time_first, k, v) -> (y, state))] in table order."""
+    """[(row name, fn(*inputs) -> (y, state))] in table order; inputs as `make_inputs` gives them."""
+    if args.version == 7:
+        return rows_to_run_7(args)
     rows = []
     for form in names(args.forms):
         if form == "sequential":
@@ -116,20 +144,54 @@ def rows_to_run(args):
     return rows
 
 
-def default_row_name():
+def rows_to_run_7(args):
+    rows = []
+    for form in names(args.forms):
+        if form == "sequential":
+            rows.append(("sequential", wkv7_ops.wkv7_sequential))
+        elif form == "chunked":
+            rows += [(f"chunked L={L}", functools.partial(wkv7_ops.wkv7_chunked, chunk_len=L))
+                     for L in int_list(args.chunk_lens)]
+        elif form == "scan":
+            rows.append(("scan of wkv7_step (autodiff)", scan_of_steps_7))
+    return rows
+
+
+def default_row_name(version=4):
+    """The row the models run on this backend with model.wkv_form='auto' and the default chunk length."""
+    if version == 7:
+        form = family(7).default_wkv_form(jax.default_backend())
+        return f"chunked L={ModelConfig.wkv_chunk_len}" if form == "chunked" else form
     form = default_form()
     return f"sequential unroll={DEFAULT_UNROLL}" if form == "sequential" else form
 
 
 def make_inputs(B, T, C, dtype, seed):
-    """Realistic RWKV-4 ranges: raw time_decay in [-5, 1] (w = -exp(time_decay)), time_first ~ N(0, 1)."""
+    """(inputs, y cotangent). Realistic RWKV-4 ranges: raw time_decay in [-5, 1] (w = -exp(time_decay)),
+    time_first ~ N(0, 1)."""
     rng = np.random.default_rng(seed)
     time_decay = jnp.asarray(rng.uniform(-5.0, 1.0, C), jnp.float32)
     time_first = jnp.asarray(rng.normal(size=C), jnp.float32)
     k = jnp.asarray(rng.normal(size=(B, T, C)), dtype)
     v = jnp.asarray(rng.normal(size=(B, T, C)), dtype)
     y_cotangent = jnp.asarray(rng.normal(size=(B, T, C)), jnp.float32)
-    return time_decay, time_first, k, v, y_cotangent
+    return (time_decay, time_first, k, v), y_cotangent
+
+
+def make_inputs_7(B, T, C, head_size, dtype, seed):
+    """(inputs (r, w, k, v, a, b) [B, T, H, N], y cotangent) in the ranges the RWKV-7 model makes: w =
+    exp(-e^-0.5 sigmoid(x)) over its whole range (0.545, 1), a = -kk and b = kk * iclr with kk unit-norm
+    per head and iclr = sigmoid(x)."""
+    rng = np.random.default_rng(seed)
+    shape = (B, T, C // head_size, head_size)
+    normal = lambda: rng.normal(size=shape).astype(np.float32)  # noqa: E731
+    sigmoid = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    w = np.exp(-np.exp(-0.5) * sigmoid(3 * normal()))
+    kk = normal()
+    kk /= np.linalg.norm(kk, axis=-1, keepdims=True)
+    r, k, v = normal(), normal(), normal()
+    inputs = tuple(jnp.asarray(x, dtype) for x in (r, w, k, v, -kk, kk * sigmoid(normal())))
+    return inputs, jnp.asarray(normal())
 
 
 def time_call(fn, args, repeats):
@@ -150,26 +212,27 @@ def time_call(fn, args, repeats):
 
 
 def compile_row(run):
-    """Jitted forward and forward+backward (gradients into time_decay, time_first, k, v) of one row."""
+    """Jitted forward and forward+backward (gradients into every input: time_decay, time_first, k, v; or
+    RWKV-7's r, w, k, v, a, b) of one row."""
     @jax.jit
-    def forward(time_decay, time_first, k, v):
-        return run(time_decay, time_first, k, v)
+    def forward(inputs):
+        return run(*inputs)
 
     @jax.jit
-    def forward_backward(time_decay, time_first, k, v, y_cotangent):
-        def loss(time_decay, time_first, k, v):
-            y, _ = run(time_decay, time_first, k, v)
+    def forward_backward(inputs, y_cotangent):
+        def loss(inputs):
+            y, _ = run(*inputs)
             return jnp.sum(y.astype(jnp.float32) * y_cotangent)
-        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(time_decay, time_first, k, v)
+        return jax.value_and_grad(loss)(inputs)
 
     return forward, forward_backward
 
 
 def measure(fns, inputs, repeats):
     forward, forward_backward = fns
-    time_decay, time_first, k, v, y_cotangent = inputs
-    fwd_first, fwd, fwd_cpu, (y, _) = time_call(forward, (time_decay, time_first, k, v), repeats)
-    bwd_first, bwd, bwd_cpu, _ = time_call(forward_backward, (time_decay, time_first, k, v, y_cotangent), repeats)
+    inputs, y_cotangent = inputs
+    fwd_first, fwd, fwd_cpu, (y, _) = time_call(forward, (inputs,), repeats)
+    bwd_first, bwd, bwd_cpu, _ = time_call(forward_backward, (inputs, y_cotangent), repeats)
     return dict(compile_fwd=fwd_first - fwd, fwd=fwd, fwd_cpu=fwd_cpu, compile_bwd=bwd_first - bwd, bwd=bwd,
                 bwd_cpu=bwd_cpu, y=y)
 
@@ -192,16 +255,18 @@ def main(argv=None):
     device = jax.devices()[0]
     print(f"jax {jax.__version__} | backend {jax.default_backend()} | device {device.device_kind} "
           f"(x{jax.device_count()}, timing on {device}) | {os.cpu_count()} CPUs | {load()}")
-    print(f"B={B} T={T} C={C} k,v dtype={args.dtype} | median of {args.repeats} calls, "
+    what = f"RWKV-7, {C // args.head_size} heads of {args.head_size}, inputs" if args.version == 7 else "k,v"
+    print(f"B={B} T={T} C={C} {what} dtype={args.dtype} | median of {args.repeats} calls, "
           f"best of {args.rounds} round(s)")
 
     rows = rows_to_run(args)
     if args.resets:  # the same forms with a reset mask: the cost of document resets (config.data.reset_at_eot)
         reset_BT = jnp.asarray(np.random.default_rng(args.seed + 1).random((B, T)) < args.resets)
         rows += [(f"{name} + resets {args.resets:g}", functools.partial(run, reset_BT=reset_BT))
-                 for name, run in rows if run is not scan_of_steps]
+                 for name, run in rows if run not in (scan_of_steps, scan_of_steps_7)]
     baseline = args.baseline
-    inputs = make_inputs(B, T, C, jnp.dtype(args.dtype), args.seed)
+    inputs = (make_inputs_7(B, T, C, args.head_size, jnp.dtype(args.dtype), args.seed) if args.version == 7
+              else make_inputs(B, T, C, jnp.dtype(args.dtype), args.seed))
     compiled = {name: compile_row(run) for name, run in rows}
     results: dict = {}
     for round_index in range(args.rounds):
@@ -249,7 +314,7 @@ def main(argv=None):
         print(f"fastest forward+backward: {fastest('bwd')} (wall), {fastest('bwd_cpu')} (CPU time); "
               f"fastest forward: {fastest('fwd')} (wall), {fastest('fwd_cpu')} (CPU time)")
         print("(CPU time adds up all threads: it favours single-threaded rows; on a quiet machine trust wall time)")
-    print(f"default here (form='auto' on {jax.default_backend()}): {default_row_name()}")
+    print(f"default here (form='auto' on {jax.default_backend()}): {default_row_name(args.version)}")
     if base:  # sanity: every row computes the same y
         def max_diff(y):
             return float(jnp.max(jnp.abs(y.astype(jnp.float32) - base["y"].astype(jnp.float32))))
@@ -260,7 +325,8 @@ def main(argv=None):
         row = lambda name: {"label": name, "fwd_ms": 1e3 * ok[name]["fwd"], "fwdbwd_ms": 1e3 * ok[name]["bwd"]}  # noqa: E731
         reference = "scan" if "scan" in ok else next(iter(ok))
         with open(args.json, "w") as f:
-            json.dump({"shape": [B, T, C], "rows": [row(name) for name in ok], "default": row(default_row_name()),
+            json.dump({"shape": [B, T, C], "rows": [row(name) for name in ok],
+                       "default": row(default_row_name(args.version)),
                        "baseline": row(reference)}, f, indent=2)
 
 
