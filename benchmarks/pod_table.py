@@ -2,8 +2,13 @@
 machine (needs libtpu). Each row runs `train.py --compile_only` in its own process and the table is
 printed as Markdown (and written as JSON with --json).
 
-    python benchmarks/pod_table.py                         # all six sizes
+    python benchmarks/pod_table.py                         # all six RWKV-4 sizes
     python benchmarks/pod_table.py --sizes=169m,430m --extra=--config.model.wkv_form=pallas
+    python benchmarks/pod_table.py --sizes=rwkv7            # all five RWKV-7 sizes
+    python benchmarks/pod_table.py --sizes=rwkv7_421m,rwkv7_1b5 --extra=--config.model.wkv_form=chunked
+
+Each RWKV-7 size runs on the topology, batch, mesh and window (1024 tokens; its configs train on 4096) of
+the RWKV-4 size nearest it, so that the two generations' rows compare.
 """
 
 import argparse
@@ -26,6 +31,10 @@ PLANS = {
     "7b": ("v5p:2x4x4", 128, ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]),
     "14b": ("v5p:4x4x4", 256, ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]),
 }
+RWKV7_PLANS = {"rwkv7_168m": "169m", "rwkv7_421m": "430m", "rwkv7_1b5": "1b5", "rwkv7_2b9": "3b", "rwkv7_7b2": "7b"}
+PLANS.update({size: (*PLANS[like][:2], [*PLANS[like][2], "--config.train.seq_len=1024"])  # the RWKV-4 windows
+              for size, like in RWKV7_PLANS.items()})
+GROUPS = {"rwkv4": [size for size in PLANS if size not in RWKV7_PLANS], "rwkv7": list(RWKV7_PLANS)}
 
 ROW = re.compile(r"^\s+train\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)"
                  r"\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+([0-9.]+)")
@@ -59,12 +68,17 @@ def run(size: str, extra: list[str]) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default=",".join(PLANS))
+    p.add_argument("--sizes", default="rwkv4",
+                   help=f"comma-separated config names ({', '.join(PLANS)}) or groups ({', '.join(GROUPS)})")
     p.add_argument("--extra", action="append", default=[], help="extra train.py flag (repeatable)")
     p.add_argument("--json", default="")
     args = p.parse_args()
+    sizes = [size for name in args.sizes.split(",") for size in GROUPS.get(name, [name])]
+    unknown = [size for size in sizes if size not in PLANS]
+    if unknown:
+        p.error(f"unknown --sizes {unknown}: choose from {', '.join([*PLANS, *GROUPS])}")
     rows = []
-    for size in args.sizes.split(","):
+    for size in sizes:
         row = run(size, args.extra)
         rows.append(row)
         print(json.dumps(row), flush=True)
