@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from rwkv_jax.infer import generation as gen_lib
 from rwkv_jax.io import weights
 from rwkv_jax.model import ModelConfig
 from rwkv_jax.model import rwkv7 as m
@@ -304,9 +305,33 @@ def test_eval_and_generate_read_an_x070_pth_with_the_world_tokenizer(world_x070_
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "bits per byte" in evaluated.stdout or "bits_per_byte" in evaluated.stdout, evaluated.stdout[-2000:]
     generated = _run("generate.py", f"--checkpoint={pth}", f"--tokenizer={vocab}", "--prompt=Hello",
-                     "--max_new_tokens=4", "--temperature=0")
+                     "--max_new_tokens=4", "--temperature=0", f"--save_state={tmp_path / 'state.npz'}")
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert generated.stdout.startswith("Hello")
+    state, logits = gen_lib.load_state(tmp_path / "state.npz")   # the matrix state, saved by the command
+    assert type(state).__name__ == "RWKV7State" and state.wkv.shape == (1, 1, 1, 64, 64)
+    assert logits.shape == (1, 65536) and np.any(state.wkv != 0)
+
+
+def test_generation_state_saved_and_loaded_continues_exactly(official_model, tmp_path):
+    """generate.py --save_state / --load_state for RWKV-7: 8 tokens, the state written and read back, then 8
+    more equal one run of 16 (and a new prompt after the loaded state equals both prompts in one)."""
+    sd, _ = official_model
+    _, model = load(sd)
+    prompts = [[5, 17, 42], [88]]
+    whole = gen_lib.generate_tokens(model, prompts, max_new_tokens=16, temperature=0, stop_at_eot=False)
+    half = gen_lib.generate_tokens(model, prompts, max_new_tokens=8, temperature=0, stop_at_eot=False)
+    gen_lib.save_state(tmp_path / "state.npz", half.state, half.logits)
+    state, logits = gen_lib.load_state(tmp_path / "state.npz", model)
+    rest = gen_lib.generate_tokens(model, [[], []], max_new_tokens=8, temperature=0, stop_at_eot=False,
+                                   state=state, logits=logits)
+    for w, h, r in zip(whole, half, rest):
+        assert h.tokens + r.tokens == w.tokens
+    joined = gen_lib.generate_tokens(model, [prompts[0] + half[0].tokens + [3, 9]], max_new_tokens=6,
+                                     temperature=0, stop_at_eot=False)
+    cont = gen_lib.generate_tokens(model, [[3, 9]], max_new_tokens=6, temperature=0, stop_at_eot=False,
+                                   state=jax.tree.map(lambda x: x[:, :1], state))
+    assert cont[0].tokens == joined[0].tokens
 
 
 def test_lm_eval_state_branching_with_the_matrix_state(tmp_path):
