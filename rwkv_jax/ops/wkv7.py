@@ -125,8 +125,10 @@ def _run_span(S_BHNN, span, reset_state):
 
 @jax.custom_vjp
 def _sequential(streams, S0_BHNN, mask, reset_state):
-    y, S, _ = _sequential_fwd_impl(streams, S0_BHNN, mask, reset_state)
-    return y, S
+    """Undifferentiated (inference): one scan over every token, no checkpoints kept."""
+    flat = lambda x: None if x is None else x.reshape(-1, *x.shape[2:])  # noqa: E731  [n, P, ...] -> [n P, ...]
+    S, y = _run_span(S0_BHNN, (*map(flat, streams), flat(mask)), reset_state)
+    return y.reshape(*streams[0].shape[:2], *y.shape[1:]), S
 
 
 def _sequential_fwd_impl(streams, S0_BHNN, mask, reset_state):
