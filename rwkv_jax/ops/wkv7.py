@@ -23,6 +23,7 @@ gradients flow into r, w, k, v, a, b and the initial state):
   * `wkv7_chunked`:    blocks of `chunk_len` tokens in matmul form (a WY representation of the products
                        of the G_t, see `_chunk`), the state carried across blocks by a scan; autodiff.
   * `wkv7_step`:       one token, for RNN-mode decoding.
+  * 'pallas' (`wkv7`'s form only): the chunked math as a Mosaic (TPU) kernel, rwkv_jax/ops/wkv7_pallas.py.
 
 Inputs may be bf16; the arithmetic and the state are fp32 (float64 for float64 inputs under
 jax_enable_x64), and `y` comes back in v's dtype.
@@ -38,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 FORMS: tuple[str, ...] = ("sequential", "chunked")
+KERNEL_FORMS: tuple[str, ...] = ("pallas",)  # rwkv_jax/ops/wkv7_pallas.py, imported when chosen
 CHECKPOINT_EVERY = 16  # tokens between the states the sequential forward keeps for its backward
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # full fp32 products on accelerators (no tf32/bf16 passes)
@@ -383,4 +385,13 @@ def wkv7(r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN, state_BHNN=None, *, for
         return wkv7_sequential(*args, **resets)
     if form == "chunked":
         return wkv7_chunked(*args, chunk_len=chunk_len, **resets)
-    raise ValueError(f"unknown WKV-7 form {form!r}: choose one of {FORMS}")
+    if form == "pallas":  # lazy: Pallas is only imported by runs that use the kernel
+        from rwkv_jax.ops import wkv7_pallas
+        return wkv7_pallas.wkv7_pallas_auto(*args, chunk_len=chunk_len, **resets)
+    raise ValueError(f"unknown WKV-7 form {form!r}: choose one of {FORMS + KERNEL_FORMS}")
+
+
+def default_form(platform: str) -> str:
+    """The form model.wkv_form='auto' picks on a platform ('cpu', 'gpu', 'tpu'): the Mosaic kernel on
+    TPU, the chunked form elsewhere (benchmarks/wkv.py compares the pure-JAX forms)."""
+    return "pallas" if platform == "tpu" else "chunked"

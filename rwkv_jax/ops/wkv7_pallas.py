@@ -1,0 +1,313 @@
+"""The WKV-7 operator as a Pallas kernel for TPU (Mosaic), forward and backward under one `jax.custom_vjp`.
+
+    y_BTHN, state_BHNN = wkv7_pallas(r, w, k, v, a, b, state)
+
+Same contract as `wkv7_chunked` in rwkv_jax/ops/wkv7.py: streams [B, T, H, N] (any float dtype, cast to
+fp32 on load), the state [B, H, N, N] fp32 (row i = value channel, column j = key channel), y in v's dtype,
+gradients into r, w, k, v, a, b and the initial state. Per token S_t = S_{t-1} (diag(w_t) + a_t b_t^T)
++ v_t k_t^T and y_t = S_t r_t.
+
+Forward: grid (B, H, T / L), the chunk axis sequential ('arbitrary'), B and H 'parallel'. Each step loads
+one [L, N] block of each stream (the wrapper moves T next to N: [B, H, T, N]) and runs the chunked (WY /
+UT) math of `wkv7._chunk` on the MXU (`_chunk_math`): the pairwise-decay matrices [L, L] are matmuls, the
+unit lower-triangular solve is a product of log2(L) factors (`_unit_lower_inverse_apply`), and the state
+[N, N] fp32 lives in a VMEM scratch across the chunk steps (read from the initial state at chunk 0, written
+to the final state each step). The state entering each chunk is also written out: the checkpoints
+[B, H, T / L, N, N] fp32, the backward's residual (L = 16: N / 4 bytes per token and channel, the same
+order as the six bf16 input streams; no recomputation of states in the backward).
+
+Backward: a second call over the same grid, chunks last first (the index maps reverse the chunk axis).
+For each chunk it recomputes `_chunk_math` from the chunk's checkpoint and applies its reverse-mode
+derivative (`jax.vjp` traced inside the kernel body: the transposed matmuls, again on the MXU) to
+(dy, dS_end), writing the six stream gradients and carrying dS (the cotangent of the state entering the
+chunk) in a VMEM scratch to the chunk before; the last step's dS is the initial state's gradient.
+
+The triangular solve: (I - A) U = rhs with A strictly lower [L, L] is U = (I + A)(I + A^2)(I + A^4)...
+rhs (A^L = 0), log2(L) pairs of [L, L] matmuls, where substitution row by row is L dependent matrix-vector
+steps with dynamic row access (sublane shuffles on TPU); the product also differentiates into matmuls.
+
+Numerics as `wkv7._chunk` (pairwise decays factored through the block's middle token, L * max|log w|
+below ~80), with the within-chunk cumulative log-decays as a matmul with the lower-triangular ones
+(Mosaic has no cumsum); every matmul at Precision.HIGHEST (fp32 contraction on the MXU).
+
+Document resets (reset_BT) are not in the kernel: use wkv_form='chunked' or 'sequential' for them.
+Under a device mesh use `wkv7_pallas_sharded` (shard_map: batch over data x fsdp, heads over tensor).
+On CPU the kernel runs in interpret mode.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+CHUNK_LENS = (16, 32, 64)  # tokens per grid step: whole bf16 (16, 128) sublane tiles
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static kernel configuration (hashable: a nondiff argument of the custom_vjp)."""
+    interpret: bool
+    chunk_len: int
+
+
+# ------------------------------------------------------------------------------------ the chunk's math
+
+def _dot(x, y, contract=((1,), (0,))):
+    """A 2-D matmul at full fp32 precision; `contract`: the contracted axes of x and y."""
+    return jax.lax.dot_general(x, y, (contract, ((), ())), precision=_HIGHEST,
+                               preferred_element_type=jnp.float32)
+
+
+def _row(x_LN, index):
+    """Row `index` (static) of x as [1, N], by a masked sum (differentiates into a broadcast, not a pad)."""
+    rows = jax.lax.broadcasted_iota(jnp.int32, x_LN.shape, 0)
+    return jnp.sum(jnp.where(rows == index, x_LN, 0.0), axis=0, keepdims=True)
+
+
+def _unit_lower_inverse_apply(A_LL, rhs_LN):
+    """(I - A)^{-1} rhs for strictly lower-triangular A: A is nilpotent (A^L = 0), so
+    (I - A)^{-1} = I + A + ... + A^{L-1} = (I + A)(I + A^2)(I + A^4)...(I + A^{2^{m-1}}), 2^m >= L."""
+    U, P = rhs_LN, A_LL
+    levels = max(1, math.ceil(math.log2(A_LL.shape[0])))
+    for level in range(levels):
+        U = U + _dot(P, U)
+        if level + 1 < levels:
+            P = _dot(P, P)
+    return U
+
+
+def _chunk_math(S0_NN, r, w, k, v, a, b):
+    """One block of L tokens ([L, N] fp32 each) from the state S0 entering it: (y [L, N], state after).
+
+    With c_t = sum_{s<=t} log w_s (inclusive) and the reference m = (L-1)//2 (`wkv7._chunk` derives it):
+        A_xy[t, s] = sum_j x_t[j] y_s[j] e^{c_{t-1}[j] - c_s[j]}  (s < t),  M_xy the same with c_t (s <= t)
+        U = (I - A_ab)^{-1} ((a e^{c_{t-1}}) S0^T + A_ak V)          (u_t = S_{t-1} a_t)
+        y = (r e^{c_t}) S0^T + M_rb U + M_rk V
+        S_L = S0 diag(e^{c_L}) + U^T (b e^{c_L - c}) + V^T (k e^{c_L - c})
+    """
+    L = r.shape[0]
+    t = jax.lax.broadcasted_iota(jnp.int32, (L, L), 0)
+    s = jax.lax.broadcasted_iota(jnp.int32, (L, L), 1)
+    log_w = jnp.log(w)
+    c = _dot(jnp.where(s <= t, 1.0, 0.0), log_w)                 # cumulative sum over the block's tokens
+    c_before = c - log_w
+    c_ref = _row(c, (L - 1) // 2)
+    a_hat, r_hat = a * jnp.exp(c_before - c_ref), r * jnp.exp(c - c_ref)
+    b_hat, k_hat = b * jnp.exp(c_ref - c), k * jnp.exp(c_ref - c)
+    nt = ((1,), (1,))                                             # x y^T
+    pairs = lambda x, y, keep: jnp.where(keep, _dot(x, y, nt), 0.0)
+    strictly, inclusive = s < t, s <= t
+    A_ab, A_ak = pairs(a_hat, b_hat, strictly), pairs(a_hat, k_hat, strictly)
+    M_rb, M_rk = pairs(r_hat, b_hat, inclusive), pairs(r_hat, k_hat, inclusive)
+    U = _unit_lower_inverse_apply(A_ab, _dot(a * jnp.exp(c_before), S0_NN, nt) + _dot(A_ak, v))
+    y = _dot(r * jnp.exp(c), S0_NN, nt) + _dot(M_rb, U) + _dot(M_rk, v)
+    c_end = _row(c, L - 1)
+    to_end = jnp.exp(c_end - c)                                   # e^{c_L - c_s} <= 1
+    tn = ((0,), (0,))                                             # x^T y
+    S_end = S0_NN * jnp.exp(c_end) + _dot(U, b * to_end, tn) + _dot(v, k * to_end, tn)
+    return y, S_end
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+#
+# Layouts seen by the kernels: streams and their gradients [B, H, T, N] in blocks (1, 1, L, N); states
+# [B, H, N, N] in blocks (1, 1, N, N); checkpoints [B, H, T / L, N, N] in blocks (1, 1, 1, N, N).
+
+def _forward_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, s0_ref, y_ref, s_ref, ck_ref, S_scratch):
+    @pl.when(pl.program_id(2) == 0)
+    def _():
+        S_scratch[...] = s0_ref[0, 0].astype(jnp.float32)
+
+    S0 = S_scratch[...]
+    ck_ref[0, 0, 0] = S0
+    streams = [ref[0, 0].astype(jnp.float32) for ref in (r_ref, w_ref, k_ref, v_ref, a_ref, b_ref)]
+    y, S = _chunk_math(S0, *streams)
+    y_ref[0, 0] = y.astype(y_ref.dtype)
+    S_scratch[...] = S
+    s_ref[0, 0] = S
+
+
+def _backward_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, dy_ref, ck_ref, ds_end_ref, *refs):
+    grad_refs, ds0_ref, dS_scratch = refs[:6], refs[6], refs[7]
+
+    @pl.when(pl.program_id(2) == 0)                              # the last chunk comes first
+    def _():
+        dS_scratch[...] = ds_end_ref[0, 0]
+
+    streams = [ref[0, 0].astype(jnp.float32) for ref in (r_ref, w_ref, k_ref, v_ref, a_ref, b_ref)]
+    _, pullback = jax.vjp(_chunk_math, ck_ref[0, 0, 0], *streams)
+    dS0, *grads = pullback((dy_ref[0, 0].astype(jnp.float32), dS_scratch[...]))
+    for ref, g in zip(grad_refs, grads):
+        ref[0, 0] = g
+    dS_scratch[...] = dS0
+    ds0_ref[0, 0] = dS0
+
+
+def _specs(shape, L, reverse):
+    """(grid, stream, state and checkpoint BlockSpecs) for [B, H, T, N] streams."""
+    B, H, T, N = shape
+    n = T // L
+    chunk = (lambda i: n - 1 - i) if reverse else (lambda i: i)
+    stream = pl.BlockSpec((1, 1, L, N), lambda ib, ih, i: (ib, ih, chunk(i), 0))
+    state = pl.BlockSpec((1, 1, N, N), lambda ib, ih, i: (ib, ih, 0, 0))
+    ckpt = pl.BlockSpec((1, 1, 1, N, N), lambda ib, ih, i: (ib, ih, chunk(i), 0, 0))
+    return (B, H, n), stream, state, ckpt
+
+
+def _compiler_params(cfg):
+    if cfg.interpret:
+        return None
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+
+
+def _scratch():
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.VMEM
+
+
+def _cost(shape, L, itemsize, streams, backward):
+    """pl.CostEstimate per call: the chunk's matmuls (2 flops per multiply-add; the backward ~2x the
+    forward's, plus its recomputation), exps and logs per element, the streams' and states' bytes."""
+    B, H, T, N = shape
+    chunks = B * H * (T // L)
+    levels = max(1, math.ceil(math.log2(L)))
+    forward = 2 * (L * L * 1 + 4 * L * L * N + 2 * L * N * N + L * L * N * (2 + levels)
+                   + L * L * L * (levels - 1) + 2 * L * N * N)
+    flops = forward * (3 if backward else 1)
+    state_bytes = chunks * N * N * 4 + 2 * B * H * N * N * 4
+    return pl.CostEstimate(flops=int(chunks * flops), transcendentals=int(chunks * L * N * (6 if backward else 3)),
+                           bytes_accessed=int(streams * B * H * T * N * itemsize + state_bytes))
+
+
+def _forward_call(cfg, streams, S0):
+    shape = streams[0].shape
+    B, H, T, N = shape
+    L = cfg.chunk_len
+    grid, stream, state, ckpt = _specs(shape, L, reverse=False)
+    f32 = lambda s: jax.ShapeDtypeStruct(s, jnp.float32)
+    out_shape = (jax.ShapeDtypeStruct(shape, streams[3].dtype), f32((B, H, N, N)), f32((B, H, T // L, N, N)))
+    return pl.pallas_call(
+        _forward_kernel, out_shape=out_shape, grid=grid,
+        in_specs=[stream] * 6 + [state], out_specs=(stream, state, ckpt),
+        scratch_shapes=[_scratch()((N, N), jnp.float32)],
+        compiler_params=_compiler_params(cfg), interpret=cfg.interpret, name="wkv7_forward",
+        cost_estimate=_cost(shape, L, streams[0].dtype.itemsize, streams=7, backward=False),
+    )(*streams, S0)
+
+
+def _backward_call(cfg, streams, dy, checkpoints, dS_end):
+    shape = streams[0].shape
+    B, H, T, N = shape
+    L = cfg.chunk_len
+    grid, stream, state, ckpt = _specs(shape, L, reverse=True)
+    out_shape = (*[jax.ShapeDtypeStruct(shape, jnp.float32)] * 6, jax.ShapeDtypeStruct((B, H, N, N), jnp.float32))
+    return pl.pallas_call(
+        _backward_kernel, out_shape=out_shape, grid=grid,
+        in_specs=[stream] * 7 + [ckpt, state], out_specs=(*[stream] * 6, state),
+        scratch_shapes=[_scratch()((N, N), jnp.float32)],
+        compiler_params=_compiler_params(cfg), interpret=cfg.interpret, name="wkv7_backward",
+        cost_estimate=_cost(shape, L, streams[0].dtype.itemsize, streams=13, backward=True),
+    )(*streams, dy, checkpoints, dS_end)
+
+
+# ------------------------------------------------------------------------------------------- custom_vjp
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _wkv7_padded(cfg, streams, S0):
+    """streams: (r, w, k, v, a, b) [B, H, T, N] with T a multiple of the chunk; S0 [B, H, N, N] fp32."""
+    y, S, _ = _forward_call(cfg, streams, S0)
+    return y, S
+
+
+def _wkv7_padded_fwd(cfg, streams, S0):
+    y, S, checkpoints = _forward_call(cfg, streams, S0)
+    return (y, S), (streams, checkpoints)
+
+
+def _wkv7_padded_bwd(cfg, residuals, cotangents):
+    streams, checkpoints = residuals
+    dy, dS = cotangents
+    *grads, dS0 = _backward_call(cfg, streams, dy, checkpoints, dS.astype(jnp.float32))
+    return tuple(g.astype(x.dtype) for g, x in zip(grads, streams)), dS0
+
+
+_wkv7_padded.defvjp(_wkv7_padded_fwd, _wkv7_padded_bwd)
+
+
+# ---------------------------------------------------------------------------------------------- wrappers
+
+def _check(streams, state, chunk_len, reset_BT, reset_state):
+    if reset_BT is not None or reset_state is not None:
+        raise NotImplementedError("the WKV-7 Pallas kernel has no document resets: use wkv_form='chunked' "
+                                  "(or 'sequential') with data.reset_at_eot")
+    if chunk_len not in CHUNK_LENS:
+        raise ValueError(f"chunk_len must be one of {CHUNK_LENS} for the WKV-7 Pallas kernel, got {chunk_len}")
+    shape = streams[0].shape
+    if len(shape) != 4 or any(x.shape != shape for x in streams):
+        raise ValueError(f"r, w, k, v, a, b must all be [batch, time, heads, N], got {[x.shape for x in streams]}")
+    if any(x.dtype == jnp.float64 for x in streams):
+        raise ValueError("wkv7_pallas computes in fp32; for float64 inputs use form='sequential' or 'chunked'")
+    expected = (shape[0], shape[2], shape[3], shape[3])
+    if state is not None and jnp.shape(state) != expected:
+        raise ValueError(f"state must be [batch, heads, N, N] = {expected}, got {jnp.shape(state)}")
+
+
+def wkv7_pallas(r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN, state_BHNN=None, *, chunk_len: int = 16,
+                interpret: bool | None = None, reset_BT=None, reset_state=None):
+    """WKV-7 over a sequence as the Mosaic kernel: (y [B, T, H, N] in v's dtype, final state [B, H, N, N]
+    fp32). chunk_len: tokens per grid step (16, 32 or 64; see `wkv7._chunk` for the decay range each
+    allows). interpret: run in the Pallas interpreter (default: off TPU). T is padded to a multiple of
+    chunk_len with identity tokens (w = 1, r = k = v = a = b = 0), which leave the state unchanged."""
+    streams = (r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN)
+    _check(streams, state_BHNN, chunk_len, reset_BT, reset_state)
+    B, T, H, N = r_BTHN.shape
+    S0 = jnp.zeros((B, H, N, N), jnp.float32) if state_BHNN is None else jnp.asarray(state_BHNN, jnp.float32)
+    if T == 0:
+        return v_BTHN, S0
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    L = chunk_len
+    T_pad = -(-T // L) * L
+    to_kernel = lambda x, fill: jnp.pad(x, ((0, 0), (0, T_pad - T), (0, 0), (0, 0)),
+                                        constant_values=fill).transpose(0, 2, 1, 3)   # [B, H, T_pad, N]
+    padded = tuple(to_kernel(x, 1.0 if i == 1 else 0.0) for i, x in enumerate(streams))
+    y, S = _wkv7_padded(_Config(bool(interpret), L), padded, S0)
+    return y.transpose(0, 2, 1, 3)[:, :T], S
+
+
+def wkv7_pallas_sharded(mesh, r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN, state_BHNN=None, **kwargs):
+    """`wkv7_pallas` on a device mesh: each device runs the kernel on its batch rows x heads inside
+    `shard_map` (XLA cannot partition a Mosaic call). WKV-7 is independent per (row, head): no
+    communication in the forward or the backward."""
+    from jax.sharding import PartitionSpec as P
+
+    from rwkv_jax.train import sharding
+    B, T, H, N = r_BTHN.shape
+    big = sharding.spec_for(("batch", "seq", "heads", "head_dim"), r_BTHN.shape, mesh)
+    state_spec = P(big[0], big[2], None, None)
+    if state_BHNN is None:
+        state_BHNN = jnp.zeros((B, H, N, N), jnp.float32)
+    fn = jax.shard_map(functools.partial(wkv7_pallas, **kwargs), mesh=mesh, in_specs=(*[big] * 6, state_spec),
+                       out_specs=(big, state_spec), check_vma=False)
+    return fn(r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN, state_BHNN)
+
+
+def wkv7_pallas_auto(r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN, state_BHNN=None, **kwargs):
+    """The dispatcher's entry (wkv7.wkv7 with form='pallas'). Under rwkv_jax.train.sharding.
+    activation_sharding(mesh) with more than one device: the sharded call, compiled for the mesh's
+    devices (so an ahead-of-time compile for a TPU topology from a CPU host gets the Mosaic kernel);
+    otherwise the plain call."""
+    from rwkv_jax.train import sharding
+    _check((r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN), state_BHNN, kwargs.get("chunk_len", 16),
+           kwargs.pop("reset_BT", None), kwargs.pop("reset_state", None))
+    mesh = sharding.active_mesh()
+    args = (r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN, state_BHNN)
+    if mesh is None or mesh.size == 1:
+        return wkv7_pallas(*args, **kwargs)
+    kwargs.setdefault("interpret", mesh.devices.flat[0].platform != "tpu")
+    return wkv7_pallas_sharded(mesh, *args, **kwargs)
