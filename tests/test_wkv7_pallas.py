@@ -3,8 +3,9 @@
 Values, final state and the gradients into r, w, k, v, a, b and the initial state against the float64
 recurrence (tests.helpers.wkv7_reference, and float64 autodiff of a plain lax.scan for gradients), relative
 to the largest magnitude of each reference quantity: T of one token, a masked tail (17), 16 chunks (256)
-and 1000 (slow); decays at both ends of the model's range; bf16 inputs; every chunk length; the state
-handed between the kernel and the chunked form; the dispatcher, 'auto' on TPU, the refusals; the cost
+and 1000 (slow); decays at both ends of the model's range; bf16 inputs; every chunk length; document
+resets (into a learned reset state too); the state handed between the kernel and the chunked form; the
+dispatcher, 'auto' on TPU, bad arguments; the cost
 estimates; the kernel under shard_map on 4 simulated devices (slow) and, with libtpu installed, compiled
 ahead of time for a TPU v5e 2x2 inside the real train step of configs/rwkv7_tiny.py (slow).
 
@@ -151,10 +152,60 @@ def test_dispatcher_and_auto_form():
     assert ModelConfig.from_dict({"version": 7, "wkv_form": "pallas"}).wkv_form == "pallas"
 
 
+RESETS = {0: [5, 9, 32], 2: [0, 16]}  # row 1 never resets; two in one chunk; at chunk starts (0, 16, 32)
+
+
+def _reset_reference_grads(streams, state, reset_BT, R, dy, dS):
+    """float64 cotangents of (r, w, k, v, a, b, state, R) with resets: autodiff of the plain recurrence
+    as a lax.scan whose state entering token t is R where reset_BT[:, t]."""
+    def run(*args):
+        *xs, S0, R_HNN = args
+
+        def token(S, x):
+            r, w, k, v, a, b, reset = x
+            S = jnp.where(reset[:, None, None, None], R_HNN, S)
+            Sa = jnp.einsum("bhij,bhj->bhi", S, a)
+            S = S * w[:, :, None, :] + Sa[..., None] * b[:, :, None, :] + v[..., None] * k[:, :, None, :]
+            return S, jnp.einsum("bhij,bhj->bhi", S, r)
+        S, y = jax.lax.scan(token, S0, (*(jnp.moveaxis(x, 1, 0) for x in xs), jnp.asarray(reset_BT).T))
+        return jnp.moveaxis(y, 0, 1), S
+
+    with jax.enable_x64(True):
+        f64 = lambda x: jnp.asarray(x, jnp.float64)
+        _, pullback = jax.vjp(run, *map(f64, (*streams, state, R)))
+        return [np.asarray(g) for g in pullback((f64(dy), f64(dS)))]
+
+
+@pytest.mark.parametrize("learned", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_resets_match_float64(learned):
+    """Document resets (data.reset_at_eot) to a learned [H, N, N] state or to zeros: values and state equal
+    the float64 recurrence with resets, and every gradient (into R too) float64 autodiff's of it."""
+    B, T = 3, 40
+    streams, state = wkv7_inputs(B, T, seed=7, heads=1, N=N)
+    reset_BT = np.zeros((B, T), bool)
+    for row, cuts in RESETS.items():
+        reset_BT[row, cuts] = True
+    R = np.random.default_rng(7).normal(0, 0.3, (1, N, N)).astype(np.float32) if learned else np.zeros(
+        (1, N, N), np.float32)
+    y_ref, S_ref = wkv7_reference(*streams, state, reset_BT, R)
+    rng = np.random.default_rng(8)
+    dy, dS = rng.normal(size=y_ref.shape).astype(np.float32), rng.normal(size=S_ref.shape).astype(np.float32)
+    expected = _reset_reference_grads(streams, state, reset_BT, R, dy, dS)
+    run = lambda *a: ops.wkv7(*a[:7], form="pallas", reset_BT=reset_BT, reset_state=a[7] if learned else None)
+    (y, S), pullback = jax.vjp(run, *streams, state, R)
+    assert rel_err(y, y_ref) < FP32_RTOL and rel_err(S, S_ref) < FP32_RTOL
+    grads = pullback((jnp.asarray(dy), jnp.asarray(dS)))
+    for name, g, g_ref in zip([*NAMES, "reset_state"], grads, expected):
+        if name == "reset_state" and not learned:
+            assert np.all(np.asarray(g) == 0)                # zeros by default: the given R is not used
+        else:
+            assert rel_err(g, g_ref) < FP32_RTOL, (name, rel_err(g, g_ref))
+
+
 def test_refusals_name_the_problem():
     streams, state = wkv7_inputs(1, 4, seed=0, heads=H, N=N)
-    with pytest.raises(NotImplementedError, match="wkv_form='chunked'"):
-        ops.wkv7(*streams, state, form="pallas", reset_BT=np.zeros((1, 4), bool))
+    with pytest.raises(ValueError, match="reset_state was given without"):
+        kernel(*streams, state, reset_state=state)
     with pytest.raises(ValueError, match="chunk_len must be one of"):
         kernel(*streams, state, chunk_len=8)
     with pytest.raises(ValueError, match="state must be"):
@@ -195,7 +246,8 @@ def test_cost_estimates_on_both_calls():
 @pytest.mark.slow
 def test_sharded_kernel_on_four_devices_matches_chunked():
     """shard_map over (data 2, tensor 2) on 4 simulated CPU devices, directly and through
-    wkv7(form='pallas') under activation_sharding: values, state and all 7 gradients equal wkv7_chunked's."""
+    wkv7(form='pallas') under activation_sharding, and with resets to a given state: values, state and all
+    7 gradients equal wkv7_chunked's."""
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
                XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=4"]))
@@ -203,7 +255,7 @@ def test_sharded_kernel_on_four_devices_matches_chunked():
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    for name in ("sharded", "dispatcher"):
+    for name in ("sharded", "dispatcher", "sharded_resets"):
         assert out[name]["mosaic_or_interpret_calls"] >= 2, out
         assert max(out[name]["errors"]) < FP32_RTOL, out
 
@@ -229,3 +281,16 @@ def test_tpu_aot_train_step_of_rwkv7_tiny_compiles_with_the_kernel():
     assert rows["pallas"]["devices"] == 4
     assert rows["pallas"]["mosaic_calls"] >= 2 * 4 and rows["chunked"]["mosaic_calls"] == 0, rows
     assert rows["pallas"]["bytes"] > 0 and rows["pallas"]["flops"] > 0, rows
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_tpu_aot_kernel_with_resets_compiles_at_head_size_64():
+    """The Mosaic lowering of forward and backward with document resets to a learned state, at the released
+    models' head size 64 and the model's default chunk (32), compiled ahead of time for a v5e chip."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "wkv7_pallas_tpu_aot_probe.py"), "64",
+                           "32"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"probe failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    row = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    assert row["mosaic_calls"] == 2 and row["flops"] > 0, row

@@ -30,7 +30,11 @@ Numerics as `wkv7._chunk` (pairwise decays factored through the block's middle t
 below ~80), with the within-chunk cumulative log-decays as a matmul with the lower-triangular ones
 (Mosaic has no cumsum); every matmul at Precision.HIGHEST (fp32 contraction on the MXU).
 
-Document resets (reset_BT) are not in the kernel: use wkv_form='chunked' or 'sequential' for them.
+Document resets (reset_BT, reset_state as in rwkv_jax/ops/wkv7.py): the mask travels as [B, T, 1] fp32
+(tokens on sublanes), the reset state as [B, H, N, N]; each chunk masks the pairs across a reset and starts
+the tokens after it from the reset state, as `wkv7._chunk` does, with the last-reset positions found by
+counting resets with matmuls (`_reset_masks`); the backward sums the reset state's gradient over the
+chunks in a second VMEM scratch.
 Under a device mesh use `wkv7_pallas_sharded` (shard_map: batch over data x fsdp, heads over tensor).
 On CPU the kernel runs in interpret mode.
 """
@@ -42,6 +46,8 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
+from rwkv_jax.ops.wkv7 import _prepare_resets
 
 CHUNK_LENS = (16, 32, 64)  # tokens per grid step: whole bf16 (16, 128) sublane tiles
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -80,7 +86,26 @@ def _unit_lower_inverse_apply(A_LL, rhs_LN):
     return U
 
 
-def _chunk_math(S0_NN, r, w, k, v, a, b):
+def _reset_masks(m_L1, L):
+    """For a block with document resets (m_L1 [L, 1]: 1 where the state entering token t is replaced by
+    the reset state), with p_t the last reset at or before t (none: -1):
+    (since[t, s] = s >= p_t [L, L] bool, whether t has no reset at or before it [L, 1] bool, the one-hot
+    onehot[t, q] = [q == p_t] [L, L] fp32, whether s >= p_{L-1} [L, 1] bool). All from counts of resets
+    (exact small integers) as matmuls, since Mosaic has no cummax or gather: a reset q lies in (s, t] iff
+    q <= t and q > s."""
+    t = jax.lax.broadcasted_iota(jnp.int32, (L, L), 0)
+    s = jax.lax.broadcasted_iota(jnp.int32, (L, L), 1)
+    m_1L = jnp.sum(jnp.where(t == s, m_L1, 0.0), axis=0, keepdims=True)     # the mask as a row
+    upto_t = jnp.where(s <= t, m_1L, 0.0)                                   # [t, q]: reset q <= t
+    between = _dot(upto_t, jnp.where(t > s, 1.0, 0.0))                     # resets q in (s, t]
+    since = between < 0.5
+    count_L1 = jnp.sum(upto_t, axis=1, keepdims=True)                       # resets at or before t
+    onehot = jnp.where(since, upto_t, 0.0)
+    total = jnp.sum(m_1L, axis=1, keepdims=True)
+    return since, count_L1 < 0.5, onehot, count_L1 > total - 0.5
+
+
+def _chunk_math(S0_NN, r, w, k, v, a, b, resets=None):
     """One block of L tokens ([L, N] fp32 each) from the state S0 entering it: (y [L, N], state after).
 
     With c_t = sum_{s<=t} log w_s (inclusive) and the reference m = (L-1)//2 (`wkv7._chunk` derives it):
@@ -88,6 +113,9 @@ def _chunk_math(S0_NN, r, w, k, v, a, b):
         U = (I - A_ab)^{-1} ((a e^{c_{t-1}}) S0^T + A_ak V)          (u_t = S_{t-1} a_t)
         y = (r e^{c_t}) S0^T + M_rb U + M_rk V
         S_L = S0 diag(e^{c_L}) + U^T (b e^{c_L - c}) + V^T (k e^{c_L - c})
+    resets: (m [L, 1] fp32, the reset state R [N, N]) or None. As in `wkv7._chunk`, token t then starts
+    from its last reset p_t in the block, if any: its pairs keep only s >= p_t, and its base term is R
+    decayed from p_t (e^{c_{t-1} - c_{p_t - 1}}) instead of S0 decayed from the block's start.
     """
     L = r.shape[0]
     t = jax.lax.broadcasted_iota(jnp.int32, (L, L), 0)
@@ -99,63 +127,101 @@ def _chunk_math(S0_NN, r, w, k, v, a, b):
     a_hat, r_hat = a * jnp.exp(c_before - c_ref), r * jnp.exp(c - c_ref)
     b_hat, k_hat = b * jnp.exp(c_ref - c), k * jnp.exp(c_ref - c)
     nt = ((1,), (1,))                                             # x y^T
-    pairs = lambda x, y, keep: jnp.where(keep, _dot(x, y, nt), 0.0)
     strictly, inclusive = s < t, s <= t
+    c_start = jnp.zeros_like(c)
+    base = lambda x: _dot(x, S0_NN, nt)                           # x_t^T S0^T: the terms from S0
+    if resets is not None:
+        m_L1, R_NN = resets
+        since, from_S0, onehot, to_end_keep = _reset_masks(m_L1, L)
+        strictly, inclusive = strictly & since, inclusive & since
+        c_start = _dot(onehot, c_before)                          # c_{p_t - 1} (0 without a reset)
+        base = lambda x: jnp.where(from_S0, _dot(x, S0_NN, nt), _dot(x, R_NN, nt))
+    pairs = lambda x, y, keep: jnp.where(keep, _dot(x, y, nt), 0.0)
     A_ab, A_ak = pairs(a_hat, b_hat, strictly), pairs(a_hat, k_hat, strictly)
     M_rb, M_rk = pairs(r_hat, b_hat, inclusive), pairs(r_hat, k_hat, inclusive)
-    U = _unit_lower_inverse_apply(A_ab, _dot(a * jnp.exp(c_before), S0_NN, nt) + _dot(A_ak, v))
-    y = _dot(r * jnp.exp(c), S0_NN, nt) + _dot(M_rb, U) + _dot(M_rk, v)
+    U = _unit_lower_inverse_apply(A_ab, base(a * jnp.exp(c_before - c_start)) + _dot(A_ak, v))
+    y = base(r * jnp.exp(c - c_start)) + _dot(M_rb, U) + _dot(M_rk, v)
     c_end = _row(c, L - 1)
     to_end = jnp.exp(c_end - c)                                   # e^{c_L - c_s} <= 1
+    S_start = S0_NN
+    if resets is not None:                                        # the last token's start: S0 or R
+        to_end = jnp.where(to_end_keep, to_end, 0.0)
+        S_start = jnp.where(_row(jnp.where(from_S0, 1.0, 0.0), L - 1) > 0.5, S0_NN, R_NN)
     tn = ((0,), (0,))                                             # x^T y
-    S_end = S0_NN * jnp.exp(c_end) + _dot(U, b * to_end, tn) + _dot(v, k * to_end, tn)
+    S_end = (S_start * jnp.exp(c_end - _row(c_start, L - 1)) + _dot(U, b * to_end, tn)
+             + _dot(v, k * to_end, tn))
     return y, S_end
 
 
 # ------------------------------------------------------------------------------------------------ kernels
 #
 # Layouts seen by the kernels: streams and their gradients [B, H, T, N] in blocks (1, 1, L, N); states
-# [B, H, N, N] in blocks (1, 1, N, N); checkpoints [B, H, T / L, N, N] in blocks (1, 1, 1, N, N).
+# [B, H, N, N] in blocks (1, 1, N, N); checkpoints [B, H, T / L, N, N] in blocks (1, 1, 1, N, N); with
+# resets, the mask [B, T, 1] fp32 in blocks (1, L, 1) (tokens on sublanes, as in the streams) and the reset
+# state [B, H, N, N] like the state. `resets` below: () or (mask ref, reset state ref).
 
-def _forward_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, s0_ref, y_ref, s_ref, ck_ref, S_scratch):
+_STREAMS = 6
+
+
+def _load_chunk(stream_refs, reset_refs):
+    streams = [ref[0, 0].astype(jnp.float32) for ref in stream_refs]
+    resets = (reset_refs[0][0], reset_refs[1][0, 0]) if reset_refs else None
+    return streams, resets
+
+
+def _forward_kernel(n_resets, *refs):
+    stream_refs, s0_ref = refs[:_STREAMS], refs[_STREAMS]
+    reset_refs, (y_ref, s_ref, ck_ref, S_scratch) = refs[_STREAMS + 1:][:n_resets], refs[_STREAMS + 1 + n_resets:]
+
     @pl.when(pl.program_id(2) == 0)
     def _():
-        S_scratch[...] = s0_ref[0, 0].astype(jnp.float32)
+        S_scratch[...] = s0_ref[0, 0]
 
     S0 = S_scratch[...]
     ck_ref[0, 0, 0] = S0
-    streams = [ref[0, 0].astype(jnp.float32) for ref in (r_ref, w_ref, k_ref, v_ref, a_ref, b_ref)]
-    y, S = _chunk_math(S0, *streams)
+    streams, resets = _load_chunk(stream_refs, reset_refs)
+    y, S = _chunk_math(S0, *streams, resets=resets)
     y_ref[0, 0] = y.astype(y_ref.dtype)
     S_scratch[...] = S
     s_ref[0, 0] = S
 
 
-def _backward_kernel(r_ref, w_ref, k_ref, v_ref, a_ref, b_ref, dy_ref, ck_ref, ds_end_ref, *refs):
-    grad_refs, ds0_ref, dS_scratch = refs[:6], refs[6], refs[7]
+def _backward_kernel(n_resets, *refs):
+    stream_refs, (dy_ref, ck_ref, ds_end_ref) = refs[:_STREAMS], refs[_STREAMS:_STREAMS + 3]
+    reset_refs, outs = refs[_STREAMS + 3:][:n_resets], refs[_STREAMS + 3 + n_resets:]
+    grad_refs, ds0_ref = outs[:_STREAMS], outs[_STREAMS]
+    dS_scratch, *dR_scratch = outs[_STREAMS + 1 + bool(n_resets):]
 
     @pl.when(pl.program_id(2) == 0)                              # the last chunk comes first
     def _():
         dS_scratch[...] = ds_end_ref[0, 0]
+        for ref in dR_scratch:
+            ref[...] = jnp.zeros(ref.shape, jnp.float32)
 
-    streams = [ref[0, 0].astype(jnp.float32) for ref in (r_ref, w_ref, k_ref, v_ref, a_ref, b_ref)]
-    _, pullback = jax.vjp(_chunk_math, ck_ref[0, 0, 0], *streams)
+    streams, resets = _load_chunk(stream_refs, reset_refs)
+    mask = None if resets is None else resets[0]
+    chunk = lambda S0, *args: _chunk_math(S0, *args[:_STREAMS], resets=None if mask is None else (mask, args[-1]))
+    _, pullback = jax.vjp(chunk, ck_ref[0, 0, 0], *streams, *([] if resets is None else [resets[1]]))
     dS0, *grads = pullback((dy_ref[0, 0].astype(jnp.float32), dS_scratch[...]))
     for ref, g in zip(grad_refs, grads):
         ref[0, 0] = g
     dS_scratch[...] = dS0
     ds0_ref[0, 0] = dS0
+    if resets is not None:                                       # the reset state's gradient, summed
+        dR_scratch[0][...] += grads[_STREAMS]
+        outs[_STREAMS + 1][0, 0] = dR_scratch[0][...]
 
 
 def _specs(shape, L, reverse):
-    """(grid, stream, state and checkpoint BlockSpecs) for [B, H, T, N] streams."""
+    """(grid, stream, state, checkpoint and reset-mask BlockSpecs) for [B, H, T, N] streams."""
     B, H, T, N = shape
     n = T // L
     chunk = (lambda i: n - 1 - i) if reverse else (lambda i: i)
     stream = pl.BlockSpec((1, 1, L, N), lambda ib, ih, i: (ib, ih, chunk(i), 0))
     state = pl.BlockSpec((1, 1, N, N), lambda ib, ih, i: (ib, ih, 0, 0))
     ckpt = pl.BlockSpec((1, 1, 1, N, N), lambda ib, ih, i: (ib, ih, chunk(i), 0, 0))
-    return (B, H, n), stream, state, ckpt
+    mask = pl.BlockSpec((1, L, 1), lambda ib, ih, i: (ib, chunk(i), 0))
+    return (B, H, n), stream, state, ckpt, mask
 
 
 def _compiler_params(cfg):
@@ -184,56 +250,62 @@ def _cost(shape, L, itemsize, streams, backward):
                            bytes_accessed=int(streams * B * H * T * N * itemsize + state_bytes))
 
 
-def _forward_call(cfg, streams, S0):
+def _forward_call(cfg, streams, S0, resets):
     shape = streams[0].shape
     B, H, T, N = shape
     L = cfg.chunk_len
-    grid, stream, state, ckpt = _specs(shape, L, reverse=False)
+    grid, stream, state, ckpt, mask = _specs(shape, L, reverse=False)
     f32 = lambda s: jax.ShapeDtypeStruct(s, jnp.float32)
     out_shape = (jax.ShapeDtypeStruct(shape, streams[3].dtype), f32((B, H, N, N)), f32((B, H, T // L, N, N)))
     return pl.pallas_call(
-        _forward_kernel, out_shape=out_shape, grid=grid,
-        in_specs=[stream] * 6 + [state], out_specs=(stream, state, ckpt),
+        functools.partial(_forward_kernel, len(resets)), out_shape=out_shape, grid=grid,
+        in_specs=[stream] * _STREAMS + [state] + [mask, state][:len(resets)], out_specs=(stream, state, ckpt),
         scratch_shapes=[_scratch()((N, N), jnp.float32)],
         compiler_params=_compiler_params(cfg), interpret=cfg.interpret, name="wkv7_forward",
         cost_estimate=_cost(shape, L, streams[0].dtype.itemsize, streams=7, backward=False),
-    )(*streams, S0)
+    )(*streams, S0, *resets)
 
 
-def _backward_call(cfg, streams, dy, checkpoints, dS_end):
+def _backward_call(cfg, streams, dy, checkpoints, dS_end, resets):
     shape = streams[0].shape
     B, H, T, N = shape
     L = cfg.chunk_len
-    grid, stream, state, ckpt = _specs(shape, L, reverse=True)
-    out_shape = (*[jax.ShapeDtypeStruct(shape, jnp.float32)] * 6, jax.ShapeDtypeStruct((B, H, N, N), jnp.float32))
+    grid, stream, state, ckpt, mask = _specs(shape, L, reverse=True)
+    n_states = 2 if resets else 1                                # dS0 (and the reset state's gradient)
+    out_shape = (*[jax.ShapeDtypeStruct(shape, jnp.float32)] * _STREAMS,
+                 *[jax.ShapeDtypeStruct((B, H, N, N), jnp.float32)] * n_states)
     return pl.pallas_call(
-        _backward_kernel, out_shape=out_shape, grid=grid,
-        in_specs=[stream] * 7 + [ckpt, state], out_specs=(*[stream] * 6, state),
-        scratch_shapes=[_scratch()((N, N), jnp.float32)],
+        functools.partial(_backward_kernel, len(resets)), out_shape=out_shape, grid=grid,
+        in_specs=[stream] * 7 + [ckpt, state] + [mask, state][:len(resets)],
+        out_specs=(*[stream] * _STREAMS, *[state] * n_states),
+        scratch_shapes=[_scratch()((N, N), jnp.float32)] * n_states,
         compiler_params=_compiler_params(cfg), interpret=cfg.interpret, name="wkv7_backward",
         cost_estimate=_cost(shape, L, streams[0].dtype.itemsize, streams=13, backward=True),
-    )(*streams, dy, checkpoints, dS_end)
+    )(*streams, dy, checkpoints, dS_end, *resets)
 
 
 # ------------------------------------------------------------------------------------------- custom_vjp
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _wkv7_padded(cfg, streams, S0):
-    """streams: (r, w, k, v, a, b) [B, H, T, N] with T a multiple of the chunk; S0 [B, H, N, N] fp32."""
-    y, S, _ = _forward_call(cfg, streams, S0)
+def _wkv7_padded(cfg, streams, S0, resets):
+    """streams: (r, w, k, v, a, b) [B, H, T, N] with T a multiple of the chunk; S0 [B, H, N, N] fp32;
+    resets: () or (the mask [B, T, 1] fp32, the reset state [B, H, N, N] fp32)."""
+    y, S, _ = _forward_call(cfg, streams, S0, resets)
     return y, S
 
 
-def _wkv7_padded_fwd(cfg, streams, S0):
-    y, S, checkpoints = _forward_call(cfg, streams, S0)
-    return (y, S), (streams, checkpoints)
+def _wkv7_padded_fwd(cfg, streams, S0, resets):
+    y, S, checkpoints = _forward_call(cfg, streams, S0, resets)
+    return (y, S), (streams, checkpoints, resets)
 
 
 def _wkv7_padded_bwd(cfg, residuals, cotangents):
-    streams, checkpoints = residuals
+    streams, checkpoints, resets = residuals
     dy, dS = cotangents
-    *grads, dS0 = _backward_call(cfg, streams, dy, checkpoints, dS.astype(jnp.float32))
-    return tuple(g.astype(x.dtype) for g, x in zip(grads, streams)), dS0
+    outs = _backward_call(cfg, streams, dy, checkpoints, dS.astype(jnp.float32), resets)
+    grads, dS0 = outs[:_STREAMS], outs[_STREAMS]
+    d_resets = (jnp.zeros_like(resets[0]), outs[_STREAMS + 1]) if resets else ()
+    return tuple(g.astype(x.dtype) for g, x in zip(grads, streams)), dS0, d_resets
 
 
 _wkv7_padded.defvjp(_wkv7_padded_fwd, _wkv7_padded_bwd)
@@ -241,10 +313,7 @@ _wkv7_padded.defvjp(_wkv7_padded_fwd, _wkv7_padded_bwd)
 
 # ---------------------------------------------------------------------------------------------- wrappers
 
-def _check(streams, state, chunk_len, reset_BT, reset_state):
-    if reset_BT is not None or reset_state is not None:
-        raise NotImplementedError("the WKV-7 Pallas kernel has no document resets: use wkv_form='chunked' "
-                                  "(or 'sequential') with data.reset_at_eot")
+def _check(streams, state, chunk_len):
     if chunk_len not in CHUNK_LENS:
         raise ValueError(f"chunk_len must be one of {CHUNK_LENS} for the WKV-7 Pallas kernel, got {chunk_len}")
     shape = streams[0].shape
@@ -262,11 +331,14 @@ def wkv7_pallas(r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN, state_BHNN=None,
     """WKV-7 over a sequence as the Mosaic kernel: (y [B, T, H, N] in v's dtype, final state [B, H, N, N]
     fp32). chunk_len: tokens per grid step (16, 32 or 64; see `wkv7._chunk` for the decay range each
     allows). interpret: run in the Pallas interpreter (default: off TPU). T is padded to a multiple of
-    chunk_len with identity tokens (w = 1, r = k = v = a = b = 0), which leave the state unchanged."""
+    chunk_len with identity tokens (w = 1, r = k = v = a = b = 0), which leave the state unchanged.
+    `reset_BT`, `reset_state`: document resets, as in rwkv_jax/ops/wkv7.py (gradients flow into the reset
+    state from every reset position)."""
     streams = (r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN)
-    _check(streams, state_BHNN, chunk_len, reset_BT, reset_state)
+    _check(streams, state_BHNN, chunk_len)
     B, T, H, N = r_BTHN.shape
     S0 = jnp.zeros((B, H, N, N), jnp.float32) if state_BHNN is None else jnp.asarray(state_BHNN, jnp.float32)
+    resets = _prepare_resets(reset_BT, reset_state, S0.shape, T, jnp.float32)
     if T == 0:
         return v_BTHN, S0
     if interpret is None:
@@ -276,14 +348,18 @@ def wkv7_pallas(r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN, state_BHNN=None,
     to_kernel = lambda x, fill: jnp.pad(x, ((0, 0), (0, T_pad - T), (0, 0), (0, 0)),
                                         constant_values=fill).transpose(0, 2, 1, 3)   # [B, H, T_pad, N]
     padded = tuple(to_kernel(x, 1.0 if i == 1 else 0.0) for i, x in enumerate(streams))
-    y, S = _wkv7_padded(_Config(bool(interpret), L), padded, S0)
+    if resets is not None:                                        # padding tokens do not reset
+        resets = (jnp.pad(resets[0].astype(jnp.float32), ((0, 0), (0, T_pad - T)))[:, :, None], resets[1])
+    y, S = _wkv7_padded(_Config(bool(interpret), L), padded, S0, resets or ())
     return y.transpose(0, 2, 1, 3)[:, :T], S
 
 
-def wkv7_pallas_sharded(mesh, r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN, state_BHNN=None, **kwargs):
+def wkv7_pallas_sharded(mesh, r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN, state_BHNN=None, *,
+                        reset_BT=None, reset_state=None, **kwargs):
     """`wkv7_pallas` on a device mesh: each device runs the kernel on its batch rows x heads inside
     `shard_map` (XLA cannot partition a Mosaic call). WKV-7 is independent per (row, head): no
-    communication in the forward or the backward."""
+    communication in the forward or the backward (a reset state given per head is broadcast over the
+    batch first, so its gradient is summed over the batch shards by the broadcast's transpose)."""
     from jax.sharding import PartitionSpec as P
 
     from rwkv_jax.train import sharding
@@ -292,9 +368,16 @@ def wkv7_pallas_sharded(mesh, r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN, st
     state_spec = P(big[0], big[2], None, None)
     if state_BHNN is None:
         state_BHNN = jnp.zeros((B, H, N, N), jnp.float32)
-    fn = jax.shard_map(functools.partial(wkv7_pallas, **kwargs), mesh=mesh, in_specs=(*[big] * 6, state_spec),
+    resets = _prepare_resets(reset_BT, reset_state, (B, H, N, N), T, jnp.float32)
+    extra = () if resets is None else resets
+
+    def local(*args):
+        local_resets = dict(reset_BT=args[7], reset_state=args[8]) if extra else {}
+        return wkv7_pallas(*args[:7], **local_resets, **kwargs)
+    reset_specs = [P(big[0], None), state_spec][:len(extra)]
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(*[big] * 6, state_spec, *reset_specs),
                        out_specs=(big, state_spec), check_vma=False)
-    return fn(r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN, state_BHNN)
+    return fn(r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN, state_BHNN, *extra)
 
 
 def wkv7_pallas_auto(r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN, state_BHNN=None, **kwargs):
@@ -303,8 +386,6 @@ def wkv7_pallas_auto(r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN, state_BHNN=
     devices (so an ahead-of-time compile for a TPU topology from a CPU host gets the Mosaic kernel);
     otherwise the plain call."""
     from rwkv_jax.train import sharding
-    _check((r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN), state_BHNN, kwargs.get("chunk_len", 16),
-           kwargs.pop("reset_BT", None), kwargs.pop("reset_state", None))
     mesh = sharding.active_mesh()
     args = (r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN, state_BHNN)
     if mesh is None or mesh.size == 1:
