@@ -52,9 +52,9 @@ def _case(B, T, seed, decay="mixed", heads=H, head_size=N):
 
 
 @functools.cache
-def _jitted(chunk_len):
+def _jitted(chunk_len, backend="tpu"):
     def run(streams, state, dy, dS):
-        (y, S), pullback = jax.vjp(lambda *a: kernel(*a, chunk_len=chunk_len), *streams, state)
+        (y, S), pullback = jax.vjp(lambda *a: kernel(*a, chunk_len=chunk_len, backend=backend), *streams, state)
         return y, S, pullback((dy, dS))
     return jax.jit(run)
 
@@ -62,9 +62,9 @@ def _jitted(chunk_len):
 _forward = jax.jit(kernel)  # the forward alone at the default chunk (16)
 
 
-def _assert_matches_reference(B, T, seed, decay="mixed", chunk_len=16, heads=H, head_size=N):
+def _assert_matches_reference(B, T, seed, decay="mixed", chunk_len=16, heads=H, head_size=N, backend="tpu"):
     streams, state, dy, dS, y_ref, S_ref, grads_ref = _case(B, T, seed, decay, heads, head_size)
-    y, S, grads = _jitted(chunk_len)(streams, state, dy, dS)
+    y, S, grads = _jitted(chunk_len, backend)(streams, state, dy, dS)
     assert y.dtype == S.dtype == jnp.float32 and S.shape == (B, heads, head_size, head_size)
     assert rel_err(y, y_ref) < FP32_RTOL and rel_err(S, S_ref) < FP32_RTOL
     for name, g, g_ref in zip(NAMES, grads, grads_ref):
@@ -72,10 +72,16 @@ def _assert_matches_reference(B, T, seed, decay="mixed", chunk_len=16, heads=H, 
         assert rel_err(g, g_ref) < FP32_RTOL, (name, rel_err(g, g_ref))
 
 
-@pytest.mark.parametrize("B,T,heads", [(1, 1, H), (2, 17, H), (1, 256, 1)])
-def test_values_state_and_gradients_match_float64(B, T, heads):
-    """One token (15 padding tokens), a masked tail across two chunks, sixteen chunks."""
-    _assert_matches_reference(B, T, seed=T, heads=heads)
+GPU_SLOW = pytest.mark.slow  # the interpreted Triton kernel walks tokens one by one: its longer cases are slow
+
+
+@pytest.mark.parametrize("backend,B,T,heads", [
+    ("tpu", 1, 1, H), ("tpu", 2, 17, H), ("tpu", 1, 256, 1), ("gpu", 2, 17, H),
+    pytest.param("gpu", 1, 1, H, marks=GPU_SLOW), pytest.param("gpu", 1, 256, 1, marks=GPU_SLOW)])
+def test_values_state_and_gradients_match_float64(backend, B, T, heads):
+    """One token (15 padding tokens), a masked tail across two chunks (GPU: two checkpoint spans),
+    sixteen chunks; the Mosaic kernel and the Triton one, both interpreted."""
+    _assert_matches_reference(B, T, seed=T, heads=heads, backend=backend)
 
 
 @pytest.mark.parametrize("decay", ["fast", "slow"])
@@ -96,8 +102,9 @@ def test_longer_chunks_and_head_size_64(chunk_len):
 
 
 @pytest.mark.slow
-def test_long_sequence_matches_float64():
-    _assert_matches_reference(1, 1000, seed=9, heads=1)
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_long_sequence_matches_float64(backend):
+    _assert_matches_reference(1, 1000, seed=9, heads=1, backend=backend)
 
 
 def test_bf16_inputs():
@@ -140,7 +147,8 @@ def test_zero_state_and_empty_sequence():
 
 
 def test_dispatcher_and_auto_form():
-    """wkv7(form='pallas') is the kernel; model.wkv_form='auto' picks it on TPU only (no GPU kernel yet)."""
+    """wkv7(form='pallas') is the kernel; model.wkv_form='auto' picks it on TPU only (the Triton kernel
+    has not run on a GPU yet)."""
     from rwkv_jax.model import ModelConfig
 
     streams, state = wkv7_inputs(1, 3, seed=6, heads=H, N=N)
@@ -176,8 +184,9 @@ def _reset_reference_grads(streams, state, reset_BT, R, dy, dS):
         return [np.asarray(g) for g in pullback((f64(dy), f64(dS)))]
 
 
-@pytest.mark.parametrize("learned", [True, pytest.param(False, marks=pytest.mark.slow)])
-def test_resets_match_float64(learned):
+@pytest.mark.parametrize("backend,learned", [("tpu", True), pytest.param("tpu", False, marks=pytest.mark.slow),
+                                             pytest.param("gpu", True, marks=GPU_SLOW)])
+def test_resets_match_float64(backend, learned):
     """Document resets (data.reset_at_eot) to a learned [H, N, N] state or to zeros: values and state equal
     the float64 recurrence with resets, and every gradient (into R too) float64 autodiff's of it."""
     B, T = 3, 40
@@ -191,7 +200,7 @@ def test_resets_match_float64(learned):
     rng = np.random.default_rng(8)
     dy, dS = rng.normal(size=y_ref.shape).astype(np.float32), rng.normal(size=S_ref.shape).astype(np.float32)
     expected = _reset_reference_grads(streams, state, reset_BT, R, dy, dS)
-    run = lambda *a: ops.wkv7(*a[:7], form="pallas", reset_BT=reset_BT, reset_state=a[7] if learned else None)
+    run = lambda *a: kernel(*a[:7], backend=backend, reset_BT=reset_BT, reset_state=a[7] if learned else None)
     (y, S), pullback = jax.vjp(run, *streams, state, R)
     assert rel_err(y, y_ref) < FP32_RTOL and rel_err(S, S_ref) < FP32_RTOL
     grads = pullback((jnp.asarray(dy), jnp.asarray(dS)))
@@ -210,6 +219,10 @@ def test_refusals_name_the_problem():
         kernel(*streams, state, chunk_len=8)
     with pytest.raises(ValueError, match="state must be"):
         kernel(*streams, state[:, :1])
+    with pytest.raises(ValueError, match="power-of-2 head size"):
+        kernel(*(x[..., :24] for x in streams), backend="gpu")
+    with pytest.raises(ValueError, match="unknown Pallas backend"):
+        kernel(*streams, state, backend="cuda")
     with jax.enable_x64(True), pytest.raises(ValueError, match="float64"):
         kernel(*(jnp.asarray(x, jnp.float64) for x in streams), state)
 
@@ -227,18 +240,39 @@ def _equations(jaxpr):
                     yield from _equations(inner)
 
 
-def test_cost_estimates_on_both_calls():
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_cost_estimates_on_both_calls(backend):
     """Both pallas_calls carry a pl.CostEstimate (XLA's cost_analysis() counts Mosaic calls by it)."""
     streams, state = wkv7_inputs(1, 32, seed=0, heads=H, N=N)
-    jaxpr = jax.make_jaxpr(jax.grad(lambda *a: kernel(*a)[1].sum(), argnums=tuple(range(7))))(*streams, state)
+    loss = lambda *a: kernel(*a, backend=backend)[1].sum()
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=tuple(range(7))))(*streams, state)
     calls = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "pallas_call"]
     name = lambda e: str(e.params.get("name", e.params.get("name_and_src_info")))
     estimates = {kind: e.params["cost_estimate"] for e in calls for kind in ("wkv7_forward", "wkv7_backward")
                  if kind in name(e)}
     assert len(calls) == 2 and len(estimates) == 2, [name(e) for e in calls]
-    for estimate in estimates.values():
-        assert estimate.flops > 0 and estimate.transcendentals > 0 and estimate.bytes_accessed > 0
+    for estimate in estimates.values():   # the Triton kernel's recurrence has no exp or log
+        assert estimate.flops > 0 and estimate.bytes_accessed > 0
+        assert (estimate.transcendentals > 0) == (backend == "tpu")
     assert estimates["wkv7_backward"].flops > estimates["wkv7_forward"].flops
+
+
+@pytest.mark.parametrize("resets", [False, True])
+def test_triton_lowering_of_forward_and_backward(resets):
+    """The GPU variant lowers to Triton IR for CUDA from this CPU host at head size 64, bf16 streams, with
+    and without resets (jax lowers Pallas to the Triton dialect itself; PTX needs a GPU)."""
+    B, T, heads, head_size = 2, 40, 2, 64
+    stream = jax.ShapeDtypeStruct((B, T, heads, head_size), jnp.bfloat16)
+    state = jax.ShapeDtypeStruct((B, heads, head_size, head_size), jnp.float32)
+    extra = [jax.ShapeDtypeStruct((B, T), jnp.bool_), jax.ShapeDtypeStruct(state.shape[1:], jnp.float32)]
+
+    def loss(*a):
+        kw = dict(reset_BT=a[7], reset_state=a[8]) if resets else {}
+        y, S = kernel(*a[:7], backend="gpu", interpret=False, **kw)
+        return jnp.sum(y.astype(jnp.float32)) + jnp.sum(S)
+    args = [stream] * 6 + [state] + (extra if resets else [])
+    lowered = jax.jit(jax.grad(loss, argnums=tuple(range(7)))).trace(*args).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("triton") >= 2  # the forward and the backward kernel
 
 
 # -------------------------------------------------------------------------- mesh and ahead-of-time TPU

@@ -23,7 +23,8 @@ gradients flow into r, w, k, v, a, b and the initial state):
   * `wkv7_chunked`:    blocks of `chunk_len` tokens in matmul form (a WY representation of the products
                        of the G_t, see `_chunk`), the state carried across blocks by a scan; autodiff.
   * `wkv7_step`:       one token, for RNN-mode decoding.
-  * 'pallas' (`wkv7`'s form only): the chunked math as a Mosaic (TPU) kernel, rwkv_jax/ops/wkv7_pallas.py.
+  * 'pallas' (`wkv7`'s form only): rwkv_jax/ops/wkv7_pallas.py, the chunked math as a Mosaic (TPU) kernel
+               or the recurrence as a Triton (GPU) kernel.
 
 Inputs may be bf16; the arithmetic and the state are fp32 (float64 for float64 inputs under
 jax_enable_x64), and `y` comes back in v's dtype.
@@ -393,5 +394,7 @@ def wkv7(r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN, state_BHNN=None, *, for
 
 def default_form(platform: str) -> str:
     """The form model.wkv_form='auto' picks on a platform ('cpu', 'gpu', 'tpu'): the Mosaic kernel on
-    TPU, the chunked form elsewhere (benchmarks/wkv.py compares the pure-JAX forms)."""
+    TPU, the chunked form elsewhere (benchmarks/wkv.py compares the pure-JAX forms). The Triton kernel
+    (wkv7_pallas, backend 'gpu') is tested interpreted and lowered to Triton IR only: it has not been
+    compiled or timed on a GPU, so 'auto' does not pick it there yet."""
     return "pallas" if platform == "tpu" else "chunked"

@@ -1,4 +1,5 @@
-"""The WKV-7 operator as a Pallas kernel for TPU (Mosaic), forward and backward under one `jax.custom_vjp`.
+"""The WKV-7 operator as Pallas kernels for TPU (Mosaic) and GPU (Triton), forward and backward under one
+`jax.custom_vjp` (the GPU kernel is described above `_gpu_token`; what follows is the TPU one).
 
     y_BTHN, state_BHNN = wkv7_pallas(r, w, k, v, a, b, state)
 
@@ -36,7 +37,7 @@ the tokens after it from the reset state, as `wkv7._chunk` does, with the last-r
 counting resets with matmuls (`_reset_masks`); the backward sums the reset state's gradient over the
 chunks in a second VMEM scratch.
 Under a device mesh use `wkv7_pallas_sharded` (shard_map: batch over data x fsdp, heads over tensor).
-On CPU the kernel runs in interpret mode.
+On CPU the kernels run in interpret mode.
 """
 
 import dataclasses
@@ -50,6 +51,8 @@ from jax.experimental import pallas as pl
 from rwkv_jax.ops.wkv7 import _prepare_resets
 
 CHUNK_LENS = (16, 32, 64)  # tokens per grid step: whole bf16 (16, 128) sublane tiles
+GPU_SPAN = 16  # GPU: tokens between the forward's state checkpoints, as the official CUDA kernel
+BACKENDS = ("tpu", "gpu")
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -57,7 +60,9 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 class _Config:
     """Static kernel configuration (hashable: a nondiff argument of the custom_vjp)."""
     interpret: bool
-    chunk_len: int
+    chunk_len: int       # TPU: tokens per grid step; GPU: tokens between checkpoints (GPU_SPAN)
+    backend: str = "tpu"
+    num_warps: int = 4
 
 
 # ------------------------------------------------------------------------------------ the chunk's math
@@ -227,6 +232,9 @@ def _specs(shape, L, reverse):
 def _compiler_params(cfg):
     if cfg.interpret:
         return None
+    if cfg.backend == "gpu":
+        from jax.experimental.pallas import triton as pltriton
+        return pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
     from jax.experimental.pallas import tpu as pltpu
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
@@ -251,6 +259,8 @@ def _cost(shape, L, itemsize, streams, backward):
 
 
 def _forward_call(cfg, streams, S0, resets):
+    if cfg.backend == "gpu":
+        return _gpu_forward_call(cfg, streams, S0, resets)
     shape = streams[0].shape
     B, H, T, N = shape
     L = cfg.chunk_len
@@ -267,6 +277,8 @@ def _forward_call(cfg, streams, S0, resets):
 
 
 def _backward_call(cfg, streams, dy, checkpoints, dS_end, resets):
+    if cfg.backend == "gpu":
+        return _gpu_backward_call(cfg, streams, dy, checkpoints, dS_end, resets)
     shape = streams[0].shape
     B, H, T, N = shape
     L = cfg.chunk_len
@@ -281,6 +293,157 @@ def _backward_call(cfg, streams, dy, checkpoints, dS_end, resets):
         scratch_shapes=[_scratch()((N, N), jnp.float32)] * n_states,
         compiler_params=_compiler_params(cfg), interpret=cfg.interpret, name="wkv7_backward",
         cost_estimate=_cost(shape, L, streams[0].dtype.itemsize, streams=13, backward=True),
+    )(*streams, dy, checkpoints, dS_end, *resets)
+
+
+# ------------------------------------------------------------------------------------ GPU (Triton) kernels
+#
+# One program per (batch row, head), the T loop inside with the state [N, N] fp32 as a value (registers).
+# Each token's rows [1, N] are loaded and stored at their own dynamic offset; a column [N, 1] is a
+# reshape of a row. Per token (`_gpu_token`): S_in = R where the token resets, sa = S_in a,
+# S = S_in diag(w) + sa b^T + v k^T, y = S r. The forward writes the state entering every GPU_SPAN tokens
+# (as the official CUDA kernel checkpoints every 16). The backward walks the spans last first; inside a
+# span it recomputes, for each token from the last to the first, the state entering it from the span's
+# checkpoint (forwards, never dividing by w: the pure-JAX sequential form's choice, see
+# rwkv_jax/ops/wkv7.py; ~8.5 recomputed tokens per token, where the official kernel walks the state
+# backwards by dividing by w), then applies `wkv7._back_token`'s reverse step.
+
+def _gpu_row(ref, t):
+    return ref[0, 0, pl.ds(t, 1), :].astype(jnp.float32)          # [1, N]
+
+
+def _gpu_token(S, x, m, R):
+    """(state entering the token after a reset, state after it, sa [N, 1]) for rows x = (r, w, k, v, a, b)."""
+    _, w, k, v, a, b = x
+    if m is not None:
+        S = jnp.where(m > 0.5, R, S)
+    sa = jnp.sum(S * a, axis=1, keepdims=True)
+    return S, S * w + sa * b + v.reshape(v.shape[1], 1) * k, sa
+
+
+def _gpu_refs(n_resets, refs, n_inputs):
+    """(inputs, (mask ref, reset state value) or None, outputs) of a GPU kernel's refs."""
+    ins, rest = refs[:n_inputs], refs[n_inputs:]
+    if not n_resets:
+        return ins, None, rest
+    return ins, (rest[0], rest[1][0, 0]), rest[2:]
+
+
+def _gpu_mask(resets, t):
+    return None if resets is None else resets[0][0, pl.ds(t, 1), :]  # [1, 1]
+
+
+def _gpu_forward_kernel(n_spans, n_resets, *refs):
+    ins, resets, (y_ref, s_ref, ck_ref) = _gpu_refs(n_resets, refs, _STREAMS + 1)
+    stream_refs, s0_ref = ins[:_STREAMS], ins[_STREAMS]
+    R = None if resets is None else resets[1]
+
+    def span(i, S):
+        ck_ref[0, 0, pl.ds(i, 1)] = S[None]
+        for j in range(GPU_SPAN):
+            t = i * GPU_SPAN + j
+            x = [_gpu_row(ref, t) for ref in stream_refs]
+            _, S, _ = _gpu_token(S, x, _gpu_mask(resets, t), R)
+            y = jnp.sum(S * x[0], axis=1, keepdims=True)           # S r: [N, 1]
+            y_ref[0, 0, pl.ds(t, 1), :] = y.reshape(1, y.shape[0]).astype(y_ref.dtype)
+        return S
+    s_ref[0, 0] = jax.lax.fori_loop(0, n_spans, span, s0_ref[0, 0].astype(jnp.float32))
+
+
+def _gpu_back_token(x, dy_col, S_in, S_out, sa, dS):
+    """`wkv7._back_token` on rows: (dr, dw, dk, dv, da, db) [1, N] each and the cotangent of S_in."""
+    r, w, k, v, a, b = x
+    dr = jnp.sum(S_out * dy_col, axis=0, keepdims=True)            # S'^T dy
+    dS = dS + dy_col * r
+    dv = jnp.sum(dS * k, axis=1, keepdims=True)
+    dk = jnp.sum(v.reshape(v.shape[1], 1) * dS, axis=0, keepdims=True)
+    dw = jnp.sum(S_in * dS, axis=0, keepdims=True)
+    dSb = jnp.sum(dS * b, axis=1, keepdims=True)
+    da = jnp.sum(dSb * S_in, axis=0, keepdims=True)
+    db = jnp.sum(sa * dS, axis=0, keepdims=True)
+    return (dr, dw, dk, dv.reshape(1, dv.shape[0]), da, db), dS * w + dSb * a
+
+
+def _gpu_backward_kernel(n_spans, n_resets, *refs):
+    ins, resets, outs = _gpu_refs(n_resets, refs, _STREAMS + 3)
+    stream_refs, dy_ref, ck_ref, ds_end_ref = ins[:_STREAMS], ins[_STREAMS], ins[_STREAMS + 1], ins[_STREAMS + 2]
+    grad_refs, ds0_ref = outs[:_STREAMS], outs[_STREAMS]
+    R = None if resets is None else resets[1]
+    load = lambda t: [_gpu_row(ref, t) for ref in stream_refs]
+
+    def token(jj, carry, t0, S0):
+        dS, *dR = carry
+        t = t0 + GPU_SPAN - 1 - jj
+        S = jax.lax.fori_loop(t0, t, lambda q, S: _gpu_token(S, load(q), _gpu_mask(resets, q), R)[1], S0)
+        x, m = load(t), _gpu_mask(resets, t)
+        S_in, S_out, sa = _gpu_token(S, x, m, R)
+        dy = _gpu_row(dy_ref, t)
+        grads, dS = _gpu_back_token(x, dy.reshape(dy.shape[1], 1), S_in, S_out, sa, dS)
+        for ref, g in zip(grad_refs, grads):
+            ref[0, 0, pl.ds(t, 1), :] = g
+        if m is not None:                                          # S_in came from the reset state
+            dR = [dR[0] + jnp.where(m > 0.5, dS, 0.0)]
+            dS = jnp.where(m > 0.5, 0.0, dS)
+        return (dS, *dR)
+
+    def span(ii, carry):
+        i = n_spans - 1 - ii
+        S0 = ck_ref[0, 0, pl.ds(i, 1)][0]
+        return jax.lax.fori_loop(0, GPU_SPAN, lambda jj, c: token(jj, c, i * GPU_SPAN, S0), carry)
+    dS_end = ds_end_ref[0, 0]
+    dS, *dR = jax.lax.fori_loop(0, n_spans, span, (dS_end, *([jnp.zeros_like(dS_end)] if resets else [])))
+    ds0_ref[0, 0] = dS
+    if resets is not None:
+        outs[_STREAMS + 1][0, 0] = dR[0]
+
+
+def _gpu_specs(shape):
+    B, H, T, N = shape
+    stream = pl.BlockSpec((1, 1, T, N), lambda ib, ih: (ib, ih, 0, 0))
+    state = pl.BlockSpec((1, 1, N, N), lambda ib, ih: (ib, ih, 0, 0))
+    ckpt = pl.BlockSpec((1, 1, T // GPU_SPAN, N, N), lambda ib, ih: (ib, ih, 0, 0, 0))
+    mask = pl.BlockSpec((1, T, 1), lambda ib, ih: (ib, 0, 0))
+    return (B, H), stream, state, ckpt, mask
+
+
+def _gpu_cost(shape, itemsize, streams, backward):
+    """pl.CostEstimate: ~8 N^2 flops per token forward (the update and S r); the backward recomputes
+    (GPU_SPAN + 1) / 2 tokens per token on average and its reverse step is ~14 N^2."""
+    B, H, T, N = shape
+    per_token = 8 * N * N * ((GPU_SPAN + 1) / 2 + 2) if backward else 8 * N * N
+    state_bytes = B * H * (T // GPU_SPAN + 2) * N * N * 4
+    return pl.CostEstimate(flops=int(B * H * T * per_token), transcendentals=0,
+                           bytes_accessed=int(streams * B * H * T * N * itemsize + state_bytes))
+
+
+def _gpu_forward_call(cfg, streams, S0, resets):
+    shape = streams[0].shape
+    B, H, T, N = shape
+    grid, stream, state, ckpt, mask = _gpu_specs(shape)
+    f32 = lambda s: jax.ShapeDtypeStruct(s, jnp.float32)
+    out_shape = (jax.ShapeDtypeStruct(shape, streams[3].dtype), f32((B, H, N, N)),
+                 f32((B, H, T // GPU_SPAN, N, N)))
+    return pl.pallas_call(
+        functools.partial(_gpu_forward_kernel, T // GPU_SPAN, len(resets)), out_shape=out_shape, grid=grid,
+        in_specs=[stream] * _STREAMS + [state] + [mask, state][:len(resets)], out_specs=(stream, state, ckpt),
+        compiler_params=_compiler_params(cfg), interpret=cfg.interpret, name="wkv7_forward_gpu",
+        cost_estimate=_gpu_cost(shape, streams[0].dtype.itemsize, streams=7, backward=False),
+    )(*streams, S0, *resets)
+
+
+def _gpu_backward_call(cfg, streams, dy, checkpoints, dS_end, resets):
+    shape = streams[0].shape
+    B, H, T, N = shape
+    grid, stream, state, ckpt, mask = _gpu_specs(shape)
+    n_states = 2 if resets else 1
+    out_shape = (*[jax.ShapeDtypeStruct(shape, jnp.float32)] * _STREAMS,
+                 *[jax.ShapeDtypeStruct((B, H, N, N), jnp.float32)] * n_states)
+    return pl.pallas_call(
+        functools.partial(_gpu_backward_kernel, T // GPU_SPAN, len(resets)), out_shape=out_shape, grid=grid,
+        in_specs=[stream] * 7 + [ckpt, state] + [mask, state][:len(resets)],
+        out_specs=(*[stream] * _STREAMS, *[state] * n_states),
+        compiler_params=_compiler_params(cfg), interpret=cfg.interpret, name="wkv7_backward_gpu",
+        cost_estimate=_gpu_cost(shape, streams[0].dtype.itemsize, streams=13, backward=True),
     )(*streams, dy, checkpoints, dS_end, *resets)
 
 
@@ -326,12 +489,21 @@ def _check(streams, state, chunk_len):
         raise ValueError(f"state must be [batch, heads, N, N] = {expected}, got {jnp.shape(state)}")
 
 
+def default_backend() -> str:
+    """'gpu' on CUDA/ROCm, else 'tpu' (also the kernel that interpret mode runs on CPU)."""
+    return "gpu" if jax.default_backend() in ("gpu", "cuda", "rocm") else "tpu"
+
+
 def wkv7_pallas(r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN, state_BHNN=None, *, chunk_len: int = 16,
-                interpret: bool | None = None, reset_BT=None, reset_state=None):
+                backend: str | None = None, interpret: bool | None = None, num_warps: int = 4, reset_BT=None,
+                reset_state=None):
     """WKV-7 over a sequence as the Mosaic kernel: (y [B, T, H, N] in v's dtype, final state [B, H, N, N]
     fp32). chunk_len: tokens per grid step (16, 32 or 64; see `wkv7._chunk` for the decay range each
-    allows). interpret: run in the Pallas interpreter (default: off TPU). T is padded to a multiple of
-    chunk_len with identity tokens (w = 1, r = k = v = a = b = 0), which leave the state unchanged.
+    allows; the GPU kernel checkpoints every GPU_SPAN tokens whatever chunk_len). backend: 'tpu' (Mosaic,
+    chunked) or 'gpu' (Triton, token by token; N a power of 2, num_warps per program); default from
+    jax.default_backend(). interpret: run in the Pallas interpreter (default: on CPU). T is padded to a
+    multiple of the chunk (GPU: of GPU_SPAN) with identity tokens (w = 1, r = k = v = a = b = 0), which
+    leave the state unchanged.
     `reset_BT`, `reset_state`: document resets, as in rwkv_jax/ops/wkv7.py (gradients flow into the reset
     state from every reset position)."""
     streams = (r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN)
@@ -341,16 +513,22 @@ def wkv7_pallas(r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN, state_BHNN=None,
     resets = _prepare_resets(reset_BT, reset_state, S0.shape, T, jnp.float32)
     if T == 0:
         return v_BTHN, S0
+    backend = backend or default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown Pallas backend {backend!r}: choose one of {BACKENDS}")
+    if backend == "gpu" and N & (N - 1):
+        raise ValueError(f"the GPU (Triton) WKV-7 kernel needs a power-of-2 head size, got {N}: use "
+                         "wkv_form='chunked'")
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
-    L = chunk_len
+        interpret = jax.default_backend() not in ("tpu", "gpu", "cuda", "rocm")
+    L = GPU_SPAN if backend == "gpu" else chunk_len
     T_pad = -(-T // L) * L
     to_kernel = lambda x, fill: jnp.pad(x, ((0, 0), (0, T_pad - T), (0, 0), (0, 0)),
                                         constant_values=fill).transpose(0, 2, 1, 3)   # [B, H, T_pad, N]
     padded = tuple(to_kernel(x, 1.0 if i == 1 else 0.0) for i, x in enumerate(streams))
     if resets is not None:                                        # padding tokens do not reset
         resets = (jnp.pad(resets[0].astype(jnp.float32), ((0, 0), (0, T_pad - T)))[:, :, None], resets[1])
-    y, S = _wkv7_padded(_Config(bool(interpret), L), padded, S0, resets or ())
+    y, S = _wkv7_padded(_Config(bool(interpret), L, backend, num_warps), padded, S0, resets or ())
     return y.transpose(0, 2, 1, 3)[:, :T], S
 
 
@@ -390,5 +568,7 @@ def wkv7_pallas_auto(r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN, state_BHNN=
     args = (r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN, state_BHNN)
     if mesh is None or mesh.size == 1:
         return wkv7_pallas(*args, **kwargs)
-    kwargs.setdefault("interpret", mesh.devices.flat[0].platform != "tpu")
+    platform = mesh.devices.flat[0].platform
+    kwargs.setdefault("backend", "gpu" if platform in ("gpu", "cuda", "rocm") else "tpu")
+    kwargs.setdefault("interpret", platform not in ("tpu", "gpu", "cuda", "rocm"))
     return wkv7_pallas_sharded(mesh, *args, **kwargs)
