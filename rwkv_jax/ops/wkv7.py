@@ -39,6 +39,8 @@ every reset position; none into the state before a reset). `reset_BT=None` trace
 import jax
 import jax.numpy as jnp
 
+from rwkv_jax.ops.wkv7_resets import prepare_resets as _prepare_resets
+
 FORMS: tuple[str, ...] = ("sequential", "chunked")
 KERNEL_FORMS: tuple[str, ...] = ("pallas",)  # rwkv_jax/ops/wkv7_pallas.py, imported when chosen
 CHECKPOINT_EVERY = 16  # tokens between the states the sequential forward keeps for its backward
@@ -63,20 +65,6 @@ def _prepare(r, w, k, v, a, b, state):
     if state.shape != shape:
         raise ValueError(f"state must be [batch, heads, N, N] = {shape}, got {state.shape}")
     return streams, state
-
-
-def _prepare_resets(reset_BT, reset_state, shape_BHNN, T, dtype):
-    """(reset mask bool [B, T], the reset state [B, H, N, N] in the compute dtype), or None."""
-    if reset_BT is None:
-        if reset_state is not None:
-            raise ValueError("reset_state was given without reset_BT: pass the positions to reset at")
-        return None
-    if jnp.shape(reset_BT) != (shape_BHNN[0], T):
-        raise ValueError(f"reset_BT must be [batch, time] = {(shape_BHNN[0], T)}, got {jnp.shape(reset_BT)}")
-    if reset_state is None:
-        reset_state = jnp.zeros(shape_BHNN, dtype)
-    reset_state = jnp.broadcast_to(jnp.asarray(reset_state).astype(dtype), shape_BHNN)
-    return jnp.asarray(reset_BT, bool), reset_state
 
 
 def _mv(S_BHNN, x_BHN):

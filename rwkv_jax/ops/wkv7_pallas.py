@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from rwkv_jax.ops.wkv7 import _prepare_resets
+from rwkv_jax.ops.wkv7_resets import prepare_resets as _prepare_resets
 
 CHUNK_LENS = (16, 32, 64)  # tokens per grid step: whole bf16 (16, 128) sublane tiles
 GPU_SPAN = 16  # GPU: tokens between the forward's state checkpoints, as the official CUDA kernel
