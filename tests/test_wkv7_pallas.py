@@ -304,7 +304,7 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
 def test_tpu_aot_train_step_of_rwkv7_tiny_compiles_with_the_kernel():
     """The real jitted train step of configs/rwkv7_tiny.py on a TPU v5e 2x2 mesh (batch over the 4 chips),
     WKV-7 by the Mosaic kernel inside shard_map, compiled ahead of time: forward and backward kernels in
-    each of the 4 layers; the chunked form's step has none."""
+    each of the 4 layers (the chunked form's step has none), and fewer bytes per chip than with it."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "wkv_pallas_tpu_aot_probe.py"), "step",
                            "rwkv7_tiny", "chunked,pallas"], cwd=REPO, env=env, capture_output=True, text=True,
@@ -314,7 +314,9 @@ def test_tpu_aot_train_step_of_rwkv7_tiny_compiles_with_the_kernel():
                                                                    proc.stdout.splitlines()))}
     assert rows["pallas"]["devices"] == 4
     assert rows["pallas"]["mosaic_calls"] >= 2 * 4 and rows["chunked"]["mosaic_calls"] == 0, rows
-    assert rows["pallas"]["bytes"] > 0 and rows["pallas"]["flops"] > 0, rows
+    # Bytes per chip (the kernels' share is their pl.CostEstimate): measured 1.53e9 with the chunked form's
+    # per-chunk scan against 7.36e8 with the kernel (FLOPs 4.76e9 and 5.88e9, the latter estimated).
+    assert 0 < rows["pallas"]["bytes"] < 0.8 * rows["chunked"]["bytes"], rows
 
 
 @pytest.mark.slow
