@@ -125,6 +125,7 @@ def test_bf16_inputs():
         assert rel_err(g, g_ref) < (2 ** -8 if g.dtype == jnp.bfloat16 else FP32_RTOL), name
 
 
+@pytest.mark.slow  # every case above already starts from a random state and checks the final one
 def test_state_carries_between_kernel_and_chunked_form():
     """A sequence split at 17 and 23: the kernel's final state continues in the chunked form and back."""
     streams, state = wkv7_inputs(2, 40, seed=5, heads=H, N=N)
