@@ -1,7 +1,8 @@
 """Helpers shared by the test modules (a test module imports from here, from tests.peers, or takes a
 fixture of tests/conftest.py; never from another test module):
 
-  * the WKV float64 references and inputs (test_wkv, test_wkv_pallas, test_resets) and the sharded Pallas
+  * the WKV float64 references and inputs (test_wkv, test_wkv_pallas, test_resets; WKV-7: test_wkv7,
+    test_wkv7_pallas) and the sharded Pallas
     probe (test_wkv_pallas, test_resets);
   * a byte-level HF tokenizer file (test_generate, test_eval, test_commands, test_state_tuning);
   * tiny training runs, in-process and as `python train.py` subprocesses, and what they leave in their
@@ -129,6 +130,69 @@ def assert_state_close(actual: WKVState, desired: WKVState, rtol, atol, err_msg=
     for name, x, y in zip(WKVState._fields, actual, desired):
         assert x.dtype == jnp.float32, f"state.{name} is {x.dtype}"
         assert_close(x, y, rtol, atol, err_msg=f"{err_msg} state.{name}")
+
+
+# --- WKV-7: inputs and float64 references (test_wkv7, test_wkv7_pallas) ------------------------------------
+
+WKV7_H, WKV7_N = 2, 64  # heads and head size of wkv7_inputs by default
+WKV7_W_MIN = float(np.exp(-np.exp(-0.5)))  # 0.5453: the model's smallest decay, exp(-exp(-0.5) sigmoid(inf))
+
+
+def wkv7_inputs(B, T, seed=0, decay="mixed", heads=WKV7_H, N=WKV7_N):
+    """Inputs as the RWKV-7 model makes them: kk unit-norm per head, a = -kk, b = kk * iclr with iclr in
+    (0, 1), w = exp(-exp(-0.5) sigmoid(z)); `decay` picks z: 'fast' (w near 0.545), 'slow' (w near 1) or
+    'mixed' (the whole range). Returns the six [B, T, H, N] fp32 streams and an initial state."""
+    rng = np.random.default_rng(seed)
+    shape = (B, T, heads, N)
+    z = {"mixed": rng.normal(0, 3, shape), "fast": rng.uniform(8, 12, shape),
+         "slow": rng.uniform(-16, -12, shape)}[decay]
+    w = np.exp(-np.exp(-0.5) / (1 + np.exp(-z)))
+    kk = rng.normal(size=shape)
+    kk /= np.linalg.norm(kk, axis=-1, keepdims=True)
+    iclr = rng.uniform(0.02, 0.98, shape)
+    r, k, v = rng.normal(0, 0.5, shape), rng.normal(0, 0.5, shape), rng.normal(0, 1, shape)
+    state = rng.normal(0, 0.3, (B, heads, N, N))
+    streams = [x.astype(np.float32) for x in (r, w, k, v, -kk, kk * iclr)]
+    return streams, state.astype(np.float32)
+
+
+def wkv7_reference(r, w, k, v, a, b, state, reset_BT=None, reset_state=None):
+    """The recurrence in float64 numpy, token by token: S = S diag(w) + (S a) b^T + v k^T, y = S r."""
+    r, w, k, v, a, b, S = (np.asarray(x, np.float64) for x in (r, w, k, v, a, b, state))
+    ys = []
+    for t in range(r.shape[1]):
+        if reset_BT is not None:
+            R = np.zeros_like(S) if reset_state is None else np.broadcast_to(reset_state, S.shape)
+            S = np.where(reset_BT[:, t, None, None, None], R, S)
+        Sa = np.einsum("bhij,bhj->bhi", S, a[:, t])
+        vk = np.einsum("bhi,bhj->bhij", v[:, t], k[:, t])
+        S = S * w[:, t, :, None, :] + Sa[..., None] * b[:, t, :, None, :] + vk
+        ys.append(np.einsum("bhij,bhj->bhi", S, r[:, t]))
+    return np.stack(ys, axis=1), S
+
+
+def _wkv7_scan_reference(r, w, k, v, a, b, state):
+    """The same recurrence as a plain lax.scan (for float64 autodiff gradients)."""
+    def token(S, x):
+        r, w, k, v, a, b = x
+        Sa = jnp.einsum("bhij,bhj->bhi", S, a)
+        S = S * w[:, :, None, :] + Sa[..., None] * b[:, :, None, :] + v[..., None] * k[:, :, None, :]
+        return S, jnp.einsum("bhij,bhj->bhi", S, r)
+    S, y = jax.lax.scan(token, state, tuple(jnp.moveaxis(x, 1, 0) for x in (r, w, k, v, a, b)))
+    return jnp.moveaxis(y, 0, 1), S
+
+
+def wkv7_reference_grads(streams, state, dy, dS):
+    """float64 cotangents of (r, w, k, v, a, b, state) for output cotangents (dy, dS)."""
+    with jax.enable_x64(True):
+        args = [jnp.asarray(x, jnp.float64) for x in (*streams, state)]
+        _, pullback = jax.vjp(_wkv7_scan_reference, *args)
+        return [np.asarray(g) for g in pullback((jnp.asarray(dy, jnp.float64), jnp.asarray(dS, jnp.float64)))]
+
+
+def rel_err(actual, expected):
+    expected = np.asarray(expected, np.float64)
+    return float(np.max(np.abs(np.asarray(actual, np.float64) - expected)) / np.max(np.abs(expected)))
 
 
 # --- The Pallas kernel sharded over 4 simulated CPU devices (tests/scripts/wkv_pallas_sharded_probe.py) --

@@ -148,7 +148,7 @@ def test_official_sizing_rule():
     assert m.lora_dims(ModelConfig(version=7, d_model=2048)) == {"w": 128, "a": 128, "v": 64, "g": 224}
 
 
-@pytest.mark.parametrize("form", wkv7_ops.FORMS)
+@pytest.mark.parametrize("form", [*wkv7_ops.FORMS, pytest.param("pallas", marks=pytest.mark.slow)])
 def test_parallel_mode_matches_official(official_model, form):
     sd, official = official_model
     _, model = load(sd, wkv_form=form)
@@ -217,7 +217,7 @@ def test_batch_rows_are_independent_and_forms_agree_in_gradients(official_model)
         assert np.abs(grads["chunked"][key] - g).max() <= 1e-4 * scale, key
 
 
-@pytest.mark.parametrize("form", wkv7_ops.FORMS)
+@pytest.mark.parametrize("form", [*wkv7_ops.FORMS, pytest.param("pallas", marks=pytest.mark.slow)])
 def test_resets_equal_documents_run_alone(official_model, form):
     """Row 0 packs three documents (resets at 10 and 25), row 1 has none: each document's logits equal it
     run alone from the empty state, and the final state equals the last document's; one token with a

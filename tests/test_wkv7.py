@@ -13,68 +13,16 @@ import numpy as np
 import pytest
 
 from rwkv_jax.ops import wkv7 as ops
+from tests.helpers import WKV7_H as H
+from tests.helpers import WKV7_N as N
+from tests.helpers import WKV7_W_MIN as W_MIN
+from tests.helpers import rel_err
+from tests.helpers import wkv7_inputs as make_inputs
+from tests.helpers import wkv7_reference as reference
+from tests.helpers import wkv7_reference_grads as reference_grads
 
-H, N = 2, 64
-W_MIN = float(np.exp(-np.exp(-0.5)))  # 0.5453: the model's smallest decay, exp(-exp(-0.5) * sigmoid(inf))
 FP32_RTOL = 1e-5
 CHUNK_LENS = (16, 32, 64)
-
-
-def make_inputs(B, T, seed=0, decay="mixed"):
-    """Inputs as the RWKV-7 model makes them: kk unit-norm per head, a = -kk, b = kk * iclr with iclr in
-    (0, 1), w = exp(-exp(-0.5) sigmoid(z)); `decay` picks z: 'fast' (w near 0.545), 'slow' (w near 1) or
-    'mixed' (the whole range). Returns the six [B, T, H, N] fp32 streams and an initial state."""
-    rng = np.random.default_rng(seed)
-    shape = (B, T, H, N)
-    z = {"mixed": rng.normal(0, 3, shape), "fast": rng.uniform(8, 12, shape),
-         "slow": rng.uniform(-16, -12, shape)}[decay]
-    w = np.exp(-np.exp(-0.5) / (1 + np.exp(-z)))
-    kk = rng.normal(size=shape)
-    kk /= np.linalg.norm(kk, axis=-1, keepdims=True)
-    iclr = rng.uniform(0.02, 0.98, shape)
-    r, k, v = rng.normal(0, 0.5, shape), rng.normal(0, 0.5, shape), rng.normal(0, 1, shape)
-    state = rng.normal(0, 0.3, (B, H, N, N))
-    streams = [x.astype(np.float32) for x in (r, w, k, v, -kk, kk * iclr)]
-    return streams, state.astype(np.float32)
-
-
-def reference(r, w, k, v, a, b, state, reset_BT=None, reset_state=None):
-    """The recurrence in float64 numpy, token by token: S = S diag(w) + (S a) b^T + v k^T, y = S r."""
-    r, w, k, v, a, b, S = (np.asarray(x, np.float64) for x in (r, w, k, v, a, b, state))
-    ys = []
-    for t in range(r.shape[1]):
-        if reset_BT is not None:
-            R = np.zeros_like(S) if reset_state is None else np.broadcast_to(reset_state, S.shape)
-            S = np.where(reset_BT[:, t, None, None, None], R, S)
-        Sa = np.einsum("bhij,bhj->bhi", S, a[:, t])
-        vk = np.einsum("bhi,bhj->bhij", v[:, t], k[:, t])
-        S = S * w[:, t, :, None, :] + Sa[..., None] * b[:, t, :, None, :] + vk
-        ys.append(np.einsum("bhij,bhj->bhi", S, r[:, t]))
-    return np.stack(ys, axis=1), S
-
-
-def _scan_reference(r, w, k, v, a, b, state):
-    """The same recurrence as a plain lax.scan (for float64 autodiff gradients)."""
-    def token(S, x):
-        r, w, k, v, a, b = x
-        Sa = jnp.einsum("bhij,bhj->bhi", S, a)
-        S = S * w[:, :, None, :] + Sa[..., None] * b[:, :, None, :] + v[..., None] * k[:, :, None, :]
-        return S, jnp.einsum("bhij,bhj->bhi", S, r)
-    S, y = jax.lax.scan(token, state, tuple(jnp.moveaxis(x, 1, 0) for x in (r, w, k, v, a, b)))
-    return jnp.moveaxis(y, 0, 1), S
-
-
-def reference_grads(streams, state, dy, dS):
-    """float64 cotangents of (r, w, k, v, a, b, state) for output cotangents (dy, dS)."""
-    with jax.enable_x64(True):
-        args = [jnp.asarray(x, jnp.float64) for x in (*streams, state)]
-        _, pullback = jax.vjp(_scan_reference, *args)
-        return [np.asarray(g) for g in pullback((jnp.asarray(dy, jnp.float64), jnp.asarray(dS, jnp.float64)))]
-
-
-def rel_err(actual, expected):
-    expected = np.asarray(expected, np.float64)
-    return float(np.max(np.abs(np.asarray(actual, np.float64) - expected)) / np.max(np.abs(expected)))
 
 
 def run(form, *args, chunk_len=16, **kwargs):

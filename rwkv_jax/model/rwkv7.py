@@ -414,8 +414,7 @@ def learned_to_state(learned: dict, batch_size: int) -> RWKV7State:
 
 FAMILY = Family(version=7, model_class=RWKV7, state_type=RWKV7State, init_state=init_state,
                 weights_layout=weights_layout, dims_from_tensors=dims_from_tensors,
-                # The chunked form is the default everywhere: benchmarks/wkv.py compares the forms.
-                wkv_forms=wkv7_ops.FORMS, default_wkv_form=lambda platform: "chunked",
+                wkv_forms=(*wkv7_ops.FORMS, *wkv7_ops.KERNEL_FORMS), default_wkv_form=wkv7_ops.default_form,
                 # The official x070 trainer's layerwise_lr: the decay's base w0 at 2x
                 lr_multipliers={"w0": 2.0},
                 logical_axes=("embed", "embed_out", "attn", "mlp", "vocab", "heads", "head_dim", "lora"),

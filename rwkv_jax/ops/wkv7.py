@@ -23,6 +23,8 @@ gradients flow into r, w, k, v, a, b and the initial state):
   * `wkv7_chunked`:    blocks of `chunk_len` tokens in matmul form (a WY representation of the products
                        of the G_t, see `_chunk`), the state carried across blocks by a scan; autodiff.
   * `wkv7_step`:       one token, for RNN-mode decoding.
+  * 'pallas' (`wkv7`'s form only): rwkv_jax/ops/wkv7_pallas.py, the chunked math as a Mosaic (TPU) kernel
+               or the recurrence as a Triton (GPU) kernel.
 
 Inputs may be bf16; the arithmetic and the state are fp32 (float64 for float64 inputs under
 jax_enable_x64), and `y` comes back in v's dtype.
@@ -37,7 +39,10 @@ every reset position; none into the state before a reset). `reset_BT=None` trace
 import jax
 import jax.numpy as jnp
 
+from rwkv_jax.ops.wkv7_resets import prepare_resets as _prepare_resets
+
 FORMS: tuple[str, ...] = ("sequential", "chunked")
+KERNEL_FORMS: tuple[str, ...] = ("pallas",)  # rwkv_jax/ops/wkv7_pallas.py, imported when chosen
 CHECKPOINT_EVERY = 16  # tokens between the states the sequential forward keeps for its backward
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # full fp32 products on accelerators (no tf32/bf16 passes)
@@ -60,20 +65,6 @@ def _prepare(r, w, k, v, a, b, state):
     if state.shape != shape:
         raise ValueError(f"state must be [batch, heads, N, N] = {shape}, got {state.shape}")
     return streams, state
-
-
-def _prepare_resets(reset_BT, reset_state, shape_BHNN, T, dtype):
-    """(reset mask bool [B, T], the reset state [B, H, N, N] in the compute dtype), or None."""
-    if reset_BT is None:
-        if reset_state is not None:
-            raise ValueError("reset_state was given without reset_BT: pass the positions to reset at")
-        return None
-    if jnp.shape(reset_BT) != (shape_BHNN[0], T):
-        raise ValueError(f"reset_BT must be [batch, time] = {(shape_BHNN[0], T)}, got {jnp.shape(reset_BT)}")
-    if reset_state is None:
-        reset_state = jnp.zeros(shape_BHNN, dtype)
-    reset_state = jnp.broadcast_to(jnp.asarray(reset_state).astype(dtype), shape_BHNN)
-    return jnp.asarray(reset_BT, bool), reset_state
 
 
 def _mv(S_BHNN, x_BHN):
@@ -385,4 +376,15 @@ def wkv7(r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN, state_BHNN=None, *, for
         return wkv7_sequential(*args, **resets)
     if form == "chunked":
         return wkv7_chunked(*args, chunk_len=chunk_len, **resets)
-    raise ValueError(f"unknown WKV-7 form {form!r}: choose one of {FORMS}")
+    if form == "pallas":  # lazy: Pallas is only imported by runs that use the kernel
+        from rwkv_jax.ops import wkv7_pallas
+        return wkv7_pallas.wkv7_pallas_auto(*args, chunk_len=chunk_len, **resets)
+    raise ValueError(f"unknown WKV-7 form {form!r}: choose one of {FORMS + KERNEL_FORMS}")
+
+
+def default_form(platform: str) -> str:
+    """The form model.wkv_form='auto' picks on a platform ('cpu', 'gpu', 'tpu'): the Mosaic kernel on
+    TPU, the chunked form elsewhere (benchmarks/wkv.py compares the pure-JAX forms). The Triton kernel
+    (wkv7_pallas, backend 'gpu') is tested interpreted and lowered to Triton IR only: it has not been
+    compiled or timed on a GPU, so 'auto' does not pick it there yet."""
+    return "pallas" if platform == "tpu" else "chunked"
