@@ -313,6 +313,15 @@ def test_eval_and_generate_read_an_x070_pth_with_the_world_tokenizer(world_x070_
     assert logits.shape == (1, 65536) and np.any(state.wkv != 0)
 
 
+def test_loaded_models_run_the_inference_form(official_model):
+    """A model loaded to evaluate or generate picks the form fastest without gradients (sequential on
+    CPU); an explicit form is kept."""
+    sd, _ = official_model
+    assert load(sd)[0].wkv_form == ("sequential" if jax.default_backend() == "cpu" else
+                                    ModelConfig.from_dict({"version": 7}).wkv_form)
+    assert load(sd, wkv_form="chunked")[0].wkv_form == "chunked"
+
+
 def test_generation_state_saved_and_loaded_continues_exactly(official_model, tmp_path):
     """generate.py --save_state / --load_state for RWKV-7: 8 tokens, the state written and read back, then 8
     more equal one run of 16 (and a new prompt after the loaded state equals both prompts in one)."""

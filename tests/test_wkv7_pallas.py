@@ -159,6 +159,11 @@ def test_dispatcher_and_auto_form():
              for p in ("cpu", "gpu", "tpu")}
     assert picks == {"cpu": "chunked", "gpu": "chunked", "tpu": "pallas"}
     assert ModelConfig.from_dict({"version": 7, "wkv_form": "pallas"}).wkv_form == "pallas"
+    # a model loaded to run without gradients: the sequential form's one scan on CPU; the same elsewhere
+    loaded = {p: ModelConfig.from_dict({"version": 7, "wkv_form": "auto"}, platform=p, inference=True).wkv_form
+              for p in ("cpu", "gpu", "tpu")}
+    assert loaded == {"cpu": "sequential", "gpu": "chunked", "tpu": "pallas"}
+    assert ModelConfig.from_dict({"version": 4}, platform="cpu", inference=True).wkv_form == "sequential"
 
 
 RESETS = {0: [5, 9, 32], 2: [0, 16]}  # row 1 never resets; two in one chunk; at chunk starts (0, 16, 32)

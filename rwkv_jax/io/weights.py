@@ -52,7 +52,7 @@ def infer_config(tensors: dict[str, np.ndarray], **overrides) -> ModelConfig:
         except ValueError as e:
             reasons.append(str(e))
             continue
-        return ModelConfig.from_dict({"version": version, **dims, **overrides})
+        return ModelConfig.from_dict({"version": version, **dims, **overrides}, inference=True)
     raise WeightsMismatchError("; ".join(reasons))
 
 
@@ -257,7 +257,7 @@ def save_model(model: RWKV, path, *, overwrite: bool = False) -> None:
 
 def _load_own(path: Path, **overrides) -> RWKV:
     import orbax.checkpoint as ocp
-    config = ModelConfig.from_dict({**json.loads((path / CONFIG_FILE).read_text()), **overrides})
+    config = ModelConfig.from_dict({**json.loads((path / CONFIG_FILE).read_text()), **overrides}, inference=True)
     graphdef, state = _abstract_model(dataclasses.replace(config, scan_layers=False))
     target = nnx.to_pure_dict(state)
     params = ocp.StandardCheckpointer().restore(path.absolute() / PARAMS_DIR, target)

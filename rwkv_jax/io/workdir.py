@@ -101,7 +101,7 @@ class Workdir:
             values = config.model.to_dict()
         else:
             raise FileNotFoundError(f"{self.path}: no {MODEL_CONFIG} or {CONFIG}: not a training workdir")
-        return ModelConfig.from_dict({**values, **overrides})
+        return ModelConfig.from_dict({**values, **overrides}, inference=True)
 
     def tokenizer_path(self) -> Path | None:
         """The run's copy of its tokenizer, or None."""

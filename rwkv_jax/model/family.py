@@ -43,7 +43,8 @@ class Family:
     dims_from_tensors: official-named tensors -> the ModelConfig fields of their shape (ValueError if the
                      tensors are not this generation's).
     wkv_forms:       the values model.wkv_form may take besides 'auto'.
-    default_wkv_form: platform ('cpu', 'gpu', 'tpu') -> the WKV form model.wkv_form='auto' picks there.
+    default_wkv_form: (platform ('cpu', 'gpu', 'tpu'), inference=False) -> the WKV form model.wkv_form=
+                     'auto' picks there; inference=True for a model loaded to run without gradients.
     lr_multipliers:  learning-rate multiplier of parameters by leaf name (optim.layerwise_lr).
     logical_axes:    the logical axis names its parameters carry; each has a rule in
                      rwkv_jax.train.sharding.RULES (a test checks it).
@@ -57,7 +58,7 @@ class Family:
     weights_layout: Callable[..., dict]
     dims_from_tensors: Callable[[dict[str, np.ndarray]], dict]
     wkv_forms: tuple[str, ...]
-    default_wkv_form: Callable[[str], str]
+    default_wkv_form: Callable[..., str]
     lr_multipliers: dict[str, float]
     logical_axes: tuple[str, ...]
     flops_per_token: Callable[..., float]

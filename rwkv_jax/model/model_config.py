@@ -48,11 +48,12 @@ class ModelConfig:
         return self.d_ffn or 4 * self.d_model
 
     @classmethod
-    def from_dict(cls, values, platform: str | None = None) -> "ModelConfig":
+    def from_dict(cls, values, platform: str | None = None, *, inference: bool = False) -> "ModelConfig":
         """Build from a dict/ConfigDict, naming any unknown key, with every 'auto' resolved for `platform`
         ('cpu', 'gpu', 'tpu'; None: the default backend's, which starts it: not before jax.distributed).
         The one place where 'auto' choices are made: dtype (fp32 on CPU, bf16 elsewhere), scan_layers
-        (`resolve_scan_layers`) and wkv_form (the generation's fastest form on the platform)."""
+        (`resolve_scan_layers`) and wkv_form (the generation's fastest form on the platform; `inference`:
+        its fastest without gradients, for a model loaded to evaluate or generate)."""
         values = dict(values)
         cls.check_keys(values)
         values.setdefault("wkv_form", "auto")
@@ -63,7 +64,7 @@ class ModelConfig:
             values["scan_layers"] = resolve_scan_layers(values["scan_layers"], platform)
         if values["wkv_form"] == "auto":
             from rwkv_jax.model.family import family  # the generation's own forms
-            values["wkv_form"] = family(values.get("version", 4)).default_wkv_form(target())
+            values["wkv_form"] = family(values.get("version", 4)).default_wkv_form(target(), inference)
         return cls(**values)
 
     @classmethod

@@ -382,9 +382,16 @@ def wkv7(r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN, state_BHNN=None, *, for
     raise ValueError(f"unknown WKV-7 form {form!r}: choose one of {FORMS + KERNEL_FORMS}")
 
 
-def default_form(platform: str) -> str:
+def default_form(platform: str, inference: bool = False) -> str:
     """The form model.wkv_form='auto' picks on a platform ('cpu', 'gpu', 'tpu'): the Mosaic kernel on
     TPU, the chunked form elsewhere (benchmarks/wkv.py compares the pure-JAX forms). The Triton kernel
     (wkv7_pallas, backend 'gpu') is tested interpreted and lowered to Triton IR only: it has not been
-    compiled or timed on a GPU, so 'auto' does not pick it there yet."""
-    return "pallas" if platform == "tpu" else "chunked"
+    compiled or timed on a GPU, so 'auto' does not pick it there yet.
+
+    `inference`: for a model loaded to run without gradients (prefill, evaluation, scoring). On CPU that is
+    the sequential form, whose undifferentiated path is one scan over the tokens: the chunked form's
+    matmuls win only with a backward to share them (benchmarks/wkv.py --version=7, forward vs
+    forward+backward)."""
+    if platform == "tpu":
+        return "pallas"
+    return "sequential" if inference and platform == "cpu" else "chunked"
