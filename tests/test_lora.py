@@ -9,14 +9,22 @@ model, for RWKV-4 and RWKV-7, layers as a list or stacked.
     adapters alone in a file and read back (`optim.lora_init`).
 """
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from rwkv_jax.cli import convert
+from rwkv_jax.cli import runner as cli
+from rwkv_jax.io import weights
+from rwkv_jax.io import workdir as workdir_lib
 from rwkv_jax.model import ModelConfig, lora
-from rwkv_jax.train import optim, sharding, train_step
+from rwkv_jax.train import optim, sharding, train_step, trainer
+from rwkv_jax.train import program as program_lib
+from tests.helpers import make_config, restore_latest, tiny_overrides
 
 TINY4 = ModelConfig(vocab_size=64, d_model=32, n_layer=2)
 TINY7 = ModelConfig(version=7, vocab_size=64, d_model=32, n_layer=2, head_size=16, wkv_form="sequential")
@@ -93,3 +101,81 @@ def test_lora_steps_train_the_adapters_alone_and_leave_every_base_weight_bit_ide
     for key, value in nnx.to_flat_state(frozen):
         assert np.array_equal(before[key], np.asarray(value)), key
     assert all(np.any(np.asarray(v)) for k, v in nnx.to_flat_state(adapters) if k[-1] == "lora_b")
+
+
+# --- Runs: a tiny base, a LoRA run from it; its workdir read by eval / convert ------------------------
+
+LORA_STEPS = 6
+
+
+def lora_overrides(env, base: Path, **extra) -> dict:
+    fields = dict(train__init_from=str(base), data__tokenizer_path=str(base / "tokenizer.model"),
+                  optim__trainable="lora", optim__lora_rank=4, optim__lora_alpha=8.0, optim__lr_init=1e-2,
+                  optim__lr_final=1e-2, optim__warmup_steps=0, train__num_steps=LORA_STEPS, train__eval_every=0,
+                  checkpoint__every_steps=3)
+    return tiny_overrides(env, **(fields | extra))
+
+
+@pytest.fixture(scope="module")
+def runs(train_env, tmp_path_factory):
+    """A base trained 3 steps (full), and a LoRA run of LORA_STEPS steps from it (in process); its first lines."""
+    import contextlib
+    import io
+    root = train_env["root"]
+    trainer.train(make_config(tiny_overrides(train_env, train__num_steps=3, train__eval_every=0,
+                                             checkpoint__every_steps=1000)), root / "base")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        trainer.train(make_config(lora_overrides(train_env, root / "base")), root / "lora")
+    return {"root": root, "env": train_env, "stdout": out.getvalue()}
+
+
+def test_a_lora_run_keeps_the_base_bit_identical_and_reports_its_optimizer_state(runs):
+    root = runs["root"]
+    config = make_config(lora_overrides(runs["env"], root / "base"))
+    state, _, step = restore_latest(config, root / "lora")
+    assert step == LORA_STEPS
+    adapters, frozen = train_step.split_adapters(state.params)
+    base = nnx.state(weights.load_model(root / "base"), nnx.Param)
+    assert nnx.to_flat_state(frozen).paths == nnx.to_flat_state(base).paths
+    for (path, got), (_, want) in zip(nnx.to_flat_state(frozen), nnx.to_flat_state(base)):
+        assert np.asarray(got).tobytes() == np.asarray(want).tobytes(), path
+    assert all(np.any(np.asarray(v)) for k, v in nnx.to_flat_state(adapters) if k[-1] == "lora_b")
+    # the optimizer state: Adam's moments of the adapters alone, and the run says so against full tuning's
+    n_adapter = sum(x.size for x in jax.tree.leaves(adapters))
+    assert sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim >= 2) == 2 * n_adapter
+    lines = runs["stdout"].splitlines()
+    found = [line for line in lines if line.startswith("optimizer state: ")]
+    assert found and "for the adapters; full fine-tuning's would be" in found[0], lines[:12]
+    assert f"{n_adapter:,} adapter values trained" in runs["stdout"]
+
+
+def test_the_workdir_reads_merged_and_converts_to_the_adapted_logits(runs, tmp_path):
+    root = runs["root"]
+    adapted = workdir_lib.load(root / "lora", keep_adapters=True).model
+    assert jax.tree.leaves(nnx.state(adapted, nnx.LoRAParam))
+    ids = jnp.asarray(tokens(5, (2, 16)) * 7 % 512)
+    want = np.asarray(adapted(ids)[0])
+    assert np.abs(want - np.asarray(weights.load_model(root / "base")(ids)[0])).max() > 1e-4
+    # eval.py, generate.py and the lm-eval adapter read a workdir through weights.load: merged on load
+    loaded = weights.load_model(root / "lora")
+    assert not jax.tree.leaves(nnx.state(loaded, nnx.LoRAParam))
+    np.testing.assert_allclose(np.asarray(loaded(ids)[0]), want, rtol=0, atol=1e-5)
+    # convert: a LoRA workdir needs --merge_lora (or --adapters_only); the .pth holds the merged model
+    assert cli.call(convert.main, ["convert", str(root / "lora"), str(tmp_path / "x.pth")]) != 0
+    assert not (tmp_path / "x.pth").exists()
+    assert cli.call(convert.main, ["convert", str(root / "lora"), str(tmp_path / "merged.pth"), "--merge_lora"]) == 0
+    np.testing.assert_allclose(np.asarray(weights.load_model(tmp_path / "merged.pth")(ids)[0]), want, rtol=0,
+                               atol=1e-5)
+    assert cli.call(convert.main, ["convert", str(root / "base"), str(tmp_path / "y.pth"), "--merge_lora"]) != 0
+    # --adapters_only: a small file, which optim.lora_init reads back as the run's adapters
+    path = tmp_path / "adapters.npz"
+    assert cli.call(convert.main, ["convert", str(root / "lora"), str(path), "--adapters_only"]) == 0
+    assert path.stat().st_size < 0.2 * (tmp_path / "merged.pth").stat().st_size
+    config = make_config(lora_overrides(runs["env"], root / "base", optim__lora_init=str(path)))
+    program = program_lib.build(config, sharding.make_mesh(config.mesh), "cpu")
+    state = trainer.start_state(config, program.model_config, program.init, program.abstract_state, True)
+    got, _ = train_step.split_adapters(state.params)
+    want_adapters, _ = train_step.split_adapters(nnx.state(adapted, nnx.Param))
+    for (p, x), (q, y) in zip(nnx.to_flat_state(got), nnx.to_flat_state(want_adapters)):
+        assert p == q and np.asarray(x).tobytes() == np.asarray(y).tobytes(), p
