@@ -9,6 +9,7 @@ model, for RWKV-4 and RWKV-7, layers as a list or stacked.
     adapters alone in a file and read back (`optim.lora_init`).
 """
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -24,6 +25,7 @@ from rwkv_jax.io import workdir as workdir_lib
 from rwkv_jax.model import ModelConfig, lora
 from rwkv_jax.train import optim, sharding, train_step, trainer
 from rwkv_jax.train import program as program_lib
+from rwkv_jax.train import train_config as config_lib
 from tests.helpers import make_config, restore_latest, tiny_overrides
 
 TINY4 = ModelConfig(vocab_size=64, d_model=32, n_layer=2)
@@ -179,3 +181,103 @@ def test_the_workdir_reads_merged_and_converts_to_the_adapted_logits(runs, tmp_p
     want_adapters, _ = train_step.split_adapters(nnx.state(adapted, nnx.Param))
     for (p, x), (q, y) in zip(nnx.to_flat_state(got), nnx.to_flat_state(want_adapters)):
         assert p == q and np.asarray(x).tobytes() == np.asarray(y).tobytes(), p
+
+
+def test_the_optimizer_state_of_a_169m_lora_run_at_rank_16_is_under_2_percent_of_full_tuning():
+    """From shapes alone (jax.eval_shape): Adam's moments of the adapters against those of every weight."""
+    import importlib.util
+    spec_file = importlib.util.spec_from_file_location("config_169m", Path(__file__).parents[1] / "configs" / "169m.py")
+    module = importlib.util.module_from_spec(spec_file)
+    spec_file.loader.exec_module(module)
+    config = module.get_config()
+    config.optim.trainable, config.optim.lora_rank = "lora", 16
+    mesh = sharding.make_mesh(sharding.default_mesh_config())
+    model_config = program_lib.resolve(config, "cpu")
+    optimizer = optim.make_optimizer(config.optim, config.train.num_steps)
+    _, _, abstract, _ = train_step.train_state_factory(model_config, optimizer, mesh, 0, trainable="lora",
+                                                       lora=optim.lora_spec(config.optim))
+    adapters, base = train_step.split_adapters(abstract.params)
+    assert 169e6 < sum(x.size for x in jax.tree.leaves(base)) < 170e6
+    # 12 layers x (4 x (768 + 768) + 2 x (768 + 3072)) x 16 adapter values
+    assert sum(x.size for x in jax.tree.leaves(adapters)) == 12 * (4 * 1536 + 2 * 3840) * 16
+    lora_bytes = trainer.tree_bytes(abstract.opt_state)
+    full_bytes = trainer.tree_bytes(jax.eval_shape(optimizer.init, base))
+    assert lora_bytes < 0.02 * full_bytes, (lora_bytes, full_bytes)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("lora_rank", 0, "optim.lora_rank must be a positive integer, got 0"),
+    ("lora_alpha", -1.0, "optim.lora_alpha must be > 0"),
+    ("lora_targets", "att.key,ffn.gate", "optim.lora_targets: unknown ['ffn.gate'] for RWKV-4; valid: "
+                                         "att.receptance,att.key,att.value,att.output,ffn.key,ffn.receptance,ffn.value"),
+    ("lora_init", "/nonexistent/adapters.npz", "optim.lora_init='/nonexistent/adapters.npz' does not exist"),
+])
+def test_bad_lora_settings_are_one_line_config_errors(field, value, message):
+    config = make_config({"optim.trainable": "lora", f"optim.{field}": value})
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(config)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_lora_model_with_stacked_layers_equals_the_list_one_and_merges():
+    """scan_layers: the adapters stack with their layer ([L, in, r]), sharded by ('layers', in-axis, 'lora'),
+    and the stacked model computes what the list one does."""
+    stacked_config = dataclasses.replace(TINY4, scan_layers=True)
+    listed = with_random_adapters(lora.build(TINY4, SPEC, seed=0), 2)
+    values = nnx.to_pure_dict(nnx.state(listed, nnx.Param))
+    stacked = nnx.eval_shape(lambda: lora.build(stacked_config, SPEC, seed=0))
+    graphdef, state = nnx.split(stacked)
+    a = dict(nnx.to_flat_state(state))[("blocks", "att", "key", "lora", "lora_a")]
+    assert a.shape == (2, 32, 4) and a.get_metadata()["logical_axes"] == ("layers", "embed", "lora")
+    b = dict(nnx.to_flat_state(state))[("blocks", "ffn", "value", "lora", "lora_b")]
+    assert b.shape == (2, 4, 32) and b.get_metadata()["logical_axes"] == ("layers", "lora", "embed")
+    blocks = values.pop("blocks")
+    values["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[i] for i in range(2)])
+    nnx.replace_by_pure_dict(state, values)
+    stacked = nnx.merge(graphdef, state)
+    ids = jnp.asarray(tokens(3, (2, 12)))
+    want = np.asarray(listed(ids)[0])
+    np.testing.assert_allclose(np.asarray(stacked(ids)[0]), want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(lora.merged(stacked)(ids)[0]), want, rtol=0, atol=1e-5)
+    assert lora.adapters_of(stacked).keys() == lora.adapters_of(listed).keys()
+
+
+def test_lora_steps_on_the_8_device_mesh_equal_one_device_with_adapters_split_as_their_base(tmp_path):
+    """tests/scripts/lora_sharding_probe.py: meshes (data, fsdp, tensor) = (2,2,2) and (2,4,1) of 8 simulated
+    devices against one device, 3 LoRA steps each."""
+    import json
+    import os
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parents[1]
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(repo),
+               XLA_FLAGS=" ".join(flags + ["--xla_backend_optimization_level=0",
+                                           "--xla_force_host_platform_device_count=8"]))
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(repo / "tests" / "scripts" / "lora_sharding_probe.py"), str(out)],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    result = json.loads(out.read_text())
+    assert result["device_count"] == 8
+    one, *sharded = result["runs"]
+    assert len(set(one["losses"])) == 3
+    for run in result["runs"]:
+        assert run["base_bit_identical"] and run["adapters_moved"], run["mesh"]
+        np.testing.assert_allclose(run["losses"], one["losses"], rtol=1e-5, err_msg=str(run["mesh"]))
+        # Adam divides each gradient by its own running RMS, so the rounding of a sharded reduction in a tiny
+        # gradient reaches the update at full size: the adapters agree to 1e-3 of what the steps changed (the
+        # losses, which see every adapter at once, to 1e-5)
+        assert run["adapter_max_diff"] < 1e-3 * one["adapter_max_change"], (run["mesh"], run["adapter_max_diff"])
+    by_mesh = {tuple(run["mesh"]): run for run in sharded}
+    # fsdp x tensor (2,2,2): A [in, r] split as its kernel's in-axis, B [r, out] as its out-axis; rank replicated
+    specs = by_mesh[(2, 2, 2)]["specs"]
+    assert specs["blocks.0.att.key.kernel"] == ["fsdp", "tensor"]
+    assert specs["blocks.0.att.key.lora.lora_a"] == ["fsdp", None]
+    assert specs["blocks.0.att.key.lora.lora_b"] == [None, "tensor"]
+    assert specs["blocks.1.att.output.lora.lora_a"] == ["tensor", None]
+    assert specs["blocks.1.att.output.lora.lora_b"] == [None, "fsdp"]
+    assert specs["blocks.0.ffn.value.lora.lora_a"] == ["tensor", None]
+    for run in sharded:  # Adam's moments are split as their adapters are
+        for name, spec in run["moment_specs"].items():
+            assert spec == run["specs"][name], (run["mesh"], name)
