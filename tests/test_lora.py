@@ -26,7 +26,7 @@ from rwkv_jax.model import ModelConfig, lora
 from rwkv_jax.train import optim, sharding, train_step, trainer
 from rwkv_jax.train import program as program_lib
 from rwkv_jax.train import train_config as config_lib
-from tests.helpers import make_config, restore_latest, tiny_overrides
+from tests.helpers import Run, make_config, read_records, restore_latest, tiny_overrides
 
 TINY4 = ModelConfig(vocab_size=64, d_model=32, n_layer=2)
 TINY7 = ModelConfig(version=7, vocab_size=64, d_model=32, n_layer=2, head_size=16, wkv_form="sequential")
@@ -281,3 +281,45 @@ def test_lora_steps_on_the_8_device_mesh_equal_one_device_with_adapters_split_as
     for run in sharded:  # Adam's moments are split as their adapters are
         for name, spec in run["moment_specs"].items():
             assert spec == run["specs"][name], (run["mesh"], name)
+
+
+# --- Exact resume after SIGKILL (slow: three subprocess runs) -----------------------------------------
+
+def _run_to_completion(workdir: Path, overrides: dict) -> Run:
+    run = Run(workdir, overrides)
+    assert run.finish() == 0, run.stderr[-5000:]
+    return run
+
+
+@pytest.mark.slow
+def test_a_lora_run_killed_with_sigkill_and_rerun_is_bit_exact(runs):
+    import random
+    import re
+    import signal
+    import time
+    steps = 14
+    overrides = lora_overrides(runs["env"], runs["root"] / "base", train__num_steps=steps, checkpoint__every_steps=2)
+    reference_dir, killed_dir = runs["root"] / "lora-reference", runs["root"] / "lora-killed"
+    _run_to_completion(reference_dir, overrides)
+    run = Run(killed_dir, overrides)
+    run.wait_for_step(random.Random(31).randint(5, 9))
+    deadline = time.time() + 60  # and a committed checkpoint (orbax renames a finished save to its step)
+    while not any(p.name.isdigit() for p in (killed_dir / "checkpoints").iterdir()) and time.time() < deadline:
+        time.sleep(0.01)
+    run.proc.send_signal(signal.SIGKILL)
+    assert run.finish() == -signal.SIGKILL, "the run ended before it could be killed"
+    rerun = _run_to_completion(killed_dir, overrides)
+    assert re.search(r"resumed from the checkpoint of step \d+", rerun.stdout), rerun.stdout
+    want = {r["step"]: r for r in read_records(reference_dir) if r["kind"] == "train"}
+    got = {r["step"]: r for r in read_records(killed_dir) if r["kind"] == "train"}
+    assert sorted(got) == list(range(1, steps + 1))
+    for step, record in got.items():
+        assert all(record[k] == want[step][k] for k in ("loss", "grad_norm", "lr")), step  # repr floats: same bits
+    config = make_config(overrides)
+    state, _, step = restore_latest(config, killed_dir)
+    ref_state, _, ref_step = restore_latest(config, reference_dir)
+    assert step == ref_step == steps
+    leaves, ref_leaves = jax.tree.leaves(state), jax.tree.leaves(ref_state)
+    assert jax.tree.structure(state) == jax.tree.structure(ref_state) and len(leaves) == len(ref_leaves)
+    for x, y in zip(leaves, ref_leaves):  # base, adapters, Adam's moments of the adapters, counters
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
