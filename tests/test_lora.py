@@ -10,6 +10,7 @@ model, for RWKV-4 and RWKV-7, layers as a list or stacked.
 """
 
 import dataclasses
+import json
 from pathlib import Path
 
 import jax
@@ -19,6 +20,7 @@ import pytest
 from flax import nnx
 
 from rwkv_jax.cli import convert
+from rwkv_jax.cli import eval as eval_command
 from rwkv_jax.cli import runner as cli
 from rwkv_jax.io import weights
 from rwkv_jax.io import workdir as workdir_lib
@@ -26,7 +28,7 @@ from rwkv_jax.model import ModelConfig, lora
 from rwkv_jax.train import optim, sharding, train_step, trainer
 from rwkv_jax.train import program as program_lib
 from rwkv_jax.train import train_config as config_lib
-from tests.helpers import Run, make_config, read_records, restore_latest, tiny_overrides
+from tests.helpers import Run, copy_package_source, make_config, read_records, restore_latest, tiny_overrides
 
 TINY4 = ModelConfig(vocab_size=64, d_model=32, n_layer=2)
 TINY7 = ModelConfig(version=7, vocab_size=64, d_model=32, n_layer=2, head_size=16, wkv_form="sequential")
@@ -323,3 +325,83 @@ def test_a_lora_run_killed_with_sigkill_and_rerun_is_bit_exact(runs):
     assert jax.tree.structure(state) == jax.tree.structure(ref_state) and len(leaves) == len(ref_leaves)
     for x, y in zip(leaves, ref_leaves):  # base, adapters, Adam's moments of the adapters, counters
         assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+
+
+# --- A task of our own, end to end (slow) ---------------------------------------------------------------
+# A tiny base model (2 x 32, vocab 512) trained briefly on Python source, then LoRA-tuned on text in one rigid
+# template (shipments: "SHIP 0123 | 4 crates | Oslo -> Lima"), held-out documents of that format scored.
+
+BASE_STEPS, TUNE_STEPS = 200, 60
+
+
+def shipment_lines(rng, n: int) -> str:
+    goods, ports = ["crates", "drums", "pallets", "coils", "bales"], ["Oslo", "Lima", "Pune", "Kyiv", "Perth", "Hue"]
+    return "".join(f"SHIP {rng.randint(0, 9999):04d} | {rng.randint(1, 9)} {rng.choice(goods)} | "
+                   f"{rng.choice(ports)} -> {rng.choice(ports)}\n" for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    import random
+    import time
+    root = tmp_path_factory.mktemp("lora_task")
+    env = {"root": root, "corpus": copy_package_source(root / "corpus"), "data_dir": root / "data"}
+    rng = random.Random(0)
+    (root / "style").mkdir()
+    for i in range(20):  # 20 files: the hash split keeps about a fifth for validation
+        (root / "style" / f"ships_{i:02d}.txt").write_text(shipment_lines(rng, 40))
+    heldout = random.Random(1)
+    (root / "heldout.jsonl").write_text("".join(json.dumps({"text": shipment_lines(heldout, 3)}) + "\n"
+                                                for _ in range(40)))
+    start = time.time()
+    trainer.train(make_config(tiny_overrides(env, train__num_steps=BASE_STEPS, train__eval_every=0, train__log_every=50,
+                                             checkpoint__every_steps=1000, optim__lr_init=3e-3, optim__lr_final=1e-3)),
+                  root / "base")
+    base_s, start = time.time() - start, time.time()
+    overrides = lora_overrides(env, root / "base", data__text_files=str(root / "style"),
+                               data__data_dir=str(root / "style_data"), optim__lora_rank=8, optim__lora_alpha=16.0,
+                               optim__lr_init=5e-3, optim__lr_final=1e-3, train__num_steps=TUNE_STEPS,
+                               train__eval_every=1000, train__eval_batches=0, train__log_every=20,
+                               checkpoint__every_steps=1000)
+    trainer.train(make_config(overrides), root / "tuned")
+    return {"root": root, "base_s": base_s, "tune_s": time.time() - start}
+
+
+def eval_loss(tmp_path, checkpoint, heldout) -> dict:
+    prefix = tmp_path / f"report{len(list(tmp_path.glob('report*.json')))}"
+    args = ["eval.py", f"--checkpoint={checkpoint}", f"--text_files={heldout}", f"--report={prefix}"]
+    if Path(checkpoint).suffix == ".pth":
+        args.append(f"--tokenizer={Path(checkpoint).parent / 'tokenizer.model'}")
+    assert cli.call(eval_command.main, args) == 0
+    return json.loads(prefix.with_suffix(".json").read_text())
+
+
+@pytest.mark.slow
+def test_lora_lowers_the_held_out_loss_on_a_narrow_format_and_changes_no_base_weight(tuned, tmp_path, capsys):
+    import shutil
+    root = tuned["root"]
+    # every base weight unchanged: the frozen part of the LoRA run's checkpoint is the base's, bit for bit
+    adapted = workdir_lib.load(root / "tuned", keep_adapters=True).model
+    _, frozen = train_step.split_adapters(nnx.state(adapted, nnx.Param))
+    base = nnx.state(weights.load_model(root / "base"), nnx.Param)
+    assert nnx.to_flat_state(frozen).paths == nnx.to_flat_state(base).paths
+    for (path, x), (_, y) in zip(nnx.to_flat_state(frozen), nnx.to_flat_state(base)):
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes(), path
+    # the run's own evaluation of the format's validation files: before tuning and at the end
+    records = [json.loads(line) for line in (root / "tuned" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval_loss"] for r in records if r["kind"] == "eval"}
+    assert sorted(evals) == [0, TUNE_STEPS] and evals[TUNE_STEPS] < evals[0] - 0.3, evals
+    # eval.py on held-out documents of the format (not in the tuning files): the LoRA workdir (merged on load)
+    # scores far lower than its base, and exactly as its merged .pth does
+    heldout = root / "heldout.jsonl"
+    before, after = eval_loss(tmp_path, root / "base", heldout), eval_loss(tmp_path, root / "tuned", heldout)
+    assert after["documents"] == before["documents"] == 40
+    assert after["loss"] < before["loss"] - 0.3, (before["loss"], after["loss"])
+    assert cli.call(convert.main, ["convert", str(root / "tuned"), str(tmp_path / "merged.pth"), "--merge_lora"]) == 0
+    shutil.copyfile(root / "tuned" / "tokenizer.model", tmp_path / "tokenizer.model")
+    merged = eval_loss(tmp_path, tmp_path / "merged.pth", heldout)
+    assert merged["loss"] == pytest.approx(after["loss"], rel=1e-5, abs=0)
+    with capsys.disabled():
+        print(f"\nLoRA (rank 8): held-out loss {before['loss']:.4f} -> {after['loss']:.4f} nats/token; the run's eval "
+              f"{evals[0]:.4f} -> {evals[TUNE_STEPS]:.4f}; base {BASE_STEPS} steps {tuned['base_s']:.0f}s, LoRA "
+              f"{TUNE_STEPS} steps {tuned['tune_s']:.0f}s")
