@@ -107,10 +107,10 @@ class Workdir:
     def lora_spec(self):
         """The LoraSpec (rwkv_jax.model.lora) of a LoRA run (its config.json's optim.trainable='lora'), else None."""
         config = self.run_config()
-        if config is None or config.optim.get("trainable", "all") != "lora":
+        o = None if config is None else config.get("optim")
+        if o is None or o.get("trainable", "all") != "lora":
             return None
         from rwkv_jax.model import lora
-        o = config.optim
         return lora.LoraSpec(int(o.lora_rank), float(o.lora_alpha), lora.parse_targets(o.lora_targets))
 
     def tokenizer_path(self) -> Path | None:
