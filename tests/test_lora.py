@@ -28,7 +28,15 @@ from rwkv_jax.model import ModelConfig, lora
 from rwkv_jax.train import optim, sharding, train_step, trainer
 from rwkv_jax.train import program as program_lib
 from rwkv_jax.train import train_config as config_lib
-from tests.helpers import Run, copy_package_source, make_config, read_records, restore_latest, tiny_overrides
+from tests.helpers import (
+    Run,
+    copy_package_source,
+    make_config,
+    read_records,
+    restore_latest,
+    tiny_overrides,
+    write_byte_tokenizer,
+)
 
 TINY4 = ModelConfig(vocab_size=64, d_model=32, n_layer=2)
 TINY7 = ModelConfig(version=7, vocab_size=64, d_model=32, n_layer=2, head_size=16, wkv_form="sequential")
@@ -79,7 +87,8 @@ def base_params(model_config, seed: int = 3):
 
 
 @pytest.mark.parametrize("config,microbatches",
-                         [(TINY4, 1), pytest.param(TINY4, 2, marks=pytest.mark.slow), (TINY7, 1)],
+                         [(TINY4, 1), pytest.param(TINY4, 2, marks=pytest.mark.slow),
+                          pytest.param(TINY7, 1, marks=pytest.mark.slow)],
                          ids=["rwkv4", "rwkv4-micro2", "rwkv7"])
 def test_lora_steps_train_the_adapters_alone_and_leave_every_base_weight_bit_identical(config, microbatches):
     mesh = sharding.make_mesh(sharding.default_mesh_config())
@@ -112,8 +121,10 @@ def test_lora_steps_train_the_adapters_alone_and_leave_every_base_weight_bit_ide
 LORA_STEPS = 6
 
 
-def lora_overrides(env, base: Path, **extra) -> dict:
-    fields = dict(train__init_from=str(base), data__tokenizer_path=str(base / "tokenizer.model"),
+def lora_overrides(env, base: Path, tokenizer: Path | None = None, **extra) -> dict:
+    """A LoRA run from `base` with its tokenizer: a byte-level HF json, or else the base workdir's copy."""
+    fields = dict(train__init_from=str(base), data__tokenizer_path=str(tokenizer or base / "tokenizer.model"),
+                  data__tokenizer="hf_json" if tokenizer else "sentencepiece",
                   optim__trainable="lora", optim__lora_rank=4, optim__lora_alpha=8.0, optim__lr_init=1e-2,
                   optim__lr_final=1e-2, optim__warmup_steps=0, train__num_steps=LORA_STEPS, train__eval_every=0,
                   checkpoint__every_steps=3)
@@ -122,21 +133,22 @@ def lora_overrides(env, base: Path, **extra) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(train_env, tmp_path_factory):
-    """A base trained 3 steps (full), and a LoRA run of LORA_STEPS steps from it (in process); its first lines."""
+    """A base (a random 2 x 32 model, vocab 512, as an rwkv_jax directory; a byte-level tokenizer) and a LoRA
+    run of LORA_STEPS steps from it (in process); the run's console output."""
     import contextlib
     import io
     root = train_env["root"]
-    trainer.train(make_config(tiny_overrides(train_env, train__num_steps=3, train__eval_every=0,
-                                             checkpoint__every_steps=1000)), root / "base")
+    weights.save_model(lora.build(ModelConfig(vocab_size=512, d_model=32, n_layer=2), None, seed=3), root / "base")
+    tokenizer = Path(write_byte_tokenizer(root / "bytes.json"))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        trainer.train(make_config(lora_overrides(train_env, root / "base")), root / "lora")
-    return {"root": root, "env": train_env, "stdout": out.getvalue()}
+        trainer.train(make_config(lora_overrides(train_env, root / "base", tokenizer)), root / "lora")
+    return {"root": root, "env": train_env, "tokenizer": tokenizer, "stdout": out.getvalue()}
 
 
 def test_a_lora_run_keeps_the_base_bit_identical_and_reports_its_optimizer_state(runs):
     root = runs["root"]
-    config = make_config(lora_overrides(runs["env"], root / "base"))
+    config = make_config(lora_overrides(runs["env"], root / "base", runs["tokenizer"]))
     state, _, step = restore_latest(config, root / "lora")
     assert step == LORA_STEPS
     adapters, frozen = train_step.split_adapters(state.params)
@@ -176,7 +188,7 @@ def test_the_workdir_reads_merged_and_converts_to_the_adapted_logits(runs, tmp_p
     path = tmp_path / "adapters.npz"
     assert cli.call(convert.main, ["convert", str(root / "lora"), str(path), "--adapters_only"]) == 0
     assert path.stat().st_size < 0.2 * (tmp_path / "merged.pth").stat().st_size
-    config = make_config(lora_overrides(runs["env"], root / "base", optim__lora_init=str(path)))
+    config = make_config(lora_overrides(runs["env"], root / "base", runs["tokenizer"], optim__lora_init=str(path)))
     program = program_lib.build(config, sharding.make_mesh(config.mesh), "cpu")
     state = trainer.start_state(config, program.model_config, program.init, program.abstract_state, True)
     got, _ = train_step.split_adapters(state.params)
@@ -245,8 +257,8 @@ def test_lora_model_with_stacked_layers_equals_the_list_one_and_merges():
 
 
 def test_lora_steps_on_the_8_device_mesh_equal_one_device_with_adapters_split_as_their_base(tmp_path):
-    """tests/scripts/lora_sharding_probe.py: meshes (data, fsdp, tensor) = (2,2,2) and (2,4,1) of 8 simulated
-    devices against one device, 3 LoRA steps each."""
+    """tests/scripts/lora_sharding_probe.py: the mesh (data, fsdp, tensor) = (2,2,2) of 8 simulated devices
+    against one device, 3 LoRA steps each."""
     import json
     import os
     import subprocess
@@ -300,7 +312,8 @@ def test_a_lora_run_killed_with_sigkill_and_rerun_is_bit_exact(runs):
     import signal
     import time
     steps = 14
-    overrides = lora_overrides(runs["env"], runs["root"] / "base", train__num_steps=steps, checkpoint__every_steps=2)
+    overrides = lora_overrides(runs["env"], runs["root"] / "base", runs["tokenizer"], train__num_steps=steps,
+                               checkpoint__every_steps=2)
     reference_dir, killed_dir = runs["root"] / "lora-reference", runs["root"] / "lora-killed"
     _run_to_completion(reference_dir, overrides)
     run = Run(killed_dir, overrides)

@@ -12,7 +12,7 @@ kernels (and of the adapters' Adam moments).
 import json
 import sys
 
-MESHES = [(1, 1, 1), (2, 2, 2), (2, 4, 1)]
+MESHES = [(1, 1, 1), (2, 2, 2)]  # one device, and data x fsdp x tensor on 8
 STEPS = 3
 
 
