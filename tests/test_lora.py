@@ -237,6 +237,11 @@ def test_lora_model_with_stacked_layers_equals_the_list_one_and_merges():
     """scan_layers: the adapters stack with their layer ([L, in, r]), sharded by ('layers', in-axis, 'lora'),
     and the stacked model computes what the list one does."""
     stacked_config = dataclasses.replace(TINY4, scan_layers=True)
+    # built from one seed, stacked or a list: the same base and the same initial adapters
+    fresh_stacked = lora.adapters_of(lora.build(stacked_config, SPEC, seed=0))
+    fresh_listed = lora.adapters_of(lora.build(TINY4, SPEC, seed=0))
+    assert fresh_stacked.keys() == fresh_listed.keys()
+    assert all(np.array_equal(fresh_stacked[k], fresh_listed[k]) for k in fresh_listed)
     listed = with_random_adapters(lora.build(TINY4, SPEC, seed=0), 2)
     values = nnx.to_pure_dict(nnx.state(listed, nnx.Param))
     stacked = nnx.eval_shape(lambda: lora.build(stacked_config, SPEC, seed=0))

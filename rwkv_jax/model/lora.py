@@ -78,23 +78,24 @@ class LoRALinear(nnx.LoRALinear):
         return y + (self.lora(x) * self.lora_scale).astype(y.dtype)
 
     @classmethod
-    def from_linear(cls, base: nnx.Linear, spec: LoraSpec, rngs: nnx.Rngs) -> "LoRALinear":
+    def from_linear(cls, base: nnx.Linear, spec: LoraSpec, a_keys: list) -> "LoRALinear":
         """`base` with adapters of `spec.rank`: its kernel (and its settings) kept, A and B fp32 with
-        logical axes from the kernel's; a kernel stacked over layers ([L, in, out]) gets stacked adapters."""
+        logical axes from the kernel's; a kernel stacked over layers ([L, in, out]) gets stacked adapters,
+        A of layer i drawn with `a_keys[i]` (one key for a plain kernel)."""
         kernel = base.kernel
         axes = kernel.get_metadata().get("logical_axes") or (None,) * kernel.ndim
         lead, (in_axis, out_axis) = tuple(axes[:-2]), tuple(axes[-2:])
         stacked = kernel.shape[:-2]
+        placeholder = lambda key, shape, dtype: jnp.zeros((), dtype)  # noqa: E731 - replaced below
         new = cls(base.in_features, base.out_features, lora_rank=spec.rank, use_bias=False, dtype=base.dtype,
                   param_dtype=base.param_dtype, precision=base.precision, dot_general=base.dot_general,
-                  kernel_init=lambda key, shape, dtype: jnp.zeros((), dtype),  # replaced by base's kernel below
-                  lora_dtype=base.dtype, lora_param_dtype=jnp.float32, rngs=rngs,
-                  a_initializer=lambda key, shape, dtype: jnp.zeros((), dtype),
-                  b_initializer=lambda key, shape, dtype: jnp.zeros((), dtype))
+                  kernel_init=placeholder, lora_dtype=base.dtype, lora_param_dtype=jnp.float32, rngs=nnx.Rngs(0),
+                  a_initializer=placeholder, b_initializer=placeholder)
         new.kernel = kernel
-        # nnx's default initialisers (A he-uniform, B zeros), over each layer of a stack alike
-        a_init = nnx.initializers.he_uniform(batch_axis=tuple(range(len(stacked))))
-        new.lora.lora_a = nnx.LoRAParam(a_init(rngs.params(), (*stacked, base.in_features, spec.rank), jnp.float32),
+        # nnx's default initialisers (A he-uniform, B zeros), layer by layer
+        a_init = nnx.initializers.he_uniform()
+        a = jnp.stack([a_init(key, (base.in_features, spec.rank), jnp.float32) for key in a_keys])
+        new.lora.lora_a = nnx.LoRAParam(a.reshape(*stacked, base.in_features, spec.rank),
                                         logical_axes=(*lead, in_axis, "lora"))
         new.lora.lora_b = nnx.LoRAParam(jnp.zeros((*stacked, spec.rank, base.out_features), jnp.float32),
                                         logical_axes=(*lead, "lora", out_axis))
@@ -114,11 +115,16 @@ def add_lora(model, spec: LoraSpec, rngs: nnx.Rngs):
         raise ValueError(problem)
     if spec.rank <= 0:
         raise ValueError(f"LoRA rank must be positive, got {spec.rank}")
-    for block in _blocks(model):
-        for target in spec.targets:
+    # A's keys layer by layer, target by target, whether the layers are a list or stacked: the same
+    # adapters either way
+    keys = [[rngs.params() for _ in spec.targets] for _ in range(model.config.n_layer)]
+    blocks = _blocks(model)
+    for b, block in enumerate(blocks):
+        for t, target in enumerate(spec.targets):
             sub_name, proj = target.split(".")
             sub = getattr(block, sub_name)
-            setattr(sub, proj, LoRALinear.from_linear(getattr(sub, proj), spec, rngs))
+            a_keys = [layer[t] for layer in keys] if model.config.scan_layers else [keys[b][t]]
+            setattr(sub, proj, LoRALinear.from_linear(getattr(sub, proj), spec, a_keys))
     return model
 
 
