@@ -88,8 +88,9 @@ def base_params(model_config, seed: int = 3):
 
 @pytest.mark.parametrize("config,microbatches",
                          [(TINY4, 1), pytest.param(TINY4, 2, marks=pytest.mark.slow),
+                          pytest.param(dataclasses.replace(TINY4, scan_layers=True), 1, marks=pytest.mark.slow),
                           pytest.param(TINY7, 1, marks=pytest.mark.slow)],
-                         ids=["rwkv4", "rwkv4-micro2", "rwkv7"])
+                         ids=["rwkv4", "rwkv4-micro2", "rwkv4-stacked", "rwkv7"])
 def test_lora_steps_train_the_adapters_alone_and_leave_every_base_weight_bit_identical(config, microbatches):
     mesh = sharding.make_mesh(sharding.default_mesh_config())
     graphdef, init, abstract, shardings, step_fn = lora_program(config, mesh, microbatches=microbatches)
