@@ -21,6 +21,7 @@ from flax import nnx
 
 from rwkv_jax.cli import convert
 from rwkv_jax.cli import eval as eval_command
+from rwkv_jax.cli import generate as generate_command
 from rwkv_jax.cli import runner as cli
 from rwkv_jax.io import weights
 from rwkv_jax.io import workdir as workdir_lib
@@ -426,7 +427,14 @@ def test_lora_lowers_the_held_out_loss_on_a_narrow_format_and_changes_no_base_we
     shutil.copyfile(root / "tuned" / "tokenizer.model", tmp_path / "tokenizer.model")
     merged = eval_loss(tmp_path, tmp_path / "merged.pth", heldout)
     assert merged["loss"] == pytest.approx(after["loss"], rel=1e-5, abs=0)
+    # generate.py reads the workdir merged too: greedy from "SHIP", the tuned model writes the format's next field
+    capsys.readouterr()
+    assert cli.call(generate_command.main, ["generate.py", f"--checkpoint={root / 'tuned'}", "--prompt=SHIP",
+                                            "--temperature=0", "--max_new_tokens=16", "--nostop_at_eot"]) == 0
+    generated = capsys.readouterr().out
+    assert " | " in generated, generated
     with capsys.disabled():
+        print(f"generated: {generated.strip()[:80]!r}")
         print(f"\nLoRA (rank 8): held-out loss {before['loss']:.4f} -> {after['loss']:.4f} nats/token; the run's eval "
               f"{evals[0]:.4f} -> {evals[TUNE_STEPS]:.4f}; base {BASE_STEPS} steps {tuned['base_s']:.0f}s, LoRA "
               f"{TUNE_STEPS} steps {tuned['tune_s']:.0f}s")
