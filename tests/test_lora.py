@@ -438,3 +438,22 @@ def test_lora_lowers_the_held_out_loss_on_a_narrow_format_and_changes_no_base_we
         print(f"\nLoRA (rank 8): held-out loss {before['loss']:.4f} -> {after['loss']:.4f} nats/token; the run's eval "
               f"{evals[0]:.4f} -> {evals[TUNE_STEPS]:.4f}; base {BASE_STEPS} steps {tuned['base_s']:.0f}s, LoRA "
               f"{TUNE_STEPS} steps {tuned['tune_s']:.0f}s")
+
+
+def test_lora_init_without_init_from_or_of_another_rank_is_a_one_line_error(tmp_path):
+    config = make_config({"optim.trainable": "lora", "optim.lora_init": __file__})
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(config)
+    assert "optim.lora_init adapts a trained model: set train.init_from" in str(e.value) and "\n" not in str(e.value)
+    path = tmp_path / "adapters.npz"
+    lora.save_adapters(path, lora.build(TINY4, SPEC, seed=0), SPEC)
+    assert len(lora.load_adapters(path, TINY4, SPEC)) == 2 * 2 * len(SPEC.targets)
+    with pytest.raises(ValueError) as e:
+        lora.load_adapters(path, TINY4, dataclasses.replace(SPEC, rank=8))
+    assert "holds adapters of rank 4, alpha 8.0" in str(e.value) and "asks for rank 8" in str(e.value)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="adapts a model of 2 layers x 32"):
+        lora.load_adapters(path, dataclasses.replace(TINY4, d_model=48), SPEC)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not an adapters file of `rwkv-convert WORKDIR OUT.npz --adapters_only`"):
+        lora.load_adapters(tmp_path / "junk.npz", TINY4, SPEC)
