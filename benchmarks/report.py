@@ -93,6 +93,7 @@ def main(argv=None):
     shapes = [("tiny", "16", "128", "config")] if args.quick else [
         ("tiny", "16", "128", "config"), ("169m", "1", "128", "config"), ("169m", "1", "128", other),
         ("169m", "2", "512", "config"), ("169m", "1", "1024", "config")]
+    full_steps = {}  # (name, batch, seq, scan) -> our row: the LoRA line below compares against it
     for name, batch, seq, scan in shapes:
         flags = [f"--shapes={name}", f"--peak-flops={peak}", f"--scan-layers={scan}"]
         flags += [f"--tiny-batch={batch}", f"--tiny-seq={seq}"] if name == "tiny" else \
@@ -101,6 +102,7 @@ def main(argv=None):
             flags += ["--steps=2", "--warmup=1"]
         r = run("train_step.py", *flags)["rows"]
         ours = next(x for x in r if x["impl"] == "rwkv_jax")
+        full_steps[(name, batch, seq, scan)] = ours
         hf = next((x for x in r if x["impl"] != "rwkv_jax"), None)
         name = {"config": name, "on": f"{name} (layers stacked)", "off": f"{name} (layers unstacked)"}[scan]
         add("train step", f"{name} B={batch} T={seq}: tokens/s (MFU {ours['mfu']:.0%})", ours["tps"], "tokens/s",
@@ -108,6 +110,17 @@ def main(argv=None):
             limit=ours["tps"] / ours["mfu"] if ours["mfu"] else None, basis="6(VD+13D^2L) FLOPs / matmul peak")
         add("train step", f"{name} B={batch} T={seq}: first step (compile) s", ours["first_s"], "s",
             peer=hf["first_s"] if hf else None, peer_name="HF transformers")
+
+    # --- LoRA against full fine-tuning: the same model and batch, the base frozen (optim.trainable='lora') ---
+    name, batch, seq = ("tiny", "16", "128") if args.quick else ("169m", "1", "128")
+    size_flags = [f"--tiny-batch={batch}", f"--tiny-seq={seq}"] if name == "tiny" else \
+        [f"--big-batch={batch}", f"--big-seq={seq}"]
+    lora = next(x for x in run("train_step.py", f"--shapes={name}", f"--peak-flops={peak}", "--hf=off",
+                               "--trainable=lora", "--lora-rank=16", *size_flags,
+                               *(["--steps=2", "--warmup=1"] if args.quick else []))["rows"] if x["impl"] == "rwkv_jax")
+    full = full_steps[(name, batch, seq, "config")]
+    add("train step", f"{name} B={batch} T={seq}: LoRA rank 16 step ms (base frozen)", lora["step_ms"], "ms",
+        peer=full["step_ms"], peer_name="full fine-tuning")
 
     # --- Where a 169M step goes ----------------------------------------------------------------------
     quick = ["--vocab=4096", "--d_model=128", "--n_layer=4", "--steps=2"] if args.quick else []

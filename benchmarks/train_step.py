@@ -4,6 +4,7 @@ transformers' RwkvForCausalLM (PyTorch), same shapes, side by side in one proces
     python benchmarks/train_step.py                                  # tiny (16 x 128) and 169m (1 x 128)
     python benchmarks/train_step.py --shapes=169m --big-batch=2 --big-seq=256 --steps=5
     python benchmarks/train_step.py --peak-flops=2e12 --hf=off      # on a GPU: jax only, MFU vs given peak
+    python benchmarks/train_step.py --shapes=169m --hf=off --trainable=lora   # LoRA rank 16, base frozen
 
 Shapes: 'tiny' is configs/tiny.py's model (4 x 128, vocab 4096) at --tiny-batch x --tiny-seq; '169m' is the
 paper's 12 x 768, vocab 50277 at --big-batch x --big-seq.
@@ -63,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--probe-size", type=int, default=2048, help="n of the n x n fp32 matmul probe")
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads; 0: the CPUs XLA:CPU uses (schedulable CPUs)")
+    p.add_argument("--trainable", default="all", choices=("all", "lora"),
+                   help="rwkv_jax: full fine-tuning, or LoRA adapters on a frozen model (optim.trainable)")
+    p.add_argument("--lora-rank", type=int, default=16, help="with --trainable=lora: the adapters' rank")
     p.add_argument("--json", default="", help="also write the rows to this JSON file")
     p.add_argument("--hf", default="auto", choices=("auto", "on", "off"),
                    help="run the HF transformers peer; auto: only when jax runs on CPU")
@@ -104,9 +108,12 @@ def bench_jax(shape: dict, batch: int, seq: int, args) -> dict:
     mesh = sharding.make_mesh(sharding.default_mesh_config())
     optim_config = optim.default_optim_config()
     optimizer = optim.make_optimizer(optim_config, 1000)
-    graphdef, init, _, shardings = train_step.train_state_factory(model_config, optimizer, mesh, seed=0)
+    optim_config.trainable, optim_config.lora_rank = args.trainable, args.lora_rank
+    graphdef, init, _, shardings = train_step.train_state_factory(model_config, optimizer, mesh, seed=0,
+                                                                  trainable=args.trainable,
+                                                                  lora=optim.lora_spec(optim_config))
     step_fn = train_step.make_train_step(graphdef, optimizer, optim.learning_rate(optim_config, 1000), shardings,
-                                         mesh, l2wrap_factor=optim_config.l2wrap_factor)
+                                         mesh, l2wrap_factor=optim_config.l2wrap_factor, trainable=args.trainable)
     tokens = random_tokens(shape["vocab_size"], batch, seq)
     batch_sharding = sharding.batch_sharding(mesh)
     data = {"inputs": jax.device_put(tokens[:, :-1], batch_sharding),
@@ -124,7 +131,8 @@ def bench_jax(shape: dict, batch: int, seq: int, args) -> dict:
     del holder["state"]
     return {"first_s": first, "step_s": median, "loss0": losses[0],
             "note": f"{model_config.dtype} compute, WKV {form}, "
-                    f"layers {'scanned' if model_config.scan_layers else 'unrolled'}"}
+                    f"layers {'scanned' if model_config.scan_layers else 'unrolled'}"
+                    + (f", LoRA rank {args.lora_rank} (base frozen)" if args.trainable == "lora" else "")}
 
 
 def bench_hf(shape: dict, batch: int, seq: int, args) -> dict:

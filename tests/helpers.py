@@ -332,7 +332,8 @@ def restore_latest(config, workdir: Path):
     optimizer = optim.make_optimizer(config.optim, config.train.num_steps)
     carry_rows = config.train.batch_size if config.data.sampling == "streams" else 0
     _, _, abstract, shardings = train_step.train_state_factory(model_config, optimizer, mesh, config.train.seed,
-                                                               carry_rows=carry_rows)
+                                                               carry_rows=carry_rows, trainable=config.optim.trainable,
+                                                               lora=optim.lora_spec(config.optim))
     with Checkpointer(workdir / "checkpoints") as ckpt:
         return ckpt.restore_latest(abstract, shardings)
 

@@ -208,7 +208,7 @@ def tiny_config(**fields):
 def test_trainable_state_without_a_starting_model_is_a_config_error():
     with pytest.raises(config_lib.ConfigError, match=r"optim.trainable='state' .* set train.init_from"):
         config_lib.validate(tiny_config(optim__trainable="state"))
-    with pytest.raises(config_lib.ConfigError, match=r"optim.trainable must be one of \['all', 'state'\]"):
+    with pytest.raises(config_lib.ConfigError, match=r"optim.trainable must be one of \['all', 'state', 'lora'\]"):
         config_lib.validate(tiny_config(optim__trainable="weights"))
 
 

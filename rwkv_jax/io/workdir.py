@@ -16,7 +16,8 @@
 
 The trainer writes it; readers (eval, generate, convert, `load_model`) only read it: `load_model`
 restores the parameters of the latest good checkpoint without the optimizer state, opening the
-checkpoints read-only (a run may be training in it at the same time).
+checkpoints read-only (a run may be training in it at the same time); a LoRA run's adapters are merged
+into its base on load.
 """
 
 import dataclasses
@@ -103,6 +104,15 @@ class Workdir:
             raise FileNotFoundError(f"{self.path}: no {MODEL_CONFIG} or {CONFIG}: not a training workdir")
         return ModelConfig.from_dict({**values, **overrides}, inference=True)
 
+    def lora_spec(self):
+        """The LoraSpec (rwkv_jax.model.lora) of a LoRA run (its config.json's optim.trainable='lora'), else None."""
+        config = self.run_config()
+        o = None if config is None else config.get("optim")
+        if o is None or o.get("trainable", "all") != "lora":
+            return None
+        from rwkv_jax.model import lora
+        return lora.LoraSpec(int(o.lora_rank), float(o.lora_alpha), lora.parse_targets(o.lora_targets))
+
     def tokenizer_path(self) -> Path | None:
         """The run's copy of its tokenizer, or None."""
         found = [self.path / f"{TOKENIZER_STEM}{suffix}" for suffix in (".model", ".json", ".txt")
@@ -130,17 +140,21 @@ class LoadedParams:
     step: int
 
 
-def load(path, **overrides) -> LoadedParams:
+def load(path, keep_adapters: bool = False, **overrides) -> LoadedParams:
     """The model of the latest good checkpoint of the workdir at `path`, on the default device. Only the
     parameters are read (no optimizer state, no optimizer), and nothing in the workdir is changed: a
     corrupt newest checkpoint is skipped, not renamed, and a running trainer's in-flight save is left
-    alone. `overrides` set numerics (dtype, wkv_form, ...): the same parameters in another module."""
+    alone. `overrides` set numerics (dtype, wkv_form, ...): the same parameters in another module.
+
+    A LoRA run's model (optim.trainable='lora') comes with its adapters merged into the base's kernels
+    (rwkv_jax.model.lora.merged: W + A B alpha / rank in fp32), a plain model; `keep_adapters=True` gives
+    the adapted model itself as the run stored it (no overrides then)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from rwkv_jax.io.checkpoint import Checkpointer
-    from rwkv_jax.model import family_of, with_scan_layers
+    from rwkv_jax.model import family_of, lora, with_scan_layers
     workdir = Workdir(path)
     config = workdir.model_config(**overrides)
     # The checkpoint holds the parameters as the run created them (param_dtype, its numerics).
@@ -149,14 +163,20 @@ def load(path, **overrides) -> LoadedParams:
     def abstract(c):  # the model of ModelConfig `c`, its generation's class, nothing allocated
         return nnx.eval_shape(lambda: family_of(c).model_class(c, rngs=nnx.Rngs(0)))
 
-    graphdef, abstract_params = nnx.split(abstract(saved_config))
+    spec = workdir.lora_spec()
+    graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: lora.build(saved_config, spec)))
     with Checkpointer(workdir.checkpoints_dir, read_only=True) as reader:
         restored = reader.restore_params(abstract_params)
     if restored is None:
         raise FileNotFoundError(f"{workdir.path}: no checkpoint in {workdir.checkpoints_dir} yet (the run saves "
                                 "every checkpoint.every_steps steps and at its end)")
     params, _, step = restored
-    model = with_scan_layers(nnx.merge(graphdef, params), config.scan_layers)
+    model = nnx.merge(graphdef, params)
+    if spec is not None and not keep_adapters:  # a LoRA run: its adapters merged into the base's kernels
+        model = lora.merged(model)
+    if keep_adapters:
+        return LoadedParams(model, step)
+    model = with_scan_layers(model, config.scan_layers)
     if config != saved_config:  # other numerics (dtype, WKV form): the same parameters in a new module
         new_graphdef, new_state = nnx.split(abstract(config))
         values = jax.tree.map(lambda like, x: jnp.asarray(x, like.dtype), nnx.to_pure_dict(new_state),

@@ -26,7 +26,8 @@ checkpoints, so that `Family.weights_layout` is a table.
 
 Modules: model_config.py (ModelConfig), family.py (the registry), layers.py (blocks shared by
 generations, layer stacking for `lax.scan`), rwkv4.py and initializers.py (RWKV-4 and its official init),
-state_file.py (states saved as .npz).
+state_file.py (states saved as .npz), lora.py (LoRA adapters on the block projections, built on nnx.LoRALinear,
+and their merge).
 """
 
 from rwkv_jax.model.family import VERSIONS, Family, all_lr_multipliers, family, family_of

@@ -12,6 +12,7 @@
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +20,10 @@ import ml_collections
 import optax
 
 from rwkv_jax import model as model_lib
+from rwkv_jax.model import lora as lora_lib
 
-TRAINABLE = ("all", "state")  # optim.trainable: every parameter, or the learned initial state alone
+# optim.trainable: every parameter, the learned initial state alone, or LoRA adapters (rwkv_jax/model/lora.py)
+TRAINABLE = ("all", "state", "lora")
 L2WRAP_FACTOR = 1e-4          # v4neo's
 LOSS_CHUNK_TOKENS = 2048      # train.loss_chunk_tokens: positions the head and cross entropy take at a time
 
@@ -35,7 +38,18 @@ def default_optim_config() -> ml_collections.ConfigDict:
         "max_consecutive_bad_steps": 10,
         "l2wrap_factor": L2WRAP_FACTOR,  # 0 disables L2Wrap
         "trainable": "all",             # TRAINABLE; 'state': state tuning, the model frozen (state_tuning.py)
+        # trainable='lora': adapters of this rank on these projections, scaled by alpha / rank (model/lora.py);
+        # lora_init: an adapters file (`rwkv-convert WORKDIR OUT.npz --adapters_only`) to start from
+        "lora_rank": 16, "lora_alpha": 32.0, "lora_targets": ",".join(lora_lib.DEFAULT_TARGETS), "lora_init": "",
     })
+
+
+def lora_spec(config: ml_collections.ConfigDict) -> "lora_lib.LoraSpec | None":
+    """The LoraSpec of a `config.optim` section with trainable='lora', else None."""
+    if config.trainable != "lora":
+        return None
+    return lora_lib.LoraSpec(int(config.lora_rank), float(config.lora_alpha),
+                             lora_lib.parse_targets(config.lora_targets))
 
 
 def check_section(checks) -> None:
@@ -51,6 +65,13 @@ def check_section(checks) -> None:
     checks.positive("optim", "grad_clip")
     checks.at_least("optim", "max_consecutive_bad_steps", 1)
     checks.one_of("optim", "trainable", TRAINABLE)
+    if o.trainable == "lora":
+        checks.need(isinstance(o.lora_rank, int) and o.lora_rank > 0,
+                    f"optim.lora_rank must be a positive integer, got {o.lora_rank!r}")
+        checks.positive("optim", "lora_alpha", " (the adapters' product is scaled by lora_alpha / lora_rank)")
+        checks.need(not o.lora_init or os.path.isfile(os.path.expanduser(o.lora_init)),
+                    f"optim.lora_init={o.lora_init!r} does not exist: give an adapters file of `rwkv-convert WORKDIR "
+                    "OUT.npz --adapters_only`, or leave it empty for fresh adapters")
 
 
 def learning_rate(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -74,7 +95,7 @@ def _param_group(path, leaf) -> str:
     if special:
         return special[-1]
     # Matrices by name, not rank: with scan_layers a block's matrices are [L, in, out] and its vectors [L, C].
-    return "matrix" if ("kernel" in names or "embedding" in names) else "vector"
+    return "matrix" if ("kernel" in names or "embedding" in names or lora_lib.is_lora_path(names)) else "vector"
 
 
 def param_groups(params):

@@ -55,7 +55,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, platform: str, *, model
     schedule = optim.learning_rate(config.optim, t.num_steps)
     trainable = config.optim.trainable
     graphdef, init, abstract_state, shardings = train_step.train_state_factory(
-        model_config, optimizer, mesh, t.seed, trainable=trainable, carry_rows=carry_rows(config))
+        model_config, optimizer, mesh, t.seed, trainable=trainable, carry_rows=carry_rows(config),
+        lora=optim.lora_spec(config.optim))
     chunk_tokens = loss_chunk_tokens or t.loss_chunk_tokens
     step_fn = train_step.make_train_step(
         graphdef, optimizer, schedule, shardings, mesh, microbatches=microbatches or t.microbatches,

@@ -94,10 +94,11 @@ def check_sampling_unchanged(extra: dict, current: dict, step: int, directory) -
 
 def check_trainable_unchanged(saved_arrays: list[str], trainable: str, step: int, directory) -> None:
     """Refuse (ValueError) a resume that changes config.optim.trainable: a state-tuning run's train state
-    holds the learned initial state and an optimizer state for it alone, a full run's an optimizer state
-    for every weight. Read from the checkpoint's array names (no arrays), so older checkpoints are told
-    apart too."""
-    saved = "state" if any(name.startswith("initial_state") for name in saved_arrays) else "all"
+    holds the learned initial state and an optimizer state for it alone, a LoRA run's adapters and an
+    optimizer state for them, a full run's an optimizer state for every weight. Read from the checkpoint's
+    array names (no arrays), so older checkpoints are told apart too."""
+    saved = ("state" if any(name.startswith("initial_state") for name in saved_arrays)
+             else "lora" if any("/lora_a/" in name or name.endswith("/lora_a") for name in saved_arrays) else "all")
     if saved != trainable:
         raise ValueError(
             f"resume refused: checkpoint step {step} in {directory} was trained with optim.trainable={saved!r}, "

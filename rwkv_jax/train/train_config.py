@@ -19,6 +19,7 @@ import ml_collections
 
 from rwkv_jax.data import data_config
 from rwkv_jax.io.workdir import Workdir
+from rwkv_jax.model import lora as lora_lib
 from rwkv_jax.model import model_config as model_section
 from rwkv_jax.train import optim, sharding
 from rwkv_jax.train.config_checks import Checks, ConfigError  # noqa: F401 (ConfigError: part of this API)
@@ -151,6 +152,12 @@ def _check_across_sections(checks: Checks, resuming: bool) -> None:
     checks.need(config.optim.trainable != "state" or bool(init_from),
                 "optim.trainable='state' tunes the initial state of a trained model: set train.init_from to its "
                 "workdir, .pth, HF or rwkv_jax directory")
+    if config.optim.trainable == "lora":
+        problem = lora_lib.target_problem(m.get("version", 4), lora_lib.parse_targets(config.optim.lora_targets))
+        checks.need(problem is None, str(problem))
+        checks.need(not config.optim.lora_init or bool(init_from),
+                    "optim.lora_init adapts a trained model: set train.init_from to the model the adapters were "
+                    "trained on")
     # A resumed run restores its parameters from its own checkpoint: the model it started from may be gone.
     checks.need(not init_from or resuming or os.path.exists(init_from),
                 f"train.init_from={t.init_from!r} does not exist")

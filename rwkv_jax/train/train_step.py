@@ -5,6 +5,10 @@ Parameters and optimizer state are created already sharded: the model is built a
 come from its logical axes, and a jitted initialiser with those out_shardings materialises each shard
 on its own device.
 
+LoRA (optim.trainable='lora', rwkv_jax/model/lora.py): `params` holds the model with adapters (nnx.LoRAParam
+leaves beside the frozen base); the optimizer state covers the adapters alone, only they are differentiated
+and updated, and the base passes through bit for bit.
+
 Two optional fields of the train state:
   * `initial_state` (state tuning, optim.trainable='state'): the learned state every window starts from,
     the only thing differentiated and updated; the parameters pass through bit for bit.
@@ -23,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from rwkv_jax.model import ModelConfig, family_of
+from rwkv_jax.model import lora as lora_lib
 from rwkv_jax.train import optim, sharding, state_tuning
 
 
@@ -34,19 +39,49 @@ class TrainState(NamedTuple):
     carry: Any = None               # streamed training: each row's state after its last window, else None
 
 
+def _is_adapter(path, _) -> bool:
+    return lora_lib.is_lora_path(path)
+
+
+def split_adapters(params):
+    """(adapters, base) of a LoRA model's state, or of a state of its shardings: the nnx.LoRAParam
+    entries (told by their names, lora_a / lora_b) and the rest."""
+    return nnx.split_state(params, _is_adapter, ...)
+
+
+def _trained(state: "TrainState", trainable: str):
+    """What the optimizer updates: the learned state, the adapters or every parameter."""
+    if trainable == "state":
+        return state.initial_state
+    return split_adapters(state.params)[0] if trainable == "lora" else state.params
+
+
+def _with_trained(state: "TrainState", trained, trainable: str) -> "TrainState":
+    if trainable == "state":
+        return state._replace(initial_state=trained)
+    if trainable == "lora":
+        return state._replace(params=nnx.merge_state(split_adapters(state.params)[1], trained))
+    return state._replace(params=trained)
+
+
 def train_state_factory(model_config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
-                        seed: int, *, trainable: str = "all", carry_rows: int = 0):
+                        seed: int, *, trainable: str = "all", carry_rows: int = 0, lora=None):
     """(graphdef, init, abstract state, shardings). `init()` materialises the state shard by shard on
     the mesh; `init(params)` starts from given parameters (an nnx.State of the model's Params, e.g. a
     trained model's: `train.init_from`) with a fresh optimizer; a resumed run restores onto `abstract
     state` and `shardings` without calling it. With trainable='state' the optimizer covers the learned
     initial state (rwkv_jax/train/state_tuning.py) alone, and the parameters are only an input. `carry_rows` > 0
     (streamed training: the global batch size) adds the carried recurrent state, empty at init and split
-    over the batch axes as the batch rows are."""
+    over the batch axes as the batch rows are.
+
+    With trainable='lora' (`lora`: the model.lora.LoraSpec) the model carries adapters: `init(params)` takes
+    the base's parameters alone (no adapters) and adds fresh adapters, or `init(params, adapters)` the
+    given ones (an nnx.State of the adapters, `optim.lora_init`)."""
     if trainable not in optim.TRAINABLE:
         raise ValueError(f"trainable must be one of {optim.TRAINABLE}, got {trainable!r}")
-    model_class = family_of(model_config).model_class
-    abstract_model = nnx.eval_shape(lambda: model_class(model_config, rngs=nnx.Rngs(seed)))
+    if (trainable == "lora") != (lora is not None):
+        raise ValueError("trainable='lora' needs a LoraSpec (lora=...), and only it takes one")
+    abstract_model = nnx.eval_shape(lambda: lora_lib.build(model_config, lora, seed))
     graphdef, abstract_params = nnx.split(abstract_model)
     param_shardings = sharding.state_shardings(abstract_params, mesh)
 
@@ -55,11 +90,14 @@ def train_state_factory(model_config: ModelConfig, optimizer: optax.GradientTran
         if trainable == "state":
             learned = state_tuning.init(model_config)
             return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(learned), learned, carry)
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), None, carry)
+        trained = split_adapters(params)[0] if trainable == "lora" else params
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(trained), None, carry)
+
+    def fresh_params():
+        return jax.lax.with_sharding_constraint(nnx.state(lora_lib.build(model_config, lora, seed)), param_shardings)
 
     def fresh():
-        params = nnx.state(model_class(model_config, rngs=nnx.Rngs(seed)))
-        return build(jax.lax.with_sharding_constraint(params, param_shardings))
+        return build(fresh_params())
 
     abstract_state = jax.eval_shape(fresh)
     carry_sharding = sharding.recurrent_state_sharding(mesh, abstract_state.carry) if carry_rows else None
@@ -67,17 +105,33 @@ def train_state_factory(model_config: ModelConfig, optimizer: optax.GradientTran
         shardings = TrainState(sharding.replicated(mesh), param_shardings, sharding.replicated(mesh),
                                sharding.replicated(mesh), carry_sharding)
     else:
-        # Optimizer moments mirror the parameters they belong to; counters are replicated.
+        # Optimizer moments mirror the parameters they belong to (LoRA: the adapters, split along the model
+        # width as their base matrices are); counters are replicated.
+        trained_shardings = split_adapters(param_shardings)[0] if trainable == "lora" else param_shardings
         opt_shardings = optax.tree_utils.tree_map_params(
-            optimizer, lambda _, param_sharding: param_sharding, abstract_state.opt_state, param_shardings,
+            optimizer, lambda _, param_sharding: param_sharding, abstract_state.opt_state, trained_shardings,
             transform_non_params=lambda _: sharding.replicated(mesh),
             is_leaf=lambda x: isinstance(x, (nnx.Variable, jax.sharding.Sharding)))
         shardings = TrainState(sharding.replicated(mesh), param_shardings, opt_shardings, None, carry_sharding)
     init_fresh = jax.jit(fresh, out_shardings=shardings)
-    init_from = jax.jit(build, in_shardings=(param_shardings,), out_shardings=shardings, donate_argnums=0)
+    if trainable != "lora":
+        init_from = jax.jit(build, in_shardings=(param_shardings,), out_shardings=shardings, donate_argnums=0)
+    else:
+        adapter_shardings, base_shardings = split_adapters(param_shardings)
 
-    def init(params=None):
-        return init_fresh() if params is None else init_from(jax.device_put(params, param_shardings))
+        def build_lora(base, adapters):
+            if adapters is None:  # fresh adapters (what of the fresh base they need is dead code)
+                adapters = split_adapters(fresh_params())[0]
+            return build(nnx.merge_state(base, adapters))
+        init_lora = jax.jit(build_lora, out_shardings=shardings, donate_argnums=0)
+
+    def init(params=None, adapters=None):
+        if params is None:
+            return init_fresh()
+        if trainable != "lora":
+            return init_from(jax.device_put(params, param_shardings))
+        return init_lora(jax.device_put(params, base_shardings),
+                         None if adapters is None else jax.device_put(adapters, adapter_shardings))
 
     return graphdef, init, abstract_state, shardings
 
@@ -140,19 +194,20 @@ def make_train_step(graphdef, optimizer, schedule, shardings: TrainState, mesh: 
     `_StepWithGradientBuffers`."""
     if trainable not in optim.TRAINABLE:
         raise ValueError(f"trainable must be one of {optim.TRAINABLE}, got {trainable!r}")
-    tune_state = trainable == "state"
 
     def grads_of(state: TrainState, inputs, targets, reset, carry):
-        def loss(params, learned):
+        def loss(trained):
+            new = _with_trained(state, trained, trainable)
+            params, learned = new.params, new.initial_state
             return _loss(graphdef, params, learned, inputs, targets, l2wrap_factor, loss_chunk_tokens,
                          carry=carry, reset_BT=reset, windows=bptt_windows)
-        # State tuning differentiates the learned state alone: no gradient of any weight is computed.
-        (loss, final), grads = jax.value_and_grad(loss, argnums=1 if tune_state else 0, has_aux=True)(
-            state.params, state.initial_state)
+        # State tuning differentiates the learned state alone, LoRA the adapters alone: no gradient of a
+        # frozen weight is computed.
+        (loss, final), grads = jax.value_and_grad(loss, has_aux=True)(_trained(state, trainable))
         return loss, grads, None if carry is None else final
 
     def step(state: TrainState, batch, gradient_buffers=None):
-        trained = state.initial_state if tune_state else state.params
+        trained = _trained(state, trainable)
         with sharding.activation_sharding(mesh):
             rows = (batch["inputs"], batch["targets"], batch.get("reset"))
             if microbatches == 1:
@@ -192,8 +247,8 @@ def make_train_step(graphdef, optimizer, schedule, shardings: TrainState, mesh: 
             # its row and cannot be checkpointed: the streams then go on from the empty state.
             empty = nnx.merge(graphdef, state.params).init_state(batch["inputs"].shape[0])
             carry = jax.tree.map(lambda new, e: jnp.where(finite, new, e), final, empty)
-        new = {"initial_state": trained} if tune_state else {"params": trained}
-        new_state = state._replace(step=state.step + 1, opt_state=opt_state, carry=carry, **new)
+        new_state = _with_trained(state, trained, trainable)._replace(step=state.step + 1, opt_state=opt_state,
+                                                                      carry=carry)
         if gradient_buffers is None:
             return new_state, metrics
         return new_state, metrics, grads
@@ -205,14 +260,14 @@ def make_train_step(graphdef, optimizer, schedule, shardings: TrainState, mesh: 
     if not gradient_buffers:
         return jax.jit(step, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=0,
                        compiler_options=options)
-    trained_shardings = shardings.initial_state if tune_state else shardings.params
+    trained_shardings = _trained(shardings, trainable)
     return _StepWithGradientBuffers(
         jax.jit(step, in_shardings=(*in_shardings, trained_shardings),
                 out_shardings=(*out_shardings, trained_shardings), donate_argnums=(0, 2),
                 keep_unused=True,  # the buffers are not read: unused inputs are dropped unless kept
                 compiler_options=options),
         jax.jit(lambda trained: jax.tree.map(jnp.zeros_like, trained), out_shardings=trained_shardings),
-        (lambda state: state.initial_state) if tune_state else (lambda state: state.params))
+        lambda state: _trained(state, trainable))
 
 
 class _StepWithGradientBuffers:

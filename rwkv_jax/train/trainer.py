@@ -7,6 +7,8 @@
      differs from the checkpoint's is refused. Only then is anything written into the workdir
      (config.json, rwkv_config.json, the tokenizer). State tuning (optim.trainable='state') adds the
      learned initial state, the only thing trained, also written to WORKDIR/state.npz at every checkpoint.
+     LoRA (optim.trainable='lora') adds adapters to the model; the checkpoints hold them beside the frozen
+     base (so the workdir stands alone), the optimizer state covers them alone.
   4. Steps: the jitted train step, periodic logging, evaluation and async checkpoints; SIGTERM
      (preemption) saves and returns; Ctrl-C saves and raises KeyboardInterrupt (a second one at once);
      too many non-finite steps in a row stop the run with an error.
@@ -20,6 +22,7 @@ and of its checkpoints, so a resumed stream goes on from the very state it had.
 
 import dataclasses
 import math
+import os
 import shutil
 import signal
 import threading
@@ -38,10 +41,13 @@ from rwkv_jax.io import logs, weights, workdir_lock
 from rwkv_jax.io.checkpoint import Checkpointer
 from rwkv_jax.io.workdir import Workdir
 from rwkv_jax.model import ModelConfig, family_of, state_file, with_scan_layers
+from rwkv_jax.model import lora as lora_lib
 from rwkv_jax.train import metrics as metrics_lib
+from rwkv_jax.train import optim as optim_lib
 from rwkv_jax.train import program as program_lib
 from rwkv_jax.train import resume, sharding, state_tuning
 from rwkv_jax.train import train_config as config_lib
+from rwkv_jax.train import train_step as train_step_lib
 
 
 class BadStepsError(RuntimeError):
@@ -175,9 +181,7 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
         resume.check_model_unchanged(run_dir, model_config, newest_step, checkpointer.directory)
     restored = checkpointer.restore_latest(abstract_state, shardings)
     if restored is None:
-        state = init(load_init_params(t.init_from, model_config, abstract_state.params) if t.init_from else None)
-        if is_main and t.init_from:
-            print(f"parameters from {t.init_from}", flush=True)
+        state = start_state(config, model_config, init, abstract_state, is_main)
         start_step = 0
     else:
         state, extra, start_step = restored
@@ -201,6 +205,8 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
         windows = f" ({t.bptt_windows} windows of {t.seq_len})" if t.bptt_windows > 1 else ""
         print(f"{n_params:,} parameters; {t.num_steps} steps of {t.batch_size} x {step_len} tokens{windows}"
               + (", streamed (state carried across steps)" if carry_rows else ""), flush=True)
+        if trainable == "lora":
+            _print_lora(config.optim, program, abstract_state)
         if trainable == "state":
             n_state = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.initial_state))
             print(f"state tuning: the model is frozen; {n_state:,} values of learned initial state are trained "
@@ -270,6 +276,47 @@ def _train(config, run_dir: Workdir, model_config: ModelConfig, mesh, is_main: b
     if preemption.requested == "Ctrl-C":
         raise KeyboardInterrupt  # saved: the command still reports the interruption (exit code 130)
     return last
+
+
+def start_state(config, model_config: ModelConfig, init, abstract_state, is_main: bool):
+    """The train state at step 0: fresh, or from `train.init_from`'s parameters; a LoRA run adds fresh
+    adapters to them, or those of `optim.lora_init`."""
+    t, o = config.train, config.optim
+    if not t.init_from:
+        if is_main and o.trainable == "lora":
+            logging.warning("optim.trainable='lora' without train.init_from: adapting a randomly initialised model")
+        return init()
+    abstract_params = abstract_state.params
+    if o.trainable == "lora":
+        abstract_adapters, abstract_params = train_step_lib.split_adapters(abstract_params)
+    params = load_init_params(t.init_from, model_config, abstract_params)
+    if is_main:
+        print(f"parameters from {t.init_from}", flush=True)
+    if o.trainable != "lora" or not o.lora_init:
+        return init(params)
+    spec = optim_lib.lora_spec(o)
+    arrays = lora_lib.load_adapters(os.path.expanduser(o.lora_init), model_config, spec)
+    if is_main:
+        print(f"LoRA adapters from {o.lora_init}", flush=True)
+    return init(params, lora_lib.adapters_state(arrays, abstract_adapters, model_config.scan_layers))
+
+
+def _print_lora(optim_config, program, abstract_state) -> None:
+    """What a LoRA run trains, and its optimizer state beside full fine-tuning's (from shapes alone)."""
+    spec = optim_lib.lora_spec(optim_config)
+    adapters, base = train_step_lib.split_adapters(abstract_state.params)
+    n_adapters = sum(math.prod(x.shape) for x in jax.tree.leaves(adapters))
+    lora_bytes = tree_bytes(abstract_state.opt_state)
+    full_bytes = tree_bytes(jax.eval_shape(program.optimizer.init, base))
+    print(f"LoRA: rank {spec.rank}, alpha {spec.alpha:g}, targets {','.join(spec.targets)}; {n_adapters:,} adapter "
+          f"values trained, the base frozen", flush=True)
+    print(f"optimizer state: {lora_bytes / 2**20:,.2f} MiB for the adapters; full fine-tuning's would be "
+          f"{full_bytes / 2**20:,.2f} MiB ({100 * lora_bytes / full_bytes:.2f}%)", flush=True)
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of every array (or ShapeDtypeStruct) in `tree`."""
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def _finished(checkpointer, step: int, num_steps: int, is_main: bool) -> dict:
