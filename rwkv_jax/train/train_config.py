@@ -95,7 +95,7 @@ def rwkv7_paper_config(*, n_layer: int, d_model: int, vocab_size: int, lr_init: 
     tensors decay), ours decays every 2-D parameter; its learning rate warms up from 0.01 lr_init and decays by
     cosine (src/trainer.py), ours warms up from 0.2 lr_init and decays exponentially."""
     model = model_config(version=7, vocab_size=vocab_size, n_layer=n_layer, d_model=d_model, head_size=64,
-                         emb_init_scale=1e-4, dtype="auto", remat=True, scan_layers=False)
+                         emb_init_scale=1e-4, dtype="auto", remat=True, scan_layers="auto")
     config = base_config(model=model, batch_size=8, seq_len=seq_len, num_steps=100_000, lr_init=lr_init,
                          lr_final=lr_final)
     config.train.microbatches = 8
