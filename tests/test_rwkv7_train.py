@@ -3,6 +3,8 @@ eval.py reads back, state tuning that leaves every weight bit-identical (in the 
 end from that run, with eval.py --initial_state), and runs with document resets
 (data.reset_at_eot) and streamed sampling (data.sampling='streams').
 
+A run killed with SIGKILL and rerun is bit-exact (slow: three train.py processes).
+
 The sizes are counted twice, independently: from the official x070 weights layout (the shapes of the
 checkpoint's tensors, `rwkv7.weights_layout`) and from the model's own parameters, and compared with the
 official models' published sizes.
@@ -11,6 +13,10 @@ official models' published sizes.
 import importlib.util
 import json
 import math
+import random
+import re
+import signal
+import time
 from pathlib import Path
 
 import jax
@@ -24,7 +30,17 @@ from rwkv_jax.cli import runner as cli
 from rwkv_jax.io import weights
 from rwkv_jax.model import ModelConfig, family_of, rwkv7
 from rwkv_jax.train import metrics, optim, sharding, state_tuning, train_step, trainer
-from tests.helpers import make_config, read_records, tiny_overrides
+from tests.helpers import (
+    Run,
+    assert_bit_identical,
+    assert_same_train_records,
+    by_step,
+    make_config,
+    read_records,
+    restore_latest,
+    snapshot,
+    tiny_overrides,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,6 +151,43 @@ def test_rwkv7_runs_with_resets_and_streams(train_env, tmp_path, extra):
     result = trainer.train(config, tmp_path)
     losses = [r["loss"] for r in read_records(tmp_path) if r["kind"] == "train"]
     assert len(losses) == 3 and all(np.isfinite(losses)) and np.isfinite(result["eval_loss"])
+
+
+@pytest.mark.slow  # three train.py processes (~250 s on the loaded 2-core machine, well over the 30 s budget)
+def test_rwkv7_sigkill_at_a_random_step_then_rerun_is_bit_exact(train_env):
+    """configs/rwkv7_tiny.py shrunk (2 x 32, heads of 16, 14 steps of 4 x 32 tokens): a run killed with
+    SIGKILL once a checkpoint is committed, then rerun, gives the uninterrupted run's losses, final
+    evaluation and state, bit for bit (the runs share a compilation cache, tests.helpers.subprocess_env)."""
+    steps = 14
+    overrides = tiny_overrides(train_env, train__num_steps=steps, train__eval_every=0, model__head_size=16)
+    reference_dir, killed_dir = train_env["root"] / "rwkv7-reference", train_env["root"] / "rwkv7-killed"
+    reference = Run(reference_dir, overrides, "rwkv7_tiny")
+    assert reference.finish() == 0, reference.stderr[-5000:]
+    config = make_config(overrides, "rwkv7_tiny")
+    assert config.model.version == 7 and config.checkpoint.every_steps == 2
+    run = Run(killed_dir, overrides, "rwkv7_tiny")
+    run.wait_for_step(random.Random(28).randint(4, steps - 8))
+    committed = lambda: [p for p in (killed_dir / "checkpoints").glob("*") if p.name.isdigit()]
+    deadline = time.time() + 60
+    while not committed() and time.time() < deadline and run.proc.poll() is None:
+        time.sleep(0.005)  # a checkpoint to resume from (saves are asynchronous)
+    run.proc.send_signal(signal.SIGKILL)
+    assert run.finish() == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_steps = [r["step"] for r in read_records(killed_dir) if r["kind"] == "train"]
+    assert max(killed_steps) < steps
+
+    rerun = Run(killed_dir, overrides, "rwkv7_tiny")
+    assert rerun.finish() == 0, rerun.stderr[-5000:]
+    resumed = re.search(r"resumed from the checkpoint of step (\d+)", rerun.stdout)
+    assert resumed and 0 < int(resumed.group(1)) <= max(killed_steps), rerun.stdout
+    records, ref_records = read_records(killed_dir), read_records(reference_dir)
+    assert sorted(by_step(records)) == list(range(1, steps + 1))
+    assert_same_train_records(records, by_step(ref_records))
+    assert by_step(records, "eval")[steps]["eval_loss"] == by_step(ref_records, "eval")[steps]["eval_loss"]
+    state, extra, step = restore_latest(config, killed_dir)
+    ref_state, ref_extra, ref_step = restore_latest(config, reference_dir)
+    assert step == ref_step == steps and extra == ref_extra
+    assert_bit_identical(state, ref_state, snapshot(ref_state))  # params, Adam moments, counters
 
 
 TINY7 = ModelConfig(version=7, vocab_size=64, d_model=32, head_size=16, n_layer=2, wkv_form="sequential")
