@@ -10,6 +10,7 @@ checkpoint's tensors, `rwkv7.weights_layout`) and from the model's own parameter
 official models' published sizes.
 """
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -28,7 +29,7 @@ from flax import nnx
 from rwkv_jax.cli import eval as eval_command
 from rwkv_jax.cli import runner as cli
 from rwkv_jax.io import weights
-from rwkv_jax.model import ModelConfig, family_of, rwkv7
+from rwkv_jax.model import ModelConfig, family_of, rwkv7, with_scan_layers
 from rwkv_jax.train import metrics, optim, sharding, state_tuning, train_step, trainer
 from tests.helpers import (
     Run,
@@ -199,6 +200,36 @@ def random_params(config: ModelConfig, seed: int = 0):
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     return jax.tree.unflatten(treedef, [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+def test_rwkv7_weight_decay_reaches_the_official_weight_matrices_only():
+    """RWKV-v7/train_temp/src/model.py configure_optimizers decays a parameter iff it is 2-D (squeezed) and its
+    name holds '.weight': emb, head and the projections; not the LoRAs (w1, w2, a1, ...), r_k or vectors."""
+    config = dataclasses.replace(TINY7, n_layer=3)
+    layout = rwkv7.weights_layout(config)
+    official = {name for name, (_, _, shape) in layout.items()
+                if len([d for d in shape if d != 1]) >= 2 and ".weight" in name}
+    assert "blocks.1.att.w1" not in official and "blocks.2.att.receptance.weight" in official
+    params = nnx.state(rwkv7.RWKV7(config, rngs=nnx.Rngs(0)), nnx.Param)
+    groups = nnx.to_pure_dict(optim.param_groups(params))
+    at = lambda tree, path: at(tree[path[0]], path[1:]) if path else tree
+    ours = {name for name, (path, _, _) in layout.items() if at(groups, path) == "matrix"}
+    assert ours == official
+    # the same with the layers stacked, and the optimizer decays exactly these: with zero gradients the update
+    # of a decayed parameter is -lr x weight_decay x p, every other one's is 0
+    scanned = nnx.state(with_scan_layers(rwkv7.RWKV7(config, rngs=nnx.Rngs(0)), True), nnx.Param)
+    names = lambda groups: {".".join("blocks" if k == "block0" else str(k) for k in path if not isinstance(k, int))
+                            for path, g in nnx.to_flat_state(groups) if g == "matrix"}  # layer 0 is block0
+    assert names(optim.param_groups(scanned)) == names(optim.param_groups(params))
+    optim_config = optim.default_optim_config()
+    optim_config.update(lr_init=1e-2, lr_final=1e-3, warmup_steps=0, weight_decay=0.1, layerwise_lr=True)
+    optimizer = optim.make_optimizer(optim_config, 10)
+    updates, _ = optimizer.update(jax.tree.map(jnp.zeros_like, scanned), optimizer.init(scanned), scanned)
+    flat_groups = dict(nnx.to_flat_state(optim.param_groups(scanned)))
+    for path, u in nnx.to_flat_state(updates):
+        p = dict(nnx.to_flat_state(scanned))[path][...]
+        expected = -1e-2 * 0.1 * p if flat_groups[path] == "matrix" else jnp.zeros_like(p)
+        np.testing.assert_allclose(u[...], expected, rtol=1e-6, atol=0, err_msg=str(path))
 
 
 def test_rwkv7_learned_state_is_the_empty_state_and_broadcasts():
