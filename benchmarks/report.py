@@ -109,6 +109,8 @@ def main(argv=None):
         add("train step", f"{name} B={batch} T={seq}: first step (compile) s", ours["first_s"], "s",
             peer=hf["first_s"] if hf else None, peer_name="HF transformers")
 
+    rwkv7_versus_rwkv4(add, peak, args.quick)
+
     # --- Where a 169M step goes ----------------------------------------------------------------------
     quick = ["--vocab=4096", "--d_model=128", "--n_layer=4", "--steps=2"] if args.quick else []
     prof = run("profile_step.py", *quick)
@@ -143,6 +145,26 @@ def main(argv=None):
             "xla_elementwise_bandwidth": xla_bandwidth, "load_before": load_before, "load_after": os.getloadavg(),
             "quick": args.quick, **_machine()}
     _write(rows, meta, args)
+
+
+def rwkv7_versus_rwkv4(add, peak: float, quick: bool) -> None:
+    """Issue 28's comparison: the training step of rwkv7_168m against RWKV-4's 169m at B=2 T=512 (--quick:
+    the tiny configs at B=2 T=32), both in one train_step.py process, without the HF peer. Rows: RWKV-7's
+    tokens/s with RWKV-4's as the peer (the ratio column is RWKV-7 / RWKV-4), each MFU by its own FLOP
+    count per token (stated in the figure), and the first step's (compile) time."""
+    v4, v7, batch, seq = ("tiny", "rwkv7_tiny", "2", "32") if quick else ("169m", "rwkv7_168m", "2", "512")
+    flags = [f"--shapes={v4},{v7}", f"--peak-flops={peak}", "--hf=off"]
+    flags += [f"--tiny-batch={batch}", f"--tiny-seq={seq}"] if quick else [f"--big-batch={batch}", f"--big-seq={seq}"]
+    if quick:
+        flags += ["--steps=2", "--warmup=1"]
+    rows = {r["name"]: r for r in run("train_step.py", *flags)["rows"]}
+    new, old = rows[v7], rows[v4]
+    add("RWKV-7 train step", f"{v7} B={batch} T={seq}: tokens/s (MFU {new['mfu']:.0%} at "
+        f"{new['flops_per_token']:.3g} FLOPs/token)", new["tps"], "tokens/s", peer=old["tps"],
+        peer_name=f"RWKV-4 {v4}, MFU {old['mfu']:.0%} at {old['flops_per_token']:.3g} FLOPs/token",
+        limit=new["tps"] / new["mfu"] if new["mfu"] else None, basis="RWKV-7's FLOPs per token / matmul peak")
+    add("RWKV-7 train step", f"{v7} B={batch} T={seq}: first step (compile) s", new["first_s"], "s",
+        peer=old["first_s"], peer_name=f"RWKV-4 {v4}")
 
 
 def _rescore(old: dict, peak, bandwidth, xla_bandwidth, args):
