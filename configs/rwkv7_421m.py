@@ -8,7 +8,7 @@ The LoRA widths follow the official sizing rule (rwkv_jax.model.rwkv7.official_l
 checkpoint trained with other widths, `train.init_from` or convert.py read them from its tensors.
 On the embedded corpus:
 
-    python train.py --config=configs/rwkv7_421m.py --workdir=/tmp/rwkv7-421m
+    python train.py --config=configs/rwkv7_421m.py --workdir=/tmp/rwkv7-421m --config.train.microbatches=16  # one CPU
 
 On a Pile binidx with the GPT-NeoX tokenizer as RWKV-LM's demo-training-run-v7-pile.sh (vocab 50304:
 GPT-NeoX's 50277 padded):

@@ -8,7 +8,7 @@ The LoRA widths follow the official sizing rule (rwkv_jax.model.rwkv7.official_l
 checkpoint trained with other widths, `train.init_from` or convert.py read them from its tensors.
 On the embedded corpus:
 
-    python train.py --config=configs/rwkv7_7b2.py --workdir=/tmp/rwkv7-7b2
+    python train.py --config=configs/rwkv7_7b2.py --workdir=/tmp/rwkv7-7b2 --config.train.microbatches=16  # one CPU
 
 On the World corpus (vocab 65536, the RWKV World tokenizer):
 
