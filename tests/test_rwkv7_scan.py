@@ -140,6 +140,10 @@ def test_scanned_rwkv7_has_the_official_parameters_and_round_trips():
     assert reloaded.config.scan_layers and reloaded.config.version == 7
     for a, b in zip(jax.tree.leaves(nnx.state(with_scan_layers(reloaded, False))), jax.tree.leaves(nnx.state(model))):
         np.testing.assert_array_equal(a, b)
+    # the layers 1..L-1 run as one lax.scan (unrolled when compiled for CPU, a loop elsewhere)
+    graphdef, state = nnx.split(scanned)
+    jaxpr = str(jax.make_jaxpr(lambda state: nnx.merge(graphdef, state)(jnp.zeros((1, 3), jnp.int32))[0])(state))
+    assert "scan[" in jaxpr and "platform_index" in jaxpr and "length=2" in jaxpr
     with pytest.raises(ValueError, match=r"needs n_layer >= 2 .* set model.scan_layers=False"):
         rwkv7.RWKV7(dataclasses.replace(config, n_layer=1), rngs=nnx.Rngs(0))
 
