@@ -93,7 +93,6 @@ def main(argv=None):
     shapes = [("tiny", "16", "128", "config")] if args.quick else [
         ("tiny", "16", "128", "config"), ("169m", "1", "128", "config"), ("169m", "1", "128", other),
         ("169m", "2", "512", "config"), ("169m", "1", "1024", "config")]
-    full_steps = {}  # (name, batch, seq, scan) -> our row: the LoRA line below compares against it
     for name, batch, seq, scan in shapes:
         flags = [f"--shapes={name}", f"--peak-flops={peak}", f"--scan-layers={scan}"]
         flags += [f"--tiny-batch={batch}", f"--tiny-seq={seq}"] if name == "tiny" else \
@@ -102,7 +101,6 @@ def main(argv=None):
             flags += ["--steps=2", "--warmup=1"]
         r = run("train_step.py", *flags)["rows"]
         ours = next(x for x in r if x["impl"] == "rwkv_jax")
-        full_steps[(name, batch, seq, scan)] = ours
         hf = next((x for x in r if x["impl"] != "rwkv_jax"), None)
         name = {"config": name, "on": f"{name} (layers stacked)", "off": f"{name} (layers unstacked)"}[scan]
         add("train step", f"{name} B={batch} T={seq}: tokens/s (MFU {ours['mfu']:.0%})", ours["tps"], "tokens/s",
@@ -115,12 +113,14 @@ def main(argv=None):
     name, batch, seq = ("tiny", "16", "128") if args.quick else ("169m", "1", "128")
     size_flags = [f"--tiny-batch={batch}", f"--tiny-seq={seq}"] if name == "tiny" else \
         [f"--big-batch={batch}", f"--big-seq={seq}"]
-    lora = next(x for x in run("train_step.py", f"--shapes={name}", f"--peak-flops={peak}", "--hf=off",
-                               "--trainable=lora", "--lora-rank=16", *size_flags,
-                               *(["--steps=2", "--warmup=1"] if args.quick else []))["rows"] if x["impl"] == "rwkv_jax")
-    full = full_steps[(name, batch, seq, "config")]
+    both = {x["impl"]: x for x in run("train_step.py", f"--shapes={name}", f"--peak-flops={peak}", "--hf=off",
+                                      "--trainable=all,lora", "--lora-rank=16", *size_flags,
+                                      *(["--steps=2", "--warmup=1"] if args.quick else []))["rows"]}
+    lora, full = both["rwkv_jax LoRA"], both["rwkv_jax"]   # one process, one after the other
     add("train step", f"{name} B={batch} T={seq}: LoRA rank 16 step ms (base frozen)", lora["step_ms"], "ms",
-        peer=full["step_ms"], peer_name="full fine-tuning")
+        peer=full["step_ms"], peer_name="full fine-tuning (same process)")
+
+    rwkv7_versus_rwkv4(add, peak, args.quick)
 
     # --- Where a 169M step goes ----------------------------------------------------------------------
     quick = ["--vocab=4096", "--d_model=128", "--n_layer=4", "--steps=2"] if args.quick else []
@@ -156,6 +156,26 @@ def main(argv=None):
             "xla_elementwise_bandwidth": xla_bandwidth, "load_before": load_before, "load_after": os.getloadavg(),
             "quick": args.quick, **_machine()}
     _write(rows, meta, args)
+
+
+def rwkv7_versus_rwkv4(add, peak: float, quick: bool) -> None:
+    """Issue 28's comparison: the training step of rwkv7_168m against RWKV-4's 169m at B=2 T=512 (--quick:
+    the tiny configs at B=2 T=32), both in one train_step.py process, without the HF peer. Rows: RWKV-7's
+    tokens/s with RWKV-4's as the peer (the ratio column is RWKV-7 / RWKV-4), each MFU by its own FLOP
+    count per token (stated in the figure), and the first step's (compile) time."""
+    v4, v7, batch, seq = ("tiny", "rwkv7_tiny", "2", "32") if quick else ("169m", "rwkv7_168m", "2", "512")
+    flags = [f"--shapes={v4},{v7}", f"--peak-flops={peak}", "--hf=off"]
+    flags += [f"--tiny-batch={batch}", f"--tiny-seq={seq}"] if quick else [f"--big-batch={batch}", f"--big-seq={seq}"]
+    if quick:
+        flags += ["--steps=2", "--warmup=1"]
+    rows = {r["name"]: r for r in run("train_step.py", *flags)["rows"]}
+    new, old = rows[v7], rows[v4]
+    add("RWKV-7 train step", f"{v7} B={batch} T={seq}: tokens/s (MFU {new['mfu']:.0%} at "
+        f"{new['flops_per_token']:.3g} FLOPs/token)", new["tps"], "tokens/s", peer=old["tps"],
+        peer_name=f"RWKV-4 {v4}, MFU {old['mfu']:.0%} at {old['flops_per_token']:.3g} FLOPs/token",
+        limit=new["tps"] / new["mfu"] if new["mfu"] else None, basis="RWKV-7's FLOPs per token / matmul peak")
+    add("RWKV-7 train step", f"{v7} B={batch} T={seq}: first step (compile) s", new["first_s"], "s",
+        peer=old["first_s"], peer_name=f"RWKV-4 {v4}")
 
 
 def _rescore(old: dict, peak, bandwidth, xla_bandwidth, args):

@@ -1,12 +1,13 @@
 """RWKV-7 Pile 168M (RWKV7-Goose-Pile-168M): 12 layers x 768, heads of 64, vocab 50304, 167,688,192 parameters
 (tests/test_rwkv7_train.py counts them from the official weights layout), context 4096.
 
-Learning rate 8e-4 -> 3e-5 and weight decay 0.1: demo-training-run-v7-pile.sh, which trains this size.
+Learning rate 8e-4 -> 3e-5 and weight decay 0.1: RWKV-LM's RWKV-v7/train_temp/demo-training-run-v7-pile.sh
+(LR_INIT, LR_FINAL, W_DECAY), which trains this size (L12-D768).
 The LoRA widths follow the official sizing rule (rwkv_jax.model.rwkv7.official_lora_dim); for a
 checkpoint trained with other widths, `train.init_from` or convert.py read them from its tensors.
 On the embedded corpus:
 
-    python train.py --config=configs/rwkv7_168m.py --workdir=/tmp/rwkv7-168m
+    python train.py --config=configs/rwkv7_168m.py --workdir=/tmp/rwkv7-168m --config.train.microbatches=16  # one CPU
 
 On a Pile binidx with the GPT-NeoX tokenizer as RWKV-LM's demo-training-run-v7-pile.sh (vocab 50304:
 GPT-NeoX's 50277 padded):

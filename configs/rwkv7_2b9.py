@@ -1,13 +1,14 @@
 """RWKV-7 World 2.9B (RWKV7-Goose-World-2.9B): 32 layers x 2560, heads of 64, vocab 65536, 2,953,308,160 parameters
 (tests/test_rwkv7_train.py counts them from the official weights layout), context 4096.
 
-Learning rate 3e-4 -> 1e-5, weight decay 0.1: an assumption (no official demo script for the World
-sizes was at hand).
+Learning rate 3e-4 -> 1e-5, weight decay 0.1: an assumption. RWKV-LM's RWKV-v7/train_temp gives no
+rate for this size (train.py's --lr_init help stops at "3e-4 for L24-D2048", lr_final 1e-5 is its
+default; weight decay 0.1 is demo-training-run-v7-pile.sh's).
 The LoRA widths follow the official sizing rule (rwkv_jax.model.rwkv7.official_lora_dim); for a
 checkpoint trained with other widths, `train.init_from` or convert.py read them from its tensors.
 On the embedded corpus:
 
-    python train.py --config=configs/rwkv7_2b9.py --workdir=/tmp/rwkv7-2b9
+    python train.py --config=configs/rwkv7_2b9.py --workdir=/tmp/rwkv7-2b9 --config.train.microbatches=16  # one CPU
 
 On the World corpus (vocab 65536, the RWKV World tokenizer):
 

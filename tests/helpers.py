@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -249,9 +250,9 @@ def tiny_overrides(env: dict, **extra) -> dict:
     return overrides
 
 
-def make_config(overrides: dict):
-    """configs/tiny.py with `overrides` ({"section.field": value}) applied."""
-    spec = importlib.util.spec_from_file_location("tiny_config", REPO / "configs" / "tiny.py")
+def make_config(overrides: dict, config_name: str = "tiny"):
+    """configs/<config_name>.py with `overrides` ({"section.field": value}) applied."""
+    spec = importlib.util.spec_from_file_location(f"{config_name}_config", REPO / "configs" / f"{config_name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
@@ -261,8 +262,8 @@ def make_config(overrides: dict):
     return config
 
 
-def cli_args(workdir: Path, overrides: dict) -> list[str]:
-    return [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
+def cli_args(workdir: Path, overrides: dict, config_name: str = "tiny") -> list[str]:
+    return [sys.executable, "train.py", f"--config=configs/{config_name}.py", f"--workdir={workdir}",
             *(f"--config.{k}={v}" for k, v in overrides.items())]
 
 
@@ -274,17 +275,17 @@ def subprocess_env(root: Path) -> dict:
 
 
 class Run:
-    """`python train.py ...` in the background, stdout and stderr to files."""
+    """`python train.py --config=configs/<config_name>.py ...` in the background, stdout and stderr to files."""
 
     count = 0
 
-    def __init__(self, workdir: Path, overrides: dict):
+    def __init__(self, workdir: Path, overrides: dict, config_name: str = "tiny"):
         Run.count += 1
         self.workdir = workdir
         self.out_path = workdir.parent / f"{workdir.name}.{Run.count}.stdout"
         self.err_path = workdir.parent / f"{workdir.name}.{Run.count}.stderr"
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen(cli_args(workdir, overrides), cwd=REPO, stdout=out, stderr=err,
+            self.proc = subprocess.Popen(cli_args(workdir, overrides, config_name), cwd=REPO, stdout=out, stderr=err,
                                          env=subprocess_env(workdir.parent))
 
     def wait_for_step(self, step: int, timeout_s: float = SUBPROCESS_TIMEOUT_S) -> int:
@@ -323,6 +324,21 @@ def read_records(workdir: Path) -> list[dict]:
         return []
     text = path.read_text()
     return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
+
+
+def by_step(records: list[dict], kind: str = "train") -> dict[int, dict]:
+    return {r["step"]: r for r in records if r["kind"] == kind}  # the last written per step
+
+
+def assert_same_train_records(records: list[dict], reference: dict[int, dict]):
+    """Every train record (also those of a killed run) equals the reference's, float for float."""
+    for r in records:
+        if r["kind"] != "train":
+            continue
+        ref = reference[r["step"]]
+        for key in ("loss", "grad_norm", "lr", "bad_steps"):
+            # json writes repr(float): equal floats here are equal bits of the float32 values.
+            assert struct.pack("<d", r[key]) == struct.pack("<d", ref[key]), (r["step"], key, r[key], ref[key])
 
 
 def restore_latest(config, workdir: Path):

@@ -31,6 +31,40 @@ def test_schedule_warmup_constant_then_exponential_decay():
     assert float(schedule(100)) == pytest.approx(1e-5, rel=1e-5)
 
 
+def x070_lr(step, lr_init, lr_final, warmup, total):
+    """RWKV-v7/train_temp/src/trainer.py's schedule, written out in plain Python: a cosine from lr_init that
+    reaches lr_final at total (my_exit_tokens), from the end of warmup, times 0.01 + 0.99 step / warmup
+    during warmup."""
+    progress = min(1.0, max(0.0, (step - warmup) / (total - warmup)))
+    factor = lr_final / lr_init
+    lr = lr_init * ((0.5 + factor / 2) + (0.5 - factor / 2) * math.cos(math.pi * progress))
+    return lr * (0.01 + 0.99 * step / warmup) if step < warmup else lr
+
+
+def test_cosine_schedule_is_rwkv7_train_temps():
+    config = optim.default_optim_config()
+    config.update(lr_init=8e-4, lr_final=3e-5, warmup_steps=10, schedule="cosine", warmup_from=0.01)
+    schedule = optim.learning_rate(config, total_steps=100)
+    for step in [0, 1, 5, 9, 10, 11, 40, 55, 98, 99, 100, 150]:
+        assert float(schedule(step)) == pytest.approx(x070_lr(step, 8e-4, 3e-5, 10, 100), rel=1e-5), step
+    assert float(schedule(0)) == pytest.approx(0.01 * 8e-4, rel=1e-6)
+    assert float(schedule(55)) == pytest.approx((8e-4 + 3e-5) / 2, rel=1e-5)  # half way: the mean
+    assert float(schedule(100)) == pytest.approx(3e-5, rel=1e-5)
+    # the RWKV-7 paper configs use it; the default (RWKV-4's) stays v4neo's
+    from rwkv_jax.train import train_config
+    v7 = train_config.rwkv7_paper_config(n_layer=2, d_model=64, vocab_size=128, lr_init=8e-4, lr_final=3e-5,
+                                         weight_decay=0.1)
+    assert (v7.optim.schedule, v7.optim.warmup_from, v7.optim.warmup_steps) == ("cosine", 0.01, 10)
+    v4 = train_config.paper_config(n_layer=2, d_model=64, lr_init=6e-4, lr_final=1e-5)
+    assert (v4.optim.schedule, v4.optim.warmup_from) == ("exponential", 0.2)
+    for field, value, message in [("schedule", "linear", r"optim.schedule must be one of"),
+                                  ("warmup_from", 0.0, r"optim.warmup_from must be in \(0, 1\]")]:
+        bad = train_config.paper_config(n_layer=2, d_model=64, lr_init=6e-4, lr_final=1e-5)
+        bad.optim[field] = value
+        with pytest.raises(train_config.ConfigError, match=message):
+            train_config.validate(bad)
+
+
 class OfficialL2Wrap(torch.autograd.Function):
     """RWKV-LM v4neo's L2Wrap, the peer for our JAX version."""
 

@@ -3,14 +3,21 @@ eval.py reads back, state tuning that leaves every weight bit-identical (in the 
 end from that run, with eval.py --initial_state), and runs with document resets
 (data.reset_at_eot) and streamed sampling (data.sampling='streams').
 
+A run killed with SIGKILL and rerun is bit-exact (slow: three train.py processes).
+
 The sizes are counted twice, independently: from the official x070 weights layout (the shapes of the
 checkpoint's tensors, `rwkv7.weights_layout`) and from the model's own parameters, and compared with the
 official models' published sizes.
 """
 
+import dataclasses
 import importlib.util
 import json
 import math
+import random
+import re
+import signal
+import time
 from pathlib import Path
 
 import jax
@@ -22,9 +29,19 @@ from flax import nnx
 from rwkv_jax.cli import eval as eval_command
 from rwkv_jax.cli import runner as cli
 from rwkv_jax.io import weights
-from rwkv_jax.model import ModelConfig, family_of, rwkv7
+from rwkv_jax.model import ModelConfig, family_of, rwkv7, with_scan_layers
 from rwkv_jax.train import metrics, optim, sharding, state_tuning, train_step, trainer
-from tests.helpers import make_config, read_records, tiny_overrides
+from tests.helpers import (
+    Run,
+    assert_bit_identical,
+    assert_same_train_records,
+    by_step,
+    make_config,
+    read_records,
+    restore_latest,
+    snapshot,
+    tiny_overrides,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,6 +154,43 @@ def test_rwkv7_runs_with_resets_and_streams(train_env, tmp_path, extra):
     assert len(losses) == 3 and all(np.isfinite(losses)) and np.isfinite(result["eval_loss"])
 
 
+@pytest.mark.slow  # three train.py processes (~250 s on the loaded 2-core machine, well over the 30 s budget)
+def test_rwkv7_sigkill_at_a_random_step_then_rerun_is_bit_exact(train_env):
+    """configs/rwkv7_tiny.py shrunk (2 x 32, heads of 16, 14 steps of 4 x 32 tokens): a run killed with
+    SIGKILL once a checkpoint is committed, then rerun, gives the uninterrupted run's losses, final
+    evaluation and state, bit for bit (the runs share a compilation cache, tests.helpers.subprocess_env)."""
+    steps = 14
+    overrides = tiny_overrides(train_env, train__num_steps=steps, train__eval_every=0, model__head_size=16)
+    reference_dir, killed_dir = train_env["root"] / "rwkv7-reference", train_env["root"] / "rwkv7-killed"
+    reference = Run(reference_dir, overrides, "rwkv7_tiny")
+    assert reference.finish() == 0, reference.stderr[-5000:]
+    config = make_config(overrides, "rwkv7_tiny")
+    assert config.model.version == 7 and config.checkpoint.every_steps == 2
+    run = Run(killed_dir, overrides, "rwkv7_tiny")
+    run.wait_for_step(random.Random(28).randint(4, steps - 8))
+    committed = lambda: [p for p in (killed_dir / "checkpoints").glob("*") if p.name.isdigit()]
+    deadline = time.time() + 60
+    while not committed() and time.time() < deadline and run.proc.poll() is None:
+        time.sleep(0.005)  # a checkpoint to resume from (saves are asynchronous)
+    run.proc.send_signal(signal.SIGKILL)
+    assert run.finish() == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_steps = [r["step"] for r in read_records(killed_dir) if r["kind"] == "train"]
+    assert max(killed_steps) < steps
+
+    rerun = Run(killed_dir, overrides, "rwkv7_tiny")
+    assert rerun.finish() == 0, rerun.stderr[-5000:]
+    resumed = re.search(r"resumed from the checkpoint of step (\d+)", rerun.stdout)
+    assert resumed and 0 < int(resumed.group(1)) <= max(killed_steps), rerun.stdout
+    records, ref_records = read_records(killed_dir), read_records(reference_dir)
+    assert sorted(by_step(records)) == list(range(1, steps + 1))
+    assert_same_train_records(records, by_step(ref_records))
+    assert by_step(records, "eval")[steps]["eval_loss"] == by_step(ref_records, "eval")[steps]["eval_loss"]
+    state, extra, step = restore_latest(config, killed_dir)
+    ref_state, ref_extra, ref_step = restore_latest(config, reference_dir)
+    assert step == ref_step == steps and extra == ref_extra
+    assert_bit_identical(state, ref_state, snapshot(ref_state))  # params, Adam moments, counters
+
+
 TINY7 = ModelConfig(version=7, vocab_size=64, d_model=32, head_size=16, n_layer=2, wkv_form="sequential")
 
 
@@ -146,6 +200,36 @@ def random_params(config: ModelConfig, seed: int = 0):
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     return jax.tree.unflatten(treedef, [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+def test_rwkv7_weight_decay_reaches_the_official_weight_matrices_only():
+    """RWKV-v7/train_temp/src/model.py configure_optimizers decays a parameter iff it is 2-D (squeezed) and its
+    name holds '.weight': emb, head and the projections; not the LoRAs (w1, w2, a1, ...), r_k or vectors."""
+    config = dataclasses.replace(TINY7, n_layer=3)
+    layout = rwkv7.weights_layout(config)
+    official = {name for name, (_, _, shape) in layout.items()
+                if len([d for d in shape if d != 1]) >= 2 and ".weight" in name}
+    assert "blocks.1.att.w1" not in official and "blocks.2.att.receptance.weight" in official
+    params = nnx.state(rwkv7.RWKV7(config, rngs=nnx.Rngs(0)), nnx.Param)
+    groups = nnx.to_pure_dict(optim.param_groups(params))
+    at = lambda tree, path: at(tree[path[0]], path[1:]) if path else tree
+    ours = {name for name, (path, _, _) in layout.items() if at(groups, path) == "matrix"}
+    assert ours == official
+    # the same with the layers stacked, and the optimizer decays exactly these: with zero gradients the update
+    # of a decayed parameter is -lr x weight_decay x p, every other one's is 0
+    scanned = nnx.state(with_scan_layers(rwkv7.RWKV7(config, rngs=nnx.Rngs(0)), True), nnx.Param)
+    names = lambda groups: {".".join("blocks" if k == "block0" else str(k) for k in path if not isinstance(k, int))
+                            for path, g in nnx.to_flat_state(groups) if g == "matrix"}  # layer 0 is block0
+    assert names(optim.param_groups(scanned)) == names(optim.param_groups(params))
+    optim_config = optim.default_optim_config()
+    optim_config.update(lr_init=1e-2, lr_final=1e-3, warmup_steps=0, weight_decay=0.1, layerwise_lr=True)
+    optimizer = optim.make_optimizer(optim_config, 10)
+    updates, _ = optimizer.update(jax.tree.map(jnp.zeros_like, scanned), optimizer.init(scanned), scanned)
+    flat_groups = dict(nnx.to_flat_state(optim.param_groups(scanned)))
+    for path, u in nnx.to_flat_state(updates):
+        p = dict(nnx.to_flat_state(scanned))[path][...]
+        expected = -1e-2 * 0.1 * p if flat_groups[path] == "matrix" else jnp.zeros_like(p)
+        np.testing.assert_allclose(u[...], expected, rtol=1e-6, atol=0, err_msg=str(path))
 
 
 def test_rwkv7_learned_state_is_the_empty_state_and_broadcasts():

@@ -35,7 +35,16 @@ from rwkv_jax.io.checkpoint import Checkpointer
 from rwkv_jax.model import ModelConfig
 from rwkv_jax.train import optim, sharding, train_step, trainer
 from rwkv_jax.train.metrics import flops_per_token
-from tests.helpers import Run, make_config, read_records, restore_latest, run_cli, tiny_overrides
+from tests.helpers import (
+    Run,
+    assert_same_train_records,
+    by_step,
+    make_config,
+    read_records,
+    restore_latest,
+    run_cli,
+    tiny_overrides,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_STEPS = 30          # the reference run
@@ -55,21 +64,6 @@ def assert_bit_identical(a, b):
     for x, y in zip(leaves_a, leaves_b):
         x, y = np.asarray(x), np.asarray(y)
         assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
-
-
-def assert_same_train_records(records: list[dict], reference: dict[int, dict]):
-    """Every train record (also those of a killed run) equals the reference's, float for float."""
-    for r in records:
-        if r["kind"] != "train":
-            continue
-        ref = reference[r["step"]]
-        for key in ("loss", "grad_norm", "lr", "bad_steps"):
-            # json writes repr(float): equal floats here are equal bits of the float32 values.
-            assert struct.pack("<d", r[key]) == struct.pack("<d", ref[key]), (r["step"], key, r[key], ref[key])
-
-
-def by_step(records: list[dict], kind: str = "train") -> dict[int, dict]:
-    return {r["step"]: r for r in records if r["kind"] == kind}  # the last written per step
 
 
 # --- Fixtures ----------------------------------------------------------------------------------------

@@ -63,6 +63,14 @@ def linear(fan_in, fan_out, axes, kernel_init, config: ModelConfig, rngs) -> nnx
                       **({"dot_general": low_precision_dot_general} if low_precision else {}))
 
 
+def remat_policy(config: ModelConfig):
+    """What a rematerialised block keeps from its forward pass (model.remat_policy): 'nothing' but its input,
+    or also the outputs of its matmuls (the block's projections; the WKV kernel and the elementwise work
+    between them are recomputed)."""
+    return {"nothing": jax.checkpoint_policies.nothing_saveable,
+            "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[config.remat_policy]
+
+
 def layer_norm(width, config: ModelConfig, rngs) -> nnx.LayerNorm:
     # Statistics in fp32 whatever the compute dtype; the output is cast by the caller.
     return nnx.LayerNorm(width, epsilon=config.layer_norm_eps, dtype=jnp.float32,
@@ -129,7 +137,8 @@ def check_token_ids(ids, vocab_size: int, source: str = "tokens", *, offset: int
 
 # --- Layers stacked for lax.scan -------------------------------------------------------------------
 # With `scan_layers`, `RWKV.blocks` is one Block whose every parameter carries a leading [n_layer] axis
-# (logical axis 'layers', sharded over no mesh axis). Checkpoint, .pth and HF formats keep one entry per
+# (logical axis 'layers', sharded over no mesh axis); RWKV-7 keeps layer 0 apart (`block0`) and stacks the
+# n_layer - 1 others. Checkpoint, .pth and HF formats keep one entry per
 # layer: `stack_layers` / `unstack_layers` convert at those boundaries.
 
 def _is_variable(x) -> bool:
@@ -163,17 +172,26 @@ def unstack_layers(stacked: nnx.State, n_layer: int) -> list:
 
 
 def with_scan_layers(model: "nnx.Module", scan: bool) -> "nnx.Module":
-    """The same model and parameters with the blocks stacked (scan=True) or as a list (scan=False)."""
+    """The same model and parameters with the blocks stacked (scan=True) or as a list (scan=False). A model
+    class whose `SCAN_FROM_LAYER` is 1 (RWKV-7: layer 0 makes the value residual's v_first, which the later
+    layers take) keeps layer 0 apart as `block0` when stacked, and stacks layers 1..L-1 as `blocks`."""
     if model.config.scan_layers == scan:
         return model
     config = dataclasses.replace(model.config, scan_layers=scan)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: type(model)(config, rngs=nnx.Rngs(0))))
     params = nnx.state(model)
     blocks = params["blocks"]
+    apart = getattr(type(model), "SCAN_FROM_LAYER", 0)
     if scan:
-        params["blocks"] = stack_layers([blocks[i] for i in range(config.n_layer)])
+        layers = [blocks[i] for i in range(config.n_layer)]
+        if apart:
+            params["block0"] = layers.pop(0)
+        params["blocks"] = stack_layers(layers)
     else:
-        layers = unstack_layers(blocks, config.n_layer)
+        layers = unstack_layers(blocks, config.n_layer - apart)
+        if apart:
+            layers.insert(0, params["block0"])
+            del params["block0"]
         params["blocks"] = nnx.State({i: layer for i, layer in enumerate(layers)})
     return nnx.merge(graphdef, params)
 

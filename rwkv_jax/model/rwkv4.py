@@ -28,6 +28,7 @@ from rwkv_jax.model.layers import (
     linear,
     mix,
     param,
+    remat_policy,
     stack_layers,
     target_logprobs,
     token_shift,
@@ -146,14 +147,6 @@ def _apply_block(block: Block, x_BTD, state: LayerState, reset_BT=None, reset_to
     return block(x_BTD, state, reset_BT, reset_to)
 
 
-def _remat_policy(config: ModelConfig):
-    """What a rematerialised block keeps from its forward pass (model.remat_policy): 'nothing' but its input,
-    or also the outputs of its matmuls (the block's seven projections; the WKV kernel and the elementwise
-    work between them are recomputed)."""
-    return {"nothing": jax.checkpoint_policies.nothing_saveable,
-            "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[config.remat_policy]
-
-
 def _layer_state(state: RWKVState, i) -> LayerState:
     """Layer i's part of a model state."""
     return LayerState(state.att_x[i], wkv_ops.WKVState(state.wkv_a[i], state.wkv_b[i], state.wkv_p[i]),
@@ -266,7 +259,7 @@ class RWKV(nnx.Module):
 
     def _loop_blocks(self, x, state: RWKVState, reset_BT=None, reset_to: RWKVState | None = None):
         layer_states = []
-        apply_block = nnx.remat(_apply_block, policy=_remat_policy(self.config)) if self.config.remat else _apply_block
+        apply_block = nnx.remat(_apply_block, policy=remat_policy(self.config)) if self.config.remat else _apply_block
         for i, block in enumerate(self.blocks):
             layer_reset = None if reset_to is None else _layer_state(reset_to, i)
             x, layer_out = apply_block(block, x, _layer_state(state, i), reset_BT, layer_reset)
@@ -288,7 +281,7 @@ class RWKV(nnx.Module):
             return x, RWKVState(out.att_x, out.wkv.a, out.wkv.b, out.wkv.p, out.ffn_x)
 
         if self.config.remat:  # keep each block's input (the scan carry) and what the policy saves; recompute the rest
-            body = jax.checkpoint(body, prevent_cse=False, policy=_remat_policy(self.config))
+            body = jax.checkpoint(body, prevent_cse=False, policy=remat_policy(self.config))
         xs = (params, tuple(state), None if reset_to is None else tuple(reset_to))
         # On CPU the loop is unrolled when compiled (the parameters keep their stacked layout). As a loop,
         # XLA:CPU copies each layer's weights out of the stack in the forward and again in the backward

@@ -27,6 +27,7 @@ The residual stream, the LayerNorms, the per-head GroupNorm and the WKV state ar
 run in `config.dtype`.
 """
 
+import functools
 import math
 import re
 from typing import NamedTuple
@@ -37,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from rwkv_jax.model.family import Family, LearnedState
-from rwkv_jax.model.layers import check_token_ids, linear, param, target_logprobs
+from rwkv_jax.model.layers import check_token_ids, linear, param, remat_policy, stack_layers, target_logprobs
 from rwkv_jax.model.model_config import ModelConfig
 from rwkv_jax.ops import wkv7 as wkv7_ops
 from rwkv_jax.train import sharding
@@ -261,19 +262,31 @@ def _apply_block(block: Block, x, layer_state, v_first, reset_BT=None, reset_to=
 
 
 class RWKV7(nnx.Module):
-    """RWKV-7 language model: embedding, ln0 (in block 0), blocks, ln_out, untied head."""
+    """RWKV-7 language model: embedding, ln0 (in block 0), blocks, ln_out, untied head.
+
+    With `scan_layers`, layer 0 stays apart (`block0`: it holds ln0 and makes v_first, the value residual's
+    target) and layers 1..L-1 are stacked (`blocks`, each parameter with a leading [L - 1] axis) and applied
+    by lax.scan with v_first passed to every one. The parameters are the same either way (layer 0's unused
+    v0..v2 included, as in the official checkpoint); `with_scan_layers` converts between the two."""
+
+    SCAN_FROM_LAYER = 1  # with scan_layers, layer 0 is `block0` and layers 1.. are stacked (layers.with_scan_layers)
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         if config.d_model % config.head_size:
             raise ValueError(f"RWKV-7: d_model={config.d_model} is not a multiple of head_size={config.head_size}")
-        if config.scan_layers:
-            raise ValueError("RWKV-7 keeps its layers as a list: set model.scan_layers=False (stacked, scanned "
-                             "layers are RWKV-4's only so far)")
+        if config.scan_layers and config.n_layer < 2:
+            raise ValueError(f"RWKV-7 with model.scan_layers=True needs n_layer >= 2 (layer 0 runs outside the "
+                             f"scan), got n_layer={config.n_layer}: set model.scan_layers=False")
         self.config = config
         D, V = config.d_model, config.vocab_size
         self.emb = nnx.Embed(V, D, embedding_init=_uniform(config.emb_init_scale), param_dtype=config.param_dtype,
                              embedding_metadata={"logical_axes": ("vocab", "embed")}, rngs=rngs)
-        self.blocks = nnx.List([Block(config, i, rngs=rngs) for i in range(config.n_layer)])
+        blocks = [Block(config, i, rngs=rngs) for i in range(config.n_layer)]
+        if config.scan_layers:
+            self.block0 = blocks[0]
+            self.blocks = nnx.merge(nnx.graphdef(blocks[1]), stack_layers([nnx.state(b) for b in blocks[1:]]))
+        else:
+            self.blocks = nnx.List(blocks)
         self.ln_out = _layer_norm(D, config, rngs)
         head_scale = 0.5 * math.sqrt(V / D) if V > D else 0.5
         self.head = linear(D, V, ("embed", "vocab"), nnx.initializers.orthogonal(scale=head_scale), config, rngs)
@@ -317,9 +330,17 @@ class RWKV7(nnx.Module):
             raise ValueError("reset_to was given without reset_BT: pass the positions to reset at")
         if state is None:
             state = self.init_state(tokens_BT.shape[0])
-        x = self.blocks[0].ln0(self.emb(tokens_BT).astype(jnp.float32))
-        apply_block = nnx.remat(_apply_block) if self.config.remat else _apply_block
-        v_first, layers = None, []
+        first = self.block0 if self.config.scan_layers else self.blocks[0]
+        x = first.ln0(self.emb(tokens_BT).astype(jnp.float32))
+        run = self._scan_blocks if self.config.scan_layers else self._loop_blocks
+        return run(x, state, reset_BT, reset_to)
+
+    def _block_fn(self):
+        """_apply_block, rematerialised (model.remat, remat_policy) or not."""
+        return nnx.remat(_apply_block, policy=remat_policy(self.config)) if self.config.remat else _apply_block
+
+    def _loop_blocks(self, x, state: RWKV7State, reset_BT=None, reset_to: RWKV7State | None = None):
+        apply_block, v_first, layers = self._block_fn(), None, []
         for i, block in enumerate(self.blocks):
             layer_reset = None if reset_to is None else tuple(s[i] for s in reset_to)
             x, layer_state, v_first = apply_block(block, x, tuple(s[i] for s in state), v_first, reset_BT,
@@ -327,6 +348,28 @@ class RWKV7(nnx.Module):
             x = sharding.constrain(x, ("batch", "seq", "embed_out"))
             layers.append(layer_state)
         return x, RWKV7State(*(jnp.stack(parts) for parts in zip(*layers)))
+
+    def _scan_blocks(self, x, state: RWKV7State, reset_BT=None, reset_to: RWKV7State | None = None):
+        """Layer 0 (which makes v_first), then lax.scan over the stacked layers 1..L-1 with v_first, reset_BT
+        closed over (one copy, not carried: a rematerialised scan keeps only each layer's input x)."""
+        layer0_reset = None if reset_to is None else tuple(s[0] for s in reset_to)
+        x, state0, v_first = self._block_fn()(self.block0, x, tuple(s[0] for s in state), None, reset_BT,
+                                                 layer0_reset)
+        x = sharding.constrain(x, ("batch", "seq", "embed_out"))
+        graphdef, params = nnx.split(self.blocks)
+
+        def body(x, layer):  # layer: this layer's parameters, state and reset state (or None)
+            params_l, layer_state, layer_reset = layer
+            x, out, _ = nnx.merge(graphdef, params_l)(x, layer_state, v_first, reset_BT, layer_reset)
+            return sharding.constrain(x, ("batch", "seq", "embed_out")), out
+
+        if self.config.remat:
+            body = jax.checkpoint(body, prevent_cse=False, policy=remat_policy(self.config))
+        xs = (params, tuple(s[1:] for s in state), None if reset_to is None else tuple(s[1:] for s in reset_to))
+        # Unrolled when compiled for CPU, a loop elsewhere: as RWKV-4 (rwkv4.RWKV._scan_blocks says why).
+        x, rest = jax.lax.platform_dependent(x, xs, cpu=functools.partial(jax.lax.scan, body, unroll=True),
+                                             default=functools.partial(jax.lax.scan, body))
+        return x, RWKV7State(*(jnp.concatenate([s0[None], s]) for s0, s in zip(state0, rest)))
 
     def step(self, tokens_B, state: RWKV7State):
         """RNN mode: one token per sequence. Returns logits [B, V] and the next state."""
@@ -417,7 +460,7 @@ FAMILY = Family(version=7, model_class=RWKV7, state_type=RWKV7State, init_state=
                 wkv_forms=(*wkv7_ops.FORMS, *wkv7_ops.KERNEL_FORMS), default_wkv_form=wkv7_ops.default_form,
                 # The official x070 trainer's layerwise_lr: the decay's base w0 at 2x
                 lr_multipliers={"w0": 2.0},
-                logical_axes=("embed", "embed_out", "attn", "mlp", "vocab", "heads", "head_dim", "lora"),
+                logical_axes=("embed", "embed_out", "attn", "mlp", "vocab", "heads", "head_dim", "lora", "layers"),
                 flops_per_token=flops_per_token,
                 learned_state=LearnedState(fields=("att_x", "ffn_x", "wkv"), init=init_learned_state,
                                            to_state=learned_to_state))

@@ -2,8 +2,9 @@
 
   * Adam, betas (0.9, 0.99), eps 1e-8, no weight decay by default (option: decoupled decay on matrices
     only), gradient clipping at global norm 1.0.
-  * Learning rate: linear warmup from 0.2 * lr_init (as v4neo does), constant until `decay_start`, then
-    exponential decay from lr_init to lr_final at the last step.
+  * Learning rate: linear warmup from `warmup_from` x lr_init (0.2, as v4neo does), constant until
+    `decay_start`, then exponential decay from lr_init to lr_final at the last step; or (schedule='cosine',
+    RWKV-7's official train_temp trainer) a cosine from lr_init towards lr_final, warming up from 0.01.
   * Optional layer-wise multipliers as in v4neo's `layerwise_lr`: time_decay x2, time_first x3.
   * Steps with a non-finite gradient are skipped (optax.apply_if_finite); the loop stops after too many.
   * L2Wrap, v4neo's auxiliary loss: the loss value is unchanged, and its gradient pushes the largest
@@ -26,12 +27,15 @@ from rwkv_jax.model import lora as lora_lib
 TRAINABLE = ("all", "state", "lora")
 L2WRAP_FACTOR = 1e-4          # v4neo's
 LOSS_CHUNK_TOKENS = 2048      # train.loss_chunk_tokens: positions the head and cross entropy take at a time
+SCHEDULES = ("exponential", "cosine")  # optim.schedule: v4neo's decay, or RWKV-7 train_temp's
 
 
 def default_optim_config() -> ml_collections.ConfigDict:
     """The `config.optim` section's defaults."""
     return ml_collections.ConfigDict({
         "lr_init": 6e-4, "lr_final": 1e-5, "warmup_steps": 50, "decay_start": 0,
+        "schedule": "exponential",     # SCHEDULES: the decay after warmup (see `learning_rate`)
+        "warmup_from": 0.2,            # the warmup's first learning rate, a fraction of lr_init
         "beta1": 0.9, "beta2": 0.99, "eps": 1e-8, "grad_clip": 1.0,
         "weight_decay": 0.0,            # > 0: decoupled decay on 2-D parameters only
         "layerwise_lr": False,          # v4neo: time_decay x2, time_first x3
@@ -56,7 +60,10 @@ def check_section(checks) -> None:
     """Add the problems of `checks.config.optim` alone to `checks` (config_checks.Checks)."""
     o = checks.config.optim
     checks.positive("optim", "lr_init")
-    checks.positive("optim", "lr_final", " (the decay is exponential, from lr_init to lr_final)")
+    checks.positive("optim", "lr_final", " (the decay goes from lr_init to lr_final)")
+    checks.one_of("optim", "schedule", SCHEDULES)
+    checks.need(isinstance(o.warmup_from, (int, float)) and 0 < o.warmup_from <= 1,
+                f"optim.warmup_from must be in (0, 1] (a fraction of lr_init), got {o.warmup_from!r}")
     for field in ("warmup_steps", "decay_start", "weight_decay", "l2wrap_factor"):
         checks.at_least("optim", field, 0)
     for field in ("beta1", "beta2"):
@@ -75,16 +82,33 @@ def check_section(checks) -> None:
 
 
 def learning_rate(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """Warmup (0.2 -> 1) x lr_init, constant until decay_start, exp decay to lr_final at total_steps."""
+    """The learning rate of the update at `step` (0 for the first): lr_init x decay(step) x warmup(step), with
+
+        warmup(step) = warmup_from + (1 - warmup_from) step / warmup_steps   for step < warmup_steps, else 1
+        p = clip((step - s) / (N - s), 0, 1),  s = max(decay_start, warmup_steps)
+        exponential:  decay = (lr_final / lr_init) ** p,              N = total_steps - 1 (lr_final at the last step)
+        cosine:       decay = (1 + f) / 2 + (1 - f) / 2 * cos(pi p),  N = total_steps, f = lr_final / lr_init
+
+    'exponential' with warmup_from 0.2 is v4neo's schedule (RWKV-4). 'cosine' with warmup_from 0.01 is
+    RWKV-7's: RWKV-v7/train_temp/src/trainer.py decays by a cosine from the end of warmup (decay_start 0)
+    to reach lr_final at my_exit_tokens (here total_steps), and multiplies the first warmup_steps by
+    0.01 + 0.99 step / warmup_steps."""
     lr_init, lr_final = config.lr_init, config.lr_final
     warmup, decay_start = config.warmup_steps, max(config.decay_start, config.warmup_steps)
+    warmup_from = config.get("warmup_from", 0.2)  # configs saved before the field existed
+    cosine = config.get("schedule", "exponential") == "cosine"
     log_ratio = math.log(lr_final / lr_init) if lr_final > 0 and lr_init > 0 else 0.0
+    final_factor = lr_final / lr_init if lr_init > 0 else 1.0
+    span = max(total_steps - decay_start - (0 if cosine else 1), 1)
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
-        progress = jnp.clip((step - decay_start) / max(total_steps - 1 - decay_start, 1), 0.0, 1.0)
-        lr = lr_init * jnp.exp(log_ratio * progress)
-        return lr * jnp.where(step < warmup, 0.2 + 0.8 * step / max(warmup, 1), 1.0)
+        progress = jnp.clip((step - decay_start) / span, 0.0, 1.0)
+        if cosine:
+            lr = lr_init * ((0.5 + final_factor / 2) + (0.5 - final_factor / 2) * jnp.cos(jnp.pi * progress))
+        else:
+            lr = lr_init * jnp.exp(log_ratio * progress)
+        return lr * jnp.where(step < warmup, warmup_from + (1 - warmup_from) * step / max(warmup, 1), 1.0)
 
     return schedule
 

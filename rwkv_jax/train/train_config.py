@@ -86,21 +86,27 @@ def rwkv7_paper_config(*, n_layer: int, d_model: int, vocab_size: int, lr_init: 
                        weight_decay: float, seq_len: int = 4096) -> ml_collections.ConfigDict:
     """An RWKV-7 (x070) size of the official runs: head size 64, the LoRA widths of the official sizing
     rule (rwkv_jax.model.rwkv7.lora_dims), FFN width 4D, context 4096, emb U(-1e-4, 1e-4), and the
-    optimizer of RWKV-LM's RWKV-v7/train_temp demo scripts: Adam beta2 0.99, eps 1e-18, 10 warmup steps,
-    layerwise lr (w0 x2). `vocab_size`: 50304 for the Pile models (GPT-NeoX's 50277, padded), 65536 for the
-    World models. As `paper_config`, the global batch of 8 sequences runs as 8 microbatches of one so that it
-    fits one CPU; on accelerators raise `train.batch_size` with the mesh and lower `train.microbatches` (the
-    official Pile run: 8 GPUs x 30 sequences). RWKV-7's layers are a list (`scan_layers=False`), each
-    rematerialised in the backward pass.
-    Differences from the official trainer: its weight decay skips the LoRA matrices (only `*.weight`
-    tensors decay), ours decays every 2-D parameter; its learning rate warms up from 0.01 lr_init and decays by
-    cosine (src/trainer.py), ours warms up from 0.2 lr_init and decays exponentially."""
+    optimizer of RWKV-LM's RWKV-v7/train_temp (demo-training-run-v7-pile.sh, src/trainer.py, src/model.py):
+    Adam beta2 0.99, eps 1e-18, 10 warmup steps, layerwise lr (w0 x2). `vocab_size`: 50304 for the Pile
+    models (GPT-NeoX's 50277, padded), 65536 for the World models. The global batch is 16 sequences in one
+    microbatch, so that issue 28's `--compile_only --topology=v5e:4x4 --config.mesh.fsdp=-1
+    --config.mesh.data=1` puts one row on each chip; on one CPU add `--config.train.microbatches=16` (the
+    official Pile run: 8 GPUs x 30 sequences). Layers are stacked and scanned on GPU/TPU and a list on CPU
+    (`scan_layers='auto'`, as RWKV-4's paper configs), each rematerialised in the backward pass.
+
+    Where x070's recipe differs from v4neo's (`paper_config`), this follows x070:
+      * the schedule: warmup from 0.01 x lr_init (v4neo: 0.2), then a cosine towards lr_final that
+        reaches it at the last step (v4neo: exponential), optim.learning_rate has both;
+      * weight decay (0 in v4neo's runs) on the 2-D `*.weight` tensors only (src/model.py
+        configure_optimizers): emb, head and the blocks' projections; not the LoRAs (w1/w2, a1/a2, v1/v2,
+        g1/g2), r_k or any vector. optim.param_groups' 'matrix' group is exactly that set;
+      * Adam eps 1e-18 (v4neo: 1e-8) and the 2x learning rate on w0 (v4neo: time_decay x2, time_first x3)."""
     model = model_config(version=7, vocab_size=vocab_size, n_layer=n_layer, d_model=d_model, head_size=64,
-                         emb_init_scale=1e-4, dtype="auto", remat=True, scan_layers=False)
-    config = base_config(model=model, batch_size=8, seq_len=seq_len, num_steps=100_000, lr_init=lr_init,
+                         emb_init_scale=1e-4, dtype="auto", remat=True, scan_layers="auto")
+    config = base_config(model=model, batch_size=16, seq_len=seq_len, num_steps=100_000, lr_init=lr_init,
                          lr_final=lr_final)
-    config.train.microbatches = 8
-    config.optim.update(beta2=0.99, eps=1e-18, warmup_steps=10, weight_decay=weight_decay, layerwise_lr=True)
+    config.optim.update(beta2=0.99, eps=1e-18, warmup_steps=10, weight_decay=weight_decay, layerwise_lr=True,
+                        schedule="cosine", warmup_from=0.01)
     return config
 
 
