@@ -324,7 +324,7 @@ def test_loaded_models_run_the_inference_form(official_model):
 
 def test_generation_state_saved_and_loaded_continues_exactly(official_model, tmp_path):
     """generate.py --save_state / --load_state for RWKV-7: 8 tokens, the state written and read back, then 8
-    more equal one run of 16 (and a new prompt after the loaded state equals both prompts in one)."""
+    more equal one run of 16 (a new prompt after a loaded state: test_generate.py, generation-independent)."""
     sd, _ = official_model
     _, model = load(sd)
     prompts = [[5, 17, 42], [88]]
@@ -336,11 +336,6 @@ def test_generation_state_saved_and_loaded_continues_exactly(official_model, tmp
                                    state=state, logits=logits)
     for w, h, r in zip(whole, half, rest):
         assert h.tokens + r.tokens == w.tokens
-    joined = gen_lib.generate_tokens(model, [prompts[0] + half[0].tokens + [3, 9]], max_new_tokens=6,
-                                     temperature=0, stop_at_eot=False)
-    cont = gen_lib.generate_tokens(model, [[3, 9]], max_new_tokens=6, temperature=0, stop_at_eot=False,
-                                   state=jax.tree.map(lambda x: x[:, :1], state))
-    assert cont[0].tokens == joined[0].tokens
 
 
 def test_lm_eval_state_branching_with_the_matrix_state(tmp_path):

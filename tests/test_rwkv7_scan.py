@@ -148,6 +148,7 @@ def test_scanned_rwkv7_has_the_official_parameters_and_round_trips():
         rwkv7.RWKV7(dataclasses.replace(config, n_layer=1), rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow  # the model-level equality (logits, state, gradients) runs in CI; this adds the optimizer
 def test_a_train_step_on_scanned_rwkv7_equals_one_on_the_list():
     optim_config = optim.default_optim_config()
     optim_config.update(lr_init=1e-2, lr_final=1e-3, warmup_steps=0, weight_decay=0.1, layerwise_lr=True)

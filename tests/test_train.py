@@ -368,7 +368,7 @@ def test_gradient_accumulation_equals_one_big_batch(train_env, l2wrap_factor):
         assert abs(without[2][0] - full[2][0]) > 1e-3 * full[2][0]
 
 
-@pytest.mark.parametrize("microbatches", [1, 2])
+@pytest.mark.parametrize("microbatches", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_gradient_buffers_give_the_plain_steps_results_and_hold_the_gradients(train_env, microbatches):
     """On CPU the step writes its gradients into donated buffers kept between steps
     (train_step._StepWithGradientBuffers): the same states as the plain step, and the gradients are no
