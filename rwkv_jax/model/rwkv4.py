@@ -392,9 +392,7 @@ def learned_to_state(learned: dict, batch_size: int) -> RWKVState:
 
 FAMILY = Family(version=4, model_class=RWKV, state_type=RWKVState, init_state=init_state,
                 weights_layout=weights_layout, dims_from_tensors=dims_from_tensors,
-                wkv_forms=(*wkv_ops.FORMS, *wkv_ops.KERNEL_FORMS),
-                # the sequential form is also the fastest without gradients on CPU: one choice either way
-                default_wkv_form=lambda platform, inference=False: wkv_ops.default_form(platform),
+                wkv_forms=(*wkv_ops.FORMS, *wkv_ops.KERNEL_FORMS), default_wkv_form=wkv_ops.default_form,
                 # v4neo's layerwise_lr: time_decay x2, time_first x3
                 lr_multipliers={"time_decay": 2.0, "time_first": 3.0},
                 logical_axes=("embed", "embed_out", "attn", "mlp", "vocab", "layers"),

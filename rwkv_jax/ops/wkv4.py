@@ -43,8 +43,9 @@ FORMS: tuple[str, ...] = ("sequential", "parallel", "chunked")  # the pure-JAX f
 KERNEL_FORMS: tuple[str, ...] = ("pallas",)  # rwkv_jax/ops/wkv4_pallas.py, imported when chosen
 
 
-def default_form(backend: str | None = None) -> str:
-    """The WKV form that 'auto' picks on a backend ('cpu', 'gpu', 'tpu'; None: the current one).
+def default_form(backend: str | None = None, inference: bool = False) -> str:
+    """The WKV form that 'auto' picks on a backend ('cpu', 'gpu', 'tpu'; None: the current one), for
+    training or, with `inference`, for a model loaded to run without gradients: the same choice here.
 
     CPU: the recurrence with its hand-written backward, the fastest form in `benchmarks/wkv.py` (2-core
     CPU, B=8 T=1024 C=768 fp32: see README). TPU and GPU: the Pallas kernels (rwkv_jax/ops/wkv4_pallas.py),
