@@ -105,25 +105,28 @@ def int_list(text):
     return values
 
 
-def scan_of_steps(time_decay, time_first, k_BTC, v_BTC):
-    """The recurrence as a `lax.scan` over `wkv_step` on time-major [T, B, C] copies, for autodiff."""
-    def body(state, kv):
-        y, state = wkv_step(time_decay, time_first, kv[0], kv[1], state)
+def _scan_over_time(step, state, streams_BT):
+    """`step(state, *inputs at t) -> (y_t, state)` as a `lax.scan` over time-major copies of [B, T, ...]
+    streams: (y [B, T, ...], final state), for autodiff."""
+    def body(state, xs):
+        y, state = step(state, *xs)
         return state, y
-    state = empty_state(k_BTC.shape[0], k_BTC.shape[2])
-    state, y_TBC = jax.lax.scan(body, state, (k_BTC.swapaxes(0, 1), v_BTC.swapaxes(0, 1)))
-    return y_TBC.swapaxes(0, 1), state
+    state, y_T = jax.lax.scan(body, state, tuple(x.swapaxes(0, 1) for x in streams_BT))
+    return y_T.swapaxes(0, 1), state
+
+
+def scan_of_steps(time_decay, time_first, k_BTC, v_BTC):
+    """The recurrence as a scan over `wkv_step`."""
+    return _scan_over_time(lambda state, k, v: wkv_step(time_decay, time_first, k, v, state),
+                           empty_state(k_BTC.shape[0], k_BTC.shape[2]), (k_BTC, v_BTC))
 
 
 def scan_of_steps_7(r, w, k, v, a, b):
-    """WKV-7 as a `lax.scan` over `wkv7_step` on time-major copies, for autodiff."""
-    def body(state, xs):
-        y, state = wkv7_ops.wkv7_step(*xs, state)
-        return state, y
+    """WKV-7 as a scan over `wkv7_step`."""
     B, _, H, N = r.shape
-    state = jnp.zeros((B, H, N, N), jnp.float32)
-    state, y_T = jax.lax.scan(body, state, tuple(x.swapaxes(0, 1) for x in (r, w, k, v, a, b)))
-    return y_T.swapaxes(0, 1).astype(v.dtype), state
+    y, state = _scan_over_time(lambda state, *xs: wkv7_ops.wkv7_step(*xs, state),
+                               jnp.zeros((B, H, N, N), jnp.float32), (r, w, k, v, a, b))
+    return y.astype(v.dtype), state
 
 
 def rows_to_run(args):
