@@ -371,6 +371,7 @@ print("PEAK_KB", before, peak_kb())
 """
 
 
+@pytest.mark.slow  # CI time: restoring (and its memory) is covered by the resume tests; this measures the saving
 def test_restoring_the_params_alone_takes_less_memory(tmp_path):
     """Peak resident memory of a process restoring a 25M-parameter checkpoint (100 MB of params, 200 MB of
     Adam moments): the params alone stay well below the whole state."""

@@ -119,7 +119,7 @@ def test_loglikelihood_equals_hf(setup):
         assert abs(logp - want_logp) < 1e-4 and greedy == want_greedy, pair
 
 
-@pytest.mark.parametrize("layout", ["default", "small"])
+@pytest.mark.parametrize("layout", ["default", pytest.param("small", marks=pytest.mark.slow)])
 def test_state_branching_equals_scoring_from_scratch(setup, layout):
     """Groups of 1 to 4 continuations of contexts of many lengths, scored 8 positions per call: the same
     as each pair scored alone by eval.py's scorer (which applies the head at every position). 'default':

@@ -130,7 +130,8 @@ def test_param_groups_do_not_depend_on_scanning():
     assert kinds["blocks"]["att"]["time_mix_k"] == "vector" and kinds["ln0"]["scale"] == "vector"
 
 
-@pytest.mark.parametrize("chunk_tokens, l2wrap_factor", [(7, 0.3), (16, 0.0), (10_000, 0.3)])
+@pytest.mark.parametrize("chunk_tokens, l2wrap_factor", [pytest.param(7, 0.3, marks=pytest.mark.slow), (16, 0.0),
+                                                          (10_000, 0.3)])
 def test_chunked_cross_entropy_equals_the_whole_logits_loss(chunk_tokens, l2wrap_factor):
     model = randomized(CONFIG, seed=2)
     tokens = jax.random.randint(jax.random.key(5), (3, 21), 0, CONFIG.vocab_size)

@@ -79,6 +79,7 @@ def file_bytes(workdir: Path) -> dict[str, bytes]:
 
 # --- The workdir lock -----------------------------------------------------------------------------------
 
+@pytest.mark.slow  # CI time: the lock's refusal and its message are also checked in test_hostile_findings
 def test_a_second_trainer_is_refused_naming_the_holder_and_the_first_finishes(env, tmp_path):
     workdir = tmp_path / "shared"
     overrides = dict(env["overrides"], **{"train.num_steps": 40, "checkpoint.every_steps": 10})
@@ -251,6 +252,7 @@ def test_a_refused_resume_leaves_the_workdir_byte_identical(env, tmp_path, chang
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
 
 
+@pytest.mark.slow  # CI time: three train.py runs; the layout conversion itself has its own fast tests
 def test_scan_layers_auto_resumes_the_layout_the_checkpoints_hold(env, tmp_path, capsys):
     """scan_layers='auto' is a list of layers on CPU; a run whose checkpoints hold them stacked (begun with
     scan_layers=True, or on a GPU/TPU) resumes stacked, and says so in its rwkv_config.json."""

@@ -124,7 +124,7 @@ def test_matches_float64_reference(runner, T, with_state):
 # ------------------------------------------------------------------------ agreement between forms, grads
 
 @pytest.mark.parametrize("T", [1, pytest.param(15, marks=pytest.mark.slow),
-                               pytest.param(16, marks=pytest.mark.slow), 17, 50])
+                               pytest.param(16, marks=pytest.mark.slow), 17, pytest.param(50, marks=pytest.mark.slow)])
 def test_forms_agree_on_values_state_and_gradients(T):
     """chunk_len 16: T below, at and just past one chunk edge, and across three edges with a tail of 2.
     (T = 16 and 15 only add compiles: exact multiples are covered in the default run by the split tests.)"""

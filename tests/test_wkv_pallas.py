@@ -209,7 +209,7 @@ def test_long_extreme_gradients_are_as_accurate_as_the_recurrence():
 
 # ------------------------------------------------------------------------------------------- splitting
 
-@pytest.mark.parametrize("split", [1, 16])
+@pytest.mark.parametrize("split", [pytest.param(1, marks=pytest.mark.slow), 16])
 def test_split_sequence_equals_whole(split):
     """Two kernel calls with the state carried equal one call (17 tokens split at 1 and 16: a one-token
     piece, and a whole chunk followed by one token)."""
