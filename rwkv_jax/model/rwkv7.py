@@ -24,7 +24,8 @@ tests/test_rwkv7_model.py. Per layer, with x the LayerNorm'd input and dx the to
     y <- y + ((r * k * r_k).sum per head) * v;  out = (y * g) W_o with g = sigmoid(x_g G1) G2
 
 The residual stream, the LayerNorms, the per-head GroupNorm and the WKV state are fp32; the projections
-run in `config.dtype`.
+run in `config.dtype`, and so do the streams the Pallas kernel reads (but the decay). Per-head sums are
+products with a [D, H] head matrix (`_head_sum`).
 """
 
 import functools
@@ -117,20 +118,42 @@ def _layer_norm(width, config: ModelConfig, rngs) -> nnx.LayerNorm:
                          rngs=rngs)
 
 
+def _head_matrix(config: ModelConfig) -> jax.Array:
+    """[D, H] fp32: 1 where channel d belongs to head h (channels are head-major: d = h N + n)."""
+    return jnp.asarray(np.repeat(np.eye(n_head(config), dtype=np.float32), config.head_size, axis=0))
+
+
+def _head_sum(x_BTD, heads_DH):
+    """Each head's sum of x over its N channels, [B, T, H] fp32. A product with the head matrix rather than
+    a sum over a reshaped [B, T, H, N]: on TPU a reduction over an N = 64 minor dimension (half the 128
+    lanes) makes XLA transpose its operands (T minor) before and after it, copies of every [B, T, D]
+    operand on each pass; the product reads x where it is. Precision.HIGHEST: an fp32 sum (the matrix
+    is 0/1)."""
+    return jnp.dot(x_BTD.astype(jnp.float32), heads_DH, precision=jax.lax.Precision.HIGHEST)
+
+
+def _per_channel(x_BTH, heads_DH):
+    """A per-head value [B, T, H] spread over the head's channels, [B, T, D] (exact: one 1 per column)."""
+    return jnp.dot(x_BTH, heads_DH.T, precision=jax.lax.Precision.HIGHEST)
+
+
 class HeadNorm(nnx.Module):
     """GroupNorm with one group per head (the official `ln_x`): each head's N channels normalized on their
     own (biased variance, eps 64e-5), then a per-channel scale and bias; fp32."""
 
     def __init__(self, config: ModelConfig, scale: float = 1.0):
         D = config.d_model
+        self.head_size = config.head_size
         self.scale = param(jnp.full((D,), scale, config.param_dtype), ("attn",))
         self.bias = param(jnp.zeros((D,), config.param_dtype), ("attn",))
 
-    def __call__(self, y_BTHN):
-        y = y_BTHN.astype(jnp.float32)
-        mean = y.mean(axis=-1, keepdims=True)
-        var = jnp.square(y - mean).mean(axis=-1, keepdims=True)
-        y = ((y - mean) * jax.lax.rsqrt(var + HEAD_NORM_EPS)).reshape(*y.shape[:-2], -1)
+    def __call__(self, y_BTD, heads_DH):
+        """y [..., D] (head-major channels) normalized per head, fp32 [..., D]."""
+        y = y_BTD.astype(jnp.float32)
+        mean = _per_channel(_head_sum(y, heads_DH) / self.head_size, heads_DH)
+        centred = y - mean
+        var = _head_sum(jnp.square(centred), heads_DH) / self.head_size
+        y = centred * _per_channel(jax.lax.rsqrt(var + HEAD_NORM_EPS), heads_DH)
         return y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
 
 
@@ -171,7 +194,7 @@ class TimeMix(nnx.Module):
         h = x @ getattr(self, f"{name}1")[...].astype(dtype)
         return (h if inner is None else inner(h)) @ getattr(self, f"{name}2")[...].astype(dtype)
 
-    def _streams(self, x_BTD, dx_BTD, v_first_BTD):
+    def _streams(self, x_BTD, dx_BTD, v_first_BTD, heads_DH):
         """(r, w, k, v, a, b) per head [B, T, H, N] fp32, the output gate g [B, T, D] and v_first."""
         B, T, D = x_BTD.shape
         heads = lambda t: t.reshape(B, T, n_head(self.config), self.config.head_size)
@@ -180,8 +203,9 @@ class TimeMix(nnx.Module):
         r, k, v = self.receptance(mixed["r"]), self.key(mixed["k"]), self.value(mixed["v"])
         a = jax.nn.sigmoid(f32(self.a0[...]) + f32(self._lora(mixed["a"], "a")))
         g = self._lora(mixed["g"], "g", jax.nn.sigmoid)
-        kk = heads(f32(k) * f32(self.k_k[...]))
-        kk = kk / jnp.maximum(jnp.linalg.norm(kk, axis=-1, keepdims=True), NORMALIZE_EPS)
+        kk = f32(k) * f32(self.k_k[...])                  # normalized per head (torch's F.normalize)
+        norm = jnp.sqrt(_head_sum(jnp.square(kk), heads_DH))
+        kk = kk * _per_channel(1.0 / jnp.maximum(norm, NORMALIZE_EPS), heads_DH)
         k = f32(k) * (1 + (a - 1) * f32(self.k_a[...]))
         if self.layer_id == 0:   # layer 0 holds v0..v2 too (the trainer saves them) but, as there, unused
             v = v_first_BTD = f32(v)
@@ -189,7 +213,7 @@ class TimeMix(nnx.Module):
             gate = jax.nn.sigmoid(f32(self.v0[...]) + f32(self._lora(mixed["v"], "v")))
             v = f32(v) + (v_first_BTD - f32(v)) * gate
         w = jnp.exp(-DECAY_SCALE * jax.nn.sigmoid(f32(self.w0[...]) + f32(self._lora(mixed["w"], "w", jnp.tanh))))
-        return (heads(f32(r)), heads(w), heads(k), heads(v), -kk, kk * heads(a)), g, v_first_BTD
+        return tuple(map(heads, (f32(r), w, k, v, -kk, kk * a))), g, v_first_BTD
 
     def __call__(self, x_BTD, prev_BD, wkv_BHNN, v_first_BTD, reset_BT=None, reset_to=None):
         """(output [B, T, D], last input [B, D] fp32, WKV state, v_first) for the LayerNorm'd input;
@@ -197,7 +221,8 @@ class TimeMix(nnx.Module):
         B, T, D = x_BTD.shape
         reset_att_x, reset_wkv = (None, None) if reset_to is None else reset_to
         dx = _shift_delta(x_BTD, prev_BD, reset_BT, reset_att_x)
-        streams, g, v_first_BTD = self._streams(x_BTD, dx, v_first_BTD)
+        heads_DH = _head_matrix(self.config)
+        streams, g, v_first_BTD = self._streams(x_BTD, dx, v_first_BTD, heads_DH)
         if T == 1:   # RNN mode: the one-token recurrence
             if reset_BT is not None:
                 start = jnp.zeros_like(wkv_BHNN) if reset_wkv is None else reset_wkv.astype(wkv_BHNN.dtype)
@@ -205,12 +230,15 @@ class TimeMix(nnx.Module):
             y, wkv_BHNN = wkv7_ops.wkv7_step(*(s[:, 0] for s in streams), wkv_BHNN)
             y = y[:, None]
         else:
+            if self.config.wkv_form == "pallas":   # the kernel's streams in the compute dtype (the official
+                # trainer's are bf16 too); the decay stays fp32: the kernel reads log w, made from it in fp32
+                streams = tuple(s if i == 1 else s.astype(self.config.dtype) for i, s in enumerate(streams))
             y, wkv_BHNN = wkv7_ops.wkv7(*streams, wkv_BHNN, form=self.config.wkv_form,
                                         chunk_len=self.config.wkv_chunk_len, reset_BT=reset_BT,
                                         reset_state=reset_wkv)
-        r, _, k, v = streams[:4]
-        bonus = (r * k * self.r_k[...].astype(jnp.float32)).sum(axis=-1, keepdims=True) * v
-        y = self.ln_x(y) + bonus.reshape(B, T, D)
+        r, _, k, v = (s.astype(jnp.float32).reshape(B, T, D) for s in streams[:4])
+        bonus = _per_channel(_head_sum(r * k * self.r_k[...].astype(jnp.float32).reshape(D), heads_DH), heads_DH) * v
+        y = self.ln_x(y.reshape(B, T, D), heads_DH) + bonus
         out = self.output((y * g.astype(jnp.float32)).astype(self.config.dtype))
         return out, x_BTD[:, -1].astype(jnp.float32), wkv_BHNN, v_first_BTD
 

@@ -5,23 +5,27 @@
 
 Same contract as `wkv7_chunked` in rwkv_jax/ops/wkv7.py: streams [B, T, H, N] (any float dtype, cast to
 fp32 on load), the state [B, H, N, N] fp32 (row i = value channel, column j = key channel), y in v's dtype,
-gradients into r, w, k, v, a, b and the initial state. Per token S_t = S_{t-1} (diag(w_t) + a_t b_t^T)
-+ v_t k_t^T and y_t = S_t r_t.
+gradients into r, w, k, v, a, b (in their dtypes) and the initial state. Per token S_t = S_{t-1}
+(diag(w_t) + a_t b_t^T) + v_t k_t^T and y_t = S_t r_t.
 
-Forward: grid (B, H, T / L), the chunk axis sequential ('arbitrary'), B and H 'parallel'. Each step loads
-one [L, N] block of each stream (the wrapper moves T next to N: [B, H, T, N]) and runs the chunked (WY /
-UT) math of `wkv7._chunk` on the MXU (`_chunk_math`): the pairwise-decay matrices [L, L] are matmuls, the
-unit lower-triangular solve is a product of log2(L) factors (`_unit_lower_inverse_apply`), and the state
-[N, N] fp32 lives in a VMEM scratch across the chunk steps (read from the initial state at chunk 0, written
-to the final state each step). The state entering each chunk is also written out: the checkpoints
-[B, H, T / L, N, N] fp32, the backward's residual (L = 16: N / 4 bytes per token and channel, the same
-order as the six bf16 input streams; no recomputation of states in the backward).
+Forward: grid (B, H / G, T / L), the chunk axis sequential ('arbitrary'), the others 'parallel'. The
+kernel reads the streams where the model leaves them, [B, T, H * N] (a free reshape of [B, T, H, N]: no
+transpose in or out), in blocks of L tokens by G heads (`heads_per_block`: G * N a multiple of the 128
+lanes, 2 heads at the released models' N = 64), and the decay as log w, taken in fp32 by the wrapper. For
+each of its G heads a step runs the chunked (WY / UT) math of `wkv7._chunk` on an [L, N] block of each
+stream on the MXU (`_chunk_math`): the pairwise-decay matrices [L, L] are matmuls, the unit
+lower-triangular solve is a product of log2(L) factors (`_unit_lower_inverse_apply`), and the states
+[G, N, N] fp32 live in a VMEM scratch across the chunk steps (read from the initial state at chunk 0,
+written to the final state each step). The state entering each chunk is also written out: the checkpoints
+[B, H, T / L, N, N] fp32, the backward's residual (L = 32: N / 8 bytes per token and channel; no
+recomputation of states in the backward).
 
 Backward: a second call over the same grid, chunks last first (the index maps reverse the chunk axis).
-For each chunk it recomputes `_chunk_math` from the chunk's checkpoint and applies its reverse-mode
-derivative (`jax.vjp` traced inside the kernel body: the transposed matmuls, again on the MXU) to
-(dy, dS_end), writing the six stream gradients and carrying dS (the cotangent of the state entering the
-chunk) in a VMEM scratch to the chunk before; the last step's dS is the initial state's gradient.
+For each chunk and head it recomputes `_chunk_math` from the chunk's checkpoint and applies its
+reverse-mode derivative (`jax.vjp` traced inside the kernel body: the transposed matmuls, again on the
+MXU) to (dy, dS_end), writing the six stream gradients and carrying dS (the cotangent of the state
+entering the chunk) in a VMEM scratch to the chunk before; the last step's dS is the initial state's
+gradient.
 
 The triangular solve: (I - A) U = rhs with A strictly lower [L, L] is U = (I + A)(I + A^2)(I + A^4)...
 rhs (A^L = 0), log2(L) pairs of [L, L] matmuls, where substitution row by row is L dependent matrix-vector
@@ -63,6 +67,18 @@ class _Config:
     chunk_len: int       # TPU: tokens per grid step; GPU: tokens between checkpoints (GPU_SPAN)
     backend: str = "tpu"
     num_warps: int = 4
+    head_size: int = 0   # TPU: N (the streams travel as [B, T, H * N])
+    group: int = 1       # TPU: heads per grid step (`heads_per_block`)
+
+
+def heads_per_block(H: int, N: int) -> int:
+    """TPU: the heads one grid step takes from a [B, T, H * N] stream, so that its block's lane width
+    (group * N) is a whole number of 128-lane tiles (Mosaic's rule for a block narrower than the array):
+    the fewest that do, else all H (a block as wide as the array is always allowed)."""
+    for group in range(1, H + 1):
+        if H % group == 0 and (group * N) % 128 == 0:
+            return group
+    return H
 
 
 # ------------------------------------------------------------------------------------ the chunk's math
@@ -110,8 +126,9 @@ def _reset_masks(m_L1, L):
     return since, count_L1 < 0.5, onehot, count_L1 > total - 0.5
 
 
-def _chunk_math(S0_NN, r, w, k, v, a, b, resets=None):
-    """One block of L tokens ([L, N] fp32 each) from the state S0 entering it: (y [L, N], state after).
+def _chunk_math(S0_NN, r, log_w, k, v, a, b, resets=None):
+    """One block of L tokens ([L, N] fp32 each; the decay as its logarithm) from the state S0 entering it:
+    (y [L, N], state after).
 
     With c_t = sum_{s<=t} log w_s (inclusive) and the reference m = (L-1)//2 (`wkv7._chunk` derives it):
         A_xy[t, s] = sum_j x_t[j] y_s[j] e^{c_{t-1}[j] - c_s[j]}  (s < t),  M_xy the same with c_t (s <= t)
@@ -125,7 +142,6 @@ def _chunk_math(S0_NN, r, w, k, v, a, b, resets=None):
     L = r.shape[0]
     t = jax.lax.broadcasted_iota(jnp.int32, (L, L), 0)
     s = jax.lax.broadcasted_iota(jnp.int32, (L, L), 1)
-    log_w = jnp.log(w)
     c = _dot(jnp.where(s <= t, 1.0, 0.0), log_w)                 # cumulative sum over the block's tokens
     c_before = c - log_w
     c_ref = _row(c, (L - 1) // 2)
@@ -160,38 +176,52 @@ def _chunk_math(S0_NN, r, w, k, v, a, b, resets=None):
 
 # ------------------------------------------------------------------------------------------------ kernels
 #
-# Layouts seen by the kernels: streams and their gradients [B, H, T, N] in blocks (1, 1, L, N); states
-# [B, H, N, N] in blocks (1, 1, N, N); checkpoints [B, H, T / L, N, N] in blocks (1, 1, 1, N, N); with
-# resets, the mask [B, T, 1] fp32 in blocks (1, L, 1) (tokens on sublanes, as in the streams) and the reset
-# state [B, H, N, N] like the state. `resets` below: () or (mask ref, reset state ref).
+# Layouts seen by the TPU kernels: streams and their gradients [B, T, H * N] (the model's [B, T, H, N]
+# without a transpose: a free reshape) in blocks (1, L, G * N), G = `heads_per_block` heads side by side on
+# the lanes, head j at lanes [j N, (j + 1) N); states [B, H, N, N] in blocks (1, G, N, N); checkpoints
+# [B, H, T / L, N, N] in blocks (1, G, 1, N, N); with resets, the mask [B, T, 1] fp32 in blocks (1, L, 1)
+# (tokens on sublanes, as in the streams) and the reset state [B, H, N, N] like the state. `resets`
+# below: () or (mask ref, reset state ref). The decay stream is log w.
 
 _STREAMS = 6
 
 
-def _load_chunk(stream_refs, reset_refs):
-    streams = [ref[0, 0].astype(jnp.float32) for ref in stream_refs]
-    resets = (reset_refs[0][0], reset_refs[1][0, 0]) if reset_refs else None
+def _load_chunk(stream_refs, reset_refs, head, N):
+    """Head `head`'s [L, N] fp32 block of each stream, and its (mask, reset state) or None."""
+    lanes = pl.ds(head * N, N)
+    streams = [ref[0, :, lanes].astype(jnp.float32) for ref in stream_refs]
+    resets = (reset_refs[0][0], reset_refs[1][0, head]) if reset_refs else None
     return streams, resets
 
 
-def _forward_kernel(n_resets, *refs):
+def _store_heads(ref, blocks):
+    """Write the G heads' [L, N] blocks side by side into a (1, L, G * N) block."""
+    N = blocks[0].shape[1]
+    for head, block in enumerate(blocks):
+        ref[0, :, pl.ds(head * N, N)] = block.astype(ref.dtype)
+
+
+def _forward_kernel(n_resets, G, N, *refs):
     stream_refs, s0_ref = refs[:_STREAMS], refs[_STREAMS]
     reset_refs, (y_ref, s_ref, ck_ref, S_scratch) = refs[_STREAMS + 1:][:n_resets], refs[_STREAMS + 1 + n_resets:]
 
     @pl.when(pl.program_id(2) == 0)
     def _():
-        S_scratch[...] = s0_ref[0, 0]
+        S_scratch[...] = s0_ref[0]
 
-    S0 = S_scratch[...]
-    ck_ref[0, 0, 0] = S0
-    streams, resets = _load_chunk(stream_refs, reset_refs)
-    y, S = _chunk_math(S0, *streams, resets=resets)
-    y_ref[0, 0] = y.astype(y_ref.dtype)
-    S_scratch[...] = S
-    s_ref[0, 0] = S
+    ys = []
+    for head in range(G):
+        S0 = S_scratch[head]
+        ck_ref[0, head, 0] = S0
+        streams, resets = _load_chunk(stream_refs, reset_refs, head, N)
+        y, S = _chunk_math(S0, *streams, resets=resets)
+        ys.append(y)
+        S_scratch[head] = S
+        s_ref[0, head] = S
+    _store_heads(y_ref, ys)
 
 
-def _backward_kernel(n_resets, *refs):
+def _backward_kernel(n_resets, G, N, *refs):
     stream_refs, (dy_ref, ck_ref, ds_end_ref) = refs[:_STREAMS], refs[_STREAMS:_STREAMS + 3]
     reset_refs, outs = refs[_STREAMS + 3:][:n_resets], refs[_STREAMS + 3 + n_resets:]
     grad_refs, ds0_ref = outs[:_STREAMS], outs[_STREAMS]
@@ -199,34 +229,40 @@ def _backward_kernel(n_resets, *refs):
 
     @pl.when(pl.program_id(2) == 0)                              # the last chunk comes first
     def _():
-        dS_scratch[...] = ds_end_ref[0, 0]
+        dS_scratch[...] = ds_end_ref[0]
         for ref in dR_scratch:
             ref[...] = jnp.zeros(ref.shape, jnp.float32)
 
-    streams, resets = _load_chunk(stream_refs, reset_refs)
-    mask = None if resets is None else resets[0]
-    chunk = lambda S0, *args: _chunk_math(S0, *args[:_STREAMS], resets=None if mask is None else (mask, args[-1]))
-    _, pullback = jax.vjp(chunk, ck_ref[0, 0, 0], *streams, *([] if resets is None else [resets[1]]))
-    dS0, *grads = pullback((dy_ref[0, 0].astype(jnp.float32), dS_scratch[...]))
-    for ref, g in zip(grad_refs, grads):
-        ref[0, 0] = g
-    dS_scratch[...] = dS0
-    ds0_ref[0, 0] = dS0
-    if resets is not None:                                       # the reset state's gradient, summed
-        dR_scratch[0][...] += grads[_STREAMS]
-        outs[_STREAMS + 1][0, 0] = dR_scratch[0][...]
+    grads_by_head = []
+    for head in range(G):
+        streams, resets = _load_chunk(stream_refs, reset_refs, head, N)
+        mask = None if resets is None else resets[0]
+        chunk = lambda S0, *args: _chunk_math(S0, *args[:_STREAMS],
+                                              resets=None if mask is None else (mask, args[-1]))
+        _, pullback = jax.vjp(chunk, ck_ref[0, head, 0], *streams, *([] if resets is None else [resets[1]]))
+        dy = dy_ref[0, :, pl.ds(head * N, N)].astype(jnp.float32)
+        dS0, *grads = pullback((dy, dS_scratch[head]))
+        grads_by_head.append(grads[:_STREAMS])
+        dS_scratch[head] = dS0
+        ds0_ref[0, head] = dS0
+        if resets is not None:                                   # the reset state's gradient, summed
+            dR_scratch[0][head] += grads[_STREAMS]
+            outs[_STREAMS + 1][0, head] = dR_scratch[0][head]
+    for i, ref in enumerate(grad_refs):
+        _store_heads(ref, [grads[i] for grads in grads_by_head])
 
 
-def _specs(shape, L, reverse):
-    """(grid, stream, state, checkpoint and reset-mask BlockSpecs) for [B, H, T, N] streams."""
-    B, H, T, N = shape
+def _specs(cfg, shape, reverse):
+    """(grid, stream, state, checkpoint and reset-mask BlockSpecs) for [B, T, H * N] streams."""
+    B, T, D = shape
+    L, N, G = cfg.chunk_len, cfg.head_size, cfg.group
     n = T // L
     chunk = (lambda i: n - 1 - i) if reverse else (lambda i: i)
-    stream = pl.BlockSpec((1, 1, L, N), lambda ib, ih, i: (ib, ih, chunk(i), 0))
-    state = pl.BlockSpec((1, 1, N, N), lambda ib, ih, i: (ib, ih, 0, 0))
-    ckpt = pl.BlockSpec((1, 1, 1, N, N), lambda ib, ih, i: (ib, ih, chunk(i), 0, 0))
-    mask = pl.BlockSpec((1, L, 1), lambda ib, ih, i: (ib, chunk(i), 0))
-    return (B, H, n), stream, state, ckpt, mask
+    stream = pl.BlockSpec((1, L, G * N), lambda ib, ig, i: (ib, chunk(i), ig))
+    state = pl.BlockSpec((1, G, N, N), lambda ib, ig, i: (ib, ig, 0, 0))
+    ckpt = pl.BlockSpec((1, G, 1, N, N), lambda ib, ig, i: (ib, ig, chunk(i), 0, 0))
+    mask = pl.BlockSpec((1, L, 1), lambda ib, ig, i: (ib, chunk(i), 0))
+    return (B, D // (G * N), n), stream, state, ckpt, mask
 
 
 def _compiler_params(cfg):
@@ -244,10 +280,13 @@ def _scratch():
     return pltpu.VMEM
 
 
-def _cost(shape, L, itemsize, streams, backward):
+def _cost(cfg, shape, stream_bytes, backward):
     """pl.CostEstimate per call: the chunk's matmuls (2 flops per multiply-add; the backward ~2x the
-    forward's, plus its recomputation), exps and logs per element, the streams' and states' bytes."""
-    B, H, T, N = shape
+    forward's, plus its recomputation), exps per element, the streams' bytes (`stream_bytes` per token and
+    channel, over all streams read and written) and the states'."""
+    B, T, D = shape
+    L, N = cfg.chunk_len, cfg.head_size
+    H = D // N
     chunks = B * H * (T // L)
     levels = max(1, math.ceil(math.log2(L)))
     forward = 2 * (L * L * 1 + 4 * L * L * N + 2 * L * N * N + L * L * N * (2 + levels)
@@ -255,24 +294,29 @@ def _cost(shape, L, itemsize, streams, backward):
     flops = forward * (3 if backward else 1)
     state_bytes = chunks * N * N * 4 + 2 * B * H * N * N * 4
     return pl.CostEstimate(flops=int(chunks * flops), transcendentals=int(chunks * L * N * (6 if backward else 3)),
-                           bytes_accessed=int(streams * B * H * T * N * itemsize + state_bytes))
+                           bytes_accessed=int(stream_bytes * B * T * D + state_bytes))
+
+
+def _itemsizes(arrays):
+    return sum(x.dtype.itemsize for x in arrays)
 
 
 def _forward_call(cfg, streams, S0, resets):
     if cfg.backend == "gpu":
         return _gpu_forward_call(cfg, streams, S0, resets)
     shape = streams[0].shape
-    B, H, T, N = shape
-    L = cfg.chunk_len
-    grid, stream, state, ckpt, mask = _specs(shape, L, reverse=False)
+    B, T, D = shape
+    L, N, G = cfg.chunk_len, cfg.head_size, cfg.group
+    H = D // N
+    grid, stream, state, ckpt, mask = _specs(cfg, shape, reverse=False)
     f32 = lambda s: jax.ShapeDtypeStruct(s, jnp.float32)
     out_shape = (jax.ShapeDtypeStruct(shape, streams[3].dtype), f32((B, H, N, N)), f32((B, H, T // L, N, N)))
     return pl.pallas_call(
-        functools.partial(_forward_kernel, len(resets)), out_shape=out_shape, grid=grid,
+        functools.partial(_forward_kernel, len(resets), G, N), out_shape=out_shape, grid=grid,
         in_specs=[stream] * _STREAMS + [state] + [mask, state][:len(resets)], out_specs=(stream, state, ckpt),
-        scratch_shapes=[_scratch()((N, N), jnp.float32)],
+        scratch_shapes=[_scratch()((G, N, N), jnp.float32)],
         compiler_params=_compiler_params(cfg), interpret=cfg.interpret, name="wkv7_forward",
-        cost_estimate=_cost(shape, L, streams[0].dtype.itemsize, streams=7, backward=False),
+        cost_estimate=_cost(cfg, shape, _itemsizes(streams) + streams[3].dtype.itemsize, backward=False),
     )(*streams, S0, *resets)
 
 
@@ -280,21 +324,21 @@ def _backward_call(cfg, streams, dy, checkpoints, dS_end, resets):
     if cfg.backend == "gpu":
         return _gpu_backward_call(cfg, streams, dy, checkpoints, dS_end, resets)
     shape = streams[0].shape
-    B, H, T, N = shape
-    L = cfg.chunk_len
-    grid, stream, state, ckpt, mask = _specs(shape, L, reverse=True)
+    B, T, D = shape
+    N, G = cfg.head_size, cfg.group
+    H = D // N
+    grid, stream, state, ckpt, mask = _specs(cfg, shape, reverse=True)
     n_states = 2 if resets else 1                                # dS0 (and the reset state's gradient)
-    out_shape = (*[jax.ShapeDtypeStruct(shape, jnp.float32)] * _STREAMS,
+    out_shape = (*[jax.ShapeDtypeStruct(shape, x.dtype) for x in streams],   # gradients in the streams' dtypes
                  *[jax.ShapeDtypeStruct((B, H, N, N), jnp.float32)] * n_states)
     return pl.pallas_call(
-        functools.partial(_backward_kernel, len(resets)), out_shape=out_shape, grid=grid,
+        functools.partial(_backward_kernel, len(resets), G, N), out_shape=out_shape, grid=grid,
         in_specs=[stream] * 7 + [ckpt, state] + [mask, state][:len(resets)],
         out_specs=(*[stream] * _STREAMS, *[state] * n_states),
-        scratch_shapes=[_scratch()((N, N), jnp.float32)] * n_states,
+        scratch_shapes=[_scratch()((G, N, N), jnp.float32)] * n_states,
         compiler_params=_compiler_params(cfg), interpret=cfg.interpret, name="wkv7_backward",
-        cost_estimate=_cost(shape, L, streams[0].dtype.itemsize, streams=13, backward=True),
+        cost_estimate=_cost(cfg, shape, 2 * _itemsizes(streams) + dy.dtype.itemsize, backward=True),
     )(*streams, dy, checkpoints, dS_end, *resets)
-
 
 # ------------------------------------------------------------------------------------ GPU (Triton) kernels
 #
@@ -523,13 +567,21 @@ def wkv7_pallas(r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN, state_BHNN=None,
         interpret = jax.default_backend() not in ("tpu", "gpu", "cuda", "rocm")
     L = GPU_SPAN if backend == "gpu" else chunk_len
     T_pad = -(-T // L) * L
-    to_kernel = lambda x, fill: jnp.pad(x, ((0, 0), (0, T_pad - T), (0, 0), (0, 0)),
-                                        constant_values=fill).transpose(0, 2, 1, 3)   # [B, H, T_pad, N]
-    padded = tuple(to_kernel(x, 1.0 if i == 1 else 0.0) for i, x in enumerate(streams))
     if resets is not None:                                        # padding tokens do not reset
         resets = (jnp.pad(resets[0].astype(jnp.float32), ((0, 0), (0, T_pad - T)))[:, :, None], resets[1])
-    y, S = _wkv7_padded(_Config(bool(interpret), L, backend, num_warps), padded, S0, resets or ())
-    return y.transpose(0, 2, 1, 3)[:, :T], S
+    pad = lambda x, fill: x if T_pad == T else jnp.pad(x, ((0, 0), (0, T_pad - T), (0, 0), (0, 0)),
+                                                      constant_values=fill)
+    if backend == "gpu":   # [B, H, T_pad, N]; the decay itself (1 on padding)
+        padded = tuple(pad(x, 1.0 if i == 1 else 0.0).transpose(0, 2, 1, 3) for i, x in enumerate(streams))
+        cfg = _Config(bool(interpret), L, backend, num_warps)
+    else:   # [B, T_pad, H * N], no transpose; the decay as log w in fp32 (0 on padding)
+        log_w = jnp.log(w_BTHN.astype(jnp.float32))
+        padded = tuple(pad(x, 0.0).reshape(B, T_pad, H * N) for x in (r_BTHN, log_w, *streams[2:]))
+        cfg = _Config(bool(interpret), L, backend, num_warps, head_size=N, group=heads_per_block(H, N))
+    y, S = _wkv7_padded(cfg, padded, S0, resets or ())
+    if backend == "gpu":
+        y = y.transpose(0, 2, 1, 3)
+    return y.reshape(B, T_pad, H, N)[:, :T], S
 
 
 def wkv7_pallas_sharded(mesh, r_BTHN, w_BTHN, k_BTHN, v_BTHN, a_BTHN, b_BTHN, state_BHNN=None, *,
