@@ -143,16 +143,15 @@ class HeadNorm(nnx.Module):
 
     def __init__(self, config: ModelConfig, scale: float = 1.0):
         D = config.d_model
-        self.head_size = config.head_size
         self.scale = param(jnp.full((D,), scale, config.param_dtype), ("attn",))
         self.bias = param(jnp.zeros((D,), config.param_dtype), ("attn",))
 
     def __call__(self, y_BTD, heads_DH):
         """y [..., D] (head-major channels) normalized per head, fp32 [..., D]."""
-        y = y_BTD.astype(jnp.float32)
-        mean = _per_channel(_head_sum(y, heads_DH) / self.head_size, heads_DH)
+        y, N = y_BTD.astype(jnp.float32), heads_DH.shape[0] // heads_DH.shape[1]
+        mean = _per_channel(_head_sum(y, heads_DH) / N, heads_DH)
         centred = y - mean
-        var = _head_sum(jnp.square(centred), heads_DH) / self.head_size
+        var = _head_sum(jnp.square(centred), heads_DH) / N
         y = centred * _per_channel(jax.lax.rsqrt(var + HEAD_NORM_EPS), heads_DH)
         return y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
 
